@@ -1,0 +1,3 @@
+"""marrowcount classification commands."""
+
+from daemon.cli.app import app, console, err_console  # noqa: F401

@@ -1,0 +1,3 @@
+"""marrowcount detection commands."""
+
+from daemon.cli.app import app, console, err_console  # noqa: F401

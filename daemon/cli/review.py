@@ -1,0 +1,3 @@
+"""marrowcount review commands."""
+
+from daemon.cli.app import app, console, err_console  # noqa: F401

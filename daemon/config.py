@@ -1,0 +1,105 @@
+"""Load ``config/default.yaml`` plus a lab's overrides into one validated Config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from daemon.review.params import ReviewParams
+from daemon.service import ServiceParams
+from daemon.store import StoreParams
+from drivers.acquisition import AcquisitionParams
+from drivers.folder import WatchParams
+from pipeline.analyze import AnalyzeParams
+from pipeline.classify import ClassifierParams
+from pipeline.detect import DetectParams
+from pipeline.errors import ConfigError
+from pipeline.params import Params
+from pipeline.stats import StatsParams
+from pipeline.taxonomy import CellClass, Taxonomy
+from pipeline.train import TrainParams
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "config" / "default.yaml"
+
+
+class Config(Params):
+    taxonomy: str
+    taxonomies: dict[str, tuple[CellClass, ...]] = Field(min_length=1)
+    detect: DetectParams
+    classifier: ClassifierParams
+    train: TrainParams
+    analysis: AnalyzeParams
+    stats: StatsParams
+    acquisition: AcquisitionParams
+    watch: WatchParams
+    store: StoreParams
+    service: ServiceParams
+    review: ReviewParams
+
+    @model_validator(mode="after")
+    def _known_taxonomy(self) -> "Config":
+        if self.taxonomy not in self.taxonomies:
+            raise ValueError(
+                f"taxonomy {self.taxonomy!r} is not one of {sorted(self.taxonomies)}"
+            )
+        Taxonomy(name=self.taxonomy, classes=self.taxonomies[self.taxonomy])
+        return self
+
+    @property
+    def classes(self) -> Taxonomy:
+        """The active taxonomy."""
+        return Taxonomy(name=self.taxonomy, classes=self.taxonomies[self.taxonomy])
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from config: absolute as given, else relative to the repository root."""
+        p = Path(path)
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "taxonomies":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the file at ``path``, then ``overrides``; validated.
+
+    Raises ConfigError naming the offending key, e.g. ``detect.work_um_per_px``.
+    """
+    data = _read_yaml(DEFAULT_CONFIG)
+    source = str(DEFAULT_CONFIG)
+    if path is not None:
+        data = _merge(data, _read_yaml(Path(path)))
+        source = str(path)
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {key}: {first['msg']}{more}") from None

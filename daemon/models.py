@@ -1,0 +1,193 @@
+"""ORM tables of the store (SQLAlchemy 2). Migrations live in daemon/migrations (Alembic).
+
+A field and its cells are written in one transaction with the slide's running counts;
+``(slide_id, index)`` keys a field so that committing it twice is a no-op.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SLIDE_STATUSES = ("queued", "acquiring", "awaiting_review", "signed", "failed")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Slide(Base):
+    __tablename__ = "slides"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # "virtual", "microscope" or "folder"
+    source: Mapped[str] = mapped_column(String(20))
+    # What to acquire from: a slide file, a .cfg, a watched file path.
+    source_ref: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    target: Mapped[int] = mapped_column(Integer)
+    taxonomy: Mapped[str] = mapped_column(String(50))
+    um_per_px: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    # The frozen field plan and acquisition settings, so a resumed slide follows the same plan.
+    plan: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    stopped_because: Mapped[Optional[str]] = mapped_column(String(50), nullable=True)
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    signed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
+    signed_by: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
+
+    fields: Mapped[list["Field"]] = relationship(back_populates="slide", order_by="Field.index")
+
+
+class Field(Base):
+    __tablename__ = "fields"
+    __table_args__ = (UniqueConstraint("slide_id", "index", name="uq_field_slide_index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    stage_x: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    stage_y: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    stage_z: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    # For scanner files: "path#x,y,w,h" of the tile in the source image.
+    tile: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    um_per_px: Mapped[float] = mapped_column(Float)
+    quality: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    skipped_reason: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
+    image_path: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    width: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    height: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    n_counted: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    slide: Mapped[Slide] = relationship(back_populates="fields")
+    cells: Mapped[list["Cell"]] = relationship(back_populates="field", order_by="Cell.index")
+
+
+class Cell(Base):
+    __tablename__ = "cells"
+    __table_args__ = (UniqueConstraint("field_id", "index", name="uq_cell_field_index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    field_id: Mapped[int] = mapped_column(ForeignKey("fields.id", ondelete="CASCADE"), index=True)
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
+    # Position of the cell in its field's list from the pipeline.
+    index: Mapped[int] = mapped_column(Integer)
+    x: Mapped[float] = mapped_column(Float)
+    y: Mapped[float] = mapped_column(Float)
+    box: Mapped[list[Any]] = mapped_column(JSON)
+    crop_path: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The machine's call: first (before guidance) and final.
+    first_label: Mapped[str] = mapped_column(String(50))
+    label: Mapped[str] = mapped_column(String(50), index=True)
+    confidence: Mapped[float] = mapped_column(Float)
+    guided: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Index (within the same field) of the cell this one duplicates; such cells are not counted.
+    duplicate_of: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    duplicate_reason: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    needs_review: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A reviewer's decision; the final class is reviewed_label when set, else label.
+    reviewed_label: Mapped[Optional[str]] = mapped_column(String(50), nullable=True)
+    excluded: Mapped[bool] = mapped_column(Boolean, default=False)
+    exclude_reason: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
+    added_by: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
+
+    field: Mapped[Field] = relationship(back_populates="cells")
+
+
+class Count(Base):
+    """The machine's running count per slide and class, updated with each field's commit."""
+
+    __tablename__ = "counts"
+
+    slide_id: Mapped[int] = mapped_column(
+        ForeignKey("slides.id", ondelete="CASCADE"), primary_key=True
+    )
+    class_name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(100), unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    # "technician" or "supervisor"
+    role: Mapped[str] = mapped_column(String(20))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Review(Base):
+    """A sign-off or a reopening of a slide, with the counts before and after review."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slide_id: Mapped[int] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
+    username: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    counts_before: Mapped[dict[str, Any]] = mapped_column(JSON)
+    counts_after: Mapped[dict[str, Any]] = mapped_column(JSON)
+    note: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+
+
+class AuditEvent(Base):
+    """Every change a person makes: who, when, what, before and after."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    username: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(50))
+    slide_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("slides.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    cell_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("cells.id", ondelete="CASCADE"), nullable=True
+    )
+    before: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    after: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+
+
+class ScannedFile(Base):
+    """A file seen in a watched scanner folder, keyed by content hash so it is processed once."""
+
+    __tablename__ = "scanned_files"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    # "pending", "processing", "done" or "quarantined"
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    slide_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("slides.id", ondelete="SET NULL"), nullable=True
+    )
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,1 @@
+"""Technician review web app."""

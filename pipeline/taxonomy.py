@@ -1,0 +1,55 @@
+"""Cell classes: names, lineages and how each enters the differential."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.params import Params
+
+Lineage = Literal["myeloid", "erythroid", "lymphoid", "other", "non_leukocyte"]
+
+
+class CellClass(Params):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    label: str
+    lineage: Lineage
+    blast: bool
+    key: str = Field(min_length=1, max_length=1)
+
+    @property
+    def counted(self) -> bool:
+        """Non-leukocytes are reported but never enter the differential."""
+        return self.lineage != "non_leukocyte"
+
+
+class Taxonomy(Params):
+    name: str
+    classes: tuple[CellClass, ...] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "Taxonomy":
+        for attr in ("name", "key"):
+            values = [getattr(c, attr) for c in self.classes]
+            dup = {v for v in values if values.count(v) > 1}
+            if dup:
+                raise ValueError(f"duplicate class {attr}(s): {sorted(dup)}")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def counted(self) -> list[str]:
+        return [c.name for c in self.classes if c.counted]
+
+    def get(self, name: str) -> CellClass:
+        for c in self.classes:
+            if c.name == name:
+                return c
+        raise KeyError(f"class {name!r} is not in taxonomy {self.name!r}")
+
+    def index(self, name: str) -> int:
+        return self.names.index(self.get(name).name)

@@ -1,0 +1,52 @@
+"""Configuration: defaults validate, bad values fail naming the key, overrides merge."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.config import load_config
+from pipeline.errors import ConfigError
+
+
+def test_defaults_validate_and_expose_taxonomy():
+    cfg = load_config()
+    tax = cfg.classes
+    assert tax.name == "pbc11"
+    assert "non_leukocyte" in tax.names and "non_leukocyte" not in tax.counted
+    assert len(tax.counted) == 10
+    assert "myeloblast" in [c.name for c in cfg.taxonomies["seed10"] if c.blast]
+
+
+def test_bad_value_names_the_key(tmp_path):
+    p = tmp_path / "lab.yaml"
+    p.write_text("analysis:\n  guidance_threshold: 1.5\n")
+    with pytest.raises(ConfigError, match=r"analysis\.guidance_threshold"):
+        load_config(p)
+
+
+def test_unknown_key_is_refused(tmp_path):
+    p = tmp_path / "lab.yaml"
+    p.write_text("detect:\n  work_um_per_pixel: 0.3\n")
+    with pytest.raises(ConfigError, match=r"detect\.work_um_per_pixel"):
+        load_config(p)
+
+
+def test_unknown_taxonomy_and_broken_yaml(tmp_path):
+    p = tmp_path / "lab.yaml"
+    p.write_text("taxonomy: nope\n")
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(p)
+    p.write_text("detect: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_lab_override_merges_over_defaults(tmp_path):
+    p = tmp_path / "lab.yaml"
+    p.write_text("taxonomy: seed10\nacquisition:\n  target: 300\n")
+    cfg = load_config(p)
+    assert cfg.acquisition.target == 300
+    assert cfg.classes.name == "seed10" and len(cfg.classes.counted) == 10
+    assert cfg.analysis.guidance_threshold == 0.8
