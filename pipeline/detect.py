@@ -1,11 +1,238 @@
-"""Leukocyte detection: saliency, clustering, watershed splitting and lobe merging."""
+"""Leukocyte detection: saliency, clustering, watershed splitting and lobe merging.
+
+The seed's detector, worked at a fixed physical scale so one parameter set serves any camera:
+
+1. resample the field to ``work_um_per_px``;
+2. HSV conversion and contrast enhancement into a *nucleus map*: saturation above the
+   field's background, weighted by closeness to the purple hue of stained chromatin
+   (RBCs are pink-red, background is unsaturated);
+3. spectral-residual saliency of that map at a small size (the seed's candidate finder);
+4. threshold: a pixel is nucleus when it is salient enough *and* its enhanced saturation
+   passes an absolute floor (so a field with no leukocyte yields nothing);
+5. merge fragments of one nucleus (the lobes of band and segmented neutrophils) by closing
+   gaps up to ``merge_gap_um``; the resulting clusters are single cells or, by area in µm²,
+   multi-cell clusters;
+6. split multi-cell clusters with a distance-transform watershed;
+7. drop platelets and debris (nucleus area below ``min_nucleus_um2``) and cells whose
+   nucleus touches the border; cut a fixed 96×96 crop around each centre.
+
+All sizes in ``DetectParams`` are in µm or µm²; pixels only exist inside this module.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
 from pydantic import Field
 
+from pipeline.errors import ImageError
+from pipeline.imaging import CROP_SIZE, as_rgb, check_scale, crop_at, resample
 from pipeline.params import Params
 
 
 class DetectParams(Params):
-    work_um_per_px: float = Field(gt=0)
+    """Detector settings; defaults live in the ``detect:`` section of config/default.yaml."""
+
+    work_um_per_px: float = Field(gt=0, le=2.0)
+    """Scale the field is analysed at (µm per pixel)."""
+    saliency_px: int = Field(ge=32, le=512)
+    """Longer side of the map the spectral residual is computed on."""
+    saliency_blur_um: float = Field(ge=0)
+    """Gaussian sigma smoothing the saliency map."""
+    saliency_factor: float = Field(gt=0)
+    """A pixel is salient when its saliency exceeds this multiple of the field's mean."""
+    hue_deg: tuple[float, float]
+    """Hue range (degrees, 0–360) of stained nuclei; weight falls off linearly outside it."""
+    hue_soft_deg: float = Field(ge=0)
+    """Width of the linear fall-off around ``hue_deg``."""
+    min_saturation: float = Field(ge=0, le=255)
+    """Nucleus floor: weighted saturation above the field's background (0–255)."""
+    merge_gap_um: float = Field(ge=0)
+    """Fragments closer than this belong to one nucleus (lobes of one neutrophil)."""
+    min_nucleus_um2: float = Field(gt=0)
+    """Smaller nuclei are platelets or stain debris."""
+    single_max_um2: float = Field(gt=0)
+    """A cluster with more nucleus area than this is split as a multi-cell cluster."""
+    split_min_radius_um: float = Field(gt=0)
+    """Smallest half-width of a nucleus that a watershed split may create."""
+    border_um: float = Field(ge=0)
+    """Cells whose nucleus comes closer than this to the field edge are left out."""
+    box_margin_um: float = Field(ge=0)
+    """Reported box: the nucleus box grown by this margin (cytoplasm), clipped to the field."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One leukocyte.
+
+    ``x, y``: centre in input pixels; ``box``: ``(x0, y0, x1, y1)`` input pixels, exclusive end;
+    ``area_um2``: nucleus area; ``crop``: uint8 ``(96, 96, 3)`` RGB at the caller's crop scale.
+    """
+
+    x: float
+    y: float
+    box: tuple[int, int, int, int]
+    area_um2: float
+    crop: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """A cell found at the working scale (pixels of the working image)."""
+
+    x: float
+    y: float
+    box: tuple[int, int, int, int]
+    area_px: int
+
+
+def spectral_residual(gray: np.ndarray, size: int) -> np.ndarray:
+    """Spectral-residual saliency (Hou & Zhang 2007) of a 2-D map.
+
+    The map is shrunk so its longer side is ``size`` pixels; returns float32 saliency of that
+    shrunken shape, scaled to mean 1 (all zeros for a flat map).
+    """
+    h, w = gray.shape
+    f = size / max(h, w)
+    small = cv2.resize(
+        gray.astype(np.float32), (max(8, round(w * f)), max(8, round(h * f))),
+        interpolation=cv2.INTER_AREA,
+    )
+    spec = np.fft.rfft2(small)
+    amp = np.abs(spec)
+    log_amp = np.log(amp + 1e-6)
+    residual = log_amp - cv2.blur(log_amp.astype(np.float32), (3, 3))
+    phase = spec / (amp + 1e-6)
+    sal = np.abs(np.fft.irfft2(np.exp(residual) * phase, s=small.shape)) ** 2
+    sal = sal.astype(np.float32)
+    mean = float(sal.mean())
+    return sal / mean if mean > 0 else sal
+
+
+def nucleus_map(rgb: np.ndarray, params: DetectParams) -> np.ndarray:
+    """Enhanced nucleus evidence, float32 ``(H, W)``: saturation above the field's background
+    level, weighted by hue closeness to ``params.hue_deg``. 0 for background and RBCs."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)  # hue 0–255 for the full circle
+    hue = hsv[:, :, 0].astype(np.float32) * (360.0 / 256.0)
+    sat = hsv[:, :, 1].astype(np.float32)
+    lo, hi = params.hue_deg
+    centre, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+    dist = np.abs((hue - centre + 180.0) % 360.0 - 180.0)  # circular distance to the centre
+    if params.hue_soft_deg > 0:
+        weight = np.clip(1.0 - (dist - half) / params.hue_soft_deg, 0.0, 1.0)
+    else:
+        weight = (dist <= half).astype(np.float32)
+    # Contrast enhancement: subtract the background (median) saturation of this field, so a
+    # pale or a heavily stained slide gives the same nucleus contrast.
+    background = float(np.median(sat[::4, ::4]))
+    return np.maximum(sat - background, 0.0) * weight
+
+
+def _disk(radius_px: float) -> np.ndarray:
+    r = max(1, int(round(radius_px)))
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def _split(mask: np.ndarray, nucleus: np.ndarray, min_radius_px: float) -> list[np.ndarray]:
+    """Split one multi-cell cluster ``mask`` (bool, cropped) with a distance-transform
+    watershed; returns one bool mask per cell (nucleus pixels only)."""
+    from skimage.segmentation import watershed  # small window: speed is not an issue here
+
+    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
+    k = _disk(min_radius_px)
+    peaks = (dist >= cv2.dilate(dist, k)) & (dist >= min_radius_px)
+    n, markers = cv2.connectedComponents(peaks.astype(np.uint8))
+    if n <= 2:
+        return [mask & nucleus]
+    labels = watershed(-dist, markers, mask=mask)
+    return [(labels == i) & nucleus for i in range(1, n)]
+
+
+def find_cells(rgb: np.ndarray, params: DetectParams) -> list[_Cell]:
+    """Detect leukocytes in an RGB image already at ``params.work_um_per_px``."""
+    px = params.work_um_per_px
+    h, w = rgb.shape[:2]
+    evidence = nucleus_map(rgb, params)
+
+    sal = spectral_residual(evidence, params.saliency_px)
+    sal = cv2.resize(sal, (w, h), interpolation=cv2.INTER_LINEAR)
+    if params.saliency_blur_um > 0:
+        sal = cv2.GaussianBlur(sal, (0, 0), params.saliency_blur_um / px)
+    salient = sal > params.saliency_factor * float(sal.mean() or 1.0)
+    nucleus = (evidence > params.min_saturation) & salient
+    nucleus = cv2.morphologyEx(nucleus.astype(np.uint8), cv2.MORPH_OPEN, _disk(0.5 / px)) > 0
+
+    # Merge lobes: close gaps up to merge_gap_um, then group by the closed mask.
+    closed = cv2.morphologyEx(
+        nucleus.astype(np.uint8), cv2.MORPH_CLOSE, _disk(params.merge_gap_um / (2 * px))
+    )
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(closed, connectivity=8)
+    area_px = np.bincount(labels[nucleus], minlength=n)
+    px2 = px * px
+    min_px = params.min_nucleus_um2 / px2
+    single_px = params.single_max_um2 / px2
+    border = params.border_um / px
+
+    cells: list[_Cell] = []
+    for i in range(1, n):
+        if area_px[i] < min_px:
+            continue
+        x0, y0, bw, bh = (int(v) for v in stats[i, :4])
+        sub_lab = labels[y0 : y0 + bh, x0 : x0 + bw] == i
+        sub_nuc = nucleus[y0 : y0 + bh, x0 : x0 + bw] & sub_lab
+        parts = (
+            _split(sub_lab, sub_nuc, params.split_min_radius_um / px)
+            if area_px[i] > single_px
+            else [sub_nuc]
+        )
+        for part in parts:
+            ys, xs = np.nonzero(part)
+            if len(xs) < min_px:
+                continue
+            bx0, by0 = int(xs.min()) + x0, int(ys.min()) + y0
+            bx1, by1 = int(xs.max()) + x0 + 1, int(ys.max()) + y0 + 1
+            if bx0 <= border or by0 <= border or bx1 >= w - border or by1 >= h - border:
+                continue
+            cells.append(
+                _Cell(float(xs.mean()) + x0, float(ys.mean()) + y0, (bx0, by0, bx1, by1), len(xs))
+            )
+    return cells
+
+
+def detect(
+    rgb: np.ndarray, um_per_px: float, params: DetectParams, crop_um_per_px: float
+) -> list[Detection]:
+    """Find the leukocytes in one field.
+
+    ``rgb``: uint8 ``(H, W, 3)`` at ``um_per_px``. Returns detections ordered top to bottom,
+    left to right, each with a 96×96 crop cut from ``rgb`` at ``crop_um_per_px``. Raises
+    ImageError for a grayscale image, a bad scale, or a field smaller than one crop.
+    """
+    rgb = as_rgb(rgb)
+    um_per_px = check_scale(um_per_px)
+    crop_um_per_px = check_scale(crop_um_per_px, "crop_um_per_px")
+    h, w = rgb.shape[:2]
+    crop_um = CROP_SIZE * crop_um_per_px
+    if w * um_per_px < crop_um or h * um_per_px < crop_um:
+        raise ImageError(
+            f"image of {w}×{h} px at {um_per_px:g} µm/px is smaller than one "
+            f"{crop_um:.1f} µm crop"
+        )
+    work = resample(rgb, um_per_px, params.work_um_per_px)
+    sx, sy = w / work.shape[1], h / work.shape[0]
+    margin = params.box_margin_um / um_per_px
+    out = []
+    for c in find_cells(work, params):
+        x, y = (c.x + 0.5) * sx - 0.5, (c.y + 0.5) * sy - 0.5
+        box = (
+            max(0, int(c.box[0] * sx - margin)),
+            max(0, int(c.box[1] * sy - margin)),
+            min(w, int(np.ceil(c.box[2] * sx + margin))),
+            min(h, int(np.ceil(c.box[3] * sy + margin))),
+        )
+        area = c.area_px * params.work_um_per_px**2
+        out.append(Detection(x, y, box, area, crop_at(rgb, um_per_px, (x, y), crop_um_per_px)))
+    out.sort(key=lambda d: (d.y, d.x))
+    return out
