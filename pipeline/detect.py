@@ -57,8 +57,10 @@ class DetectParams(Params):
     """A cluster with more nucleus area than this is split as a multi-cell cluster."""
     split_min_radius_um: float = Field(gt=0)
     """Smallest half-width of a nucleus that a watershed split may create."""
+    exclude_border: bool
+    """Leave out cells cut by the field edge (the seed's rule; a tiled scan sees them whole)."""
     border_um: float = Field(ge=0)
-    """Cells whose nucleus comes closer than this to the field edge are left out."""
+    """With ``exclude_border``: a nucleus closer than this to the edge counts as cut."""
     box_margin_um: float = Field(ge=0)
     """Reported box: the nucleus box grown by this margin (cytoplasm), clipped to the field."""
 
@@ -193,7 +195,9 @@ def find_cells(rgb: np.ndarray, params: DetectParams) -> list[_Cell]:
                 continue
             bx0, by0 = int(xs.min()) + x0, int(ys.min()) + y0
             bx1, by1 = int(xs.max()) + x0 + 1, int(ys.max()) + y0 + 1
-            if bx0 <= border or by0 <= border or bx1 >= w - border or by1 >= h - border:
+            if params.exclude_border and (
+                bx0 <= border or by0 <= border or bx1 >= w - border or by1 >= h - border
+            ):
                 continue
             cells.append(
                 _Cell(float(xs.mean()) + x0, float(ys.mean()) + y0, (bx0, by0, bx1, by1), len(xs))

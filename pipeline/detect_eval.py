@@ -3,6 +3,12 @@
 Per true leukocyte box: **correct** (exactly one detection centre inside), **missing** (none),
 **multiple** (more than one). Per detection: **false** when its centre lies in no leukocyte box.
 Accuracy = correct / true leukocytes. Boxes and centres are in the image's own pixels.
+
+The detector leaves out cells cut by the field edge (the seed's rule: a partial cell cannot be
+classified, and a tiled scan sees it whole in the next field). Scored the same way, a true box
+that touches the edge is a **border** cell: it is not scored, and detections inside it are
+neither correct nor false. ``border_px=None`` scores every box (for a detector run with the
+border rule off).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class Score:
     multiple: int = 0
     false: int = 0
     detections: int = 0
+    border: int = 0
+    """True boxes touching the field edge: not scored."""
 
     @property
     def accuracy(self) -> float:
@@ -48,7 +56,7 @@ class Score:
 
 
 def _fields(s: Score) -> tuple[int, ...]:
-    return (s.leukocytes, s.correct, s.missing, s.multiple, s.false, s.detections)
+    return (s.leukocytes, s.correct, s.missing, s.multiple, s.false, s.detections, s.border)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class ImageScore:
     score: Score
     # Per detection: index of the leukocyte box holding its centre, or None for a false one.
     matched: tuple[int | None, ...] = field(default=())
+    # Per true box: whether it touches the field edge (not scored).
+    on_border: tuple[bool, ...] = field(default=())
 
 
 def read_voc(path: str | Path, names: Sequence[str] = LEUKOCYTE_NAMES) -> VocImage:
@@ -84,15 +94,26 @@ def read_voc(path: str | Path, names: Sequence[str] = LEUKOCYTE_NAMES) -> VocIma
     return VocImage(filename, width, height, tuple(boxes))  # type: ignore[arg-type]
 
 
+def touches_border(
+    box: tuple[float, float, float, float], width: int, height: int, border_px: float
+) -> bool:
+    """Whether a VOC box (1-based, inclusive corners) reaches within ``border_px`` of the edge."""
+    x0, y0, x1, y1 = box
+    return x0 <= 1 + border_px or y0 <= 1 + border_px or x1 >= width - border_px or y1 >= height - border_px
+
+
 def score_image(
     boxes: Sequence[tuple[float, float, float, float]],
     centres: Iterable[tuple[float, float]],
     image: str = "",
+    on_border: Sequence[bool] = (),
 ) -> ImageScore:
     """Score detection centres ``(x, y)`` against true leukocyte boxes.
 
-    A centre inside two overlapping boxes is given to the box whose centre is nearest.
+    A centre inside two overlapping boxes is given to the box whose centre is nearest. Boxes
+    flagged in ``on_border`` are not scored; a centre given to one of them is ignored.
     """
+    border = list(on_border) or [False] * len(boxes)
     hits = [0] * len(boxes)
     matched: list[int | None] = []
     for x, y in centres:
@@ -107,15 +128,17 @@ def score_image(
         )
         hits[best] += 1
         matched.append(best)
+    scored = [h for h, b in zip(hits, border) if not b]
     score = Score(
-        leukocytes=len(boxes),
-        correct=sum(h == 1 for h in hits),
-        missing=sum(h == 0 for h in hits),
-        multiple=sum(h > 1 for h in hits),
+        leukocytes=len(scored),
+        correct=sum(h == 1 for h in scored),
+        missing=sum(h == 0 for h in scored),
+        multiple=sum(h > 1 for h in scored),
         false=sum(m is None for m in matched),
-        detections=len(matched),
+        detections=sum(m is None or not border[m] for m in matched),
+        border=sum(border),
     )
-    return ImageScore(image, score, tuple(matched))
+    return ImageScore(image, score, tuple(matched), tuple(border))
 
 
 def total(scores: Iterable[ImageScore]) -> Score:
