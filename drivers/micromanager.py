@@ -1,0 +1,387 @@
+"""The Micro-Manager acquisition driver: one class over any pymmcore-plus core.
+
+``Microscope`` wraps a ``CMMCorePlus`` loaded from a lab's ``.cfg`` (real hardware) or a
+``UniMMCore`` with the virtual microscope's Python devices; nothing above it knows which.
+``MicroscopeFieldSource`` turns a field plan into a pymmcore-plus MDA run and yields the
+fields as they arrive (the ``FieldSource`` protocol of ``drivers.acquisition``).
+
+pymmcore-plus 0.18 pitfalls handled here:
+
+- with no shutter device the MDA fails at the first frame: auto-shutter is switched off;
+- a snap error during an MDA is only logged as a warning and the frame silently missing:
+  our engine snaps itself, retries with back-off, fails the slide after ``retries``, and
+  every frame is counted by its field index (a frame is never handed on twice, a missing
+  one fails the slide);
+- colour cameras deliver 32bitRGB (BGRA packed in uint32): ``rgb_from_camera`` unpacks it;
+- a useq grid iterated before the run freezes its field size: the plan is made of absolute
+  positions computed with the camera's real field of view (``drivers.plan``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import useq
+from pymmcore_plus import CMMCorePlus
+from pymmcore_plus.mda import MDAEngine
+from pymmcore_plus.mda._engine import ImagePayload
+
+from drivers.acquisition import AcquisitionError, AcquisitionParams, FieldResult
+from drivers.autofocus import find_focus
+from drivers.plan import Area, FieldPlan, plan_fields
+from drivers.virtual import SlideView, VirtualMicroscope, build_virtual_microscope
+from pipeline.detect import DetectParams
+from pipeline.quality import assess_field
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def rgb_from_camera(img: np.ndarray) -> np.ndarray:
+    """A camera frame as RGB uint8 ``(H, W, 3)``.
+
+    Accepts a 3-channel RGB frame (Python cameras, or ``getImage(fix=True)`` output), a 2-D
+    uint32 32bitRGB frame (BGRA bytes packed per pixel, as real colour cameras deliver) or an
+    ``(H, W, 4)`` BGRA frame. 16-bit colour is scaled to 8 bits. Refuses a monochrome camera.
+    """
+    if img.ndim == 2 and img.dtype == np.uint32:
+        bgra = img.view(np.uint8).reshape(*img.shape, 4)
+        return np.ascontiguousarray(bgra[..., [2, 1, 0]])
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[..., [2, 1, 0]]
+    if img.ndim == 3 and img.shape[2] == 3:
+        if img.dtype == np.uint16:
+            img = (img >> 8).astype(np.uint8)
+        if img.dtype == np.uint8:
+            return np.ascontiguousarray(img)
+    raise AcquisitionError(
+        f"the camera delivers {img.dtype} frames of shape {img.shape}: a colour (RGB) camera "
+        "is required (monochrome cameras cannot show the stain)"
+    )
+
+
+class Microscope:
+    """A camera, an XY stage and a focus drive behind a pymmcore-plus core.
+
+    Moves and snaps are retried with exponential back-off (``params.retries``,
+    ``params.backoff_s``); after the last retry an AcquisitionError names the fault.
+    """
+
+    def __init__(
+        self,
+        core: CMMCorePlus,
+        params: AcquisitionParams,
+        *,
+        um_per_px: float | None = None,
+        stage_limits_um: tuple[float, float, float, float] | None = None,
+        virtual: VirtualMicroscope | None = None,
+    ) -> None:
+        self.core, self.params, self.virtual = core, params, virtual
+        self.stage_limits_um = stage_limits_um
+        if not core.getCameraDevice():
+            raise AcquisitionError("the Micro-Manager config names no camera")
+        if not core.getXYStageDevice():
+            raise AcquisitionError("the Micro-Manager config names no XY stage")
+        if not core.getShutterDevice():
+            core.setAutoShutter(False)  # else the MDA fails at its first frame
+        px = float(um_per_px) if um_per_px else float(core.getPixelSizeUm())
+        if not px > 0:
+            raise AcquisitionError(
+                "the Micro-Manager config defines no pixel size for the current objective: "
+                "add a pixel size config or give --um-per-px"
+            )
+        self.um_per_px = px
+        self.z_moves = 0
+        self.xy_moves = 0
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    def from_mm_config(
+        cls, path: str | Path, params: AcquisitionParams, um_per_px: float | None = None
+    ) -> Microscope:
+        """Load a lab's Micro-Manager ``.cfg``; clear errors for a missing, unreadable or
+        incomplete config. Lines starting ``#py `` load Python devices (UniMMCore)."""
+        p = Path(path)
+        if not p.is_file():
+            raise AcquisitionError(f"{p}: no such Micro-Manager config file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AcquisitionError(f"{p}: unreadable Micro-Manager config ({exc})") from None
+        if not any(line.strip() and not line.startswith("#") for line in text.splitlines()) and (
+            "#py " not in text
+        ):
+            raise AcquisitionError(f"{p}: the Micro-Manager config is empty")
+        if "#py " in text:
+            from pymmcore_plus.experimental.unicore import UniMMCore
+
+            core: CMMCorePlus = UniMMCore()
+        else:
+            core = CMMCorePlus()
+        try:
+            core.loadSystemConfiguration(str(p.resolve()))
+        except Exception as exc:  # pymmcore raises OSError/RuntimeError with multi-line text
+            first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise AcquisitionError(f"{p}: cannot load the Micro-Manager config: {first}") from None
+        return cls(core, params, um_per_px=um_per_px)
+
+    @classmethod
+    def from_virtual_slide(
+        cls, slide: SlideView, um_per_px: float, params: AcquisitionParams
+    ) -> Microscope:
+        """The virtual microscope over ``slide`` (a SlideImage or any SlideView)."""
+        vm = build_virtual_microscope(slide, um_per_px, params.virtual)
+        return cls(vm.core, params, stage_limits_um=vm.stage_limits_um, virtual=vm)
+
+    # -- geometry ------------------------------------------------------------------------
+
+    @property
+    def fov_um(self) -> tuple[float, float]:
+        """Field of view (width, height) in µm at the current ROI and pixel size."""
+        *_, w, h = self.core.getROI()
+        return w * self.um_per_px, h * self.um_per_px
+
+    @property
+    def z_limits_um(self) -> tuple[float, float] | None:
+        return self.virtual.z.limits_um if self.virtual is not None else None
+
+    def plan(self, area: Area | None) -> FieldPlan:
+        """Fields covering ``area`` (stage µm; None = the whole stage range), checked against
+        the stage limits before anything moves."""
+        if area is None:
+            if self.stage_limits_um is None:
+                raise AcquisitionError(
+                    "no counting area: give acquisition.area_um (or --area) in stage µm"
+                )
+            x0, y0, x1, y1 = self.stage_limits_um
+            area = ((x0, y0), (x1, y1))
+        return plan_fields(area, *self.fov_um, stage_limits_um=self.stage_limits_um)
+
+    # -- hardware with retries -----------------------------------------------------------
+
+    def _retry(self, what: str, action: Callable[[], T]) -> T:
+        delay = self.params.backoff_s
+        for attempt in range(self.params.retries + 1):
+            try:
+                return action()
+            except AcquisitionError:
+                raise
+            except Exception as exc:  # device adapters raise RuntimeError/OSError/ValueError
+                if attempt == self.params.retries:
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise AcquisitionError(
+                        f"{what} failed {attempt + 1} times: {reason}"
+                    ) from None
+                log.warning("%s failed (%s); retry %d in %.2f s", what, exc, attempt + 1, delay)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def move_xy(self, x: float, y: float) -> None:
+        def move() -> None:
+            self.core.setXYPosition(x, y)
+            self.core.waitForDevice(self.core.getXYStageDevice())
+
+        self._retry(f"XY stage move to ({x:.1f}, {y:.1f}) µm", move)
+        self.xy_moves += 1
+
+    def move_z(self, z: float) -> None:
+        def move() -> None:
+            self.core.setZPosition(z)
+            self.core.waitForDevice(self.core.getFocusDevice())
+
+        self._retry(f"focus move to {z:.2f} µm", move)
+        self.z_moves += 1
+
+    def get_z(self) -> float | None:
+        return float(self.core.getZPosition()) if self.core.getFocusDevice() else None
+
+    def snap_rgb(self) -> np.ndarray:
+        """Snap one frame (with retries) and return it as RGB uint8 ``(H, W, 3)``."""
+
+        def snap() -> np.ndarray:
+            self.core.snapImage()
+            return self.core.getImage(fix=True)
+
+        return rgb_from_camera(self._retry("camera snap", snap))
+
+    def focus(self, z0: float | None) -> tuple[float | None, bool]:
+        """Focus the current field; returns (z, found). Hardware autofocus when the config
+        names a device and ``use_hardware``; else the software search from ``z0``."""
+        af = self.params.autofocus
+        if not self.core.getFocusDevice() or not af.enabled:
+            return self.get_z(), False
+        if af.use_hardware and self.core.getAutoFocusDevice():
+            self._retry("hardware autofocus", self.core.fullFocus)
+            return self.get_z(), True
+        start = self.get_z() if z0 is None else z0
+        if start is None:
+            return None, False
+        if abs(start - (self.get_z() or 0.0)) > 1e-6:
+            self.move_z(start)
+        moves_before = self.z_moves
+        result = find_focus(
+            self.move_z, self.snap_rgb, start, self.um_per_px, af, self.z_limits_um
+        )
+        assert self.z_moves - moves_before == result.moves
+        return result.z, result.found
+
+    def close(self) -> None:
+        try:
+            self.core.unloadAllDevices()
+        except Exception as exc:  # closing must not hide the result of a run
+            log.warning("unloading devices failed: %s", exc)
+
+
+class _FieldEngine(MDAEngine):
+    """MDA engine for counting: per position, move (with retries), focus, snap (with retries).
+
+    The base engine only warns when a move or snap fails and drops the frame; here a fault is
+    retried and, after the last retry, raised so the run stops with the reason.
+    """
+
+    def __init__(self, scope: Microscope, source: MicroscopeFieldSource) -> None:
+        super().__init__(scope.core, restore_initial_state=False, use_hardware_sequencing=False)
+        self.scope, self.source = scope, source
+
+    def setup_single_event(self, event: useq.MDAEvent) -> None:
+        if event.x_pos is not None and event.y_pos is not None:
+            self.scope.move_xy(event.x_pos, event.y_pos)
+        x, y = event.x_pos or 0.0, event.y_pos or 0.0
+        z, found = self.scope.focus(self.source.focus_start(x, y))
+        if found and z is not None:
+            self.source.remember_focus(x, y, z)
+        event.metadata["stage_z"] = z
+
+    def exec_single_event(self, event: useq.MDAEvent) -> Iterator[ImagePayload]:
+        rgb = self.scope.snap_rgb()
+        meta: Any = {"stage_z": event.metadata.get("stage_z")}
+        yield ImagePayload(rgb, event, meta)
+
+
+_DONE = object()
+
+
+class MicroscopeFieldSource:
+    """Acquire a plan's fields through an MDA, in order, gated for quality.
+
+    Fields are acquired on the MDA runner thread ahead of analysis (at most
+    ``params.prefetch_fields`` waiting); closing the ``fields()`` iterator cancels the MDA.
+    """
+
+    def __init__(
+        self,
+        scope: Microscope,
+        plan: FieldPlan,
+        params: AcquisitionParams,
+        detect_params: DetectParams,
+    ) -> None:
+        self.scope, self.plan, self.params, self.detect_params = scope, plan, params, detect_params
+        self._focus: list[tuple[float, float, float]] = []
+        self.frames_acquired = 0
+
+    # Focus memory: a field starts its search at the focus of the nearest focused field.
+    def focus_start(self, x: float, y: float) -> float | None:
+        if not self._focus:
+            return None
+        fx, fy, fz = min(self._focus, key=lambda p: (p[0] - x) ** 2 + (p[1] - y) ** 2)
+        return fz
+
+    def remember_focus(self, x: float, y: float, z: float) -> None:
+        self._focus.append((x, y, z))
+        del self._focus[:-64]
+
+    def fields(self, start_index: int = 0) -> Iterator[FieldResult]:
+        positions = self.plan.positions[start_index : self.params.max_fields]
+        if not positions:
+            return
+        seq = useq.MDASequence(
+            stage_positions=[
+                useq.AbsolutePosition(x=x, y=y, name=str(start_index + i))
+                for i, (x, y) in enumerate(positions)
+            ]
+        )
+        out: queue.Queue[Any] = queue.Queue(maxsize=self.params.prefetch_fields)
+        closing = threading.Event()
+        errors: list[BaseException] = []
+        seen: set[int] = set()
+
+        def put(item: Any) -> None:
+            while not closing.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        source = self
+
+        class _Handler:
+            def frameReady(self, img: np.ndarray, event: useq.MDAEvent, meta: Any) -> None:
+                index = int(event.pos_name or -1)
+                if index in seen:  # never hand the same field on twice
+                    return
+                seen.add(index)
+                source.frames_acquired += 1
+                put(source._field(index, img, event, meta))
+
+        def run() -> None:
+            core = self.scope.core
+            core.mda.set_engine(_FieldEngine(self.scope, self))
+            try:
+                core.mda.run(seq, output=[_Handler()])
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                put(_DONE)
+
+        thread = threading.Thread(target=run, name="marrowcount-mda", daemon=True)
+        thread.start()
+        finished = False
+        try:
+            while True:
+                item = out.get()
+                if item is _DONE:
+                    break
+                yield item
+            finished = True
+        finally:
+            closing.set()
+            self.scope.core.mda.cancel()
+            thread.join(timeout=60)
+        if finished:
+            if errors:
+                exc = errors[0]
+                if isinstance(exc, AcquisitionError):
+                    raise exc
+                raise AcquisitionError(f"acquisition failed: {exc}") from exc
+            missing = sorted(set(range(start_index, start_index + len(positions))) - seen)
+            if missing:
+                raise AcquisitionError(
+                    f"{len(missing)} field(s) never acquired (first: field {missing[0]})"
+                )
+
+    def _field(
+        self, index: int, img: np.ndarray, event: useq.MDAEvent, meta: Any
+    ) -> FieldResult:
+        rgb = rgb_from_camera(img)
+        q = assess_field(rgb, self.scope.um_per_px, self.params.quality, self.detect_params)
+        return FieldResult(
+            index=index,
+            stage_x=float(event.x_pos or 0.0),
+            stage_y=float(event.y_pos or 0.0),
+            stage_z=meta.get("stage_z"),
+            tile=None,
+            um_per_px=self.scope.um_per_px,
+            image=rgb if q.reason is None else None,
+            quality=q.as_dict(),
+            skipped_reason=q.reason,
+        )
