@@ -13,6 +13,7 @@ from daemon.service import ServiceParams
 from daemon.store import StoreParams
 from drivers.acquisition import AcquisitionParams
 from drivers.folder import WatchParams
+from drivers.slidegen import SlideGenParams
 from pipeline.analyze import AnalyzeParams
 from pipeline.classify import ClassifierParams
 from pipeline.detect import DetectParams
@@ -33,6 +34,7 @@ class Config(Params):
     classifier: ClassifierParams
     train: TrainParams
     analysis: AnalyzeParams
+    slidegen: SlideGenParams
     stats: StatsParams
     acquisition: AcquisitionParams
     watch: WatchParams
