@@ -56,7 +56,11 @@ class Slide(Base):
     signed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
     signed_by: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
 
-    fields: Mapped[list["Field"]] = relationship(back_populates="slide", order_by="Field.index")
+    # The database deletes a slide's fields, cells and counts (ON DELETE CASCADE).
+    fields: Mapped[list["Field"]] = relationship(
+        back_populates="slide", order_by="Field.index", cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
 
 
 class Field(Base):
@@ -81,7 +85,10 @@ class Field(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     slide: Mapped[Slide] = relationship(back_populates="fields")
-    cells: Mapped[list["Cell"]] = relationship(back_populates="field", order_by="Cell.index")
+    cells: Mapped[list["Cell"]] = relationship(
+        back_populates="field", order_by="Cell.index", cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
 
 
 class Cell(Base):

@@ -1,0 +1,188 @@
+"""Real fields for store, report and service tests, assembled from the shared data.
+
+A field is a real BCCD blood field (640×480 at 0.072 µm/px). Its cells are the field's own
+annotated boxes: each RBC box becomes a non-leukocyte cut from the field, each WBC box a
+leukocyte whose crop and label come from a real expert-labelled PBC cell, so labels are true
+labels, not invented ones. A few cells are marked as duplicates, as the analysis marks a
+lobed neutrophil detected twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from drivers.acquisition import FieldResult
+from pipeline.imaging import crop_at, read_rgb
+from tests.conftest import BCCD, BCCD_UM_PER_PX, PBC, PBC_UM_PER_PX
+
+CROP_UM_PER_PX = 0.2
+PBC11 = ("promyelocyte", "myelocyte", "metamyelocyte", "band_neutrophil",
+         "segmented_neutrophil", "eosinophil", "basophil", "monocyte", "erythroblast",
+         "lymphocyte")
+
+try:  # the analysis module's own result type, once it exists
+    from pipeline.analyze import CellResult  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - until pipeline/analyze.py lands
+
+    @dataclass(frozen=True)
+    class CellResult:  # type: ignore[no-redef]
+        index: int
+        x: float
+        y: float
+        box: tuple[int, int, int, int]
+        area_um2: float
+        crop: np.ndarray
+        probabilities: dict[str, float]
+        first_label: str
+        label: str
+        confidence: float
+        guided: bool
+        duplicate_of: int | None
+        duplicate_reason: str | None
+        needs_review: bool
+
+        @property
+        def counted(self) -> bool:
+            return self.duplicate_of is None and self.label != "non_leukocyte"
+
+
+@lru_cache(maxsize=None)
+def pbc_paths(label: str, n: int = 40) -> tuple[str, ...]:
+    with open(PBC / "manifest.csv", newline="") as fh:
+        rows = [r["path"] for r in csv.DictReader(fh) if r["label"] == label]
+    return tuple(rows[:n])
+
+
+@lru_cache(maxsize=64)
+def _pbc_crop(path: str) -> np.ndarray:
+    rgb = read_rgb(PBC / path)
+    h, w = rgb.shape[:2]
+    return crop_at(rgb, PBC_UM_PER_PX, (w / 2, h / 2), CROP_UM_PER_PX)
+
+
+@lru_cache(maxsize=32)
+def _bccd(i: int) -> tuple[np.ndarray, tuple[tuple[str, tuple[int, int, int, int]], ...]]:
+    name = f"BloodImage_{i:05d}"
+    rgb = read_rgb(BCCD / "JPEGImages" / f"{name}.jpg")
+    objs = []
+    for o in ET.parse(BCCD / "Annotations" / f"{name}.xml").getroot().iter("object"):
+        bb = o.find("bndbox")
+        box = tuple(int(float(bb.find(k).text)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        objs.append((o.find("name").text, box))
+    return rgb, tuple(objs)
+
+
+def _probs(label: str, conf: float) -> dict[str, float]:
+    rest = (1.0 - conf) / (len(PBC11))
+    p = {c: rest for c in PBC11 + ("non_leukocyte",)}
+    p[label] = conf + rest
+    return p
+
+
+def make_field(index: int, seed: int = 0, *, with_image: bool = True) -> FieldResult:
+    """Field ``index`` of a test slide: BCCD image ``index % 40`` with real cells.
+
+    Deterministic in (index, seed). Every fourth leukocyte is followed by a duplicate of it.
+    """
+    rng = np.random.default_rng(seed * 100_003 + index)
+    rgb, objs = _bccd(index % 40)
+    cells: list[CellResult] = []
+    for kind, (x0, y0, x1, y1) in objs:
+        if kind == "Platelets":
+            continue
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        area = (x1 - x0) * (y1 - y0) * BCCD_UM_PER_PX**2 * np.pi / 4
+        if kind == "WBC":
+            label = PBC11[int(rng.integers(len(PBC11)))]
+            paths = pbc_paths(label)
+            crop = _pbc_crop(paths[int(rng.integers(len(paths)))])
+        else:
+            label = "non_leukocyte"
+            crop = crop_at(rgb, BCCD_UM_PER_PX, (cx, cy), CROP_UM_PER_PX)
+        conf = float(rng.uniform(0.55, 0.99))
+        i = len(cells)
+        cells.append(CellResult(
+            index=i, x=float(cx), y=float(cy), box=(x0, y0, x1, y1), area_um2=float(area),
+            crop=crop, probabilities=_probs(label, conf), first_label=label, label=label,
+            confidence=conf, guided=conf < 0.8, duplicate_of=None, duplicate_reason=None,
+            needs_review=conf < 0.6,
+        ))
+        if kind == "WBC" and i % 4 == 0:
+            cells.append(CellResult(
+                index=i + 1, x=float(cx) + 3, y=float(cy) + 2, box=(x0 + 3, y0 + 2, x1, y1),
+                area_um2=float(area) / 2, crop=crop, probabilities=_probs(label, conf),
+                first_label=label, label=label, confidence=conf, guided=False,
+                duplicate_of=i, duplicate_reason="lobe of the same cell", needs_review=False,
+            ))
+    return FieldResult(
+        index=index, stage_x=100.0 * index, stage_y=50.0, stage_z=1.5, tile=None,
+        um_per_px=BCCD_UM_PER_PX, image=rgb if with_image else None,
+        quality={"focus": float(rng.uniform(0.5, 1.0)), "nucleated": len(cells)},
+        skipped_reason=None, cells=cells,
+    )
+
+
+def skipped_field(index: int) -> FieldResult:
+    return FieldResult(index=index, stage_x=100.0 * index, stage_y=50.0, stage_z=None,
+                       tile=None, um_per_px=BCCD_UM_PER_PX, image=None,
+                       quality={"focus": 0.1}, skipped_reason="out of focus", cells=[])
+
+
+def expected_counts(fields: list[FieldResult]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for f in fields:
+        for c in f.cells:
+            if c.duplicate_of is None:
+                out[c.label] = out.get(c.label, 0) + 1
+    return out
+
+
+# -- database fixtures: every store test runs on SQLite and on PostgreSQL ------------------
+
+import os  # noqa: E402
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+
+PG_ENV = "MARROWCOUNT_PG_URL"
+
+
+def _pg_database(base_url: str):
+    """Create a fresh database on the server of ``base_url``; returns (url, drop)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"mc_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    url = make_url(base_url).set(database=name).render_as_string(hide_password=False)
+    return url, drop
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A database URL for an empty store: SQLite in tmp_path, or a fresh PostgreSQL database
+    on the server named by $MARROWCOUNT_PG_URL (which .ci/run starts)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"PostgreSQL tests need ${PG_ENV} (set by .ci/run, which starts a server)")
+    url, drop = _pg_database(base)
+    try:
+        yield url
+    finally:
+        drop()

@@ -1,0 +1,239 @@
+"""The store: migrations, atomic field commits with crops and running counts, idempotence,
+rollback on a full disk, refusal of foreign databases. Runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+
+from daemon.models import Cell, Count, Field, Slide
+from daemon.store import Store, StoreError, write_file
+from tests.conftest import REPO
+from tests.daemon_fixtures import expected_counts, make_field, skipped_field, store_url  # noqa: F401
+
+
+def _files(data: Path) -> set[str]:
+    return {str(p.relative_to(data)) for p in data.rglob("*") if p.is_file()}
+
+
+def _referenced(store: Store, slide_id: int) -> set[str]:
+    out = {c.crop_path for c in store.cells(slide_id) if c.crop_path}
+    out |= {f.image_path for f in store.fields(slide_id) if f.image_path}
+    return out
+
+
+def test_commit_fields_rows_crops_counts(store_url, tmp_path):  # noqa: F811
+    data = tmp_path / "data"
+    with Store(store_url, data) as store:
+        sid = store.create_slide("S-1", "virtual", "slide.json", 500, "pbc11")
+        fields = [make_field(0), make_field(1), skipped_field(2), make_field(3)]
+        assert all(store.commit_field(sid, f) for f in fields)
+
+        assert store.counts(sid) == expected_counts(fields)
+        prog = store.progress(sid)
+        assert prog.last_index == 3 and prog.n_fields == 4
+        assert prog.counted == sum(f.n_counted for f in fields)
+
+        rows = store.fields(sid)
+        assert [f.index for f in rows] == [0, 1, 2, 3]
+        assert rows[2].skipped_reason == "out of focus" and rows[2].image_path is None
+        cells = store.cells(sid)
+        assert len(cells) == sum(len(f.cells) for f in fields)
+        # Every crop on disk is the pipeline's crop, pixel for pixel (PNG is lossless).
+        by_key = {(f.index, c.index): c for f in fields for c in f.cells}
+        idx = {r.id: r.index for r in rows}
+        for c in cells:
+            want = by_key[(idx[c.field_id], c.index)]
+            got = cv2.imread(str(store.path(c.crop_path)))[:, :, ::-1]
+            np.testing.assert_array_equal(got, want.crop)
+            assert c.label == want.label and c.duplicate_of == want.duplicate_of
+            assert c.probabilities[want.label] == pytest.approx(want.probabilities[want.label])
+        # The field image keeps its pixel size.
+        img = Image.open(store.path(rows[0].image_path))
+        assert img.size == (640, 480)
+        assert 25400 / img.info["dpi"][0] == pytest.approx(fields[0].um_per_px, rel=1e-3)
+        assert _files(data) == _referenced(store, sid)
+
+
+def test_repeat_commit_is_a_noop(store_url, tmp_path):  # noqa: F811
+    data = tmp_path / "data"
+    with Store(store_url, data) as store:
+        sid = store.create_slide("S-2", "virtual", "slide.json", 500, "pbc11")
+        f0 = make_field(5)
+        assert store.commit_field(sid, f0) is True
+        before = (store.counts(sid), len(store.cells(sid)), _files(data))
+        assert store.commit_field(sid, f0) is False
+        assert store.commit_field(sid, make_field(5, seed=9)) is False  # same index, other cells
+        assert (store.counts(sid), len(store.cells(sid)), _files(data)) == before
+        with store.session() as s:
+            assert s.scalar(select(func.count()).select_from(Field)) == 1
+
+
+def test_full_disk_rolls_back_and_retry_succeeds(store_url, tmp_path):  # noqa: F811
+    """ENOSPC while the crops are written: no rows, no counts, no files; a retry commits."""
+    calls = {"n": 0}
+
+    def filling_disk(path: Path, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write_file(path, data)
+
+    data = tmp_path / "data"
+    fld = make_field(7)
+    with Store(store_url, data) as store:
+        sid = store.create_slide("S-3", "virtual", "slide.json", 500, "pbc11")
+        assert store.commit_field(sid, make_field(6))
+    with Store(store_url, data, writer=filling_disk) as store:
+        before = (store.counts(sid), len(store.cells(sid)), store.progress(sid))
+        with pytest.raises(OSError) as exc:
+            store.commit_field(sid, fld)
+        assert exc.value.errno == errno.ENOSPC and calls["n"] == 4  # died mid-field
+        assert (store.counts(sid), len(store.cells(sid)), store.progress(sid)) == before
+        assert not any((data / ".staging").iterdir())
+        assert _files(data) == _referenced(store, sid)
+    with Store(store_url, data) as store:  # space freed: the same field commits once
+        assert store.commit_field(sid, fld) is True
+        assert store.progress(sid).last_index == 7
+        assert _files(data) == _referenced(store, sid)
+
+
+def test_status_transitions_and_claim(store_url, tmp_path):  # noqa: F811
+    with Store(store_url, tmp_path / "data") as store:
+        a = store.create_slide("A", "virtual", "a.json", 300, "pbc11")
+        b = store.create_slide("B", "microscope", "scope.cfg", 500, "pbc11")
+        with pytest.raises(StoreError, match="already exists"):
+            store.create_slide("A", "virtual", "a.json", 300, "pbc11")
+        assert store.claim_next().id == a
+        assert store.claim_next().id == b
+        assert store.claim_next() is None
+        assert store.slide("A").status == "acquiring" and store.slide("A").started_at
+        with pytest.raises(StoreError, match="cannot go from acquiring to signed"):
+            store.set_status(a, "signed")
+        assert store.set_status(a, "awaiting_review", stopped_because="target_reached")
+        assert not store.set_status(b, "failed", expect="queued")  # b is acquiring: no move
+        assert store.slide(b).status == "acquiring"
+        assert store.slide(a).finished_at is not None
+        assert [s.name for s in store.slides(["acquiring"])] == ["B"]
+        with pytest.raises(StoreError, match="no slide"):
+            store.slide("nope")
+
+
+def test_reviewed_counts_and_cascade(store_url, tmp_path):  # noqa: F811
+    with Store(store_url, tmp_path / "data") as store:
+        sid = store.create_slide("R", "virtual", "r.json", 500, "pbc11")
+        fields = [make_field(i) for i in range(3)]
+        for f in fields:
+            store.commit_field(sid, f)
+        assert store.reviewed_counts(sid) == store.counts(sid)
+        with store.session() as s:
+            first = s.scalars(select(Cell).where(Cell.slide_id == sid, Cell.duplicate_of.is_(None))
+                              .order_by(Cell.id)).first()
+            old = first.label
+            first.reviewed_label = "monocyte" if old != "monocyte" else "lymphocyte"
+            new = first.reviewed_label
+        after = store.reviewed_counts(sid)
+        assert after.get(old, 0) == store.counts(sid)[old] - 1
+        assert after[new] == store.counts(sid).get(new, 0) + 1
+        with store.session() as s:
+            s.delete(s.get(Slide, sid))
+        with store.session() as s:
+            for table in (Field, Cell, Count):
+                assert s.scalar(select(func.count()).select_from(table)) == 0
+
+
+def test_sqlite_wal_and_foreign_keys(tmp_path):
+    db = tmp_path / "wal.db"
+    Store(f"sqlite:///{db}", tmp_path / "data").close()
+    with Store(f"sqlite:///{db}", tmp_path / "data") as store, store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+
+
+def test_not_a_sqlite_file_is_refused_and_kept(tmp_path):
+    bad = tmp_path / "results.db"
+    content = (REPO / "config" / "default.yaml").read_bytes()
+    bad.write_bytes(content)
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        Store(f"sqlite:///{bad}", tmp_path / "data")
+    assert bad.read_bytes() == content
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path):
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE patients (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO patients (name) VALUES ('x')")
+    with pytest.raises(StoreError, match="not a marrowcount store"):
+        Store(f"sqlite:///{other}", tmp_path / "data")
+    with sqlite3.connect(other) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"patients"}
+
+
+def test_unreachable_postgres_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="cannot open database"):
+        Store("postgresql+psycopg://nobody:pw@127.0.0.1:1/none", tmp_path / "data")
+
+
+_DIE = textwrap.dedent("""
+    import os, sys
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+    from daemon.store import Store, write_file
+    from tests.daemon_fixtures import make_field
+    url, data, where = sys.argv[1:4]
+    n = {"files": 0}
+    def writer(path, payload):
+        write_file(path, payload)
+        n["files"] += 1
+        if where == "writing" and n["files"] == 5:
+            os._exit(9)
+    store = Store(url, data, writer=writer)
+    sid = store.slide("K").id
+    dirty = {}
+    @event.listens_for(Session, "after_flush")
+    def _flushed(session, ctx):
+        dirty["x"] = True
+    @event.listens_for(Session, "after_commit")
+    def _committed(session):
+        if where == "committed" and dirty:
+            os._exit(9)
+    store.commit_field(sid, make_field(int(sys.argv[4])))
+""")
+
+
+@pytest.mark.parametrize("where", ["writing", "committed"])
+def test_killed_mid_commit_leaves_no_orphans(store_url, tmp_path, where):  # noqa: F811
+    """A process dies while writing crops, or right after the DB commit but before the
+    rename; the next open discards or finishes its staging folder."""
+    data = tmp_path / "data"
+    with Store(store_url, data) as store:
+        sid = store.create_slide("K", "virtual", "k.json", 500, "pbc11")
+        store.commit_field(sid, make_field(0))
+    proc = subprocess.run([sys.executable, "-c", _DIE, store_url, str(data), where, "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    assert any((data / ".staging").iterdir())  # it really died mid-way
+    with Store(store_url, data) as store:
+        assert not any((data / ".staging").iterdir())
+        committed = where == "committed"
+        assert (store.progress(sid).last_index == 1) is committed
+        assert _files(data) == _referenced(store, sid)
+        fields = [make_field(0)] + ([make_field(1)] if committed else [])
+        assert store.counts(sid) == expected_counts(fields)
+        # Whatever happened, committing field 1 now leaves exactly one copy of it.
+        store.commit_field(sid, make_field(1))
+        assert store.counts(sid) == expected_counts([make_field(0), make_field(1)])
+        assert _files(data) == _referenced(store, sid)
