@@ -15,6 +15,7 @@ from drivers.acquisition import AcquisitionParams
 from drivers.folder import WatchParams
 from drivers.slidegen import SlideGenParams
 from pipeline.analyze import AnalyzeParams
+from pipeline.calibrate import CalibrateParams
 from pipeline.classify import ClassifierParams
 from pipeline.detect import DetectParams
 from pipeline.errors import ConfigError
@@ -31,6 +32,7 @@ class Config(Params):
     taxonomy: str
     taxonomies: dict[str, tuple[CellClass, ...]] = Field(min_length=1)
     detect: DetectParams
+    calibrate: CalibrateParams
     classifier: ClassifierParams
     train: TrainParams
     analysis: AnalyzeParams

@@ -219,7 +219,7 @@ def detect(
     crop_um_per_px = check_scale(crop_um_per_px, "crop_um_per_px")
     h, w = rgb.shape[:2]
     crop_um = CROP_SIZE * crop_um_per_px
-    if w * um_per_px < crop_um or h * um_per_px < crop_um:
+    if min(h, w) < CROP_SIZE or w * um_per_px < crop_um or h * um_per_px < crop_um:
         raise ImageError(
             f"image of {w}×{h} px at {um_per_px:g} µm/px is smaller than one "
             f"{crop_um:.1f} µm crop"
