@@ -1,4 +1,4 @@
-"""Review app settings."""
+"""Review app settings (the ``review:`` section of config/default.yaml)."""
 
 from __future__ import annotations
 
@@ -8,5 +8,10 @@ from pipeline.params import Params
 
 
 class ReviewParams(Params):
-    host: str
+    host: str = Field(description="address the review app binds; 127.0.0.1 keeps it local")
     port: int = Field(ge=0, le=65535)
+    session_hours: float = Field(gt=0, description="a login lasts this long")
+    secure_cookies: bool = Field(
+        description="mark the session cookie Secure (set when served behind HTTPS)"
+    )
+    queue_refresh_s: float = Field(gt=0, description="queue page polling interval")

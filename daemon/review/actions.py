@@ -1,0 +1,336 @@
+"""What a reviewer can do to a slide, each change written with exactly one audit event per cell.
+
+These functions take an open SQLAlchemy session (``Store.session()``), so a change and its
+audit events commit together or not at all. A signed slide refuses every change until a
+supervisor reopens it. Undo reverts the reviewer's own last change (all cells of a
+multi-cell move at once) and is itself audited.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from daemon.models import AuditEvent, Cell, Count, Field, Review, Slide, utcnow
+from pipeline.errors import MarrowError
+from pipeline.imaging import CROP_SIZE, crop_at, read_rgb
+from pipeline.taxonomy import Taxonomy
+
+EXCLUDE_REASONS = {
+    "not_leukocyte": "Not a leukocyte",
+    "smudge": "Smudge / broken cell",
+    "duplicate": "Duplicate of another cell",
+}
+# Changes to cells that undo can revert.
+CELL_ACTIONS = ("reclassify", "exclude", "include", "add_cell")
+SIGNABLE = ("awaiting_review",)
+
+
+class ReviewError(MarrowError):
+    """A review request that cannot be carried out; ``status`` is its HTTP status."""
+
+    status = 400
+
+
+class NotFound(ReviewError):
+    status = 404
+
+
+class Forbidden(ReviewError):
+    status = 403
+
+
+class Locked(ReviewError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class Reviewer:
+    username: str
+    role: str
+
+
+def final_label(cell: Cell) -> str:
+    """The class a cell counts as: the reviewer's call when there is one, else the machine's."""
+    return cell.reviewed_label or cell.label
+
+
+def is_counted(cell: Cell, taxonomy: Taxonomy) -> bool:
+    label = final_label(cell)
+    return (
+        not cell.excluded
+        and cell.duplicate_of is None
+        and label in taxonomy.names
+        and taxonomy.get(label).counted
+    )
+
+
+def cell_state(cell: Cell) -> dict[str, Any]:
+    """The reviewable part of a cell, as stored in audit events' before/after."""
+    return {
+        "label": final_label(cell),
+        "reviewed_label": cell.reviewed_label,
+        "excluded": bool(cell.excluded),
+        "exclude_reason": cell.exclude_reason,
+    }
+
+
+def get_slide(s: Session, slide_id: int) -> Slide:
+    slide = s.get(Slide, slide_id)
+    if slide is None:
+        raise NotFound(f"no slide {slide_id}")
+    return slide
+
+
+def taxonomy_of(slide: Slide, taxonomies: dict[str, Taxonomy]) -> Taxonomy:
+    try:
+        return taxonomies[slide.taxonomy]
+    except KeyError:
+        raise ReviewError(
+            f"slide {slide.name!r} uses taxonomy {slide.taxonomy!r}, which this config lacks"
+        ) from None
+
+
+def editable_slide(s: Session, slide_id: int) -> Slide:
+    """The slide, locked for this transaction, if it may still be changed."""
+    slide = s.scalar(select(Slide).where(Slide.id == slide_id).with_for_update())
+    if slide is None:
+        raise NotFound(f"no slide {slide_id}")
+    if slide.status == "signed":
+        raise Locked(f"slide {slide.name!r} is signed; a supervisor must reopen it first")
+    return slide
+
+
+def _cells(s: Session, slide_id: int, cell_ids: list[int]) -> list[Cell]:
+    ids = sorted({int(i) for i in cell_ids})
+    if not ids:
+        raise ReviewError("no cells selected")
+    cells = list(s.scalars(select(Cell).where(Cell.slide_id == slide_id, Cell.id.in_(ids))))
+    if len(cells) != len(ids):
+        missing = sorted(set(ids) - {c.id for c in cells})
+        raise NotFound(f"cells {missing} are not on slide {slide_id}")
+    if any(c.duplicate_of is not None for c in cells):
+        raise ReviewError("a suppressed duplicate cannot be reviewed; review the kept cell")
+    return cells
+
+
+def _audit(s: Session, who: Reviewer, action: str, slide_id: int, cell_id: int | None,
+           before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
+    s.add(AuditEvent(username=who.username, action=action, slide_id=slide_id, cell_id=cell_id,
+                     before=before, after=after))
+
+
+def _change_cells(s: Session, slide_id: int, cells: list[Cell], who: Reviewer, action: str,
+                  apply: Any) -> list[Cell]:
+    batch = uuid.uuid4().hex[:12]
+    changed = []
+    for cell in cells:
+        before = cell_state(cell)
+        apply(cell)
+        after = cell_state(cell)
+        if after == before:
+            continue
+        _audit(s, who, action, slide_id, cell.id, before, {**after, "batch": batch})
+        changed.append(cell)
+    s.flush()
+    return changed
+
+
+def reclassify(s: Session, slide_id: int, cell_ids: list[int], label: str, who: Reviewer,
+               taxonomies: dict[str, Taxonomy]) -> list[Cell]:
+    """Put cells into class ``label`` (an excluded cell moved to a class counts again)."""
+    slide = editable_slide(s, slide_id)
+    if label not in taxonomy_of(slide, taxonomies).names:
+        raise ReviewError(f"{label!r} is not a class of taxonomy {slide.taxonomy!r}")
+
+    def apply(cell: Cell) -> None:
+        if final_label(cell) != label or cell.excluded:
+            cell.reviewed_label = label
+        cell.excluded, cell.exclude_reason = False, None
+
+    return _change_cells(s, slide_id, _cells(s, slide_id, cell_ids), who, "reclassify", apply)
+
+
+def exclude(s: Session, slide_id: int, cell_ids: list[int], reason: str,
+            who: Reviewer) -> list[Cell]:
+    """Leave cells out of the count, with one of EXCLUDE_REASONS."""
+    if reason not in EXCLUDE_REASONS:
+        raise ReviewError(f"exclusion reason {reason!r} must be one of {sorted(EXCLUDE_REASONS)}")
+    editable_slide(s, slide_id)
+
+    def apply(cell: Cell) -> None:
+        cell.excluded, cell.exclude_reason = True, reason
+
+    return _change_cells(s, slide_id, _cells(s, slide_id, cell_ids), who, "exclude", apply)
+
+
+def include(s: Session, slide_id: int, cell_ids: list[int], who: Reviewer) -> list[Cell]:
+    """Count excluded cells again."""
+    editable_slide(s, slide_id)
+
+    def apply(cell: Cell) -> None:
+        cell.excluded, cell.exclude_reason = False, None
+
+    return _change_cells(s, slide_id, _cells(s, slide_id, cell_ids), who, "include", apply)
+
+
+def undo(s: Session, slide_id: int, who: Reviewer) -> list[Cell]:
+    """Revert ``who``'s most recent change on this slide not yet undone (a whole batch)."""
+    editable_slide(s, slide_id)
+    events = list(s.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.slide_id == slide_id, AuditEvent.username == who.username,
+               AuditEvent.action.in_((*CELL_ACTIONS, "undo")))
+        .order_by(AuditEvent.id.desc())
+    ))
+    undone = {int(e.after["undoes"]) for e in events if e.action == "undo" and e.after}
+    todo = [e for e in events if e.action != "undo" and e.id not in undone]
+    if not todo:
+        raise ReviewError("nothing to undo")
+    batch = (todo[0].after or {}).get("batch")
+    group = [e for e in todo if batch is not None and (e.after or {}).get("batch") == batch]
+    cells = []
+    for event in group or todo[:1]:
+        cell = s.get(Cell, event.cell_id)
+        if cell is None:
+            continue
+        before = cell_state(cell)
+        if event.before is None:  # an added cell: undoing the addition leaves it out
+            cell.excluded, cell.exclude_reason = True, "added_in_error"
+        else:
+            cell.reviewed_label = event.before["reviewed_label"]
+            cell.excluded = event.before["excluded"]
+            cell.exclude_reason = event.before["exclude_reason"]
+        _audit(s, who, "undo", slide_id, cell.id, before, {**cell_state(cell), "undoes": event.id})
+        cells.append(cell)
+    s.flush()
+    return cells
+
+
+def add_cell(s: Session, slide_id: int, field_id: int, x: float, y: float, label: str,
+             who: Reviewer, taxonomies: dict[str, Taxonomy], data_dir: Path,
+             crop_um_per_px: float) -> Cell:
+    """Add a cell the machine missed at ``(x, y)`` field pixels, with a crop cut from the field
+    at the classifier's crop scale ``crop_um_per_px``.
+
+    The machine's counts are unchanged (it never saw this cell); the reviewed counts include it.
+    """
+    slide = editable_slide(s, slide_id)
+    if label not in taxonomy_of(slide, taxonomies).names:
+        raise ReviewError(f"{label!r} is not a class of taxonomy {slide.taxonomy!r}")
+    fld = s.get(Field, field_id)
+    if fld is None or fld.slide_id != slide_id:
+        raise NotFound(f"no field {field_id} on slide {slide_id}")
+    if fld.image_path is None or not fld.width or not fld.height:
+        raise ReviewError("this field's image was not kept, so no cell can be added to it")
+    if not (0 <= x < fld.width and 0 <= y < fld.height):
+        raise ReviewError(f"({x:.0f}, {y:.0f}) lies outside the {fld.width}×{fld.height} field")
+    rgb = read_rgb(image_file(data_dir, fld.image_path))
+    index = (s.scalar(select(func.max(Cell.index)).where(Cell.field_id == field_id)) or 0) + 1
+    index = max(index, 1000)  # hand-added cells are numbered apart from the pipeline's
+    crop = crop_at(rgb, fld.um_per_px, (x, y), crop_um_per_px)
+    rel = Path(fld.image_path).parent / f"added{index:04d}.png"
+    _write_png_atomic(data_dir / rel, crop)
+    half = CROP_SIZE * crop_um_per_px / 2 / fld.um_per_px
+    box = [max(0, int(x - half)), max(0, int(y - half)),
+           min(fld.width, int(np.ceil(x + half))), min(fld.height, int(np.ceil(y + half)))]
+    cell = Cell(field_id=field_id, slide_id=slide_id, index=index, x=float(x), y=float(y),
+                box=box, crop_path=str(rel), probabilities={}, first_label=label, label=label,
+                confidence=0.0, guided=False, duplicate_of=None, needs_review=False,
+                reviewed_label=label, excluded=False, added_by=who.username)
+    s.add(cell)
+    s.flush()
+    _audit(s, who, "add_cell", slide_id, cell.id, None,
+           {**cell_state(cell), "field_id": field_id, "x": float(x), "y": float(y),
+            "batch": uuid.uuid4().hex[:12]})
+    return cell
+
+
+def machine_counts(s: Session, slide_id: int) -> dict[str, int]:
+    """The pipeline's running counts (duplicates left out, non-leukocytes in)."""
+    rows = s.execute(select(Count.class_name, Count.n).where(Count.slide_id == slide_id)).all()
+    return {name: int(n) for name, n in rows if n}
+
+
+def reviewed_counts(s: Session, slide_id: int) -> dict[str, int]:
+    """Counts after review: the reviewer's class wins; excluded cells and duplicates drop out."""
+    final = func.coalesce(Cell.reviewed_label, Cell.label)
+    rows = s.execute(
+        select(final, func.count())
+        .where(Cell.slide_id == slide_id, Cell.duplicate_of.is_(None), Cell.excluded.is_(False))
+        .group_by(final)
+    ).all()
+    return {name: int(n) for name, n in rows}
+
+
+def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None) -> Review:
+    """Sign the slide off: it is locked, and the counts before and after review are kept."""
+    slide = editable_slide(s, slide_id)
+    if slide.status not in SIGNABLE:
+        raise Locked(f"slide {slide.name!r} is {slide.status.replace('_', ' ')}; "
+                     "only a slide awaiting review can be signed")
+    now = utcnow()
+    before, after = machine_counts(s, slide_id), reviewed_counts(s, slide_id)
+    review = Review(slide_id=slide_id, username=who.username, action="sign", at=now,
+                    counts_before=before, counts_after=after, note=note or None)
+    s.add(review)
+    _audit(s, who, "sign", slide_id, None, {"status": slide.status},
+           {"status": "signed", "counts_before": before, "counts_after": after})
+    slide.status, slide.signed_at, slide.signed_by = "signed", now, who.username
+    s.flush()
+    return review
+
+
+def reopen(s: Session, slide_id: int, who: Reviewer, reason: str) -> Review:
+    """A supervisor reopens a signed slide for review; the reason is kept."""
+    if who.role != "supervisor":
+        raise Forbidden("only a supervisor can reopen a signed slide")
+    reason = reason.strip()
+    if not reason:
+        raise ReviewError("say why the slide is reopened")
+    slide = s.scalar(select(Slide).where(Slide.id == slide_id).with_for_update())
+    if slide is None:
+        raise NotFound(f"no slide {slide_id}")
+    if slide.status != "signed":
+        raise ReviewError(f"slide {slide.name!r} is not signed")
+    counts = reviewed_counts(s, slide_id)
+    review = Review(slide_id=slide_id, username=who.username, action="reopen",
+                    counts_before=counts, counts_after=counts, note=reason)
+    s.add(review)
+    _audit(s, who, "reopen", slide_id, None,
+           {"status": "signed", "signed_by": slide.signed_by,
+            "signed_at": slide.signed_at.isoformat() if slide.signed_at else None},
+           {"status": "awaiting_review", "reason": reason})
+    s.execute(update(Slide).where(Slide.id == slide_id)
+              .values(status="awaiting_review", signed_at=None, signed_by=None))
+    s.flush()
+    return review
+
+
+def image_file(data_dir: Path, rel: str | None) -> Path:
+    """The file a stored relative image path names, only if it lies inside ``data_dir``."""
+    if not rel:
+        raise NotFound("no image stored")
+    root = Path(data_dir).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise NotFound("image not found")
+    return path
+
+
+def _write_png_atomic(path: Path, rgb: np.ndarray) -> None:
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:
+        raise ReviewError("could not encode the crop")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data.tobytes())
+    os.replace(tmp, path)

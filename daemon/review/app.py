@@ -1,0 +1,519 @@
+"""The review web app: queue, slide page with gallery and differential, field viewer, sign-off.
+
+``create_app(cfg, store)`` builds a FastAPI app over an open Store. Pages are rendered on the
+server (Jinja2); a little plain JavaScript (static/review.js) drives keyboard review and calls
+the JSON routes under ``/api``. Every route but the login page and the static files needs a
+session; every change needs the session's CSRF token (see daemon/review/auth.py). Images are
+served only by cell or field id, from paths the store recorded, never from a request's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from fastapi import Depends, FastAPI, Form, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field as PydField
+from sqlalchemy import func, select
+
+from daemon.models import AuditEvent, Cell, Field, Review, Slide, User
+from daemon.review import actions
+from daemon.review.actions import Reviewer, ReviewError
+from daemon.review.auth import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    SessionCodec,
+    Viewer,
+    authenticate,
+    csrf_matches,
+    load_secret,
+)
+from pipeline.stats import Differential, differential
+from pipeline.taxonomy import Taxonomy
+
+if TYPE_CHECKING:
+    from daemon.config import Config
+    from daemon.store import Store
+
+log = logging.getLogger("marrowcount.review")
+HERE = Path(__file__).resolve().parent
+STATUS_ORDER = {"acquiring": 0, "awaiting_review": 1, "failed": 2, "queued": 3, "signed": 4}
+SIGNED_SHOWN = 50
+LOGIN_WINDOW_S, LOGIN_MAX_FAILURES = 300.0, 5
+
+
+class NotLoggedIn(Exception):
+    """No valid session: pages redirect to the login form, everything else answers 401."""
+
+
+class CsrfError(ReviewError):
+    status = 403
+
+
+class CellsRequest(BaseModel):
+    cells: list[int] = PydField(min_length=1, max_length=5000)
+
+
+class ReclassifyRequest(CellsRequest):
+    label: str
+
+
+class ExcludeRequest(CellsRequest):
+    reason: str
+
+
+class AddCellRequest(BaseModel):
+    field_id: int
+    x: float
+    y: float
+    label: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """One gallery group: a class, or the excluded / duplicate cells."""
+
+    key: str
+    title: str
+    hotkey: str | None
+    cells: list[Cell]
+    counted: bool
+
+
+def create_app(cfg: "Config", store: "Store") -> FastAPI:
+    params = cfg.review
+    taxonomies = {name: Taxonomy(name=name, classes=classes)
+                  for name, classes in cfg.taxonomies.items()}
+    codec = SessionCodec(load_secret(store.data_dir), params.session_hours * 3600)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["age"] = _age
+    templates.env.filters["when"] = _when
+    templates.env.globals["exclude_reasons"] = actions.EXCLUDE_REASONS
+    templates.env.globals["inf"] = float("inf")
+    crop_um_per_px = cfg.train.um_per_px
+    failures: dict[str, deque[float]] = defaultdict(deque)
+
+    app = FastAPI(title="marrowcount review", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store = store
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    # -- sessions -----------------------------------------------------------------------
+
+    def set_session(resp: Response, uid: int | None, csrf: str | None = None) -> None:
+        resp.set_cookie(SESSION_COOKIE, codec.dumps(uid, csrf), max_age=int(codec.max_age_s),
+                        httponly=True, samesite="strict", secure=params.secure_cookies, path="/")
+
+    def viewer(request: Request) -> Viewer:
+        data = codec.loads(request.cookies.get(SESSION_COOKIE))
+        if not data or not isinstance(data.get("uid"), int):
+            raise NotLoggedIn()
+        with store.session() as s:
+            user = s.get(User, data["uid"])
+            if user is None or not user.active:
+                raise NotLoggedIn()
+            return Viewer(user.id, user.username, user.role, data["csrf"])
+
+    async def changer(request: Request, who: Viewer = Depends(viewer)) -> Viewer:
+        token = request.headers.get(CSRF_HEADER)
+        ctype = request.headers.get("content-type", "")
+        if token is None and ctype.startswith(("application/x-www-form-urlencoded",
+                                               "multipart/form-data")):
+            token = (await request.form()).get(CSRF_FIELD)
+        if not csrf_matches(who.csrf, token if isinstance(token, str) else None):
+            raise CsrfError("missing or wrong CSRF token; reload the page")
+        return who
+
+    def reviewer(who: Viewer) -> Reviewer:
+        return Reviewer(who.username, who.role)
+
+    def page(request: Request, name: str, who: Viewer | None, status: int = 200,
+             **ctx: Any) -> HTMLResponse:
+        return templates.TemplateResponse(
+            request, name, {"viewer": who, "csrf": who.csrf if who else "", **ctx},
+            status_code=status)
+
+    # -- errors and headers -------------------------------------------------------------
+
+    @app.exception_handler(NotLoggedIn)
+    async def _not_logged_in(request: Request, exc: NotLoggedIn) -> Response:
+        path = request.url.path
+        if request.method == "GET" and not path.startswith(("/api/", "/images/")):
+            target = path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+        return JSONResponse({"error": "not logged in"}, status_code=401)
+
+    @app.exception_handler(ReviewError)
+    async def _review_error(request: Request, exc: ReviewError) -> Response:
+        if request.url.path.startswith(("/api/", "/images/")):
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        data = codec.loads(request.cookies.get(SESSION_COOKIE)) or {}
+        return templates.TemplateResponse(
+            request, "error.html", {"viewer": None, "csrf": data.get("csrf", ""),
+                                    "message": str(exc), "status": exc.status},
+            status_code=exc.status)
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Any) -> Response:
+        resp = await call_next(request)
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        resp.headers.setdefault("Referrer-Policy", "same-origin")
+        resp.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+            "object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+        if not request.url.path.startswith(("/static/", "/images/")):
+            resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    # -- login --------------------------------------------------------------------------
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request, next: str = "/") -> Response:
+        data = codec.loads(request.cookies.get(SESSION_COOKIE)) or {}
+        csrf = data.get("csrf") or secrets.token_urlsafe(24)
+        resp = templates.TemplateResponse(
+            request, "login.html", {"viewer": None, "csrf": csrf, "next": _local(next),
+                                    "error": None})
+        set_session(resp, None, csrf)  # a pre-login session that only carries the CSRF token
+        return resp
+
+    @app.post("/login")
+    def login(request: Request, username: str = Form(...), password: str = Form(...),
+              csrf_token: str = Form(""), next: str = Form("/")) -> Response:
+        data = codec.loads(request.cookies.get(SESSION_COOKIE))
+        if not data or not csrf_matches(data["csrf"], csrf_token):
+            raise CsrfError("the login form expired; reload the page and try again")
+        now = time.monotonic()
+        recent = failures[username]
+        while recent and now - recent[0] > LOGIN_WINDOW_S:
+            recent.popleft()
+        user_id = None
+        if len(recent) < LOGIN_MAX_FAILURES:
+            with store.session() as s:
+                user = authenticate(s, username, password)
+                user_id = user.id if user is not None else None
+        if user_id is None:
+            recent.append(now)
+            log.warning("failed login for %r", username)
+            resp = templates.TemplateResponse(
+                request, "login.html",
+                {"viewer": None, "csrf": data["csrf"], "next": _local(next),
+                 "error": "Wrong user name or password, or too many attempts."},
+                status_code=401)
+            return resp
+        failures.pop(username, None)
+        resp = RedirectResponse(_local(next), status_code=303)
+        set_session(resp, user_id)  # a fresh CSRF token with every login
+        return resp
+
+    @app.post("/logout")
+    def logout(who: Viewer = Depends(changer)) -> Response:
+        resp = RedirectResponse("/login", status_code=303)
+        set_session(resp, None)
+        return resp
+
+    # -- queue --------------------------------------------------------------------------
+
+    def queue_rows() -> list[dict[str, Any]]:
+        with store.session() as s:
+            slides = list(s.scalars(select(Slide)))
+            final = func.coalesce(Cell.reviewed_label, Cell.label)
+            counts: dict[int, dict[str, int]] = defaultdict(dict)
+            for sid, label, n in s.execute(
+                select(Cell.slide_id, final, func.count())
+                .where(Cell.duplicate_of.is_(None), Cell.excluded.is_(False))
+                .group_by(Cell.slide_id, final)
+            ):
+                counts[sid][label] = int(n)
+            pending = dict(s.execute(
+                select(Cell.slide_id, func.count())
+                .where(Cell.needs_review.is_(True), Cell.reviewed_label.is_(None),
+                       Cell.excluded.is_(False), Cell.duplicate_of.is_(None))
+                .group_by(Cell.slide_id)).all())
+        slides.sort(key=lambda sl: (STATUS_ORDER.get(sl.status, 9),
+                                    -(_ts(sl.signed_at) or 0) if sl.status == "signed"
+                                    else _ts(sl.created_at) or 0))
+        signed = [sl for sl in slides if sl.status == "signed"][:SIGNED_SHOWN]
+        rows = []
+        for sl in [sl for sl in slides if sl.status != "signed"] + signed:
+            tax = taxonomies.get(sl.taxonomy)
+            d = differential(counts[sl.id], tax, cfg.stats) if tax else None
+            total = d.total if d else 0
+            flags = []
+            if pending.get(sl.id):
+                flags.append(f"{pending[sl.id]} need review")
+            if d is not None:
+                flags += [f.message for f in d.flags]
+            if sl.status not in ("queued", "acquiring") and total < sl.target:
+                flags.append(f"target not reached ({total}/{sl.target})")
+            if tax is None:
+                flags.append(f"unknown taxonomy {sl.taxonomy}")
+            rows.append({"slide": sl, "total": total, "flags": flags,
+                         "since": sl.signed_at if sl.status == "signed"
+                         else sl.finished_at or sl.started_at or sl.created_at})
+        return rows
+
+    @app.get("/", response_class=HTMLResponse)
+    def queue(request: Request, who: Viewer = Depends(viewer)) -> Response:
+        rows = queue_rows()
+        return page(request, "queue.html", who, rows=rows, refresh_s=params.queue_refresh_s,
+                    acquiring=any(r["slide"].status == "acquiring" for r in rows))
+
+    @app.get("/api/queue")
+    def queue_json(request: Request, who: Viewer = Depends(viewer)) -> Response:
+        rows = queue_rows()
+        html = templates.get_template("_queue_rows.html").render(rows=rows)
+        return JSONResponse({
+            "rows_html": html,
+            "acquiring": any(r["slide"].status == "acquiring" for r in rows),
+            "slides": [{"id": r["slide"].id, "name": r["slide"].name,
+                        "status": r["slide"].status, "counted": r["total"],
+                        "flags": r["flags"]} for r in rows],
+        })
+
+    # -- slide page ---------------------------------------------------------------------
+
+    def table_context(s: Any, slide: Slide, tax: Taxonomy) -> dict[str, Any]:
+        machine = actions.machine_counts(s, slide.id)
+        reviewed = actions.reviewed_counts(s, slide.id)
+        return {"slide": slide, "diff": differential(reviewed, tax, cfg.stats),
+                "machine": machine, "machine_total": sum(
+                    n for k, n in machine.items() if k in tax.counted)}
+
+    def render_table(ctx: dict[str, Any]) -> str:
+        return templates.get_template("_table.html").render(**ctx)
+
+    @app.get("/slides/{slide_id}", response_class=HTMLResponse)
+    def slide_page(request: Request, slide_id: int, who: Viewer = Depends(viewer)) -> Response:
+        with store.session() as s:
+            slide = actions.get_slide(s, slide_id)
+            tax = actions.taxonomy_of(slide, taxonomies)
+            cells = list(s.scalars(select(Cell).where(Cell.slide_id == slide_id)
+                                   .order_by(Cell.field_id, Cell.index)))
+            fields = s.execute(
+                select(Field.id, Field.index, Field.n_counted, Field.image_path)
+                .where(Field.slide_id == slide_id).order_by(Field.index)).all()
+            reviews = list(s.scalars(select(Review).where(Review.slide_id == slide_id)
+                                     .order_by(Review.id)))
+            ctx = table_context(s, slide, tax)
+        return page(request, "slide.html", who, tax=tax, sections=_sections(cells, tax),
+                    keymap={c.key: c.name for c in tax.classes},
+                    labels={c.name: c.label for c in tax.classes},
+                    n_cells=len(cells), fields=fields, reviews=reviews,
+                    table_html=render_table(ctx), locked=slide.status == "signed",
+                    signable=slide.status in actions.SIGNABLE, **ctx)
+
+    def change_response(slide_id: int, changed: list[Cell]) -> Response:
+        with store.session() as s:
+            slide = actions.get_slide(s, slide_id)
+            ctx = table_context(s, slide, actions.taxonomy_of(slide, taxonomies))
+        return JSONResponse({
+            "changed": [{"id": c.id, "label": actions.final_label(c), "excluded": c.excluded,
+                         "exclude_reason": c.exclude_reason} for c in changed],
+            "table_html": render_table(ctx),
+            "total": ctx["diff"].total,
+        })
+
+    @app.get("/api/slides/{slide_id}")
+    def slide_json(slide_id: int, who: Viewer = Depends(viewer)) -> Response:
+        with store.session() as s:
+            slide = actions.get_slide(s, slide_id)
+            tax = actions.taxonomy_of(slide, taxonomies)
+            ctx = table_context(s, slide, tax)
+            n_cells = s.scalar(select(func.count()).where(Cell.slide_id == slide_id))
+        d: Differential = ctx["diff"]
+        return JSONResponse({
+            "id": slide.id, "name": slide.name, "status": slide.status,
+            "signed_by": slide.signed_by, "signed_at": _iso(slide.signed_at),
+            "cells": n_cells, "machine_counts": ctx["machine"],
+            "differential": d.to_dict(), "table_html": render_table(ctx),
+        })
+
+    @app.post("/api/slides/{slide_id}/reclassify")
+    def reclassify(slide_id: int, body: ReclassifyRequest,
+                   who: Viewer = Depends(changer)) -> Response:
+        with store.session() as s:
+            changed = actions.reclassify(s, slide_id, body.cells, body.label, reviewer(who),
+                                         taxonomies)
+        return change_response(slide_id, changed)
+
+    @app.post("/api/slides/{slide_id}/exclude")
+    def exclude(slide_id: int, body: ExcludeRequest, who: Viewer = Depends(changer)) -> Response:
+        with store.session() as s:
+            changed = actions.exclude(s, slide_id, body.cells, body.reason, reviewer(who))
+        return change_response(slide_id, changed)
+
+    @app.post("/api/slides/{slide_id}/include")
+    def include(slide_id: int, body: CellsRequest, who: Viewer = Depends(changer)) -> Response:
+        with store.session() as s:
+            changed = actions.include(s, slide_id, body.cells, reviewer(who))
+        return change_response(slide_id, changed)
+
+    @app.post("/api/slides/{slide_id}/undo")
+    def undo(slide_id: int, who: Viewer = Depends(changer)) -> Response:
+        with store.session() as s:
+            changed = actions.undo(s, slide_id, reviewer(who))
+        return change_response(slide_id, changed)
+
+    @app.post("/api/slides/{slide_id}/cells")
+    def add_cell(slide_id: int, body: AddCellRequest, who: Viewer = Depends(changer)) -> Response:
+        with store.session() as s:
+            cell = actions.add_cell(s, slide_id, body.field_id, body.x, body.y, body.label,
+                                    reviewer(who), taxonomies, store.data_dir, crop_um_per_px)
+        resp = change_response(slide_id, [cell])
+        return resp
+
+    # -- field viewer -------------------------------------------------------------------
+
+    @app.get("/slides/{slide_id}/fields/{field_id}", response_class=HTMLResponse)
+    def field_page(request: Request, slide_id: int, field_id: int, cell: int | None = None,
+                   who: Viewer = Depends(viewer)) -> Response:
+        with store.session() as s:
+            slide = actions.get_slide(s, slide_id)
+            tax = actions.taxonomy_of(slide, taxonomies)
+            fld = s.get(Field, field_id)
+            if fld is None or fld.slide_id != slide_id:
+                raise actions.NotFound(f"no field {field_id} on slide {slide_id}")
+            cells = list(s.scalars(select(Cell).where(Cell.field_id == field_id)
+                                   .order_by(Cell.index)))
+            ids = [i for (i,) in s.execute(select(Field.id).where(Field.slide_id == slide_id)
+                                           .order_by(Field.index))]
+        pos = ids.index(field_id)
+        return page(request, "field.html", who, slide=slide, field=fld, cells=cells, tax=tax,
+                    focus=cell, prev_id=ids[pos - 1] if pos > 0 else None,
+                    next_id=ids[pos + 1] if pos + 1 < len(ids) else None,
+                    locked=slide.status == "signed", final_label=actions.final_label)
+
+    # -- sign-off -----------------------------------------------------------------------
+
+    @app.post("/slides/{slide_id}/sign")
+    def sign(slide_id: int, note: str = Form(""), who: Viewer = Depends(changer)) -> Response:
+        with store.session() as s:
+            actions.sign(s, slide_id, reviewer(who), note.strip()[:2000])
+        return RedirectResponse(f"/slides/{slide_id}", status_code=303)
+
+    @app.post("/slides/{slide_id}/reopen")
+    def reopen(slide_id: int, reason: str = Form(""), who: Viewer = Depends(changer)) -> Response:
+        with store.session() as s:
+            actions.reopen(s, slide_id, reviewer(who), reason[:2000])
+        return RedirectResponse(f"/slides/{slide_id}", status_code=303)
+
+    @app.get("/slides/{slide_id}/audit", response_class=HTMLResponse)
+    def audit_page(request: Request, slide_id: int, who: Viewer = Depends(viewer)) -> Response:
+        with store.session() as s:
+            slide = actions.get_slide(s, slide_id)
+            events = list(s.scalars(select(AuditEvent).where(AuditEvent.slide_id == slide_id)
+                                    .order_by(AuditEvent.id)))
+        return page(request, "audit.html", who, slide=slide, events=events)
+
+    @app.get("/slides/{slide_id}/report.{fmt}")
+    def report(slide_id: int, fmt: str, who: Viewer = Depends(viewer)) -> Response:
+        from daemon import report as reports
+
+        if fmt not in ("pdf", "csv", "json"):
+            raise actions.NotFound(f"no {fmt} report; ask for pdf, csv or json")
+        with store.session() as s:
+            slide = actions.get_slide(s, slide_id)
+        data, media = reports.render(store, cfg, slide_id, fmt)
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in slide.name)
+        return Response(data, media_type=media, headers={
+            "Content-Disposition": f'attachment; filename="{name}.{fmt}"'})
+
+    # -- images, by id only -------------------------------------------------------------
+
+    @app.get("/images/cells/{cell_id}")
+    def cell_image(cell_id: int, who: Viewer = Depends(viewer)) -> Response:
+        with store.session() as s:
+            rel = s.scalar(select(Cell.crop_path).where(Cell.id == cell_id))
+        return _image(actions.image_file(store.data_dir, rel))
+
+    @app.get("/images/fields/{field_id}")
+    def field_image(field_id: int, who: Viewer = Depends(viewer)) -> Response:
+        with store.session() as s:
+            rel = s.scalar(select(Field.image_path).where(Field.id == field_id))
+        return _image(actions.image_file(store.data_dir, rel))
+
+    return app
+
+
+def _sections(cells: list[Cell], tax: Taxonomy) -> list[Section]:
+    by_label: dict[str, list[Cell]] = defaultdict(list)
+    excluded, duplicates = [], []
+    for c in cells:
+        if c.duplicate_of is not None:
+            duplicates.append(c)
+        elif c.excluded:
+            excluded.append(c)
+        else:
+            by_label[actions.final_label(c)].append(c)
+    out = [Section(cls.name, cls.label, cls.key, by_label.pop(cls.name, []), cls.counted)
+           for cls in tax.classes]
+    out += [Section(name, f"{name} (not in taxonomy {tax.name})", None, cs, False)
+            for name, cs in sorted(by_label.items())]
+    out.append(Section("_excluded", "Excluded", None, excluded, False))
+    out.append(Section("_duplicates", "Suppressed duplicates (never counted)", None,
+                       duplicates, False))
+    return out
+
+
+def _image(path: Path) -> Response:
+    media = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(
+        path.suffix.lower())
+    if media is None:
+        raise actions.NotFound("image not found")
+    return FileResponse(path, media_type=media,
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _local(target: str) -> str:
+    """A redirect target only if it stays on this site (no open redirects)."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def _utc(dt: datetime | None) -> datetime | None:
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt  # SQLite drops tz
+
+
+def _ts(dt: datetime | None) -> float | None:
+    dt = _utc(dt)
+    return dt.timestamp() if dt else None
+
+
+def _iso(dt: datetime | None) -> str | None:
+    dt = _utc(dt)
+    return dt.isoformat() if dt else None
+
+
+def _when(dt: datetime | None) -> str:
+    dt = _utc(dt)
+    return dt.strftime("%Y-%m-%d %H:%M UTC") if dt else "–"
+
+
+def _age(dt: datetime | None) -> str:
+    dt = _utc(dt)
+    if dt is None:
+        return "–"
+    s = max(0, int((datetime.now(timezone.utc) - dt).total_seconds()))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"

