@@ -1,9 +1,648 @@
-"""Watch a slide scanner's output folder and turn new files into slides to count."""
+"""Watch a slide scanner's output folder and turn new files into slides to count.
+
+``FolderWatcher(params, store, submit, ...)`` watches each configured folder with watchdog
+(events only wake it early: every pass rescans the folder, so nothing is missed when events
+are lost, e.g. on network shares). A pass:
+
+1. lists candidate files (configured extensions; hidden, partial and quarantined files are
+   left alone), refusing names with ``..`` and symlinks that lead outside the folder;
+2. waits until a file is complete: its size and mtime unchanged for ``stable_seconds``, or
+   the scanner's completion marker present (``<file><marker>``, ``<slide folder><marker>`` or
+   ``<slide folder>/<marker>``);
+3. groups complete files into slides (one file per slide, one subfolder per slide, or a
+   filename regex with a ``slide`` group);
+4. records each file by content hash (sha256) in the store's ``scanned_files`` table, so a
+   restart or a re-delivered copy is never processed twice;
+5. opens and plans every file (drivers.wsi_fields.plan_file); a file that cannot be opened or
+   decoded, or has no pixel size, is moved to the folder's quarantine subfolder with
+   ``<name>.error.txt`` saying why, and recorded; the other files of the slide go on;
+6. queues one slide per group in the store with its frozen field plan and calls
+   ``submit(slide_id)``; whoever counts queued slides (the daemon, or
+   ``count_folder_slides`` for ``marrowcount watch``) rebuilds the FieldSource with
+   ``drivers.wsi_fields.source_from_plan``.
+
+Files that arrived while the service was down are found by the first pass (backlog). Each
+pass also settles finished slides: their files become ``done``; a slide that failed because
+one of its files could not be decoded moves that file to quarantine.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from sqlalchemy import select
+
+from daemon.models import ScannedFile, Slide, utcnow
+from drivers.acquisition import Analyzer, count_slide
+from drivers.wsi_fields import PlannedFile, SlidePlan, WsiParams, plan_file, source_from_plan
+from pipeline.detect import DetectParams
+from pipeline.errors import ImageError, MarrowError
 from pipeline.params import Params
+from pipeline.quality import QualityParams
+
+if TYPE_CHECKING:
+    from daemon.store import Store
+
+log = logging.getLogger("marrowcount.watch")
+
+HASH_CHUNK = 4 * 2**20
+
+
+class WatchError(MarrowError):
+    """A watch folder that cannot be used (missing, not a folder)."""
+
+
+class WatchFolder(Params):
+    """One watched scanner folder (each key's default: ``watch.folder_defaults``)."""
+
+    path: str = Field(min_length=1)
+    um_per_px: float | None = Field(gt=0, description="pixel size when a file has none")
+    grouping: Literal["file", "subfolder", "pattern"]
+    pattern: str | None = Field(description="regex on the file name with a (?P<slide>...) group")
+    marker: str | None = Field(description="completion marker suffix, e.g. '.done'; null = "
+                                           "wait for size and mtime to settle")
+    area_um: tuple[tuple[float, float], ...] | None = Field(
+        description="counting area in slide µm; null = found automatically")
+    target: int | None = Field(gt=0, description="counted cells per slide; null = acquisition.target")
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "WatchFolder":
+        if self.grouping == "pattern":
+            if not self.pattern:
+                raise ValueError("grouping 'pattern' needs a pattern with a (?P<slide>...) group")
+            try:
+                rx = re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a valid regex: {exc}") from None
+            if "slide" not in rx.groupindex:
+                raise ValueError("pattern needs a named group (?P<slide>...)")
+        return self
+
+
+class WatchFolderDefaults(Params):
+    um_per_px: float | None
+    grouping: Literal["file", "subfolder", "pattern"]
+    pattern: str | None
+    marker: str | None
+    area_um: tuple[tuple[float, float], ...] | None
+    target: int | None
 
 
 class WatchParams(Params):
-    folders: tuple[str, ...]
+    """The ``watch:`` config section."""
+
+    folders: tuple[WatchFolder, ...]
+    folder_defaults: WatchFolderDefaults
+    stable_seconds: float = Field(ge=0, description="size and mtime unchanged this long")
+    scan_seconds: float = Field(gt=0, description="rescan interval (events wake earlier)")
+    extensions: tuple[str, ...] = Field(min_length=1)
+    quarantine_dir: str = Field(min_length=1, description="subfolder of each watch folder")
+    wsi: WsiParams
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_folders(cls, data: Any) -> Any:
+        # Each folder entry is merged over folder_defaults, so a lab writes only what differs
+        # (a bare string is a folder path).
+        if isinstance(data, dict) and isinstance(data.get("folders"), (list, tuple)):
+            defaults = data.get("folder_defaults")
+            defaults = defaults.model_dump() if isinstance(defaults, Params) else dict(defaults or {})
+            folders = []
+            for entry in data["folders"]:
+                if isinstance(entry, str):
+                    entry = {"path": entry}
+                if isinstance(entry, dict):
+                    entry = {**defaults, **entry}
+                folders.append(entry)
+            data = {**data, "folders": folders}
+        return data
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in v)
+
+    @field_validator("quarantine_dir")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if "/" in v or "\\" in v or v in (".", ".."):
+            raise ValueError("quarantine_dir must be a plain folder name inside the watch folder")
+        return v
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """What a pass did with a file or slide; ``kind`` is one of
+    "slide" (queued), "quarantined", "refused", "duplicate", "done"."""
+
+    kind: str
+    path: str
+    slide_id: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    since: float
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's content (an MRXS index also covers its data folder listing)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    if path.suffix.lower() == ".mrxs":
+        data = path.with_suffix("")
+        if data.is_dir():
+            for p in sorted(data.iterdir()):
+                if p.is_file():
+                    h.update(f"{p.name}:{p.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+class FolderWatcher:
+    """Watch ``params.folders`` and queue each complete slide in ``store`` exactly once.
+
+    ``submit(slide_id)`` is called after a slide is queued (the daemon wakes its worker);
+    ``on_event`` receives every WatchEvent. ``target`` and ``taxonomy`` are recorded on new
+    slides; ``detect`` drives the automatic counting-area pass. ``start()`` runs the watcher
+    in background threads, ``stop()`` ends them; ``scan_once()`` is one synchronous pass.
+    """
+
+    def __init__(
+        self,
+        params: WatchParams,
+        store: "Store",
+        submit: Callable[[int], None] | None = None,
+        *,
+        target: int,
+        taxonomy: str,
+        detect: DetectParams,
+        on_event: Callable[[WatchEvent], None] | None = None,
+    ) -> None:
+        self.params, self.store = params, store
+        self.submit = submit or (lambda slide_id: None)
+        self.on_event = on_event or (lambda ev: None)
+        self.target, self.taxonomy, self.detect = target, taxonomy, detect
+        self._seen: dict[Path, _Seen] = {}
+        self._hashes: dict[Path, tuple[int, int, str]] = {}
+        self._settled: set[tuple[Path, int, int]] = set()
+        self._warned: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._observer: Any = None
+
+    # -- running ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start watching (the first pass processes the backlog). Idempotent."""
+        if self._thread is not None:
+            return
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        wake = self._wake
+
+        class _Wake(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:  # noqa: ARG002
+                wake.set()
+
+        self._stop.clear()
+        self._observer = Observer()
+        for folder in self.params.folders:
+            path = Path(folder.path)
+            if path.is_dir():
+                self._observer.schedule(_Wake(), str(path), recursive=True)
+        self._observer.start()
+        self._thread = threading.Thread(target=self._run, name="folder-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop watching; a file being planned is finished first (nothing is left half-done)."""
+        self._stop.set()
+        self._wake.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+            self._observer = None
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> "FolderWatcher":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan_once()
+            except Exception:  # noqa: BLE001  (one bad pass must not end the watcher)
+                log.exception("watch pass failed; retrying")
+            self._wake.wait(self._next_wait())
+            self._wake.clear()
+
+    def _next_wait(self) -> float:
+        wait = self.params.scan_seconds
+        now = time.monotonic()
+        for seen in self._seen.values():
+            due = seen.since + self.params.stable_seconds - now
+            if due > 0:
+                wait = min(wait, due + 0.05)
+        return max(0.05, wait)
+
+    # -- one pass ---------------------------------------------------------------------------
+
+    def scan_once(self) -> list[WatchEvent]:
+        """One pass over every folder; returns what it did."""
+        events: list[WatchEvent] = []
+        for folder in self.params.folders:
+            if self._stop.is_set() and self._thread is not None:
+                break
+            root = Path(folder.path)
+            if not root.is_dir():
+                self._warn_once(str(root), f"watch folder {root} does not exist (yet)")
+                continue
+            try:
+                events += self._scan_folder(folder, root)
+            except OSError as exc:
+                log.error("watch folder %s: %s", root, exc)
+        events += self._settle()
+        for ev in events:
+            log.info("%s: %s%s", ev.kind, ev.path, f" ({ev.reason})" if ev.reason else "")
+            self.on_event(ev)
+        return events
+
+    def _scan_folder(self, folder: WatchFolder, root: Path) -> list[WatchEvent]:
+        events: list[WatchEvent] = []
+        real_root = root.resolve()
+        groups: dict[str, list[Path]] = {}
+        ready: dict[str, bool] = {}
+        now = time.monotonic()
+        for path in self._candidates(root):
+            unsafe = self._unsafe(path, root, real_root)
+            if unsafe:
+                events.append(self._quarantine(folder, root, path, f"refused: {unsafe}", None,
+                                               kind="refused"))
+                continue
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # vanished between listing and stat
+            if (path, st.st_size, st.st_mtime_ns) in self._settled:
+                continue
+            key = self._slide_key(folder, root, path)
+            if key is None:
+                continue
+            groups.setdefault(key, []).append(path)
+            complete = self._complete(folder, root, path, st, now)
+            ready[key] = ready.get(key, True) and complete
+        for key in sorted(groups):
+            if self._stop.is_set() and self._thread is not None:
+                break
+            if ready[key]:
+                events += self._process_group(folder, root, key, sorted(groups[key]))
+        return events
+
+    def _candidates(self, root: Path) -> Iterable[Path]:
+        exts = self.params.extensions
+        real_root = root.resolve()
+        quarantine = self.params.quarantine_dir
+        stack = [(root, 0)]
+        while stack:
+            d, depth = stack.pop()
+            try:
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                name = e.name
+                if name.startswith((".", "~")) or name.endswith((".part", ".tmp", ".partial")):
+                    continue
+                if depth == 0 and name == quarantine:
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    if depth < 3:
+                        stack.append((Path(e.path), depth + 1))
+                    continue
+                if e.is_symlink() and e.is_dir():
+                    if not Path(e.path).resolve().is_relative_to(real_root):
+                        yield Path(e.path)  # a link out of the folder: refused by _unsafe
+                    continue
+                if any(name.lower().endswith(x) for x in exts):
+                    yield Path(e.path)
+
+    @staticmethod
+    def _unsafe(path: Path, root: Path, real_root: Path) -> str | None:
+        rel = path.relative_to(root)
+        if any(".." in part for part in rel.parts):
+            return "name contains '..'"
+        if path.is_symlink() or any(p.is_symlink() for p in list(path.parents)[: len(rel.parts) - 1]):
+            target = path.resolve()
+            if not target.is_relative_to(real_root):
+                return f"symlink points outside the watch folder ({target})"
+        return None
+
+    def _slide_key(self, folder: WatchFolder, root: Path, path: Path) -> str | None:
+        rel = path.relative_to(root)
+        if folder.grouping == "subfolder" and len(rel.parts) > 1:
+            return rel.parts[0]
+        if folder.grouping == "pattern":
+            m = re.search(folder.pattern or "", rel.name)
+            if m is None or not m.group("slide"):
+                self._warn_once(str(path), f"{rel}: name does not match the slide pattern; ignored")
+                return None
+            return m.group("slide").strip()
+        return str(rel)
+
+    def _complete(self, folder: WatchFolder, root: Path, path: Path, st: os.stat_result,
+                  now: float) -> bool:
+        if folder.marker:
+            return any(m.exists() for m in self._markers(folder, root, path))
+        size, mtime = st.st_size, st.st_mtime_ns
+        if path.suffix.lower() == ".mrxs":
+            size, mtime = _with_data_dir(path, size, mtime)
+        seen = self._seen.get(path)
+        if seen is None or (seen.size, seen.mtime_ns) != (size, mtime):
+            self._seen[path] = _Seen(size, mtime, now)
+            return False
+        quiet = now - seen.since >= self.params.stable_seconds
+        # A backlog file whose mtime is already old is complete after a second identical look.
+        old = time.time() - mtime / 1e9 >= self.params.stable_seconds
+        return quiet or old
+
+    def _markers(self, folder: WatchFolder, root: Path, path: Path) -> list[Path]:
+        marker = folder.marker or ""
+        rel = path.relative_to(root)
+        out = [path.with_name(path.name + marker)]
+        if folder.grouping == "subfolder" and len(rel.parts) > 1:
+            sub = root / rel.parts[0]
+            out += [sub.with_name(sub.name + marker), sub / marker]
+        if folder.grouping == "pattern":
+            key = self._slide_key(folder, root, path)
+            if key:
+                out.append(path.parent / f"{key}{marker}")
+        return out
+
+    # -- processing a complete slide ---------------------------------------------------------
+
+    def _process_group(self, folder: WatchFolder, root: Path, key: str,
+                       paths: list[Path]) -> list[WatchEvent]:
+        events: list[WatchEvent] = []
+        planned: list[PlannedFile] = []
+        for path in paths:
+            try:
+                st = path.stat()
+                sha = self._sha(path, st)
+            except OSError as exc:
+                log.warning("%s: cannot read (%s); will retry", path, exc.strerror)
+                continue
+            row = self._row(sha)
+            if row is not None and row.state in ("done", "processing"):
+                self._settled.add((path, st.st_size, st.st_mtime_ns))
+                if Path(row.path) != path:
+                    events.append(WatchEvent("duplicate", str(path), row.slide_id,
+                                             f"same content as {row.path}, already {row.state}"))
+                continue
+            if row is not None and row.state == "quarantined":
+                events.append(self._quarantine(folder, root, path, row.error or "quarantined before",
+                                               sha))
+                continue
+            self._record(sha, path, st.st_size, "pending")
+            try:
+                planned.append(plan_file(path, sha, folder.um_per_px, self.params.wsi,
+                                         self.detect, folder.area_um))
+            except ImageError as exc:
+                events.append(self._quarantine(folder, root, path, str(exc), sha))
+            except (MemoryError, OSError) as exc:
+                log.warning("%s: cannot plan now (%s); will retry", path, exc)
+        if not planned:
+            return events
+        plan = SlidePlan(tuple(planned))
+        slide_id = self._queue_slide(folder, key, plan)
+        for pf in planned:
+            st = Path(pf.path).stat()
+            self._settled.add((Path(pf.path), st.st_size, st.st_mtime_ns))
+        events.append(WatchEvent("slide", str(root / key), slide_id,
+                                 f"{len(planned)} file(s), {plan.n_fields} field(s) planned"))
+        self.submit(slide_id)
+        return events
+
+    def _queue_slide(self, folder: WatchFolder, key: str, plan: SlidePlan) -> int:
+        from daemon.store import StoreError
+
+        shas = sorted(f.sha256 for f in plan.files)
+        name, n = key, 1
+        while True:
+            # A slide already queued for exactly these files (a crash came between queueing
+            # and recording) is taken over, never queued twice.
+            with self.store.session() as s:
+                existing = s.scalar(select(Slide).where(Slide.name == name))
+                if existing is not None:
+                    files = (existing.plan or {}).get("files", [])
+                    same = sorted(f.get("sha256", "") for f in files) == shas
+                    slide_id = existing.id if same else None
+                else:
+                    slide_id = None
+            if existing is None:
+                try:
+                    slide_id = self.store.create_slide(
+                        name, "folder", str(Path(folder.path) / key), folder.target or self.target,
+                        self.taxonomy, um_per_px=plan.files[0].um_per_px, plan=plan.as_dict())
+                except StoreError:
+                    continue  # taken meanwhile: look again
+            if slide_id is not None:
+                break
+            n += 1
+            name = f"{key} ({n})"
+        with self.store.session() as s:
+            for pf in plan.files:
+                row = s.scalar(select(ScannedFile).where(ScannedFile.sha256 == pf.sha256))
+                if row is not None:
+                    row.state, row.slide_id, row.updated_at = "processing", slide_id, utcnow()
+        return slide_id
+
+    def _sha(self, path: Path, st: os.stat_result) -> str:
+        cached = self._hashes.get(path)
+        if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
+            return cached[2]
+        sha = sha256_file(path)
+        self._hashes[path] = (st.st_size, st.st_mtime_ns, sha)
+        return sha
+
+    def _row(self, sha: str) -> ScannedFile | None:
+        with self.store.session() as s:
+            return s.scalar(select(ScannedFile).where(ScannedFile.sha256 == sha))
+
+    def _record(self, sha: str, path: Path, size: int, state: str, error: str | None = None,
+                ) -> None:
+        with self.store.session() as s:
+            row = s.scalar(select(ScannedFile).where(ScannedFile.sha256 == sha))
+            if row is None:
+                s.add(ScannedFile(sha256=sha, path=str(path), size=size, state=state, error=error))
+            else:
+                row.path, row.size, row.state, row.error = str(path), size, state, error
+                row.updated_at = utcnow()
+
+    def _quarantine(self, folder: WatchFolder, root: Path, path: Path, reason: str,
+                    sha: str | None, kind: str = "quarantined") -> WatchEvent:
+        """Move ``path`` into the quarantine folder beside ``<name>.error.txt``; record it."""
+        qdir = root / self.params.quarantine_dir
+        qdir.mkdir(exist_ok=True)
+        rel = path.relative_to(root)
+        base = "__".join(rel.parts).replace("..", "__")
+        dest = qdir / base
+        k = 1
+        while dest.exists() or dest.is_symlink() or dest.with_name(dest.name + ".error.txt").exists():
+            dest = qdir / f"{base}.{k}"
+            k += 1
+        size = 0
+        try:
+            size = path.lstat().st_size
+            os.replace(path, dest)
+        except OSError as exc:
+            reason = f"{reason} (could not move it: {exc.strerror})"
+            dest = path
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                self._settled.add((path, st.st_size, st.st_mtime_ns))
+        dest.with_name(dest.name + ".error.txt").write_text(
+            f"{path}\n{reason}\n{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n", encoding="utf-8")
+        if sha is not None:
+            self._record(sha, path, size, "quarantined", reason)
+        self._seen.pop(path, None)
+        return WatchEvent(kind, str(path), None, reason)
+
+    # -- finished slides --------------------------------------------------------------------
+
+    def _settle(self) -> list[WatchEvent]:
+        """Mark files of finished slides done; quarantine a file whose decoding failed it."""
+        events: list[WatchEvent] = []
+        with self.store.session() as s:
+            rows = s.execute(
+                select(ScannedFile, Slide)
+                .join(Slide, ScannedFile.slide_id == Slide.id)
+                .where(ScannedFile.state == "processing",
+                       Slide.status.in_(("awaiting_review", "signed", "failed")))
+            ).all()
+            finished = [(r.id, r.path, r.sha256, sl.status, sl.error or sl.stopped_because)
+                        for r, sl in rows]
+        for row_id, path_s, sha, status, error in finished:
+            path = Path(path_s)
+            folder_root = self._root_of(path)
+            if status == "failed" and error and path.name in error and folder_root and path.exists():
+                folder, root = folder_root
+                events.append(self._quarantine(folder, root, path, error, sha))
+                continue
+            with self.store.session() as s:
+                row = s.get(ScannedFile, row_id)
+                if row is not None:
+                    row.state, row.updated_at = "done", utcnow()
+                    row.error = error if status == "failed" else None
+            events.append(WatchEvent("done", path_s, None, error if status == "failed" else None))
+        return events
+
+    def _root_of(self, path: Path) -> tuple[WatchFolder, Path] | None:
+        for folder in self.params.folders:
+            root = Path(folder.path)
+            if path.is_relative_to(root):
+                return folder, root
+        return None
+
+    def waiting(self) -> int:
+        """Files seen but not yet complete or processed (0 = the backlog is through)."""
+        settled = {p for p, _, _ in self._settled}
+        return sum(1 for p in list(self._seen) if p not in settled and p.exists())
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg)
+
+
+def _with_data_dir(path: Path, size: int, mtime: int) -> tuple[int, int]:
+    """An MRXS slide is its index file plus a data folder: both must have settled."""
+    data = path.with_suffix("")
+    if data.is_dir():
+        for p in data.iterdir():
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            size += st.st_size
+            mtime = max(mtime, st.st_mtime_ns)
+    return size, mtime
+
+
+# -- counting queued folder slides (``marrowcount watch``; the daemon has its own worker) ----
+
+
+def count_folder_slides(
+    store: "Store",
+    analyze: Analyzer,
+    quality: QualityParams,
+    detect: DetectParams,
+    worker: str,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_done: Callable[[int, str], None] = lambda slide_id, why: None,
+) -> int:
+    """Claim and count every queued folder slide as ``worker``, oldest first; returns how many
+    finished. Each resumes at its next uncommitted field; a stop leaves it queued, so the next
+    run continues it exactly. Slides this worker left ``acquiring`` (killed) are taken back.
+    """
+    for slide in store.slides(["acquiring"]):
+        if slide.source == "folder" and getattr(slide, "worker", None) == worker:
+            store.set_status(slide.id, "queued", expect="acquiring")
+    done = 0
+    while not should_stop():
+        queued = [sl for sl in store.slides(["queued"]) if sl.source == "folder"]
+        if not queued:
+            break
+        slide = store.claim(queued[0].id, worker)
+        if slide is None:
+            continue  # another worker took it
+        why = count_one_slide(store, slide, analyze, quality, detect, should_stop)
+        on_done(slide.id, why)
+        done += why != "stopped"
+    return done
+
+
+def count_one_slide(store: "Store", slide: Slide, analyze: Analyzer, quality: QualityParams,
+                    detect: DetectParams, should_stop: Callable[[], bool]) -> str:
+    """Count one claimed (``acquiring``) folder slide and record how it ended."""
+    try:
+        source = source_from_plan(slide.plan or {}, quality, detect)
+    except MarrowError as exc:
+        store.set_status(slide.id, "failed", error=str(exc), stopped_because="failed")
+        return f"failed: {exc}"
+    progress = store.progress(slide.id)
+    why = count_slide(source, analyze, slide.target, start_index=progress.next_index,
+                      counted_so_far=progress.counted,
+                      on_field=lambda fld: store.commit_field(slide.id, fld),
+                      should_stop=should_stop)
+    if why == "stopped":
+        store.set_status(slide.id, "queued", expect="acquiring")
+    elif why.startswith("failed"):
+        store.set_status(slide.id, "failed", error=why.removeprefix("failed: "),
+                         stopped_because="failed")
+    else:
+        store.set_status(slide.id, "awaiting_review", stopped_because=why)
+    return why

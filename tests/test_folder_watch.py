@@ -1,0 +1,225 @@
+"""The scanner-folder watcher on real files: stability, grouping, idempotence, quarantine, safety.
+
+Slides are real: the WSI fixtures in ../shared/data/wsi and pyramidal TIFFs written from real
+BCCD fields. Counting is not run here (see test_folder_count.py): these tests check what the
+watcher queues and records in a real store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from daemon.models import ScannedFile, Slide
+from daemon.store import Store
+from drivers.folder import FolderWatcher, WatchParams
+from drivers.slide_image import write_pyramid
+from tests.conftest import BCCD_UM_PER_PX, WSI
+from tests.slide_fixtures import bccd_field, bccd_mosaic
+
+
+def make_params(config, path: Path, **over) -> WatchParams:
+    entry = {"path": str(path), "um_per_px": BCCD_UM_PER_PX}
+    entry.update(over.pop("folder", {}))
+    data = {**config.watch.model_dump(), "folders": [entry], "stable_seconds": 0.4,
+            "scan_seconds": 0.1, **over}
+    return WatchParams(**data)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "data")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def inbox(tmp_path) -> Path:
+    d = tmp_path / "scanner"
+    d.mkdir()
+    return d
+
+
+def watcher(config, store, params, events=None, submitted=None) -> FolderWatcher:
+    return FolderWatcher(
+        params, store, submit=(submitted.append if submitted is not None else None),
+        target=config.acquisition.target, taxonomy=config.taxonomy, detect=config.detect,
+        on_event=(events.append if events is not None else None))
+
+
+def scan_until_idle(w: FolderWatcher, passes: int = 40, pause: float = 0.1) -> list:
+    """Run passes until two quiet ones in a row after something happened (or passes run out)."""
+    out, quiet = [], 0
+    for _ in range(passes):
+        got = w.scan_once()
+        out += got
+        quiet = 0 if got else quiet + 1
+        if out and quiet >= 3:
+            break
+        time.sleep(pause)
+    return out
+
+
+def rows(store) -> list[ScannedFile]:
+    with store.session() as s:
+        return list(s.scalars(select(ScannedFile).order_by(ScannedFile.id)))
+
+
+def slides(store) -> list[Slide]:
+    return store.slides()
+
+
+@pytest.fixture(scope="module")
+def pyramid_bytes(tmp_path_factory) -> bytes:
+    p = tmp_path_factory.mktemp("pyr") / "slide.tif"
+    write_pyramid(p, bccd_mosaic(4, 4), BCCD_UM_PER_PX, compression="jpeg")
+    return p.read_bytes()
+
+
+def test_slow_copy_is_processed_once_after_it_completes(config, store, inbox, pyramid_bytes):
+    params = make_params(config, inbox, stable_seconds=1.0)
+    events: list = []
+    w = watcher(config, store, params, events)
+    target = inbox / "slow.tif"
+    done_at: list[float] = []
+
+    def copy_slowly() -> None:
+        step = len(pyramid_bytes) // 12 + 1
+        with open(target, "wb") as fh:
+            for i in range(0, len(pyramid_bytes), step):
+                fh.write(pyramid_bytes[i:i + step])
+                fh.flush()
+                time.sleep(0.15)
+        done_at.append(time.monotonic())
+
+    writer = threading.Thread(target=copy_slowly)
+    w.start()
+    try:
+        writer.start()
+        deadline = time.monotonic() + 30
+        while not any(e.kind == "slide" for e in events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        queued_at = time.monotonic()
+        time.sleep(1.5)  # more passes: nothing further may happen
+    finally:
+        writer.join()
+        w.stop()
+    assert done_at and queued_at > done_at[0]
+    assert [e.kind for e in events] == ["slide"], events
+    (slide,) = slides(store)
+    plan_file = slide.plan["files"][0]
+    assert (plan_file["width"], plan_file["height"]) == (4 * 640, 4 * 480)
+    assert plan_file["um_per_px"] == pytest.approx(BCCD_UM_PER_PX)
+    (row,) = rows(store)
+    assert row.state == "processing" and row.slide_id == slide.id and row.size == len(pyramid_bytes)
+
+    # A restart, and the same slide delivered again under another name: nothing new.
+    shutil.copy(target, inbox / "again.tif")
+    again = watcher(config, store, make_params(config, inbox, stable_seconds=0.0))
+    evs = scan_until_idle(again)
+    assert [e.kind for e in evs] == ["duplicate"]
+    assert len(slides(store)) == 1 and len(rows(store)) == 1
+
+
+def test_completion_marker(config, store, inbox, pyramid_bytes):
+    params = make_params(config, inbox, stable_seconds=3600.0, folder={"marker": ".done"})
+    w = watcher(config, store, params)
+    (inbox / "m.tif").write_bytes(pyramid_bytes)
+    assert w.scan_once() == [] and w.scan_once() == []
+    (inbox / "m.tif.done").write_text("")
+    evs = w.scan_once()
+    assert [e.kind for e in evs] == ["slide"]
+
+
+def test_fifty_files_dropped_at_once(config, store, inbox):
+    params = make_params(config, inbox, stable_seconds=0.0)
+    for i in range(50):
+        shutil.copy(bccd_field(i), inbox / f"field_{i:02d}.jpg")
+    submitted: list[int] = []
+    w = watcher(config, store, params, submitted=submitted)
+    evs = scan_until_idle(w)
+    assert sum(e.kind == "slide" for e in evs) == 50
+    assert len(set(submitted)) == 50 and len(slides(store)) == 50
+    assert {r.state for r in rows(store)} == {"processing"} and len(rows(store)) == 50
+    assert all(s.plan["files"][0]["tiles"] == [[0, 0, 640, 480]] for s in slides(store))
+
+
+def test_grouping_by_subfolder_and_pattern(config, store, tmp_path):
+    by_folder, by_name = tmp_path / "a", tmp_path / "b"
+    for i in range(6):
+        (by_folder / f"slide{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(bccd_field(i), by_folder / f"slide{i % 2}" / f"f{i}.jpg")
+    by_name.mkdir()
+    for i in range(6):
+        shutil.copy(bccd_field(10 + i), by_name / f"case{7 + i % 3}_field{i}.jpg")
+    shutil.copy(bccd_field(20), by_name / "label.jpg")  # no slide id in its name: ignored
+    params = WatchParams(**{
+        **make_params(config, by_folder).model_dump(),
+        "folders": [{"path": str(by_folder), "um_per_px": BCCD_UM_PER_PX, "grouping": "subfolder"},
+                    {"path": str(by_name), "um_per_px": BCCD_UM_PER_PX, "grouping": "pattern",
+                     "pattern": r"^(?P<slide>case\d+)_field\d+"}],
+        "stable_seconds": 0.0})
+    scan_until_idle(watcher(config, store, params))
+    got = {s.name: len(s.plan["files"]) for s in slides(store)}
+    assert got == {"slide0": 3, "slide1": 3, "case7": 2, "case8": 2, "case9": 2}
+    assert all(s.plan["files"][0]["path"].endswith(("f0.jpg", "f1.jpg", "field0.jpg", "field1.jpg",
+                                                      "field2.jpg")) for s in slides(store))
+    assert (by_name / "label.jpg").exists()
+
+
+def test_broken_files_are_quarantined_and_valid_ones_complete(config, store, inbox, pyramid_bytes):
+    params = make_params(config, inbox, stable_seconds=0.0, folder={"um_per_px": None})
+    (inbox / "truncated.tif").write_bytes(pyramid_bytes[: len(pyramid_bytes) // 3])
+    (inbox / "empty.svs").write_bytes(b"")
+    shutil.copy(bccd_field(3), inbox / "jpeg_named.svs")          # wrong extension
+    (inbox / "notes.tiff").write_text("not an image\n")            # wrong content
+    shutil.copy(WSI / "unopenable.tiff", inbox / "unopenable.tiff")  # undecodable
+    shutil.copy(WSI / "unreadable.svs", inbox / "unreadable.svs")    # undecodable
+    shutil.copy(bccd_field(4), inbox / "no_pixel_size.jpg")         # no metadata, no fallback
+    shutil.copy(WSI / "CMU-1-Small-Region.svs", inbox / "good.svs")  # valid (mpp in metadata)
+    (inbox / "good.tif").write_bytes(pyramid_bytes)                 # valid (resolution tags)
+    evs = scan_until_idle(watcher(config, store, params))
+    quarantined = {Path(e.path).name: e.reason for e in evs if e.kind == "quarantined"}
+    assert set(quarantined) == {"truncated.tif", "empty.svs", "jpeg_named.svs", "notes.tiff",
+                                "unopenable.tiff", "unreadable.svs", "no_pixel_size.jpg"}
+    assert "truncated" in quarantined["truncated.tif"]
+    assert "empty file" in quarantined["empty.svs"]
+    assert "extension says TIFF but the content is JPEG" in quarantined["jpeg_named.svs"]
+    assert "no pixel size" in quarantined["no_pixel_size.jpg"]
+    qdir = inbox / "quarantine"
+    for name, reason in quarantined.items():
+        assert not (inbox / name).exists() and (qdir / name).exists()
+        assert reason in (qdir / f"{name}.error.txt").read_text()
+    assert sorted(s.name for s in slides(store)) == ["good.svs", "good.tif"]
+    assert all(len(s.plan["files"]) == 1 for s in slides(store))
+    states = sorted(r.state for r in rows(store))
+    assert states.count("quarantined") == 7 and states.count("processing") == 2
+    # The watcher goes on: the next pass neither re-quarantines nor re-queues anything.
+    assert watcher(config, store, params).scan_once() == []
+
+
+def test_path_safety(config, store, inbox, tmp_path):
+    params = make_params(config, inbox, stable_seconds=0.0)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(bccd_field(5), outside / "secret.jpg")
+    os.symlink(outside / "secret.jpg", inbox / "link.jpg")
+    os.symlink(outside, inbox / "linked_dir.jpg")
+    shutil.copy(bccd_field(6), inbox / "a..b.jpg")
+    shutil.copy(bccd_field(7), inbox / "fine.jpg")
+    os.symlink(inbox / "fine.jpg", inbox / "inside_link.jpg")  # stays inside: allowed
+    evs = scan_until_idle(watcher(config, store, params))
+    refused = {Path(e.path).name: e.reason for e in evs if e.kind == "refused"}
+    assert set(refused) == {"link.jpg", "linked_dir.jpg", "a..b.jpg"}
+    assert "outside the watch folder" in refused["link.jpg"]
+    assert "'..'" in refused["a..b.jpg"]
+    assert (outside / "secret.jpg").exists()  # the target itself is never touched
+    assert [s.name for s in slides(store)] == ["fine.jpg"]
+    assert [Path(e.path).name for e in evs if e.kind == "duplicate"] == ["inside_link.jpg"]
+    assert (inbox / "quarantine" / "link.jpg.error.txt").exists()
