@@ -1,0 +1,109 @@
+"""``marrowcount detect`` and ``eval-detect`` end to end, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.detect_eval import read_voc, score_image
+from tests.conftest import BCCD, REPO
+
+MARROWCOUNT = Path(sys.executable).with_name("marrowcount")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(MARROWCOUNT), *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+
+
+def jpeg(n: int) -> Path:
+    return BCCD / "JPEGImages" / f"BloodImage_{n:05d}.jpg"
+
+
+def test_folder_with_bad_files_reports_each_and_goes_on(tmp_path):
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    shutil.copy(jpeg(374), folder / "a_good.jpg")
+    (folder / "b_corrupt.jpg").write_bytes(jpeg(374).read_bytes()[:300])
+    gray = cv2.imread(str(jpeg(168)), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(folder / "c_gray.png"), gray)
+    cv2.imwrite(str(folder / "d_tiny.png"), cv2.imread(str(jpeg(168)))[:50, :50])
+    shutil.copy(jpeg(168), folder / "e_good.jpg")
+    overlays = tmp_path / "overlays"
+
+    r = run("detect", str(folder), "--um-per-px", "0.072", "--json", "--overlay", str(overlays))
+
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [Path(rec["image"]).name for rec in records] == ["a_good.jpg", "e_good.jpg"]
+    assert [len(rec["cells"]) for rec in records] == [2, 1]
+    for rec in records:
+        for cell in rec["cells"]:
+            assert set(cell) == {"x", "y", "box", "area_um2"} and len(cell["box"]) == 4
+        assert rec["ms"] > 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4
+    assert any("b_corrupt.jpg" in e and "not a readable image" in e for e in errors)
+    assert any("c_gray.png" in e and "grayscale" in e for e in errors)
+    assert any("smaller than one" in e for e in errors)
+    assert sorted(p.name for p in overlays.iterdir()) == ["a_good.png", "e_good.png"]
+    drawn = cv2.imread(str(overlays / "a_good.png"))
+    assert drawn.shape == cv2.imread(str(jpeg(374))).shape
+
+
+def test_bad_pixel_size_and_missing_file_fail_in_one_line(tmp_path):
+    for args in (
+        ("detect", str(jpeg(374)), "--um-per-px", "0"),
+        ("detect", str(jpeg(374)), "--um-per-px", "-0.1"),
+        ("detect", str(tmp_path / "nope.png"), "--um-per-px", "0.1"),
+    ):
+        r = run(*args)
+        assert r.returncode != 0, args
+        assert "Traceback" not in r.stderr
+        assert len([line for line in r.stderr.splitlines() if line.strip()]) <= 2, r.stderr
+
+
+def test_eval_detect_on_a_handful_of_fields(tmp_path):
+    root = tmp_path / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    fields = (10, 30, 168, 176, 374)
+    for n in fields:
+        name = f"BloodImage_{n:05d}"
+        shutil.copy(BCCD / "Annotations" / f"{name}.xml", root / "Annotations")
+        shutil.copy(jpeg(n), root / "JPEGImages")
+
+    r = run("eval-detect", "--root", str(root), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    overall = out["overall"]
+    images = out["images"]
+    assert len(images) == len(fields)
+    # The four categories add up, per image and overall.
+    for rec in [*images, overall]:
+        assert rec["correct"] + rec["missing"] + rec["multiple"] == rec["leukocytes"]
+    boxes = sum(len(read_voc(root / "Annotations" / f"BloodImage_{n:05d}.xml").boxes) for n in fields)
+    assert overall["leukocytes"] + overall["border"] == boxes
+    assert overall["accuracy"] >= 0.75
+
+    table = run("eval-detect", "--root", str(root), "--keep-border")
+    assert table.returncode == 0
+    for word in ("correct", "missing", "multiple", "false", "accuracy"):
+        assert word in table.stdout
+
+
+def test_score_categories():
+    boxes = [(0, 0, 10, 10), (20, 0, 30, 10), (40, 0, 50, 10), (0, 90, 10, 100)]
+    centres = [(5, 5), (22, 5), (28, 5), (70, 70), (5, 95)]
+    s = score_image(boxes, centres, on_border=[False, False, False, True]).score
+    assert (s.leukocytes, s.correct, s.missing, s.multiple, s.false, s.border) == (3, 1, 1, 1, 1, 1)
+    assert s.detections == 4  # the centre in the border box is not scored
+    assert np.isclose(s.accuracy, 1 / 3)

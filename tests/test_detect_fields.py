@@ -1,0 +1,126 @@
+"""Leukocyte detection on real BCCD peripheral-blood fields (0.072 µm/px).
+
+The fields were picked by looking at them (overlays): 168 holds one segmented neutrophil whose
+two nucleus lobes are separate blobs; 176 two leukocytes whose cells touch; 164 a neutrophil
+whose nucleus is cut by the lower field edge; 374 two neutrophils and many red cells.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.detect import Detection, detect, nucleus_map
+from pipeline.detect_eval import read_voc
+from pipeline.errors import ImageError
+from pipeline.imaging import CROP_SIZE, crop_at, read_rgb, resample
+from tests.conftest import BCCD, BCCD_UM_PER_PX
+
+CROP_UM_PER_PX = 0.2
+
+
+def field(n: int) -> tuple[np.ndarray, tuple]:
+    name = f"BloodImage_{n:05d}"
+    return read_rgb(BCCD / "JPEGImages" / f"{name}.jpg"), read_voc(BCCD / "Annotations" / f"{name}.xml").boxes
+
+
+def inside(d: Detection, box) -> bool:
+    return box[0] <= d.x <= box[2] and box[1] <= d.y <= box[3]
+
+
+def test_lobed_neutrophil_counted_once(config):
+    rgb, boxes = field(168)
+    (box,) = boxes
+    # The nucleus map shows the two lobes as separate blobs of several µm² each ...
+    p = config.detect
+    work = resample(rgb, BCCD_UM_PER_PX, p.work_um_per_px)
+    f = rgb.shape[1] / work.shape[1]
+    n, _, stats, centroids = cv2.connectedComponentsWithStats(
+        (nucleus_map(work, p) > p.min_saturation).astype(np.uint8)
+    )
+    lobes = [
+        i for i in range(1, n)
+        if stats[i, 4] * p.work_um_per_px**2 > 10
+        and box[0] <= centroids[i, 0] * f <= box[2] and box[1] <= centroids[i, 1] * f <= box[3]
+    ]
+    assert len(lobes) >= 2
+    # ... and the detector still reports one cell, and nothing else in the field.
+    cells = detect(rgb, BCCD_UM_PER_PX, p, CROP_UM_PER_PX)
+    assert len(cells) == 1 and inside(cells[0], box)
+
+
+def test_two_touching_cells_counted_as_two(config):
+    rgb, boxes = field(176)
+    assert len(boxes) == 2
+    a, b = boxes
+    assert a[2] > b[0]  # the two cells' boxes overlap: the cells touch
+    cells = detect(rgb, BCCD_UM_PER_PX, config.detect, CROP_UM_PER_PX)
+    assert len(cells) == 2
+    assert sum(inside(c, a) and not inside(c, b) for c in cells) == 1
+    assert sum(inside(c, b) and not inside(c, a) for c in cells) == 1
+
+
+def test_border_cell_excluded(config):
+    rgb, boxes = field(164)
+    (box,) = boxes
+    assert box[3] >= rgb.shape[0] - 1  # the cell runs off the lower edge
+    assert detect(rgb, BCCD_UM_PER_PX, config.detect, CROP_UM_PER_PX) == []
+    keep = config.detect.model_copy(update={"exclude_border": False})
+    cells = detect(rgb, BCCD_UM_PER_PX, keep, CROP_UM_PER_PX)
+    assert len(cells) == 1 and inside(cells[0], box)
+
+
+def test_same_cells_at_two_pixel_sizes(config):
+    rgb, boxes = field(374)
+    base = detect(rgb, BCCD_UM_PER_PX, config.detect, CROP_UM_PER_PX)
+    assert len(base) == 2
+    for scale in (0.1, 0.13):
+        other = resample(rgb, BCCD_UM_PER_PX, scale)
+        cells = detect(other, scale, config.detect, CROP_UM_PER_PX)
+        assert len(cells) == len(base)
+        for c, d in zip(cells, base):
+            # Same centre within 1 µm and same nucleus area within 15%.
+            dist_um = np.hypot(c.x * scale - d.x * BCCD_UM_PER_PX, c.y * scale - d.y * BCCD_UM_PER_PX)
+            assert dist_um < 1.0
+            assert abs(c.area_um2 - d.area_um2) < 0.15 * d.area_um2
+
+
+def test_detection_plain_data(config):
+    rgb, boxes = field(374)
+    cells = detect(rgb, BCCD_UM_PER_PX, config.detect, CROP_UM_PER_PX)
+    h, w = rgb.shape[:2]
+    field_sat = np.median(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1])
+    for c in cells:
+        x0, y0, x1, y1 = c.box
+        assert 0 <= x0 < c.x < x1 <= w and 0 <= y0 < c.y < y1 <= h
+        assert all(isinstance(v, int) for v in c.box)
+        assert c.crop.shape == (CROP_SIZE, CROP_SIZE, 3) and c.crop.dtype == np.uint8
+        # A leukocyte nucleus: between a small lymphocyte's and a large monocyte's.
+        assert 15 < c.area_um2 < 150
+        # The crop is the imaging crop at the cell centre, and a nucleus fills much of it.
+        assert np.array_equal(c.crop, crop_at(rgb, BCCD_UM_PER_PX, (c.x, c.y), CROP_UM_PER_PX))
+        sat = cv2.cvtColor(c.crop[32:64, 32:64], cv2.COLOR_RGB2HSV)[..., 1].mean()
+        assert sat > field_sat + 30
+    with pytest.raises(Exception):
+        cells[0].x = 0.0  # frozen
+
+
+def test_red_cells_and_platelets_are_not_leukocytes(config):
+    # Field 30: a neutrophil at the left edge, platelets and many red cells elsewhere.
+    rgb, boxes = field(30)
+    keep = config.detect.model_copy(update={"exclude_border": False})
+    cells = detect(rgb, BCCD_UM_PER_PX, keep, CROP_UM_PER_PX)
+    assert len(cells) == 1 and inside(cells[0], boxes[0])
+    platelets = read_voc(BCCD / "Annotations" / "BloodImage_00030.xml", ("Platelets",)).boxes
+    assert len(platelets) >= 3
+
+
+def test_bad_images_raise_clear_errors(config):
+    rgb, _ = field(374)
+    with pytest.raises(ImageError, match="grayscale"):
+        detect(rgb[:, :, 0], BCCD_UM_PER_PX, config.detect, CROP_UM_PER_PX)
+    with pytest.raises(ImageError, match="smaller than one"):
+        detect(rgb[:60, :60], BCCD_UM_PER_PX, config.detect, CROP_UM_PER_PX)
+    with pytest.raises(ImageError, match="positive"):
+        detect(rgb, 0.0, config.detect, CROP_UM_PER_PX)
