@@ -55,6 +55,9 @@ class Slide(Base):
     finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
     signed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True), nullable=True)
     signed_by: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
+    # The daemon counting it ("instrument name"): on restart a daemon resumes only its own
+    # slides left in "acquiring", never another instrument's (stores shared over PostgreSQL).
+    worker: Mapped[Optional[str]] = mapped_column(String(100), nullable=True, index=True)
 
     # The database deletes a slide's fields, cells and counts (ON DELETE CASCADE).
     fields: Mapped[list["Field"]] = relationship(

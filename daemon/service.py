@@ -1,9 +1,499 @@
-"""The long-running service: slide queue, acquisition loop, resume, signals."""
+"""The long-running service: slide queue, acquisition loop, resume, signals.
+
+The queue is the ``slides`` table: ``marrowcount submit`` and the folder watcher insert
+``queued`` rows; a daemon claims the oldest one (``queued -> acquiring``, a compare-and-set,
+so daemons sharing a PostgreSQL store never take the same slide), counts it field by field
+with ``drivers.acquisition.count_slide`` and commits every field before the next is counted.
+It ends ``awaiting_review`` (target reached, counting area used up, adaptive stop) or
+``failed`` (with the reason).
+
+Resume: a slide this daemon left ``acquiring`` (killed, power cut, SIGTERM) is taken up
+first on the next start, from the field after the last committed one, with the frozen field
+plan stored in ``Slide.plan`` and the committed count. A field is committed whole or not at
+all, so nothing is lost or counted twice.
+
+Signals: SIGTERM/SIGINT finish the current field and exit; SIGHUP reloads the config (from
+the next slide on). Logs are JSON lines on stderr.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from sqlalchemy.exc import SQLAlchemyError
+
+from daemon.metrics import Metrics
+from daemon.notify import Notifier
+from daemon.store import Store, StoreError
+from pipeline.errors import ConfigError, MarrowError
 from pipeline.params import Params
+
+log = logging.getLogger("marrowcount.service")
+
+PLAN_VERSION = 1
 
 
 class ServiceParams(Params):
-    poll_seconds: float
+    """The ``service:`` config section (defaults in config/default.yaml)."""
+
+    poll_seconds: float = Field(gt=0, description="how often an idle daemon looks at the queue")
+    instrument: str = Field(description="this daemon's name in a shared store; '' = host name")
+    metrics_host: str
+    metrics_port: int = Field(ge=0, le=65535, description="Prometheus /metrics port; 0 = off")
+    commit_retries: int = Field(ge=0, description="retries of a field whose commit failed")
+    commit_backoff_s: float = Field(ge=0, description="first retry delay; doubles each retry")
+    retry_slide_after_s: float = Field(
+        ge=0, description="after the last retry: pause the slide this long, then resume it")
+    log_format: Literal["json", "text"]
+    log_level: Literal["debug", "info", "warning", "error"]
+
+
+class ServiceError(MarrowError):
+    """The daemon cannot start or a submission is refused."""
+
+
+class FieldCommitError(MarrowError):
+    """A field could not be committed after every retry (e.g. the disk stays full)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """Progress for a caller (the demo's progress bar): ``kind`` and plain data."""
+
+    kind: Literal["slide_started", "field", "slide_finished", "slide_paused", "idle"]
+    slide_id: int
+    name: str
+    counted: int
+    target: int
+    data: dict[str, Any]
+
+
+# -- submission ----------------------------------------------------------------------------
+
+
+def submit_slide(
+    store: Store,
+    cfg: Any,
+    path: str | Path,
+    *,
+    name: str | None = None,
+    target: int | None = None,
+) -> int:
+    """Queue a virtual slide (a slide image file) or a microscope slide (a Micro-Manager
+    ``.cfg``); returns the slide id. Refuses a file that does not exist or cannot be read."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ServiceError(f"{p}: no such slide file; nothing was queued")
+    p = p.resolve()
+    n = cfg.acquisition.target if target is None else int(target)
+    if n <= 0:
+        raise ServiceError(f"target must be a positive number of cells, got {n}")
+    um: float | None = None
+    if p.suffix.lower() == ".cfg":
+        kind = "microscope"
+    else:
+        from drivers.slide_image import open_slide
+
+        kind = "virtual"
+        slide = open_slide(p)  # ImageError (one clear line) for a broken or unknown file
+        try:
+            um = slide.um_per_px
+        finally:
+            slide.close()
+    sid = store.create_slide(name or p.stem, kind, str(p), n, cfg.taxonomy, um_per_px=um)
+    log.info("slide submitted", extra={"data": {"slide": sid, "name": name or p.stem,
+                                                "source": kind, "target": n}})
+    return sid
+
+
+# -- the service ---------------------------------------------------------------------------
+
+
+class Service:
+    """One daemon: owns the store, the metrics endpoint and the model; counts slides.
+
+    ``cfg`` is a loaded Config; ``config_path`` is re-read on SIGHUP.
+    """
+
+    def __init__(self, cfg: Any, config_path: str | Path | None = None,
+                 on_event: Callable[[Event], None] | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.instrument = cfg.service.instrument or socket.gethostname()
+        self.store = Store.from_params(cfg.store, cfg.resolve)
+        self._lock_fh = self._lock()
+        self.metrics = Metrics()
+        self.notifier = Notifier()
+        self.on_event = on_event or (lambda e: None)
+        self._stop = threading.Event()
+        self._reload = False
+        self._classifier: Any = None
+        self._classifier_path: Path | None = None
+        self._paused_until: dict[int, float] = {}
+        self._only: int | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _lock(self) -> Any:
+        path = self.store.data_dir / f".daemon-{_safe(self.instrument)}.lock"
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            self.store.close()
+            raise ServiceError(
+                f"another marrowcount daemon for instrument {self.instrument!r} is running "
+                f"(lock {path})"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        return fh
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.store.close()
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def request_stop(self) -> None:
+        """Finish the current field, then return from ``run`` (what SIGTERM does)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._on_stop_signal("SIGTERM"))
+        signal.signal(signal.SIGINT, lambda *_: self._on_stop_signal("SIGINT"))
+        signal.signal(signal.SIGHUP, lambda *_: self._on_hup())
+
+    def _on_stop_signal(self, name: str) -> None:
+        log.info("%s: finishing the current field, then exiting", name)
+        self._stop.set()
+
+    def _on_hup(self) -> None:
+        self._reload = True
+
+    def run(self, *, exit_when_idle: bool = False, only_slide: int | None = None) -> int:
+        """Count slides until stopped (or, with ``exit_when_idle``, until the queue is empty).
+        With ``only_slide`` just that slide is counted. Returns 0."""
+        self._only = only_slide
+        self._analyzer()  # a missing or mismatched model is an error at start, not per slide
+        try:
+            self.metrics.serve(self.cfg.service.metrics_port, self.cfg.service.metrics_host)
+        except OSError as exc:  # counting matters more than the metrics endpoint
+            log.error("metrics endpoint %s:%d unavailable: %s", self.cfg.service.metrics_host,
+                      self.cfg.service.metrics_port, exc.strerror)
+        self.notifier.ready(f"idle on {self.instrument}")
+        log.info("daemon started", extra={"data": {
+            "instrument": self.instrument, "pid": os.getpid(),
+            "store": self.store.engine.url.render_as_string(hide_password=True),
+            "data_dir": str(self.store.data_dir)}})
+        try:
+            while not self._stop.is_set():
+                if self._reload:
+                    self._reload_config()
+                slide = self._next_slide()
+                self.metrics.queue_length.set(len(self.store.slides(["queued"])))
+                if slide is None:
+                    if exit_when_idle and not self._paused_until:
+                        break
+                    self.notifier.status(f"idle on {self.instrument}")
+                    self._stop.wait(self._idle_wait())
+                    continue
+                self._count(slide)
+        finally:
+            self.notifier.stopping()
+            log.info("daemon stopped", extra={"data": {"instrument": self.instrument}})
+        return 0
+
+    def _idle_wait(self) -> float:
+        wait = self.cfg.service.poll_seconds
+        if self._paused_until:
+            wait = min(wait, max(0.05, min(self._paused_until.values()) - time.monotonic()))
+        return wait
+
+    def _reload_config(self) -> None:
+        from daemon.config import load_config
+
+        self._reload = False
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("config reload failed; keeping the running config: %s", exc)
+            self.metrics.error("config")
+        else:
+            if new.store != self.cfg.store:
+                log.warning("store settings changed: they apply after a restart")
+            self.cfg = new
+            log.info("config reloaded", extra={"data": {"path": str(self.config_path)}})
+        self.notifier.ready(f"idle on {self.instrument}")
+
+    # -- queue ----------------------------------------------------------------------------
+
+    def _next_slide(self) -> Any:
+        now = time.monotonic()
+        self._paused_until = {k: t for k, t in self._paused_until.items() if t > now}
+        for s in self.store.slides(["acquiring"]):
+            if (s.worker in (None, self.instrument) and s.id not in self._paused_until
+                    and self._only in (None, s.id)):
+                return s
+        if self._only is not None:
+            return self.store.claim(self._only, self.instrument)
+        return self.store.claim_next(self.instrument)
+
+    # -- counting one slide ---------------------------------------------------------------
+
+    def _count(self, slide: Any) -> None:
+        from drivers.acquisition import count_slide
+        from pipeline.stats import adaptive_stop_reason
+
+        prog = self.store.progress(slide.id)
+        ctx = {"slide": slide.id, "name": slide.name}
+        resumed = prog.n_fields > 0 or slide.plan is not None
+        log.info("slide resumed" if resumed else "slide started",
+                 extra={"data": {**ctx, "from_field": prog.next_index, "counted": prog.counted,
+                                 "target": slide.target, "source": slide.source}})
+        self._emit("slide_started", slide, prog.counted, resumed=resumed)
+        try:
+            analyze = self._analyzer()
+            source, close = self._open_source(slide, prog.n_fields)
+        except MarrowError as exc:
+            self._fail(slide, str(exc))
+            return
+        counted = prog.counted
+        adaptive: list[str] = []
+        t0 = time.monotonic()
+
+        def on_field(f: Any) -> None:
+            nonlocal counted
+            if self._commit(slide, f):
+                counted += f.n_counted
+            self.metrics.field_committed(f.n_counted, counted)
+            self.notifier.status(f"{slide.name}: {counted}/{slide.target} cells, field {f.index}")
+            log.info("field committed", extra={"data": {
+                **ctx, "field": f.index, "cells": f.n_counted, "counted": counted,
+                "skipped": f.skipped_reason}})
+            self._emit("field", slide, counted, field=f.index, cells=f.n_counted,
+                       skipped=f.skipped_reason)
+            if self.cfg.stats.adaptive_stop and counted < slide.target:
+                reason = adaptive_stop_reason(self.store.counts(slide.id), self.cfg.classes,
+                                              self.cfg.stats)
+                if reason:
+                    adaptive.append(reason)
+
+        try:
+            result = count_slide(
+                source, analyze, slide.target, start_index=prog.next_index,
+                counted_so_far=prog.counted, on_field=on_field,
+                should_stop=lambda: self._stop.is_set() or bool(adaptive),
+            )
+        except FieldCommitError as exc:
+            pause = self.cfg.service.retry_slide_after_s
+            self._paused_until[slide.id] = time.monotonic() + pause
+            self.store.note_error(slide.id, f"{exc}; retrying in {pause:g} s")
+            log.error("slide paused: %s", exc, extra={"data": ctx})
+            self._emit("slide_paused", slide, counted, reason=str(exc))
+            return
+        except MarrowError as exc:
+            self._fail(slide, str(exc))
+            return
+        except Exception as exc:  # a bug or a driver fault: the slide fails, the daemon goes on
+            log.exception("slide failed", extra={"data": ctx})
+            self._fail(slide, f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            close()
+        self._finish(slide, result, counted, adaptive[0] if adaptive else None,
+                     time.monotonic() - t0)
+
+    def _finish(self, slide: Any, result: str, counted: int, adaptive: str | None,
+                seconds: float) -> None:
+        ctx = {"slide": slide.id, "name": slide.name, "counted": counted,
+               "target": slide.target, "seconds": round(seconds, 2)}
+        if result == "stopped" and adaptive is None:
+            log.info("slide interrupted; it resumes at the next start", extra={"data": ctx})
+            self._emit("slide_paused", slide, counted, reason="stopped")
+            return
+        if result.startswith("failed"):
+            self._fail(slide, result.removeprefix("failed:").strip() or result)
+            return
+        because = {"target_reached": "target_reached", "area_exhausted": "area_exhausted",
+                   "stopped": "adaptive_stop"}[result]
+        self.store.set_status(slide.id, "awaiting_review", stopped_because=because)
+        if adaptive:
+            self.store.audit("marrowcount", "adaptive_stop", slide.id, after={"reason": adaptive})
+        self.metrics.slides.labels(outcome=because).inc()
+        log.info("slide counted", extra={"data": {**ctx, "stopped_because": because}})
+        self._emit("slide_finished", slide, counted, stopped_because=because)
+
+    def _fail(self, slide: Any, reason: str) -> None:
+        self.store.set_status(slide.id, "failed", error=reason[:2000], stopped_because="failed")
+        self.metrics.error("slide")
+        self.metrics.slides.labels(outcome="failed").inc()
+        log.error("slide failed: %s", reason, extra={"data": {"slide": slide.id,
+                                                              "name": slide.name}})
+        self._emit("slide_finished", slide, self.store.progress(slide.id).counted,
+                   stopped_because="failed", error=reason)
+
+    def _commit(self, slide: Any, f: Any) -> bool:
+        """Commit a field, retrying with back-off when its files or rows cannot be written.
+        Nothing of a failed attempt is kept; after the last retry FieldCommitError."""
+        p = self.cfg.service
+        delay = p.commit_backoff_s
+        for attempt in range(p.commit_retries + 1):
+            try:
+                ok = self.store.commit_field(slide.id, f)
+                if attempt:
+                    self._note(slide.id, None)
+                return ok
+            except (OSError, SQLAlchemyError, StoreError) as exc:
+                why = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+                self.metrics.error("commit")
+                log.warning("field %d of %s failed to commit (%s); attempt %d of %d",
+                            f.index, slide.name, why, attempt + 1, p.commit_retries + 1,
+                            extra={"data": {"slide": slide.id, "field": f.index}})
+                self._note(slide.id, f"field {f.index} failed: {why}; retrying")
+                if attempt == p.commit_retries or self._stop.wait(delay):
+                    raise FieldCommitError(f"field {f.index} failed: {why}") from None
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _note(self, slide_id: int, text: str | None) -> None:
+        try:
+            self.store.note_error(slide_id, text)
+        except SQLAlchemyError:  # the database may be on the full disk too
+            pass
+
+    def _emit(self, kind: str, slide: Any, counted: int, **data: Any) -> None:
+        try:
+            self.on_event(Event(kind, slide.id, slide.name, counted, slide.target, data))  # type: ignore[arg-type]
+        except Exception:  # a display callback must never stop counting
+            log.exception("progress callback failed")
+
+    # -- parts ----------------------------------------------------------------------------
+
+    def _analyzer(self) -> Callable[[Any, float], Any]:
+        from pipeline.analyze import analyze_field
+        from pipeline.classify import load_classifier
+
+        cfg = self.cfg
+        path = cfg.resolve(cfg.classifier.checkpoint)
+        if self._classifier is None or self._classifier_path != path:
+            t0 = time.monotonic()
+            self._classifier = load_classifier(path, cfg.classes, params=cfg.classifier)
+            self._classifier_path = path
+            log.info("model loaded", extra={"data": {"checkpoint": str(path),
+                                                     "seconds": round(time.monotonic() - t0, 2)}})
+        clf = self._classifier
+
+        def analyze(rgb: Any, um_per_px: float) -> Any:
+            return analyze_field(rgb, um_per_px, clf, cfg.detect, cfg.analysis)
+
+        return analyze
+
+    def _open_source(self, slide: Any, n_committed: int) -> tuple[Any, Callable[[], None]]:
+        """The slide's FieldSource and a function that releases it. A new slide's field plan
+        is frozen in the store first; a resumed slide follows its stored plan."""
+        cfg = self.cfg
+        if slide.source == "folder":
+            from drivers.wsi_fields import source_from_plan
+
+            if not slide.plan:
+                raise ServiceError(f"folder slide {slide.name!r} has no field plan")
+            return source_from_plan(slide.plan, cfg.acquisition.quality, cfg.detect), lambda: None
+        from drivers.micromanager import MicroscopeFieldSource, open_microscope
+
+        if slide.source == "virtual":
+            scope = open_microscope(cfg.acquisition, virtual_slide=slide.source_ref,
+                                    um_per_px=slide.um_per_px)
+        else:
+            scope = open_microscope(cfg.acquisition, mm_config=slide.source_ref,
+                                    um_per_px=slide.um_per_px)
+        try:
+            plan = self._stage_plan(slide, scope)
+            source = MicroscopeFieldSource(scope, plan, cfg.acquisition, cfg.detect)
+            if n_committed:
+                # Start each focus search where the committed neighbours were in focus, as
+                # the uninterrupted run would have.
+                for f in self.store.fields(slide.id)[-64:]:
+                    if f.stage_z is not None and f.skipped_reason is None:
+                        source.remember_focus(f.stage_x, f.stage_y, f.stage_z)
+        except BaseException:
+            scope.close()
+            raise
+        return source, scope.close
+
+    def _stage_plan(self, slide: Any, scope: Any) -> Any:
+        from drivers.plan import FieldPlan
+
+        p = slide.plan
+        if p:
+            if p.get("driver") != "stage" or p.get("version") != PLAN_VERSION:
+                raise ServiceError(f"slide {slide.name!r}: stored plan is not a stage plan")
+            if abs(p["um_per_px"] - scope.um_per_px) > 1e-9 * max(1.0, scope.um_per_px):
+                raise ServiceError(
+                    f"slide {slide.name!r} was planned at {p['um_per_px']} µm/px but the "
+                    f"microscope now gives {scope.um_per_px} µm/px; resubmit it")
+            return FieldPlan(tuple(tuple(xy) for xy in p["positions"]), tuple(p["fov_um"]),
+                             tuple(tuple(xy) for xy in p["area"]))
+        plan = scope.plan(self.cfg.acquisition.area_um)
+        self.store.set_plan(slide.id, {
+            "driver": "stage", "version": PLAN_VERSION, "um_per_px": scope.um_per_px,
+            "positions": [list(xy) for xy in plan.positions], "fov_um": list(plan.fov_um),
+            "area": [list(xy) for xy in plan.area],
+        }, scope.um_per_px)
+        return plan
+
+
+# -- logging -------------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and the record's ``data``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update(getattr(record, "data", None) or {})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(fmt: str, level: str, stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("marrowcount")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    for name in ("drivers", "pipeline"):
+        logging.getLogger(name).handlers[:] = [handler]
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:80]

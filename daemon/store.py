@@ -274,6 +274,7 @@ class Store:
         error: str | None = None,
         stopped_because: str | None = None,
         plan: dict[str, Any] | None = None,
+        worker: str | None = None,
     ) -> bool:
         """Move a slide to ``status`` if the transition is allowed.
 
@@ -299,6 +300,8 @@ class Store:
                 values["stopped_because"] = stopped_because
             if plan is not None:
                 values["plan"] = _plain(plan)
+            if worker is not None:
+                values["worker"] = worker
             res = s.execute(
                 update(Slide)
                 .where(Slide.id == slide_id, Slide.status == current)
@@ -311,12 +314,25 @@ class Store:
         with self.session() as s:
             s.execute(update(Slide).where(Slide.id == slide_id).values(error=error))
 
-    def claim_next(self) -> Slide | None:
-        """Atomically move the oldest queued slide to ``acquiring`` and return it."""
+    def claim_next(self, worker: str) -> Slide | None:
+        """Atomically move the oldest queued slide to ``acquiring`` for ``worker``; return it."""
         for slide in self.slides(["queued"]):
-            if self.set_status(slide.id, "acquiring", expect="queued"):
-                return self.slide(slide.id)
+            claimed = self.claim(slide.id, worker)
+            if claimed is not None:
+                return claimed
         return None
+
+    def claim(self, slide_id: int, worker: str) -> Slide | None:
+        """Claim one queued slide for ``worker``; None if it is not queued (any more)."""
+        if self.set_status(slide_id, "acquiring", expect="queued", worker=worker):
+            return self.slide(slide_id)
+        return None
+
+    def set_plan(self, slide_id: int, plan: dict[str, Any], um_per_px: float | None) -> None:
+        """Freeze a slide's field plan (and pixel size) so a resume follows the same fields."""
+        with self.session() as s:
+            s.execute(update(Slide).where(Slide.id == slide_id)
+                      .values(plan=_plain(plan), um_per_px=um_per_px))
 
     def audit(self, username: str, action: str, slide_id: int | None = None, *,
               cell_id: int | None = None, before: dict[str, Any] | None = None,

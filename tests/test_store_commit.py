@@ -114,10 +114,11 @@ def test_status_transitions_and_claim(store_url, tmp_path):  # noqa: F811
         b = store.create_slide("B", "microscope", "scope.cfg", 500, "pbc11")
         with pytest.raises(StoreError, match="already exists"):
             store.create_slide("A", "virtual", "a.json", 300, "pbc11")
-        assert store.claim_next().id == a
-        assert store.claim_next().id == b
-        assert store.claim_next() is None
+        assert store.claim_next("scope-1").id == a
+        assert store.claim_next("scope-2").id == b
+        assert store.claim_next("scope-1") is None
         assert store.slide("A").status == "acquiring" and store.slide("A").started_at
+        assert store.slide("B").worker == "scope-2"
         with pytest.raises(StoreError, match="cannot go from acquiring to signed"):
             store.set_status(a, "signed")
         assert store.set_status(a, "awaiting_review", stopped_because="target_reached")
@@ -158,7 +159,7 @@ def test_sqlite_wal_and_foreign_keys(tmp_path):
     with Store(f"sqlite:///{db}", tmp_path / "data") as store, store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
 
 
 def test_not_a_sqlite_file_is_refused_and_kept(tmp_path):

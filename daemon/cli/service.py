@@ -1,3 +1,241 @@
-"""marrowcount service commands."""
+"""marrowcount service commands: ``daemon``, ``submit``, ``status``, ``report``, ``demo``."""
 
-from daemon.cli.app import app, console, err_console  # noqa: F401
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from daemon.cli.app import app, console, err_console
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="Lab config YAML (over the defaults).")
+
+
+def _store(cfg: Any) -> Any:
+    from daemon.store import Store
+
+    return Store.from_params(cfg.store, cfg.resolve)
+
+
+@app.command("daemon")
+def daemon_cmd(
+    config: Optional[Path] = ConfigOpt,
+    exit_when_idle: bool = typer.Option(
+        False, "--exit-when-idle", help="Return once no slide is queued or left to resume."),
+) -> None:
+    """Run the counting service in the foreground (systemd runs it this way)."""
+    from daemon.config import load_config
+    from daemon.service import Service, setup_logging
+
+    cfg = load_config(config)  # a missing or invalid config is a clear error here, at start
+    setup_logging(cfg.service.log_format, cfg.service.log_level)
+    svc = Service(cfg, config)
+    try:
+        svc.install_signal_handlers()
+        svc.run(exit_when_idle=exit_when_idle)
+    finally:
+        svc.close()
+
+
+@app.command("submit")
+def submit_cmd(
+    slide: Path = typer.Argument(..., help="Virtual slide file (make-slide .tif) or a "
+                                           "Micro-Manager .cfg for a slide on the microscope."),
+    name: Optional[str] = typer.Option(None, "--name", help="Slide name (default: file name)."),
+    target: Optional[int] = typer.Option(None, "--target", help="Cells to count (default: config)."),
+    config: Optional[Path] = ConfigOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON object only."),
+) -> None:
+    """Queue a slide for the daemon."""
+    from daemon.config import load_config
+    from daemon.service import submit_slide
+
+    cfg = load_config(config)
+    with _store(cfg) as store:
+        sid = submit_slide(store, cfg, slide, name=name, target=target)
+        s = store.slide(sid)
+    if json_out:
+        typer.echo(json.dumps({"id": sid, "name": s.name, "source": s.source,
+                               "target": s.target, "status": s.status}))
+    else:
+        console.print(f"queued slide {s.name!r} (id {sid}, {s.source}, target {s.target})",
+                      highlight=False)
+
+
+def _status_rows(store: Any, statuses: list[str] | None) -> list[dict[str, Any]]:
+    rows = []
+    for s in store.slides(statuses):
+        prog = store.progress(s.id)
+        rows.append({"id": s.id, "name": s.name, "source": s.source, "status": s.status,
+                     "counted": prog.counted, "target": s.target, "fields": prog.n_fields,
+                     "stopped_because": s.stopped_because, "error": s.error,
+                     "instrument": s.worker})
+    return rows
+
+
+def _status_view(rows: list[dict[str, Any]]) -> Any:
+    from rich.console import Group
+
+    active = [r for r in rows if r["status"] in ("queued", "acquiring")]
+    done = [r for r in rows if r["status"] not in ("queued", "acquiring")]
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[note]}"))
+    for r in active:
+        prog.add_task(f"{r['name']} [{r['status']}]", total=r["target"],
+                      completed=min(r["counted"], r["target"]),
+                      note=(r["error"] or f"{r['fields']} fields"))
+    table = Table(title=f"{len(active)} in the queue, {len(done)} finished", title_justify="left")
+    for col in ("id", "slide", "status", "counted", "fields", "note"):
+        table.add_column(col)
+    for r in done[-20:]:
+        note = r["error"] or r["stopped_because"] or ""
+        table.add_row(str(r["id"]), r["name"], r["status"], f"{r['counted']}/{r['target']}",
+                      str(r["fields"]), note)
+    return Group(prog, table) if active else table
+
+
+@app.command("status")
+def status_cmd(
+    config: Optional[Path] = ConfigOpt,
+    watch: bool = typer.Option(False, "--watch", "-w", help="Keep refreshing (Ctrl-C ends)."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON list only."),
+) -> None:
+    """Show the queue and the running counts, with a progress bar per slide."""
+    from daemon.config import load_config
+
+    cfg = load_config(config)
+    with _store(cfg) as store:
+        if json_out:
+            typer.echo(json.dumps(_status_rows(store, None)))
+            return
+        if not watch:
+            console.print(_status_view(_status_rows(store, None)))
+            return
+        try:
+            with Live(_status_view(_status_rows(store, None)), console=console,
+                      refresh_per_second=2) as live:
+                while True:
+                    time.sleep(1.0)
+                    live.update(_status_view(_status_rows(store, None)))
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command("report")
+def report_cmd(
+    slide: str = typer.Argument(..., help="Slide name or id."),
+    fmt: str = typer.Option("json", "--format", "-f", help="json, csv or pdf."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="File to write (pdf default: SLIDE.pdf)."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Write a slide's report: differential with 95% intervals, M:E, blast %, flags, review."""
+    from daemon.config import load_config
+    from daemon.report import FORMATS, write_report
+    from pipeline.errors import MarrowError
+
+    if fmt not in FORMATS:
+        raise MarrowError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    cfg = load_config(config)
+    with _store(cfg) as store:
+        _rep, path, text = write_report(store, slide, cfg, fmt, out)
+    if text is not None:
+        typer.echo(text, nl=False)
+    else:
+        err_console.print(f"wrote {path}", highlight=False)
+
+
+def differential_table(rep: dict[str, Any]) -> Table:
+    """The report's differential as a rich table, with M:E and blast % beneath."""
+    d = rep["differential"]
+    conf = f"{d['confidence']:.0%} CI"
+    t = Table(title=f"{rep['slide']['name']}: {d['total']} leukocytes ({rep['basis']} counts)",
+              title_justify="left")
+    for col, just in (("class", "left"), ("n", "right"), ("%", "right"), (conf, "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for c in d["classes"]:
+        t.add_row(c["label"], str(c["n"]), f"{c['pct']:.1f}",
+                  f"{c['ci_low_pct']:.1f} – {c['ci_high_pct']:.1f}")
+    me = ("n/a" if d["me_ratio"] is None else
+          f"{d['me_ratio']:.2f}  ({d['me_ci'][0]:.2f} – {d['me_ci'][1]:.2f})")
+    t.add_section()
+    t.add_row("M:E ratio", f"{d['myeloid']}:{d['erythroid']}", "", me)
+    blast = ("not in taxonomy" if d["blast_pct"] is None else
+             f"{d['blast_pct']:.1f}%  ({d['blast_ci_pct'][0]:.1f} – {d['blast_ci_pct'][1]:.1f})")
+    t.add_row("Blasts", "" if d["blast_n"] is None else str(d["blast_n"]), "", blast)
+    return t
+
+
+@app.command("demo")
+def demo_cmd(
+    config: Optional[Path] = ConfigOpt,
+    target: int = typer.Option(500, "--target", help="Cells to count."),
+    seed: int = typer.Option(0, "--seed", help="Virtual slide seed."),
+) -> None:
+    """The main job on the virtual microscope: build a slide, run the daemon on it, count
+    TARGET cells with progress, print the differential; the result waits for review."""
+    from daemon.config import load_config
+    from daemon.report import build_report
+    from daemon.service import Event, Service, setup_logging, submit_slide
+
+    cfg = load_config(config)
+    cfg = cfg.model_copy(update={"service": cfg.service.model_copy(
+        update={"metrics_port": 0, "instrument": "demo"})})
+    setup_logging("text", "warning")
+    slide_path = build_demo_slide(cfg, seed)
+    with _store(cfg) as store:
+        name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+        sid = submit_slide(store, cfg, slide_path, name=name, target=target)
+    console.print(f"submitted {name} ({slide_path.name}); store {cfg.store.url}", highlight=False)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
+    task = progress.add_task("loading model", total=target, note="")
+
+    def on_event(e: Event) -> None:
+        if e.slide_id != sid:
+            return
+        note = e.data.get("skipped") or (f"field {e.data['field']}: +{e.data['cells']}"
+                                         if e.kind == "field" else e.kind.replace("_", " "))
+        progress.update(task, description=e.name, completed=min(e.counted, e.target),
+                        note=note)
+
+    svc = Service(cfg, config, on_event=on_event)
+    try:
+        svc.install_signal_handlers()
+        with progress:
+            svc.run(exit_when_idle=True, only_slide=sid)
+        rep = build_report(svc.store, sid, cfg)
+    finally:
+        svc.close()
+    console.print(differential_table(rep))
+    for f in rep["flags"]:
+        console.print(f"flag: {f}", highlight=False)
+    s = rep["slide"]
+    console.print(
+        f"slide {s['name']} is {s['status']} ({s['fields']} fields, stopped: "
+        f"{s['stopped_because']}). Review it with `marrowcount review`; report with "
+        f"`marrowcount report {s['name']} --format pdf`.", highlight=False)
+
+
+def build_demo_slide(cfg: Any, seed: int) -> Path:
+    """A small virtual slide under var/demo (built once per seed and reused)."""
+    from drivers.slidegen import build_slide, classifier_test_paths, write_slide
+
+    out = cfg.resolve("var/demo") / f"slide-{seed}.tif"
+    if out.is_file():
+        return out
+    params = cfg.slidegen.model_copy(update={"width_px": 1388 * 6, "height_px": 1040 * 5})
+    with console.status("building a virtual slide from held-out real cells..."):
+        try:
+            heldout = classifier_test_paths(cfg)
+        except Exception:  # no training config: fall back to slidegen's own held-out split
+            heldout = None
+        slide = build_slide(params, seed, heldout)
+        write_slide(slide, out, out.with_suffix(".json"), params)
+    return out

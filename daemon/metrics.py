@@ -1,0 +1,65 @@
+"""Prometheus metrics of the daemon: fields/s, cells/s, queue length, errors.
+
+Counters (``marrowcount_fields_total``, ``marrowcount_cells_total``) give rates with
+PromQL ``rate()``; the daemon also exports its own recent rates as gauges for a quick look
+without a Prometheus server (``curl host:port/metrics``). Each ``Metrics`` has its own
+registry, so several daemons in one test process never collide.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+
+class Metrics:
+    """The daemon's metrics; ``serve(port, host)`` exposes them over HTTP (port 0: off)."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.fields = Counter("marrowcount_fields", "Fields committed", registry=r)
+        self.cells = Counter("marrowcount_cells", "Counted leukocytes committed", registry=r)
+        self.errors = Counter("marrowcount_errors", "Errors by kind", ["kind"], registry=r)
+        self.slides = Counter("marrowcount_slides_finished", "Slides finished by outcome",
+                              ["outcome"], registry=r)
+        self.queue_length = Gauge("marrowcount_queue_length", "Slides queued", registry=r)
+        self.fields_per_s = Gauge("marrowcount_fields_per_second",
+                                  f"Fields committed per second over the last {window_s:g} s",
+                                  registry=r)
+        self.cells_per_s = Gauge("marrowcount_cells_per_second",
+                                 f"Counted cells per second over the last {window_s:g} s",
+                                 registry=r)
+        self.slide_counted = Gauge("marrowcount_slide_counted",
+                                   "Counted leukocytes of the slide being counted", registry=r)
+        self._window = window_s
+        self._recent: deque[tuple[float, int]] = deque()
+        self._server = None
+
+    def serve(self, port: int, host: str) -> None:
+        if port:
+            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def field_committed(self, n_counted: int, slide_counted: int) -> None:
+        now = time.monotonic()
+        self.fields.inc()
+        self.cells.inc(n_counted)
+        self.slide_counted.set(slide_counted)
+        self._recent.append((now, n_counted))
+        while self._recent and now - self._recent[0][0] > self._window:
+            self._recent.popleft()
+        span = max(now - self._recent[0][0], 1e-3) if len(self._recent) > 1 else None
+        if span is not None:
+            self.fields_per_s.set((len(self._recent) - 1) / span)
+            self.cells_per_s.set(sum(n for _, n in list(self._recent)[1:]) / span)
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(kind=kind).inc()

@@ -1,0 +1,48 @@
+"""systemd notifications (sd_notify): READY, STATUS with the current slide, WATCHDOG pings.
+
+Outside systemd (no ``NOTIFY_SOCKET``) every call is a no-op. Watchdog pings are sent from
+the daemon's own loop, between fields and while idle, never from a helper thread: a hung
+acquisition must stop the pings so systemd restarts the service.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import sdnotify
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self._sd = sdnotify.SystemdNotifier()
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        # Ping at a third of the interval systemd allows (and never more than once a second).
+        self._every = max(int(usec) / 3e6, 1.0) if usec.isdigit() and int(usec) > 0 else None
+        self._last_ping = 0.0
+
+    def _send(self, msg: str) -> None:
+        if self.enabled:
+            self._sd.notify(msg)
+
+    def ready(self, status: str) -> None:
+        self._send(f"READY=1\nSTATUS={status}")
+
+    def status(self, text: str) -> None:
+        self._send(f"STATUS={text}")
+        self.watchdog()
+
+    def watchdog(self) -> None:
+        if self._every is None:
+            return
+        now = time.monotonic()
+        if now - self._last_ping >= self._every:
+            self._send("WATCHDOG=1")
+            self._last_ping = now
+
+    def reloading(self) -> None:
+        self._send("RELOADING=1")
+
+    def stopping(self) -> None:
+        self._send("STOPPING=1\nSTATUS=stopping")

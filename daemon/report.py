@@ -1,0 +1,267 @@
+"""A slide's lab report: the differential with exact 95% intervals, M:E ratio, blast %, flags,
+who reviewed it and when, and the counts before and after review. JSON, CSV or PDF.
+
+``build_report`` gathers everything into one plain dict (the JSON report); the CSV and PDF
+writers only lay that dict out, so the three never disagree.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from daemon.models import Cell, Field, Review
+from daemon.store import Store
+from pipeline.stats import Differential, differential
+
+FORMATS = ("json", "csv", "pdf")
+
+
+def _iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    if dt.tzinfo is None:  # SQLite hands back naive datetimes; they were stored in UTC
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.isoformat(timespec="seconds")
+
+
+def _diff_dict(d: Differential) -> dict[str, Any]:
+    return {
+        "total": d.total,
+        "confidence": d.confidence,
+        "classes": [
+            {"name": r.name, "label": r.label, "lineage": r.lineage, "blast": r.blast, "n": r.n,
+             "pct": round(r.pct, 2), "ci_low_pct": round(r.ci_low_pct, 2),
+             "ci_high_pct": round(r.ci_high_pct, 2)}
+            for r in d.rows
+        ],
+        "myeloid": d.myeloid,
+        "erythroid": d.erythroid,
+        "me_ratio": None if d.me_ratio is None else round(d.me_ratio, 3),
+        "me_ci": None if d.me_ci is None else [round(v, 3) for v in d.me_ci],
+        "blast_n": d.blast_n,
+        "blast_pct": None if d.blast_pct is None else round(d.blast_pct, 2),
+        "blast_ci_pct": None if d.blast_ci_pct is None else [round(v, 2) for v in d.blast_ci_pct],
+        "not_counted": d.not_counted,
+        "threshold_flags": [f.message for f in d.flags],
+    }
+
+
+def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]:
+    """Everything a lab report says about one slide, as plain JSON-ready data.
+
+    The final differential is the reviewed one once the slide is signed, else the machine's.
+    Raises StoreError for an unknown slide.
+    """
+    slide = store.slide(slide_ref)
+    taxonomy = cfg.classes
+    if slide.taxonomy != taxonomy.name and slide.taxonomy in cfg.taxonomies:
+        taxonomy = cfg.model_copy(update={"taxonomy": slide.taxonomy}).classes
+    machine = store.counts(slide.id)
+    machine_diff = differential(machine, taxonomy, cfg.stats)
+    with store.session() as s:
+        n_fields, n_skipped = s.execute(
+            select(func.count(Field.id),
+                   func.count(Field.skipped_reason))
+            .where(Field.slide_id == slide.id)).one()
+        needs_review = s.scalar(select(func.count(Cell.id)).where(
+            Cell.slide_id == slide.id, Cell.needs_review.is_(True),
+            Cell.duplicate_of.is_(None))) or 0
+        reviews = list(s.scalars(select(Review).where(Review.slide_id == slide.id)
+                                 .order_by(Review.at, Review.id)))
+    signed = slide.status == "signed"
+    final_counts = store.reviewed_counts(slide.id) if signed else machine
+    final = differential(final_counts, taxonomy, cfg.stats)
+
+    flags = [f.message for f in final.flags]
+    counted = machine_diff.total
+    if slide.stopped_because == "area_exhausted":
+        flags.append(f"target not reached: {counted} of {slide.target} cells counted before "
+                     "the counting area was used up")
+    if slide.stopped_because == "adaptive_stop":
+        flags.append(f"stopped early at {counted} of {slide.target} cells: every blast "
+                     "threshold was already decided")
+    if slide.status == "failed":
+        flags.append(f"acquisition failed: {slide.error}")
+    if slide.status in ("queued", "acquiring"):
+        flags.append(f"preliminary: slide is still {slide.status}")
+    elif slide.status == "awaiting_review":
+        flags.append("preliminary: not yet reviewed and signed")
+    if final.blast_pct is None:
+        flags.append(f"taxonomy {taxonomy.name!r} has no blast class: blast % not reported")
+
+    review = None
+    if reviews or slide.signed_by:
+        last = reviews[-1] if reviews else None
+        review = {
+            "signed": signed,
+            "reviewer": slide.signed_by or (last.username if last else None),
+            "signed_at": _iso(slide.signed_at) or (_iso(last.at) if last else None),
+            "counts_before": dict(last.counts_before) if last else machine,
+            "counts_after": dict(last.counts_after) if last else final_counts,
+            "history": [{"username": r.username, "action": r.action, "at": _iso(r.at),
+                         "note": r.note} for r in reviews],
+        }
+    return {
+        "report_version": 1,
+        "generated_at": _iso(datetime.now(timezone.utc)),
+        "slide": {
+            "id": slide.id, "name": slide.name, "source": slide.source,
+            "source_ref": slide.source_ref, "status": slide.status, "target": slide.target,
+            "taxonomy": taxonomy.name, "um_per_px": slide.um_per_px,
+            "stopped_because": slide.stopped_because, "error": slide.error,
+            "created_at": _iso(slide.created_at), "started_at": _iso(slide.started_at),
+            "finished_at": _iso(slide.finished_at), "instrument": slide.worker,
+            "fields": int(n_fields), "fields_skipped": int(n_skipped),
+            "cells_needing_review": int(needs_review),
+        },
+        "basis": "reviewed" if signed else "machine",
+        "differential": _diff_dict(final),
+        "machine_differential": _diff_dict(machine_diff),
+        "review": review,
+        "flags": flags,
+    }
+
+
+def report_csv(rep: dict[str, Any]) -> str:
+    """One row per class, then TOTAL, M:E and BLAST rows; the machine count beside each."""
+    d, m = rep["differential"], rep["machine_differential"]
+    machine_n = {c["name"]: c["n"] for c in m["classes"]}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["slide", "quantity", "label", "lineage", "n", "value", "ci_low", "ci_high",
+                "unit", "machine_n", "basis"])
+    s, basis = rep["slide"]["name"], rep["basis"]
+    for c in d["classes"]:
+        w.writerow([s, c["name"], c["label"], c["lineage"], c["n"], c["pct"], c["ci_low_pct"],
+                    c["ci_high_pct"], "%", machine_n.get(c["name"], 0), basis])
+    w.writerow([s, "TOTAL", "counted leukocytes", "", d["total"], "", "", "", "cells",
+                m["total"], basis])
+    me_ci = d["me_ci"] or ["", ""]
+    w.writerow([s, "M:E", "myeloid : erythroid", "", f"{d['myeloid']}:{d['erythroid']}",
+                "" if d["me_ratio"] is None else d["me_ratio"], *me_ci, "ratio", "", basis])
+    if d["blast_pct"] is not None:
+        w.writerow([s, "BLAST", "blasts of all nucleated cells", "", d["blast_n"],
+                    d["blast_pct"], *d["blast_ci_pct"], "%", m["blast_n"], basis])
+    for name, n in sorted(d["not_counted"].items()):
+        w.writerow([s, name, "not counted", "", n, "", "", "", "cells", "", basis])
+    return buf.getvalue()
+
+
+def report_pdf(rep: dict[str, Any], path: Path) -> None:
+    """A one- or two-page A4 lab report (reportlab)."""
+    from reportlab.lib import colors
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.styles import getSampleStyleSheet
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+
+    st = getSampleStyleSheet()
+    sl, d = rep["slide"], rep["differential"]
+    conf = f"{d['confidence']:.0%}"
+    story: list[Any] = [
+        Paragraph(f"Bone-marrow differential: {_esc(sl['name'])}", st["Title"]),
+        Paragraph(
+            f"Status <b>{sl['status']}</b> · basis: {rep['basis']} counts · "
+            f"{d['total']} leukocytes counted (target {sl['target']}) · taxonomy "
+            f"{_esc(sl['taxonomy'])} · {sl['fields']} fields ({sl['fields_skipped']} skipped)",
+            st["Normal"]),
+        Paragraph(f"Started {sl['started_at'] or '-'} · finished {sl['finished_at'] or '-'} · "
+                  f"instrument {_esc(sl['instrument'] or '-')} · report generated "
+                  f"{rep['generated_at']}", st["Normal"]),
+        Spacer(1, 4 * mm),
+    ]
+    m_n = {c["name"]: c["n"] for c in rep["machine_differential"]["classes"]}
+    rows = [["Class", "Lineage", "n", "%", f"{conf} CI (%)", "machine n"]]
+    for c in d["classes"]:
+        rows.append([c["label"], c["lineage"], c["n"], f"{c['pct']:.1f}",
+                     f"{c['ci_low_pct']:.1f} – {c['ci_high_pct']:.1f}", m_n.get(c["name"], 0)])
+    rows.append(["Total", "", d["total"], "100.0" if d["total"] else "0.0", "",
+                 rep["machine_differential"]["total"]])
+    t = Table(rows, repeatRows=1, hAlign="LEFT")
+    t.setStyle(TableStyle([
+        ("FONTNAME", (0, 0), (-1, 0), "Helvetica-Bold"),
+        ("FONTNAME", (0, -1), (-1, -1), "Helvetica-Bold"),
+        ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
+        ("LINEABOVE", (0, -1), (-1, -1), 0.6, colors.black),
+        ("ALIGN", (2, 0), (-1, -1), "RIGHT"),
+        ("ROWBACKGROUNDS", (0, 1), (-1, -2), [colors.white, colors.HexColor("#f2f2f2")]),
+    ]))
+    story += [t, Spacer(1, 4 * mm)]
+    me = ("not defined (no erythroid cells)" if d["me_ratio"] is None else
+          f"{d['me_ratio']:.2f} ({conf} CI {d['me_ci'][0]:.2f} – {d['me_ci'][1]:.2f}); "
+          f"myeloid {d['myeloid']}, erythroid {d['erythroid']}")
+    story.append(Paragraph(f"<b>M:E ratio</b>: {me}", st["Normal"]))
+    blast = ("not reported (no blast class in this taxonomy)" if d["blast_pct"] is None else
+             f"{d['blast_pct']:.1f}% ({conf} CI {d['blast_ci_pct'][0]:.1f} – "
+             f"{d['blast_ci_pct'][1]:.1f}%) of all nucleated cells, n = {d['blast_n']}")
+    story.append(Paragraph(f"<b>Blasts</b>: {blast}", st["Normal"]))
+    if d["not_counted"]:
+        nc = ", ".join(f"{k} {v}" for k, v in sorted(d["not_counted"].items()))
+        story.append(Paragraph(f"Not counted: {_esc(nc)}", st["Normal"]))
+    story.append(Spacer(1, 4 * mm))
+    story.append(Paragraph("Flags", st["Heading3"]))
+    for f in rep["flags"] or ["none"]:
+        story.append(Paragraph(f"• {_esc(f)}", st["Normal"]))
+    rv = rep["review"]
+    story.append(Paragraph("Review", st["Heading3"]))
+    if rv is None:
+        story.append(Paragraph("Not reviewed.", st["Normal"]))
+    else:
+        story.append(Paragraph(
+            f"{'Signed' if rv['signed'] else 'Reviewed'} by <b>{_esc(rv['reviewer'] or '-')}</b>"
+            f" at {rv['signed_at'] or '-'}.", st["Normal"]))
+        names = sorted(set(rv["counts_before"]) | set(rv["counts_after"]))
+        changed = [[n, rv["counts_before"].get(n, 0), rv["counts_after"].get(n, 0)]
+                   for n in names]
+        tb = Table([["Class", "before review", "after review"]] + changed, hAlign="LEFT")
+        tb.setStyle(TableStyle([("FONTNAME", (0, 0), (-1, 0), "Helvetica-Bold"),
+                                ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
+                                ("ALIGN", (1, 0), (-1, -1), "RIGHT")]))
+        story.append(tb)
+    story.append(Spacer(1, 6 * mm))
+    story.append(Paragraph(
+        "Intervals are exact (Clopper–Pearson). Percentages are of all counted nucleated cells; "
+        "non-leukocytes and suppressed duplicates are left out. Produced by marrowcount; a "
+        "machine count is preliminary until a qualified reviewer signs it.", st["Italic"]))
+    tmp = path.with_name(f".{path.name}.part")
+    SimpleDocTemplate(str(tmp), pagesize=A4, title=f"marrowcount report {sl['name']}",
+                      leftMargin=18 * mm, rightMargin=18 * mm, topMargin=16 * mm,
+                      bottomMargin=16 * mm).build(story)
+    tmp.replace(path)
+
+
+def write_report(store: Store, slide_ref: int | str, cfg: Any, fmt: str,
+                 out: Path | None) -> tuple[dict[str, Any], Path | None, str | None]:
+    """Build the report and write it as ``fmt``. Returns (report, path written, text).
+
+    JSON and CSV go to ``out`` when given, else are returned as text; PDF needs ``out``
+    (default ``<slide name>.pdf`` in the current folder)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    rep = build_report(store, slide_ref, cfg)
+    if fmt == "pdf":
+        path = out or Path(f"{_file_safe(rep['slide']['name'])}.pdf")
+        report_pdf(rep, path)
+        return rep, path, None
+    text = json.dumps(rep, indent=2) + "\n" if fmt == "json" else report_csv(rep)
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.part")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+        return rep, out, None
+    return rep, None, text
+
+
+def _esc(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _file_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "slide"

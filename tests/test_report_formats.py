@@ -1,0 +1,126 @@
+"""Slide reports (JSON, CSV, PDF) from a store filled with real fields, before and after a
+reviewer signs the slide."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timezone
+
+import pytest
+from pypdf import PdfReader
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from daemon.cli import app
+from daemon.models import Cell, Review, Slide
+from daemon.report import build_report, report_csv, write_report
+from daemon.store import Store
+from pipeline.stats import differential
+from tests.daemon_fixtures import expected_counts, make_field
+
+
+@pytest.fixture
+def filled(tmp_path, config):
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    store = Store(url, tmp_path / "data")
+    sid = store.create_slide("BM-2024-17", "virtual", "slide.tif", 500, "pbc11")
+    store.claim(sid, "scope-1")
+    fields = [make_field(i, seed=3, with_image=False) for i in range(8)]
+    for f in fields:
+        store.commit_field(sid, f)
+    store.set_status(sid, "awaiting_review", stopped_because="area_exhausted")
+    yield store, sid, fields, url, tmp_path
+    store.close()
+
+
+def test_json_report_is_the_machine_differential(filled, config):
+    store, sid, fields, _url, _ = filled
+    rep = build_report(store, "BM-2024-17", config)
+    want = differential(expected_counts(fields), config.classes, config.stats)
+    d = rep["differential"]
+    assert rep["basis"] == "machine" and rep["review"] is None
+    assert d["total"] == want.total == sum(f.n_counted for f in fields)
+    for got, w in zip(d["classes"], want.rows):
+        assert (got["name"], got["n"]) == (w.name, w.n)
+        assert got["ci_low_pct"] == pytest.approx(w.ci_low_pct, abs=0.01)
+        assert got["ci_high_pct"] == pytest.approx(w.ci_high_pct, abs=0.01)
+    assert d["me_ratio"] == pytest.approx(want.me_ratio, abs=1e-3)
+    assert rep["slide"]["fields"] == 8 and rep["slide"]["instrument"] == "scope-1"
+    assert any(f.startswith(f"target not reached: {want.total} of 500") for f in rep["flags"])
+    assert "preliminary: not yet reviewed and signed" in rep["flags"]
+    json.dumps(rep)  # plain data all the way down
+
+
+def test_signed_report_shows_reviewer_and_counts_before_after(filled, config):
+    store, sid, _fields, _url, tmp_path = filled
+    before = store.reviewed_counts(sid)
+    with store.session() as s:
+        cell = s.scalars(select(Cell).where(Cell.slide_id == sid, Cell.label == "myelocyte",
+                                            Cell.duplicate_of.is_(None))).first()
+        cell.reviewed_label = "promyelocyte"
+        other = s.scalars(select(Cell).where(Cell.slide_id == sid, Cell.label != "non_leukocyte",
+                                             Cell.duplicate_of.is_(None), Cell.id != cell.id)
+                          ).first()
+        other.excluded, other.exclude_reason = True, "smudged"
+        excluded_label = other.label
+    after = store.reviewed_counts(sid)
+    at = datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc)
+    with store.session() as s:
+        s.add(Review(slide_id=sid, username="tech.anna", action="sign", at=at,
+                     counts_before=before, counts_after=after))
+        slide = s.get(Slide, sid)
+        slide.status, slide.signed_by, slide.signed_at = "signed", "tech.anna", at
+    rep = build_report(store, sid, config)
+    assert rep["basis"] == "reviewed"
+    rv = rep["review"]
+    assert rv["reviewer"] == "tech.anna" and rv["signed_at"].startswith("2026-11-26T09:30")
+    assert rv["counts_before"] == before and rv["counts_after"] == after
+    d = {c["name"]: c["n"] for c in rep["differential"]["classes"]}
+    m = {c["name"]: c["n"] for c in rep["machine_differential"]["classes"]}
+    assert d == {k: after.get(k, 0) for k in d}
+    assert d["promyelocyte"] == m["promyelocyte"] + 1 - (excluded_label == "promyelocyte")
+    assert d["myelocyte"] == m["myelocyte"] - 1 - (excluded_label == "myelocyte")
+    assert rep["differential"]["total"] == rep["machine_differential"]["total"] - 1
+    assert not any(f.startswith("preliminary") for f in rep["flags"])
+
+    pdf = tmp_path / "signed.pdf"
+    write_report(store, sid, config, "pdf", pdf)
+    text = "\n".join(p.extract_text() for p in PdfReader(pdf).pages)
+    assert "BM-2024-17" in text and "tech.anna" in text
+    assert "Promyelocyte" in text and "M:E ratio" in text
+    assert f"{rep['differential']['me_ratio']:.2f}" in text
+    assert "target not reached" in text
+
+
+def test_csv_rows_match_json(filled, config):
+    store, sid, *_ = filled
+    rep = build_report(store, sid, config)
+    rows = list(csv.DictReader(io.StringIO(report_csv(rep))))
+    by = {r["quantity"]: r for r in rows}
+    for c in rep["differential"]["classes"]:
+        assert int(by[c["name"]]["n"]) == c["n"]
+        assert float(by[c["name"]]["ci_high"]) == c["ci_high_pct"]
+    assert int(by["TOTAL"]["n"]) == rep["differential"]["total"]
+    assert float(by["M:E"]["value"]) == rep["differential"]["me_ratio"]
+    assert int(by["non_leukocyte"]["n"]) == rep["differential"]["not_counted"]["non_leukocyte"]
+
+
+def test_report_command_writes_each_format(filled, tmp_path):
+    _store, _sid, _f, url, tmp = filled
+    cfg = tmp / "lab.yaml"
+    cfg.write_text(f"store:\n  url: {url}\n  data_dir: {tmp / 'data'}\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", "BM-2024-17", "--format", "json", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["slide"]["name"] == "BM-2024-17"
+    out = tmp / "r.csv"
+    res = runner.invoke(app, ["report", "BM-2024-17", "-f", "csv", "-o", str(out),
+                              "--config", str(cfg)])
+    assert res.exit_code == 0 and out.read_text().startswith("slide,quantity")
+    pdf = tmp / "r.pdf"
+    res = runner.invoke(app, ["report", "1", "-f", "pdf", "-o", str(pdf), "--config", str(cfg)])
+    assert res.exit_code == 0 and PdfReader(pdf).pages
+    res = runner.invoke(app, ["report", "NOPE", "--config", str(cfg)])
+    assert res.exit_code != 0 and "no slide 'NOPE'" in str(res.exception)
