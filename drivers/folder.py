@@ -17,9 +17,8 @@ are lost, e.g. on network shares). A pass:
    decoded, or has no pixel size, is moved to the folder's quarantine subfolder with
    ``<name>.error.txt`` saying why, and recorded; the other files of the slide go on;
 6. queues one slide per group in the store with its frozen field plan and calls
-   ``submit(slide_id)``; whoever counts queued slides (the daemon, or
-   ``count_folder_slides`` for ``marrowcount watch``) rebuilds the FieldSource with
-   ``drivers.wsi_fields.source_from_plan``.
+   ``submit(slide_id)``; the daemon (daemon/service.py), which counts queued slides, rebuilds
+   the FieldSource with ``drivers.wsi_fields.source_from_plan``.
 
 Files that arrived while the service was down are found by the first pass (backlog). Each
 pass also settles finished slides: their files become ``done``; a slide that failed because
@@ -44,12 +43,10 @@ from pydantic import Field, field_validator, model_validator
 from sqlalchemy import select
 
 from daemon.models import ScannedFile, Slide, utcnow
-from drivers.acquisition import Analyzer, count_slide
-from drivers.wsi_fields import PlannedFile, SlidePlan, WsiParams, plan_file, source_from_plan
+from drivers.wsi_fields import PlannedFile, SlidePlan, WsiParams, plan_file
 from pipeline.detect import DetectParams
 from pipeline.errors import ImageError, MarrowError
 from pipeline.params import Params
-from pipeline.quality import QualityParams
 
 if TYPE_CHECKING:
     from daemon.store import Store
@@ -590,59 +587,3 @@ def _with_data_dir(path: Path, size: int, mtime: int) -> tuple[int, int]:
             size += st.st_size
             mtime = max(mtime, st.st_mtime_ns)
     return size, mtime
-
-
-# -- counting queued folder slides (``marrowcount watch``; the daemon has its own worker) ----
-
-
-def count_folder_slides(
-    store: "Store",
-    analyze: Analyzer,
-    quality: QualityParams,
-    detect: DetectParams,
-    worker: str,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_done: Callable[[int, str], None] = lambda slide_id, why: None,
-) -> int:
-    """Claim and count every queued folder slide as ``worker``, oldest first; returns how many
-    finished. Each resumes at its next uncommitted field; a stop leaves it queued, so the next
-    run continues it exactly. Slides this worker left ``acquiring`` (killed) are taken back.
-    """
-    for slide in store.slides(["acquiring"]):
-        if slide.source == "folder" and getattr(slide, "worker", None) == worker:
-            store.set_status(slide.id, "queued", expect="acquiring")
-    done = 0
-    while not should_stop():
-        queued = [sl for sl in store.slides(["queued"]) if sl.source == "folder"]
-        if not queued:
-            break
-        slide = store.claim(queued[0].id, worker)
-        if slide is None:
-            continue  # another worker took it
-        why = count_one_slide(store, slide, analyze, quality, detect, should_stop)
-        on_done(slide.id, why)
-        done += why != "stopped"
-    return done
-
-
-def count_one_slide(store: "Store", slide: Slide, analyze: Analyzer, quality: QualityParams,
-                    detect: DetectParams, should_stop: Callable[[], bool]) -> str:
-    """Count one claimed (``acquiring``) folder slide and record how it ended."""
-    try:
-        source = source_from_plan(slide.plan or {}, quality, detect)
-    except MarrowError as exc:
-        store.set_status(slide.id, "failed", error=str(exc), stopped_because="failed")
-        return f"failed: {exc}"
-    progress = store.progress(slide.id)
-    why = count_slide(source, analyze, slide.target, start_index=progress.next_index,
-                      counted_so_far=progress.counted,
-                      on_field=lambda fld: store.commit_field(slide.id, fld),
-                      should_stop=should_stop)
-    if why == "stopped":
-        store.set_status(slide.id, "queued", expect="acquiring")
-    elif why.startswith("failed"):
-        store.set_status(slide.id, "failed", error=why.removeprefix("failed: "),
-                         stopped_because="failed")
-    else:
-        store.set_status(slide.id, "awaiting_review", stopped_because=why)
-    return why

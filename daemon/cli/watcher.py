@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -40,13 +37,11 @@ def watch(
 ) -> None:
     """Watch FOLDER in the foreground and count each new slide into the store.
 
-    Stop with Ctrl-C: the field being counted is finished and committed; the next run
-    resumes the slide at the following field.
+    Counting is the daemon's own loop (same store, model, quality gate and resume); Ctrl-C
+    finishes the field being counted, and the next run resumes at the following field.
     """
-    from daemon.cli.analysis import load_analyzer
-    from daemon.store import Store
-    from drivers.folder import FolderWatcher, WatchEvent, WatchParams, count_folder_slides
-    from pipeline.analyze import analyze_field
+    from daemon.service import Service
+    from drivers.folder import FolderWatcher, WatchEvent, WatchParams
 
     if not folder.is_dir():
         raise ConfigError(f"watch folder {folder} does not exist or is not a folder")
@@ -65,62 +60,44 @@ def watch(
     except ValueError as exc:
         raise ConfigError(f"watch: {str(exc).splitlines()[-1].strip()}") from None
 
-    classifier = load_analyzer(cfg)
-    store = Store.from_params(cfg.store, lambda p: cfg.resolve(p))
-    stop = threading.Event()
-    wake = threading.Event()
-
-    def report(ev: WatchEvent) -> None:
+    def say(kind: str, text: str, **fields: object) -> None:
         if as_json:
-            print(json.dumps({"event": ev.kind, "path": ev.path, "slide_id": ev.slide_id,
-                              "reason": ev.reason}), flush=True)
+            print(json.dumps({"event": kind, **fields}), flush=True)
         else:
-            style = {"slide": "green", "done": "green", "duplicate": "yellow"}.get(ev.kind, "red")
-            console.print(f"[{style}]{ev.kind}[/] {ev.path}" + (f" — {ev.reason}" if ev.reason else ""),
-                          highlight=False)
+            console.print(text, highlight=False)
 
-    def finished(slide_id: int, why: str) -> None:
-        counts = store.counts(slide_id)
-        if as_json:
-            print(json.dumps({"event": "counted", "slide_id": slide_id, "stopped_because": why,
-                              "counts": counts}), flush=True)
-        else:
-            console.print(f"slide {slide_id}: {why}, {sum(counts.values())} cells", highlight=False)
+    def on_watch(ev: WatchEvent) -> None:
+        style = {"slide": "green", "done": "green", "duplicate": "yellow"}.get(ev.kind, "red")
+        say(ev.kind, f"[{style}]{ev.kind}[/] {ev.path}" + (f" — {ev.reason}" if ev.reason else ""),
+            path=ev.path, slide_id=ev.slide_id, reason=ev.reason)
 
-    watcher = FolderWatcher(params, store, submit=lambda _id: wake.set(),
-                            target=cfg.acquisition.target, taxonomy=cfg.taxonomy,
-                            detect=cfg.detect, on_event=report)
+    def on_service(ev) -> None:  # noqa: ANN001  (daemon.service.Event)
+        if ev.kind == "slide_finished":
+            why = ev.data.get("stopped_because")
+            say("counted", f"[green]counted[/] {ev.name}: {ev.counted} cells ({why})",
+                slide_id=ev.slide_id, name=ev.name, counted=ev.counted, stopped_because=why,
+                error=ev.data.get("error"))
 
-    def analyze(rgb, um):  # noqa: ANN001, ANN202
-        return analyze_field(rgb, um, classifier, cfg.detect, cfg.analysis)
-
-    def count() -> None:
-        count_folder_slides(store, analyze, cfg.acquisition.quality, cfg.detect,
-                            worker=f"watch@{socket.gethostname()}", should_stop=stop.is_set,
-                            on_done=finished)
-
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # The service gets no watch folders of its own: this command's watcher is the only one.
+    service = Service(cfg.model_copy(update={"watch": params.model_copy(update={"folders": ()})}),
+                      config, on_event=on_service)
+    watcher = FolderWatcher(params, service.store, target=cfg.acquisition.target,
+                            taxonomy=cfg.taxonomy, detect=cfg.detect, on_event=on_watch)
     try:
         if once:
-            # Backlog only: passes until no file is waiting to settle, then count everything.
-            while True:
+            while True:  # the backlog: passes until no file is waiting to settle
                 watcher.scan_once()
-                if not watcher.waiting() or stop.is_set():
+                if not watcher.waiting():
                     break
                 time.sleep(min(0.5, params.stable_seconds / 4 + 0.05))
-            count()
+            service.run(exit_when_idle=True)
+            watcher.scan_once()  # settle: files of finished slides become done
             return
         if not as_json:
             err_console.print(f"watching {folder} (Ctrl-C to stop)")
+        service.install_signal_handlers()
         watcher.start()
-        wake.set()  # slides queued before this run (interrupted counts) are resumed first
-        while not stop.is_set():
-            if wake.wait(1.0):
-                wake.clear()
-                count()
-    except KeyboardInterrupt:
-        stop.set()
+        service.run()
     finally:
         watcher.stop()
-        signal.signal(signal.SIGTERM, previous)
-        store.close()
+        service.close()
