@@ -40,6 +40,9 @@ class AcquisitionParams(Params):
         description="counting area in stage µm: [[x0,y0],[x1,y1]] rectangle corners or >= 3 "
         "polygon vertices; null = the whole slide (virtual) / stage limits"
     )
+    stage_limits_um: tuple[float, float, float, float] | None = Field(
+        description="real hardware: [x0, y0, x1, y1] µm the stage may visit; null = unchecked"
+    )
     max_fields: int = Field(gt=0, description="never visit more fields than this per slide")
     prefetch_fields: int = Field(
         ge=1, description="fields acquired ahead of analysis (stage keeps moving meanwhile)"

@@ -100,6 +100,7 @@ class Microscope:
         self.um_per_px = px
         self.z_moves = 0
         self.xy_moves = 0
+        self._slide: object | None = None
 
     # -- construction --------------------------------------------------------------------
 
@@ -139,7 +140,9 @@ class Microscope:
     ) -> Microscope:
         """The virtual microscope over ``slide`` (a SlideImage or any SlideView)."""
         vm = build_virtual_microscope(slide, um_per_px, params.virtual)
-        return cls(vm.core, params, stage_limits_um=vm.stage_limits_um, virtual=vm)
+        scope = cls(vm.core, params, stage_limits_um=vm.stage_limits_um, virtual=vm)
+        scope._slide = slide
+        return scope
 
     # -- geometry ------------------------------------------------------------------------
 
@@ -239,6 +242,9 @@ class Microscope:
             self.core.unloadAllDevices()
         except Exception as exc:  # closing must not hide the result of a run
             log.warning("unloading devices failed: %s", exc)
+        close_slide = getattr(self._slide, "close", None)
+        if close_slide is not None:
+            close_slide()
 
 
 class _FieldEngine(MDAEngine):
@@ -385,3 +391,34 @@ class MicroscopeFieldSource:
             quality=q.as_dict(),
             skipped_reason=q.reason,
         )
+
+
+def open_microscope(
+    params: AcquisitionParams,
+    *,
+    mm_config: str | Path | None = None,
+    virtual_slide: str | Path | None = None,
+    um_per_px: float | None = None,
+) -> Microscope:
+    """The microscope to count with: real hardware from ``mm_config`` or the virtual
+    microscope over ``virtual_slide`` (read lazily). Every check that can fail does so here,
+    before any stage moves. ``um_per_px`` overrides the config's / slide's pixel size."""
+    if (mm_config is None) == (virtual_slide is None):
+        raise AcquisitionError("give exactly one of a Micro-Manager config or a virtual slide")
+    if um_per_px is not None and not um_per_px > 0:
+        raise AcquisitionError(f"--um-per-px must be a positive number, got {um_per_px}")
+    if mm_config is not None:
+        scope = Microscope.from_mm_config(mm_config, params, um_per_px)
+        if params.stage_limits_um is not None:
+            scope.stage_limits_um = params.stage_limits_um
+        return scope
+    from drivers.slide_image import open_slide
+
+    slide = open_slide(virtual_slide)  # ImageError with the reason for a missing/broken file
+    px = um_per_px or slide.um_per_px
+    if not px:
+        slide.close()
+        raise AcquisitionError(
+            f"{virtual_slide}: the slide file states no pixel size; give --um-per-px"
+        )
+    return Microscope.from_virtual_slide(slide, float(px), params)
