@@ -39,7 +39,9 @@ from pipeline.imaging import read_rgb
 from pipeline.params import Params
 
 TRUTH_VERSION = 1
-LEUKOCYTE_LAYER, OTHER_LAYER = "leukocyte", "other"
+LEUKOCYTE_LAYER = "leukocyte"
+DETACHABLE = ("band_neutrophil", "segmented_neutrophil")
+"""Classes whose nucleus may be drawn with a detached lobe."""
 
 
 class SlideGenError(MarrowError):
@@ -63,6 +65,9 @@ class SlideGenParams(Params):
     rbc_coverage: tuple[float, float] = Field(description="red-cell area cover range (1 = full)")
     platelets_per_field: tuple[float, float]
     debris_per_field: tuple[float, float]
+    detached_lobe_fraction: float = Field(
+        ge=0, le=1, description="share of band/segmented neutrophils drawn with a lobe pushed off")
+    lobe_shift_um: float = Field(ge=0, description="how far a detached lobe is pushed out")
     size_jitter: float = Field(ge=0, lt=0.5, description="relative cell size jitter")
     stain_variation: float = Field(ge=0, lt=0.5, description="relative optical-density drift")
     illumination_variation: float = Field(ge=0, lt=0.5, description="relative brightness drift")
@@ -226,6 +231,62 @@ def segment_leukocyte(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     cell = cv2.resize(fg * 255, (w, h), interpolation=cv2.INTER_LINEAR) > 127
     nucleus = cv2.resize(seed.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_LINEAR)
     return cell, (nucleus > 127) & cell
+
+
+def detach_lobes(rgb: np.ndarray, cell: np.ndarray, nucleus: np.ndarray, shift_px: float,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Push the outermost nuclear lobe of a real neutrophil ``shift_px`` further out.
+
+    Marrow neutrophils often show lobes joined only by invisible filaments, which a detector
+    sees as separate nuclei. The lobes are found by eroding the nucleus until it falls apart;
+    the lobe farthest from the nucleus centre moves radially with the cytoplasm around it, and
+    the place it left is filled from the surrounding cytoplasm (inpainting). Returns the new
+    (rgb, cell, nucleus), or None when the nucleus is a single lobe.
+    """
+    from scipy import ndimage
+
+    nuc = nucleus.astype(np.uint8)
+    k = np.ones((3, 3), np.uint8)
+    markers, n = None, 0
+    for it in range(1, 12):
+        er = cv2.erode(nuc, k, iterations=it)
+        n, lab, stats, _ = cv2.connectedComponentsWithStats(er)
+        big = [i for i in range(1, n) if stats[i, 4] >= 30]
+        if len(big) >= 2:
+            markers = np.where(np.isin(lab, big), lab, 0)
+            break
+        if not big:
+            return None
+    if markers is None:
+        return None
+    # Every nucleus pixel joins its nearest eroded lobe.
+    _, (iy, ix) = ndimage.distance_transform_edt(markers == 0, return_indices=True)
+    lobes = np.where(nucleus, markers[iy, ix], 0)
+    ys, xs = np.nonzero(nucleus)
+    cy, cx = ys.mean(), xs.mean()
+    ids = [i for i in np.unique(lobes) if i > 0]
+    cents = {i: np.argwhere(lobes == i).mean(0) for i in ids}
+    far = max(ids, key=lambda i: np.hypot(*(cents[i] - (cy, cx))))
+    d = cents[far] - (cy, cx)
+    d = d / max(np.hypot(*d), 1e-6)
+    dy, dx = d * shift_px
+    lobe = lobes == far
+    # The lobe takes a rim of its own cytoplasm along (about half the shift), not other lobes.
+    r = max(1, int(shift_px / 2))
+    others = cv2.dilate((nucleus & ~lobe).astype(np.uint8), k, iterations=2).astype(bool)
+    carry = cv2.dilate(lobe.astype(np.uint8), cv2.getStructuringElement(
+        cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))).astype(bool) & cell & ~others
+    m = np.float32([[1, 0, dx], [0, 1, dy]])
+    h, w = cell.shape
+    moved_rgb = cv2.warpAffine(rgb, m, (w, h), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REFLECT_101)
+    moved = cv2.warpAffine(carry.astype(np.uint8), m, (w, h), flags=cv2.INTER_NEAREST) > 0
+    moved_lobe = cv2.warpAffine(lobe.astype(np.uint8), m, (w, h), flags=cv2.INTER_NEAREST) > 0
+    hole = cv2.dilate(lobe.astype(np.uint8), k, iterations=3)
+    out = cv2.inpaint(rgb, hole, 5, cv2.INPAINT_TELEA)
+    out[moved] = moved_rgb[moved]
+    new_nucleus = (nucleus & ~lobe) | moved_lobe
+    return out, cell | moved, new_nucleus
 
 
 def _soft_sprite(rgb: np.ndarray, mask: np.ndarray, plasma: np.ndarray, scale: float,
@@ -399,17 +460,27 @@ class _Pools:
         except ImageError as exc:
             raise SlideGenError(str(exc)) from None
 
-    def leukocyte(self, path: str) -> Sprite | None:
-        if path not in self._cache:
+    def leukocyte(self, path: str, detached: bool = False) -> Sprite | None:
+        """The sprite of one crop's leukocyte (``detached``: with a lobe pushed off)."""
+        key = f"{path}|detached" if detached else path
+        if key not in self._cache:
             rgb = self._read(path)
             seg = segment_leukocyte(rgb)
             if seg is None or seg[0].sum() < 400:
-                self._cache[path] = None
-            else:
-                plasma = _plasma_rgb(rgb, seg[0])
-                self._cache[path] = _soft_sprite(rgb, seg[0], plasma, self.scale, self.feather,
-                                                 path, nucleus=seg[1])
-        return self._cache[path]
+                self._cache[key] = None
+                return None
+            cell, nucleus = seg
+            if detached:
+                got = detach_lobes(rgb, cell, nucleus,
+                                   self.p.lobe_shift_um / self.p.source_um_per_px)
+                if got is None:
+                    self._cache[key] = None
+                    return None
+                rgb, cell, nucleus = got
+            plasma = _plasma_rgb(rgb, cell)
+            self._cache[key] = _soft_sprite(rgb, cell, plasma, self.scale, self.feather,
+                                            path, nucleus=nucleus)
+        return self._cache[key]
 
     def platelet(self, path: str) -> Sprite | None:
         return self.leukocyte(path)
@@ -486,17 +557,23 @@ def layout(params: SlideGenParams, seed: int, heldout: set[str] | None = None,
     grid = _Grid(120.0)
     reach = 260.0
 
-    def draw_leukocyte() -> tuple[Sprite, str] | None:
+    def draw_leukocyte() -> tuple[Sprite, str, bool] | None:
         for _ in range(8):
             cls = classes[rng.choice(len(classes), p=shares)]
             pool = pools.by_class[cls]
-            s = pools.leukocyte(pool[rng.integers(len(pool))])
+            path = pool[rng.integers(len(pool))]
+            detached = cls in DETACHABLE and rng.uniform() < p.detached_lobe_fraction
+            s = pools.leukocyte(path, detached) if detached else None
+            if s is None:
+                detached = False
+                s = pools.leukocyte(path)
             if s is not None:
                 f = float(np.clip(1 + p.size_jitter * rng.standard_normal(), 0.8, 1.2))
-                return _rescaled(s.transformed(int(rng.integers(8))), f), cls
+                return _rescaled(s.transformed(int(rng.integers(8))), f), cls, detached
         return None
 
-    def put(s: Sprite, cls: str, x: float, y: float, cluster: int | None) -> bool:
+    def put(s: Sprite, cls: str, x: float, y: float, cluster: int | None,
+            detached: bool = False) -> bool:
         r = s.radius_px
         if not (r <= x < W - r and r <= y < H - r):
             return False
@@ -511,14 +588,14 @@ def layout(params: SlideGenParams, seed: int, heldout: set[str] | None = None,
         truth_cells.append({
             "id": len(truth_cells), "x": round(x0 + ox, 2), "y": round(y0 + oy, 2),
             "r_um": round(r * p.um_per_px, 2), "box": [x0, y0, x0 + w, y0 + h],
-            "class": cls, "source": s.source, "cluster": cluster,
+            "class": cls, "source": s.source, "cluster": cluster, "detached_lobe": detached,
         })
         return True
 
     n_clusters = 0
     for x, y in seeds:
         got = draw_leukocyte()
-        if got is None or not put(got[0], got[1], x, y, None):
+        if got is None or not put(got[0], got[1], x, y, None, got[2]):
             continue
         if rng.uniform() >= p.cluster_probability:
             continue
@@ -532,7 +609,7 @@ def layout(params: SlideGenParams, seed: int, heldout: set[str] | None = None,
             ang = rng.uniform(0, 2 * np.pi)
             d = (anchor["r_um"] / p.um_per_px + nb[0].radius_px) * rng.uniform(0.88, 1.0)
             members += put(nb[0], nb[1], anchor["x"] + d * np.cos(ang),
-                           anchor["y"] + d * np.sin(ang), n_clusters)
+                           anchor["y"] + d * np.sin(ang), n_clusters, nb[2])
         if members == 1:
             truth_cells[-1]["cluster"] = None
         else:
