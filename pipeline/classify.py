@@ -1,14 +1,223 @@
-"""Dual-stage classification of cell crops with a trained checkpoint."""
+"""Dual-stage classification of cell crops with a trained checkpoint.
+
+``load_classifier(path, taxonomy)`` reads a checkpoint written by ``pipeline.train`` and
+returns a ``Classifier``; ``Classifier.classify(crops)`` takes RGB uint8 crops
+``(N, 96, 96, 3)`` cut at ``Classifier.um_per_px`` and returns calibrated probabilities
+(global model, then each local model deciding between its pair when the global top-2 is
+that pair), the calibrated confidence, and an ``unknown`` flag for cells unlike every
+trained class.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
+import torch
 from pydantic import Field
 
+from pipeline.errors import CheckpointError, ImageError
+from pipeline.imaging import CROP_SIZE
+from pipeline.model import ARCH_ID, VGG, build, to_input
 from pipeline.params import Params
+from pipeline.stain import StainReference, reinhard
+from pipeline.taxonomy import Taxonomy
+
+UnknownMethod = Literal["mahalanobis", "msp", "energy"]
 
 
 class ClassifierParams(Params):
     checkpoint: Path
     batch_size: int = Field(gt=0)
+    dual_stage: bool
+    local_pairs: tuple[tuple[str, str], ...]
+    """Local pairs to apply; empty = every pair stored in the checkpoint."""
+    flag_unknown: bool
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Per-crop results. ``probs`` float32 ``(N, K)`` (rows sum to 1, dual stage applied,
+    temperature-calibrated); ``global_probs`` the same before the local models;
+    ``confidence`` float32 (N) calibrated top probability, lowered for unknown cells;
+    ``unknown`` bool (N); ``unknown_score`` float32 (N), larger = less like any class."""
+
+    probs: np.ndarray
+    global_probs: np.ndarray
+    confidence: np.ndarray
+    unknown: np.ndarray
+    unknown_score: np.ndarray
+
+    def labels(self, classes: tuple[str, ...]) -> list[str]:
+        return [classes[i] for i in self.probs.argmax(1)]
+
+
+@dataclass(frozen=True)
+class _Local:
+    a: int
+    b: int
+    model: VGG
+    temperature: float
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a marrowcount checkpoint")
+    if ckpt.get("arch") != ARCH_ID:
+        raise CheckpointError(
+            f"{path}: checkpoint is from architecture {ckpt.get('arch')!r}, expected {ARCH_ID!r}")
+    return ckpt
+
+
+def _model(ckpt: dict[str, Any], state: dict[str, torch.Tensor], k: int, path: Path) -> VGG:
+    m = build(k, float(ckpt["width"]), int(ckpt["fc"]), init=False)
+    try:
+        m.load_state_dict({n: v.float() if v.is_floating_point() else v for n, v in state.items()})
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture: "
+                              f"{str(exc).splitlines()[0]}") from None
+    m.eval()
+    return m.to(memory_format=torch.channels_last)
+
+
+class Classifier:
+    """A loaded global model plus its local models, calibration and unknown-cell detector."""
+
+    def __init__(self, ckpt: dict[str, Any], path: Path, *, dual_stage: bool = True,
+                 local_pairs: tuple[tuple[str, str], ...] = (), flag_unknown: bool = True,
+                 batch_size: int = 64, unknown_method: UnknownMethod | None = None) -> None:
+        try:
+            self.classes: tuple[str, ...] = tuple(ckpt["classes"])
+            self.um_per_px = float(ckpt["um_per_px"])
+            self.mean = np.asarray(ckpt["yuv_mean"], np.float32)
+            self.std = np.asarray(ckpt["yuv_std"], np.float32)
+            self.temperature = float(ckpt["temperature"])
+            self.model = _model(ckpt, ckpt["state"], len(self.classes), path)
+            stored = {tuple(d["pair"]): d for d in ckpt["local"]}
+            self.unknown_params = ckpt["unknown"]
+            ref = ckpt.get("stain_reference")
+        except KeyError as exc:
+            raise CheckpointError(f"{path}: checkpoint lacks {exc}") from None
+        self.stain_reference = None if ref is None else StainReference(tuple(ref["mean"]),
+                                                                       tuple(ref["std"]))
+        self.path = path
+        self.batch_size = batch_size
+        self.flag_unknown = flag_unknown
+        self.unknown_method: UnknownMethod = unknown_method or self.unknown_params["method"]
+        pairs = [tuple(p) for p in local_pairs] or list(stored)
+        self.locals: list[_Local] = []
+        for pair in pairs if dual_stage else []:
+            if pair not in stored:
+                raise CheckpointError(f"{path}: no local model for pair {list(pair)}; "
+                                      f"it has {[list(p) for p in stored]}")
+            d = stored[pair]
+            self.locals.append(_Local(self.classes.index(pair[0]), self.classes.index(pair[1]),
+                                      _model(ckpt, d["state"], 2, path), float(d["temperature"])))
+
+    def _prep(self, crops: np.ndarray) -> torch.Tensor:
+        if self.stain_reference is not None:
+            crops = np.stack([reinhard(c, self.stain_reference) for c in crops])
+        x = to_input(crops, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def _run(self, model: VGG, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # bf16 autocast pays off from a few crops up; a single crop is faster in fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=len(x) >= 4):
+            f = model.features(x)
+            return model.head(f).float(), f.float()
+
+    def classify(self, crops: np.ndarray) -> Classification:
+        """Classify RGB uint8 crops ``(N, 96, 96, 3)`` cut at ``self.um_per_px``."""
+        crops = np.asarray(crops)
+        if crops.ndim == 3:
+            crops = crops[None]
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
+            raise ImageError(f"classify expects uint8 crops (N, {CROP_SIZE}, {CROP_SIZE}, 3), "
+                             f"got {crops.dtype} {crops.shape}")
+        k = len(self.classes)
+        n = len(crops)
+        probs = np.zeros((n, k), np.float32)
+        gprobs = np.zeros((n, k), np.float32)
+        score = np.zeros(n, np.float32)
+        for i in range(0, n, self.batch_size):
+            x = self._prep(crops[i:i + self.batch_size])
+            logits, feats = self._run(self.model, x)
+            p = torch.softmax(logits / self.temperature, 1)
+            gprobs[i:i + len(x)] = p.numpy()
+            p = p.clone()
+            top2 = torch.topk(p, 2, dim=1).indices
+            for loc in self.locals:
+                rows = (((top2[:, 0] == loc.a) & (top2[:, 1] == loc.b))
+                        | ((top2[:, 0] == loc.b) & (top2[:, 1] == loc.a))).nonzero().flatten()
+                if len(rows):
+                    q = torch.softmax(self._run(loc.model, x[rows])[0] / loc.temperature, 1)
+                    mass = p[rows, loc.a] + p[rows, loc.b]
+                    p[rows, loc.a] = mass * q[:, 0]
+                    p[rows, loc.b] = mass * q[:, 1]
+            probs[i:i + len(x)] = p.numpy()
+            score[i:i + len(x)] = self._unknown_score(logits, feats).numpy()
+        probs /= probs.sum(1, keepdims=True)
+        conf = probs.max(1)
+        thr = float(self.unknown_params[f"{self.unknown_method}_threshold"])
+        if self.unknown_method == "msp":
+            unknown = score > -thr
+        else:
+            unknown = score > thr
+        if not self.flag_unknown:
+            unknown = np.zeros(n, bool)
+        elif self.unknown_method == "mahalanobis":
+            conf = np.where(unknown, conf * np.minimum(1.0, thr / np.maximum(score, 1e-9)), conf)
+        else:
+            conf = np.where(unknown, conf * 0.5, conf)
+        return Classification(probs, gprobs, conf.astype(np.float32), unknown,
+                              score.astype(np.float32))
+
+    def global_logits(self, crops: np.ndarray) -> np.ndarray:
+        """Uncalibrated global-model logits ``(N, K)`` float32 (for calibration checks)."""
+        out = [self._run(self.model, self._prep(crops[i:i + self.batch_size]))[0].numpy()
+               for i in range(0, len(crops), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def _unknown_score(self, logits: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        u = self.unknown_params
+        if self.unknown_method == "mahalanobis":
+            return mahalanobis(feats, u["centroids"], u["precision"])
+        if self.unknown_method == "energy":
+            return -self.temperature * torch.logsumexp(logits / self.temperature, 1)
+        return -torch.softmax(logits / self.temperature, 1).max(1).values
+
+
+def mahalanobis(feat: torch.Tensor, centroids: torch.Tensor, precision: torch.Tensor
+                ) -> torch.Tensor:
+    """Smallest Mahalanobis distance² of each feature row ``(N, D)`` to any class centroid
+    ``(K, D)`` under a shared precision matrix ``(D, D)``; returns ``(N,)``."""
+    d = feat[:, None, :] - centroids[None]
+    return torch.einsum("nkd,de,nke->nk", d, precision, d).min(1).values
+
+
+def load_classifier(path: str | Path, taxonomy: Taxonomy | None = None, *,
+                    params: ClassifierParams | None = None,
+                    unknown_method: UnknownMethod | None = None) -> Classifier:
+    """Load a checkpoint. Raises CheckpointError when it is missing, corrupt, from another
+    architecture, or when its classes differ from ``taxonomy``'s."""
+    path = Path(path)
+    ckpt = _read(path)
+    if taxonomy is not None and list(ckpt.get("classes", [])) != taxonomy.names:
+        raise CheckpointError(
+            f"{path}: checkpoint classes {list(ckpt.get('classes', []))} do not match taxonomy "
+            f"{taxonomy.name!r} {taxonomy.names}; retrain with this taxonomy or choose a matching "
+            "checkpoint")
+    if params is None:
+        return Classifier(ckpt, path, unknown_method=unknown_method)
+    return Classifier(ckpt, path, dual_stage=params.dual_stage, local_pairs=params.local_pairs,
+                      flag_unknown=params.flag_unknown, batch_size=params.batch_size,
+                      unknown_method=unknown_method)

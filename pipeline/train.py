@@ -1,12 +1,312 @@
-"""Training of the global and local models from labelled crops."""
+"""Training of the global and local models from labelled crops, calibration, checkpoint.
+
+``train_classifier(crops, params, classes, ...)`` takes a ``CropSet`` already cut at the
+working scale (see ``pipeline.datasets``) and returns a ``TrainResult`` holding the
+checkpoint dict (``save_checkpoint`` writes it) plus the split and metrics. Steps:
+
+1. stratified 5:1 train+val/test split from the seed, a validation share of train+val;
+2. YUV mean/std of the training split;
+3. the global K-class model: SGD (momentum, weight decay), linear warm-up then cosine LR
+   decay, oversampling by re-cropping at shifted centres to ``per_class`` per class per
+   epoch, 8× dihedral plus stain/colour/optics augmentation on the training split only;
+4. one local 2-way model per configured pair, fine-tuned from the global body;
+5. temperature scaling fitted on validation; unknown-cell detector parameters.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from pipeline.augment import AugmentParams, augment
+from pipeline.classify import mahalanobis
+from pipeline.datasets import CropSet, SourceParams, centre, epoch_indices, recrop, split
+from pipeline.imaging import CROP_SIZE, rgb_to_yuv
+from pipeline.model import ARCH_ID, VGG, build, to_input
 from pipeline.params import Params
+from pipeline.stain import lab_stats, reinhard
 
 
 class TrainParams(Params):
     seed: int
     epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    width: float = Field(gt=0, le=1)
+    fc: int = Field(gt=0)
+    conv_dropout: float = Field(ge=0, lt=1)
+    fc_dropout: float = Field(ge=0, lt=1)
+    um_per_px: float = Field(gt=0)
+    """Working scale of the model's 96×96 crops."""
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    warmup_epochs: float = Field(ge=0)
+    grad_clip: float = Field(ge=0)
+    """Largest gradient norm per step (0 = no clipping)."""
+    per_class: int = Field(ge=0)
+    """Oversample (re-crop at shifted centres) or subsample each class to this many per
+    epoch; 0 = every training crop once per epoch, centred (no oversampling)."""
+    shift_um: float = Field(ge=0)
+    augment: bool
+    """Dihedral + colour/optics augmentation and scale jitter on the training split."""
+    scale_jitter: float = Field(ge=0, lt=0.5)
+    augmentation: AugmentParams
+    stain_normalization: Literal["none", "reinhard"]
+    val_fraction: float = Field(gt=0, lt=0.5)
+    cv_folds: int = Field(ge=0)
+    local_pairs: tuple[tuple[str, str], ...]
+    local_epochs: int = Field(ge=0)
+    local_per_class: int = Field(gt=0)
+    local_lr: float = Field(gt=0)
+    unknown_false_flag_rate: float = Field(gt=0, lt=0.5)
+    """Share of known validation cells the unknown-cell detector may flag."""
+    sources: tuple[SourceParams, ...] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    stage: str
+    epoch: int
+    epochs: int
+    loss: float
+    val_acc: float
+    seconds: float
+    eta_s: float
+    images_per_s: float
+
+
+@dataclass
+class TrainResult:
+    checkpoint: dict[str, Any]
+    split: dict[str, np.ndarray]
+    history: list[EpochReport] = field(default_factory=list)
+
+
+def _batches(idx: np.ndarray, size: int) -> list[np.ndarray]:
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+
+class _Prep:
+    """Turns cached crops into model input batches (recrop, augment, normalise)."""
+
+    def __init__(self, cache: np.ndarray, p: TrainParams, mean: np.ndarray, std: np.ndarray,
+                 stain_ref: Any) -> None:
+        self.cache, self.p, self.mean, self.std, self.stain_ref = cache, p, mean, std, stain_ref
+
+    def train_batch(self, idx: np.ndarray, seed: int) -> torch.Tensor:
+        p, rng = self.p, np.random.default_rng(seed)
+        shift = p.shift_um / p.um_per_px if p.per_class else 0.0
+        jitter = p.scale_jitter if p.augment else 0.0
+        crops = recrop(self.cache[idx], p.um_per_px, rng, shift, jitter)
+        if p.augment:
+            crops = augment(crops, rng, p.augmentation)
+        return self.finish(crops)
+
+    def finish(self, crops: np.ndarray) -> torch.Tensor:
+        if self.stain_ref is not None:
+            crops = np.stack([reinhard(c, self.stain_ref) for c in crops])
+        return to_input(crops, self.mean, self.std)
+
+
+def _lr_at(step: int, total: int, warm: int, base: float) -> float:
+    if step < warm:
+        return base * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return base * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@torch.inference_mode()
+def predict_logits(model: VGG, crops: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                   batch: int = 256, features: bool = False) -> torch.Tensor:
+    """Logits ``(N, K)`` (or penultimate features) of RGB uint8 crops ``(N, 96, 96, 3)``, in
+    eval mode with bf16 autocast; fp32 output."""
+    model.eval()
+    out = []
+    for i in range(0, len(crops), batch):
+        xb = to_input(crops[i:i + batch], mean, std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model.features(xb) if features else model(xb)
+        out.append(y.float())
+    return torch.cat(out) if out else torch.zeros((0, 1))
+
+
+def _fit_loop(model: VGG, prep: _Prep, labels: np.ndarray, train_idx: np.ndarray,
+              val_x: np.ndarray, val_y: np.ndarray, epochs: int, per_class: int, lr: float,
+              p: TrainParams, stage: str, seed: int, on_epoch: Callable[[EpochReport], None],
+              history: list[EpochReport], max_seconds: float | None = None) -> None:
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum,
+                          weight_decay=p.weight_decay, nesterov=True)
+    loss_fn = nn.CrossEntropyLoss()
+    # Per-epoch generators: a run cut short by a time budget repeats exactly with --epochs.
+    plan = [train_idx[epoch_indices(labels[train_idx], per_class,
+                                    np.random.default_rng([seed, ep]))] for ep in range(epochs)]
+    steps_per_epoch = math.ceil(len(plan[0]) / p.batch_size)
+    warm = int(p.warmup_epochs * steps_per_epoch)
+    planned = epochs
+    step = 0
+    t_start = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        ep = 0
+        while ep < planned:
+            t0 = time.perf_counter()
+            total = steps_per_epoch * planned
+            model.train()
+            batches = _batches(plan[ep], p.batch_size)
+            seeds = np.random.default_rng([seed, ep, 1]).integers(0, 2**31, len(batches))
+            fut = pool.submit(prep.train_batch, batches[0], int(seeds[0]))
+            losses = []
+            for b in range(len(batches)):
+                x = fut.result()
+                if b + 1 < len(batches):
+                    fut = pool.submit(prep.train_batch, batches[b + 1], int(seeds[b + 1]))
+                y = torch.from_numpy(labels[batches[b]])
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(step, total, warm, lr)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = model(x.contiguous(memory_format=torch.channels_last))
+                loss = loss_fn(out.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if p.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+                opt.step()
+                losses.append(float(loss.detach()))
+                step += 1
+            acc = float((predict_logits(model, val_x, prep.mean, prep.std).argmax(1).numpy()
+                         == val_y).mean()) if len(val_y) else float("nan")
+            ep += 1
+            elapsed = time.perf_counter() - t_start
+            if max_seconds is not None:
+                # Shrink the schedule (never grow it) so the cosine decay ends within budget.
+                fit = int(max_seconds / (elapsed / ep))
+                planned = max(ep, min(planned, fit))
+            dt = time.perf_counter() - t0
+            rep = EpochReport(stage, ep, planned, float(np.mean(losses)), acc, dt,
+                              elapsed / ep * (planned - ep), len(plan[ep - 1]) / dt)
+            history.append(rep)
+            on_epoch(rep)
+
+
+def fit_temperature(logits: torch.Tensor, labels: np.ndarray) -> float:
+    """Temperature T minimising the NLL of ``softmax(logits / T)`` (1-D search on log T)."""
+    y = torch.from_numpy(np.asarray(labels))
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 161))
+    nll = [float(nn.functional.cross_entropy(logits / t, y)) for t in grid]
+    return float(grid[int(np.argmin(nll))])
+
+
+def unknown_stats(feats: torch.Tensor, train_y: np.ndarray, k: int) -> dict:
+    """Class centroids and shared precision matrix of penultimate features (Mahalanobis)."""
+    f = feats.double()
+    y = torch.from_numpy(train_y)
+    cent = torch.stack([f[y == c].mean(0) for c in range(k)])
+    d = f - cent[y]
+    cov = d.T @ d / len(f) + 1e-3 * torch.eye(f.shape[1], dtype=torch.float64)
+    return {"centroids": cent.float(), "precision": torch.linalg.inv(cov).float()}
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Large weight tensors are stored as fp16 to keep the shipped file small.
+    return {k: (v.half() if v.is_floating_point() and v.numel() > 4096 else v.clone())
+            for k, v in model.state_dict().items()}
+
+
+def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
+                     taxonomy: str, data_hash: str,
+                     on_epoch: Callable[[EpochReport], None] = lambda r: None,
+                     max_seconds: float | None = None, threads: int | None = None) -> TrainResult:
+    """Train global + local models on ``data`` (cut at ``p.um_per_px``); see module doc."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(p.seed)
+    classes = list(classes)
+    k = len(classes)
+    sp = split(data.labels, p.seed, p.val_fraction)
+    labels = data.labels
+    stain_ref = lab_stats(centre(data.crops[sp["train"][:2000]])) \
+        if p.stain_normalization == "reinhard" else None
+    cen = centre(data.crops)
+    if stain_ref is not None:
+        cen = np.stack([reinhard(c, stain_ref) for c in cen])
+    yuv = rgb_to_yuv(cen[sp["train"]])
+    mean = yuv.mean(axis=(0, 1, 2)).astype(np.float64)
+    std = yuv.std(axis=(0, 1, 2)).astype(np.float64)
+    del yuv
+    prep = _Prep(data.crops, p, mean, std, stain_ref)
+    val_x, val_y = cen[sp["val"]], labels[sp["val"]]
+
+    model = build(k, p.width, p.fc, p.conv_dropout, p.fc_dropout)
+    history: list[EpochReport] = []
+    _fit_loop(model, prep, labels, sp["train"], val_x, val_y, p.epochs, p.per_class, p.lr, p,
+              "global", p.seed, on_epoch, history, max_seconds)
+
+    val_logits = predict_logits(model, val_x, mean, std)
+    temperature = fit_temperature(val_logits, val_y)
+    stats = unknown_stats(predict_logits(model, cen[sp["train"]], mean, std, features=True),
+                          labels[sp["train"]], k)
+    val_feat = predict_logits(model, val_x, mean, std, features=True)
+    val_probs = torch.softmax(val_logits / temperature, 1)
+    q = 1.0 - p.unknown_false_flag_rate
+    unknown = {
+        "method": "mahalanobis",
+        "mahalanobis_threshold": float(np.quantile(
+            mahalanobis(val_feat, stats["centroids"], stats["precision"]).numpy(), q)),
+        "msp_threshold": float(np.quantile(val_probs.max(1).values.numpy(), 1.0 - q)),
+        "energy_threshold": float(np.quantile(
+            (-temperature * torch.logsumexp(val_logits / temperature, 1)).numpy(), q)),
+        **stats,
+    }
+
+    locals_: list[dict[str, Any]] = []
+    for a, b in p.local_pairs:
+        ia, ib = classes.index(a), classes.index(b)
+        pair_labels = np.full(len(labels), -1, np.int64)
+        pair_labels[labels == ia] = 0
+        pair_labels[labels == ib] = 1
+        tr = sp["train"][pair_labels[sp["train"]] >= 0]
+        va = sp["val"][pair_labels[sp["val"]] >= 0]
+        local = build(2, p.width, p.fc, p.conv_dropout, p.fc_dropout)
+        body = {kk: v for kk, v in model.state_dict().items() if not kk.startswith("head.")}
+        local.load_state_dict(body, strict=False)
+        if p.local_epochs:
+            _fit_loop(local, prep, pair_labels, tr, cen[va], pair_labels[va], p.local_epochs,
+                      p.local_per_class, p.local_lr, p, f"local {a}/{b}", p.seed + 7, on_epoch,
+                      history)
+        lt = fit_temperature(predict_logits(local, cen[va], mean, std), pair_labels[va])
+        locals_.append({"pair": [a, b], "state": _state(local), "temperature": lt})
+
+    ckpt = {
+        "format": 1,
+        "arch": ARCH_ID,
+        "width": p.width,
+        "fc": p.fc,
+        "classes": classes,
+        "taxonomy": taxonomy,
+        "um_per_px": p.um_per_px,
+        "yuv_mean": [float(v) for v in mean],
+        "yuv_std": [float(v) for v in std],
+        "temperature": temperature,
+        "stain_reference": None if stain_ref is None else
+        {"mean": list(stain_ref.mean), "std": list(stain_ref.std)},
+        "state": _state(model),
+        "local": locals_,
+        "unknown": unknown,
+        "data_hash": data_hash,
+        "params": p.model_dump(mode="json"),
+        "epochs_run": sum(1 for h in history if h.stage == "global"),
+    }
+    return TrainResult(ckpt, sp, history)
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: Any) -> None:
+    torch.save(ckpt, path)

@@ -1,3 +1,160 @@
-"""marrowcount classification commands."""
+"""marrowcount classification commands: train, classify, eval-classify."""
 
-from daemon.cli.app import app, console, err_console  # noqa: F401
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from daemon.cli.app import app, console, err_console
+
+
+def _config(config: Optional[Path]):
+    from daemon.config import load_config
+
+    return load_config(config)
+
+
+def _fmt_s(s: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(max(0.0, s)))
+
+
+@app.command("train")
+def train_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path("model.pt"),
+    config: Annotated[Optional[Path], typer.Option("--config", help="Lab config file.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Override train.epochs.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(
+        help="Stop the global model early after this many minutes.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        help="Keep cut crops here to skip re-reading the images next time.")] = None,
+    threads: Annotated[int, typer.Option(help="Torch threads.")] = 2,
+    report: Annotated[Optional[Path], typer.Option(
+        help="Write test-split metrics (JSON) here.")] = None,
+) -> None:
+    """Train the global and local models on the configured sources and save a checkpoint."""
+    from daemon.config import REPO_ROOT
+    from pipeline.datasets import load_sources
+    from pipeline.evaluate_classifier import evaluate_split
+    from pipeline.train import EpochReport, save_checkpoint, train_classifier
+
+    cfg = _config(config)
+    p = cfg.train if epochs is None else cfg.train.model_copy(update={"epochs": epochs})
+    data, dhash = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
+                               cache_dir=cache_dir)
+    for line in data.problems:
+        err_console.print(f"skipped: {line}", highlight=False)
+    console.print(f"{len(data.labels)} crops, {len(cfg.classes.names)} classes, data hash {dhash[:12]}")
+
+    def on_epoch(r: EpochReport) -> None:
+        console.print(f"[{r.stage}] epoch {r.epoch}/{r.epochs}  loss {r.loss:.4f}  "
+                      f"val acc {r.val_acc:.4f}  {r.images_per_s:.0f} img/s  "
+                      f"epoch {r.seconds:.0f} s  ETA {_fmt_s(r.eta_s)}", highlight=False)
+
+    res = train_classifier(data, cfg.classes.names, p, taxonomy=cfg.taxonomy, data_hash=dhash,
+                           on_epoch=on_epoch, threads=threads,
+                           max_seconds=None if max_minutes is None else max_minutes * 60)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(res.checkpoint, out)
+    console.print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    metrics = evaluate_split(out, data, res.split["test"], cfg.classes)
+    console.print(json.dumps(metrics["summary"], indent=1))
+    if report:
+        report.write_text(json.dumps(metrics, indent=1))
+
+
+@app.command("classify")
+def classify_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Cell crop images (or folders of them).")],
+    um_per_px: Annotated[float, typer.Option("--um-per-px", help="Pixel size of the images.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Default: classifier.checkpoint.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Lab config file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout only.")] = False,
+) -> None:
+    """Classify cell crops centred on one cell each; unreadable files are reported, the rest
+    are still classified."""
+    from pipeline.classify import load_classifier
+    from pipeline.evaluate_classifier import crops_from_files, image_files
+
+    cfg = _config(config)
+    clf = load_classifier(checkpoint or cfg.resolve(cfg.classifier.checkpoint), cfg.classes,
+                          params=cfg.classifier)
+    files = image_files(paths)
+    crops, ok, errors = crops_from_files(files, um_per_px, clf.um_per_px)
+    rows: list[dict] = [{"image": str(f), "error": e} for f, e in errors]
+    if len(ok):
+        res = clf.classify(crops)
+        for i, f in enumerate(ok):
+            rows.append({"image": str(f), "label": clf.classes[int(res.probs[i].argmax())],
+                         "confidence": round(float(res.confidence[i]), 4),
+                         "unknown": bool(res.unknown[i]),
+                         "probabilities": {c: round(float(v), 4)
+                                           for c, v in zip(clf.classes, res.probs[i])}})
+    order = {str(f): i for i, f in enumerate(files)}
+    rows.sort(key=lambda r: order.get(r["image"], 0))
+    if as_json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            if "error" in r:
+                err_console.print(f"{r['image']}: error: {r['error']}", highlight=False)
+            else:
+                flag = "  (unknown: review)" if r["unknown"] else ""
+                console.print(f"{r['image']}: {r['label']} {r['confidence']:.2f}{flag}",
+                              highlight=False)
+    if errors and not ok:
+        raise typer.Exit(2)
+
+
+@app.command("eval-classify")
+def eval_classify_cmd(
+    folder: Annotated[Optional[Path], typer.Argument(
+        help="Folder of crops: with --labels, a flat folder; without, a folder-per-class tree. "
+             "Omit to evaluate the configured sources' test split.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(
+        help="CSV of image,label (first two columns; image = file name, stem or number).")] = None,
+    label_names: Annotated[Optional[str], typer.Option(
+        help="Comma-separated names for numeric labels 1..n, e.g. "
+             "neutrophil,lymphocyte,monocyte,eosinophil,basophil.")] = None,
+    um_per_px: Annotated[Optional[float], typer.Option("--um-per-px")] = None,
+    coarse: Annotated[bool, typer.Option(
+        help="Score band and segmented neutrophil predictions as 'neutrophil'.")] = False,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Default: classifier.checkpoint.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Lab config file.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write all metrics as JSON here.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Accuracy, macro precision/recall/F1, per-class specificity, ECE and a confusion matrix."""
+    from daemon.config import REPO_ROOT
+    from pipeline.datasets import load_sources, split
+    from pipeline.errors import MarrowError
+    from pipeline.evaluate_classifier import evaluate_folder, evaluate_split
+
+    cfg = _config(config)
+    ckpt = checkpoint or cfg.resolve(cfg.classifier.checkpoint)
+    if folder is None:
+        p = cfg.train
+        data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
+                               cache_dir=cache_dir)
+        test = split(data.labels, p.seed, p.val_fraction)["test"]
+        result = evaluate_split(ckpt, data, test, cfg.classes, png=png)
+    else:
+        if um_per_px is None:
+            raise MarrowError("--um-per-px is required with a folder")
+        names = label_names.split(",") if label_names else None
+        result = evaluate_folder(ckpt, folder, um_per_px, cfg.classes, labels_csv=labels,
+                                 label_names=names, coarse=coarse, png=png,
+                                 params=cfg.classifier)
+    if out:
+        out.write_text(json.dumps(result, indent=1))
+    if as_json:
+        print(json.dumps(result["summary"]))
+    else:
+        console.print_json(json.dumps(result["summary"]))
+        for line in result.get("problems", []):
+            err_console.print(f"skipped: {line}", highlight=False)

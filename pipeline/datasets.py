@@ -1,0 +1,314 @@
+"""Labelled cell crops for training and evaluation: sources, caching, splits and sampling.
+
+A *sample* is one labelled cell: an image file, a label, the file's µm/px and optionally a
+centre (else the image centre). Sources:
+
+- a manifest CSV with ``path,label`` columns (the ../shared/data/pbc format), paths relative
+  to the CSV's folder;
+- a folder-per-class tree (``root/<class name>/*.png|jpg|…``), how a lab brings its crops;
+- Pascal VOC boxes (../shared/data/bccd) turned into non-leukocyte samples: crops centred on
+  RBC and platelet boxes, and background patches away from every white cell.
+
+``load_crops`` cuts every sample once, at the model's working scale, into a square a little
+larger than the model input (``CACHE_SIZE``), so training can re-crop at shifted centres and
+jittered scales without touching the disk again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.errors import ImageError, MarrowError
+from pipeline.imaging import CROP_SIZE, check_scale, crop_at, read_rgb
+from pipeline.params import Params
+
+CACHE_SIZE = 128
+"""Edge of the cached square at working scale: room for ±15% scale and a few µm of shift."""
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+class DatasetError(MarrowError):
+    """A training or evaluation source that cannot be used (missing, empty, unknown class)."""
+
+
+class SourceParams(Params):
+    """One labelled source. ``rename`` maps source labels to taxonomy names; ``exclude``
+    lists source labels left out; ``max_per_label`` caps each label (0 = all), drawn from
+    the seed."""
+
+    kind: Literal["manifest", "folder", "voc"]
+    path: Path
+    um_per_px: float = Field(gt=0)
+    exclude: tuple[str, ...]
+    rename: dict[str, str]
+    max_per_label: int = Field(ge=0)
+    background_per_image: int = Field(ge=0)
+    """voc only: background patches per image, labelled ``non_leukocyte``."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: str
+    um_per_px: float
+    center: tuple[float, float] | None = None
+    """(x, y) in pixels of the file; None means the image centre."""
+
+
+def read_manifest(csv_path: Path, um_per_px: float) -> list[Sample]:
+    """Samples from a ``path,label`` CSV; paths are relative to the CSV's folder."""
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path}: manifest not found")
+    out = []
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise DatasetError(f"{csv_path}: a manifest needs 'path' and 'label' columns")
+        for row in reader:
+            out.append(Sample(str(csv_path.parent / row["path"]), row["label"], um_per_px))
+    if not out:
+        raise DatasetError(f"{csv_path}: manifest lists no images")
+    return out
+
+
+def read_folder_tree(root: Path, um_per_px: float) -> list[Sample]:
+    """Samples from ``root/<label>/<image>``; every sub-folder name is taken as a label."""
+    if not root.is_dir():
+        raise DatasetError(f"{root}: folder not found")
+    out = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(sub.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                out.append(Sample(str(f), sub.name, um_per_px))
+    if not out:
+        raise DatasetError(f"{root}: no images in class sub-folders (expected root/<class>/*.png)")
+    return out
+
+
+def _voc_boxes(xml_path: Path) -> list[tuple[str, float, float, float, float]]:
+    root = ET.parse(xml_path).getroot()
+    boxes = []
+    for obj in root.iter("object"):
+        bb = obj.find("bndbox")
+        if bb is None:
+            continue
+        name = (obj.findtext("name") or "").strip()
+        x0, y0, x1, y1 = (float(bb.findtext(k) or 0) for k in ("xmin", "ymin", "xmax", "ymax"))
+        boxes.append((name, x0, y0, x1, y1))
+    return boxes
+
+
+def read_voc(root: Path, um_per_px: float, background_per_image: int,
+             rng: np.random.Generator) -> list[Sample]:
+    """Samples centred on every VOC box (label = box name), plus background patches.
+
+    Non-WBC boxes whose centre lies inside a (slightly enlarged) WBC box are skipped, so a
+    "not a leukocyte" crop never centres on a white cell. Background patches are drawn at
+    least 12 µm from every WBC box and labelled ``background``.
+    """
+    ann = root / "Annotations"
+    if not ann.is_dir():
+        raise DatasetError(f"{root}: no Annotations folder (Pascal VOC layout expected)")
+    margin = 3.0 / um_per_px
+    keep_out = 12.0 / um_per_px
+    out = []
+    for xml in sorted(ann.glob("*.xml")):
+        img = root / "JPEGImages" / (xml.stem + ".jpg")
+        if not img.is_file():
+            continue
+        boxes = _voc_boxes(xml)
+        wbc = [b[1:] for b in boxes if b[0] == "WBC"]
+        for name, x0, y0, x1, y1 in boxes:
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            if name != "WBC" and any(a - margin <= cx <= c + margin and b - margin <= cy <= d + margin
+                                     for a, b, c, d in wbc):
+                continue
+            out.append(Sample(str(img), name, um_per_px, (cx, cy)))
+        for _ in range(background_per_image):
+            for _try in range(20):
+                cx, cy = rng.uniform(0, 640), rng.uniform(0, 480)
+                if all(cx < a - keep_out or cx > c + keep_out or cy < b - keep_out or cy > d + keep_out
+                       for a, b, c, d in wbc):
+                    out.append(Sample(str(img), "background", um_per_px, (cx, cy)))
+                    break
+    return out
+
+
+def read_source(src: SourceParams, root: Path, seed: int) -> list[Sample]:
+    """Read one configured source, apply ``exclude``, ``rename`` and ``max_per_label``."""
+    path = src.path if src.path.is_absolute() else root / src.path
+    rng = np.random.default_rng(seed)
+    if src.kind == "manifest":
+        samples = read_manifest(path, src.um_per_px)
+    elif src.kind == "folder":
+        samples = read_folder_tree(path, src.um_per_px)
+    else:
+        samples = read_voc(path, src.um_per_px, src.background_per_image, rng)
+    samples = [s for s in samples if s.label not in src.exclude]
+    if src.max_per_label:  # capped per source label, before renaming merges labels
+        by: dict[str, list[Sample]] = {}
+        for s in samples:
+            by.setdefault(s.label, []).append(s)
+        samples = []
+        for label in sorted(by):
+            items = by[label]
+            if len(items) > src.max_per_label:
+                pick = np.sort(rng.choice(len(items), src.max_per_label, replace=False))
+                items = [items[i] for i in pick]
+            samples += items
+    return [Sample(s.path, src.rename.get(s.label, s.label), s.um_per_px, s.center)
+            for s in samples]
+
+
+def check_labels(samples: Sequence[Sample], classes: Sequence[str]) -> None:
+    """Raise DatasetError naming every label that is not one of ``classes``."""
+    unknown = sorted({s.label for s in samples} - set(classes))
+    if unknown:
+        raise DatasetError(f"unknown class name(s) {unknown}; the taxonomy has {list(classes)}")
+
+
+def data_hash(samples: Iterable[Sample]) -> str:
+    """SHA-1 over every sample's file name, size, label, scale and centre (order-free)."""
+    rows = sorted(f"{Path(s.path).name}|{os.path.getsize(s.path)}|{s.label}|{s.um_per_px}|{s.center}"
+                  for s in samples)
+    return hashlib.sha1("\n".join(rows).encode()).hexdigest()
+
+
+def cut(sample: Sample, rgb: np.ndarray, work_um_per_px: float, size: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    c = sample.center if sample.center is not None else ((w - 1) / 2, (h - 1) / 2)
+    return crop_at(rgb, sample.um_per_px, c, work_um_per_px, size=size)
+
+
+@dataclass(frozen=True)
+class CropSet:
+    """Samples cut at working scale: ``crops`` uint8 ``(N, S, S, 3)``, ``labels`` int64 (N),
+    ``samples`` the N kept samples, ``problems`` one line per sample that could not be read."""
+
+    crops: np.ndarray
+    labels: np.ndarray
+    samples: tuple[Sample, ...]
+    problems: tuple[str, ...]
+
+
+def load_crops(samples: Sequence[Sample], classes: Sequence[str], work_um_per_px: float,
+               size: int = CACHE_SIZE, threads: int = 2) -> CropSet:
+    """Read and cut every sample; unreadable files are reported in ``problems`` and skipped."""
+    check_scale(work_um_per_px, "work_um_per_px")
+    index = {c: i for i, c in enumerate(classes)}
+    by_file: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_file.setdefault(s.path, []).append(i)
+    crops: list[np.ndarray | None] = [None] * len(samples)
+    problems: list[str] = []
+
+    def work(path: str) -> None:
+        try:
+            rgb = read_rgb(path)
+        except ImageError as exc:
+            problems.append(str(exc))
+            return
+        for i in by_file[path]:
+            crops[i] = cut(samples[i], rgb, work_um_per_px, size)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(work, by_file))
+    keep = [i for i, c in enumerate(crops) if c is not None]
+    arr = np.stack([crops[i] for i in keep]) if keep else np.zeros((0, size, size, 3), np.uint8)
+    return CropSet(arr, np.array([index[samples[i].label] for i in keep], dtype=np.int64),
+                   tuple(samples[i] for i in keep), tuple(sorted(problems)))
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Assign each item a fold 0..k-1, stratified by label and reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        folds[idx] = (np.arange(len(idx)) + rng.integers(k)) % k
+    return folds
+
+
+def split(labels: np.ndarray, seed: int, val_fraction: float) -> dict[str, np.ndarray]:
+    """Stratified 5:1 train+val/test split, then ``val_fraction`` of train+val held out for
+    validation (monitoring and temperature fitting). Returns index arrays."""
+    test = stratified_folds(labels, 6, seed) == 0
+    trainval = np.flatnonzero(~test)
+    k = max(2, int(round(1.0 / val_fraction)))
+    val_mask = stratified_folds(labels[trainval], k, seed + 1) == 0
+    return {"train": trainval[~val_mask], "val": trainval[val_mask], "test": np.flatnonzero(test)}
+
+
+def epoch_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """One epoch's sample order. ``per_class`` > 0 draws exactly that many of each class
+    (without replacement while it can, then repeats, which re-cropping makes distinct);
+    0 takes every item once."""
+    if per_class <= 0:
+        return rng.permutation(len(labels))
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        reps, rest = divmod(per_class, len(idx))
+        out += [idx] * reps + [rng.choice(idx, rest, replace=False)]
+    return rng.permutation(np.concatenate(out))
+
+
+def recrop(cached: np.ndarray, work_um_per_px: float, rng: np.random.Generator,
+           shift_px: float, scale_jitter: float, size: int = CROP_SIZE) -> np.ndarray:
+    """Cut ``size``×``size`` crops from cached squares ``(N, S, S, 3)`` at random shifted
+    centres (uniform in ±``shift_px``) and scales (factor in 1 ± ``scale_jitter``)."""
+    n, s = cached.shape[:2]
+    out = np.empty((n, size, size, 3), np.uint8)
+    c = (s - 1) / 2
+    for i in range(n):
+        dx, dy = rng.uniform(-shift_px, shift_px, 2) if shift_px > 0 else (0.0, 0.0)
+        f = 1.0 + rng.uniform(-scale_jitter, scale_jitter) if scale_jitter > 0 else 1.0
+        out[i] = crop_at(cached[i], work_um_per_px, (c + dx, c + dy), work_um_per_px * f, size)
+    return out
+
+
+def centre(cached: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """The central ``size``×``size`` window of cached squares (no resampling)."""
+    a = (cached.shape[1] - size) // 2
+    return np.ascontiguousarray(cached[:, a:a + size, a:a + size])
+
+
+def load_sources(sources: Sequence[SourceParams], root: Path, classes: Sequence[str], seed: int,
+                 work_um_per_px: float, cache_dir: Path | None = None,
+                 threads: int = 2) -> tuple[CropSet, str]:
+    """Read every source, check its labels against ``classes``, cut the crops (reusing
+    ``cache_dir/crops-<hash>.npz`` when present). Returns the crops and the data hash."""
+    samples: list[Sample] = []
+    for i, src in enumerate(sources):
+        samples += read_source(src, root, seed + i)
+    check_labels(samples, classes)
+    dhash = data_hash(samples)
+    key = hashlib.sha1(f"{dhash}|{work_um_per_px}|{CACHE_SIZE}|{list(classes)}".encode()).hexdigest()
+    cached = None if cache_dir is None else Path(cache_dir) / f"crops-{key[:16]}.npz"
+    if cached is not None and cached.is_file():
+        z = np.load(cached, allow_pickle=False)
+        keep = z["keep"]
+        return CropSet(z["crops"], z["labels"], tuple(samples[i] for i in keep),
+                       tuple(str(x) for x in z["problems"])), dhash
+    data = load_crops(samples, classes, work_um_per_px, threads=threads)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        pos = {id(s): i for i, s in enumerate(samples)}
+        keep = np.array([pos[id(s)] for s in data.samples], dtype=np.int64)
+        tmp = cached.with_suffix(".tmp.npz")
+        np.savez(tmp, crops=data.crops, labels=data.labels, keep=keep,
+                 problems=np.array(data.problems, dtype=str))
+        tmp.replace(cached)
+    return data, dhash

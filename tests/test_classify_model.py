@@ -1,0 +1,220 @@
+"""Classifier: training on a real PBC subset, checkpoint round trip, dual stage, shipped model,
+bad input, augmentation, stain normalisation and calibration."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import augment
+from pipeline.classify import load_classifier
+from pipeline.datasets import (CACHE_SIZE, DatasetError, Sample, centre, check_labels,
+                               load_crops, read_folder_tree)
+from pipeline.errors import CheckpointError
+from pipeline.evaluate_classifier import expected_calibration_error
+from pipeline.stain import lab_stats, reinhard
+from pipeline.taxonomy import Taxonomy
+from pipeline.train import fit_temperature, save_checkpoint, train_classifier
+from tests.conftest import PBC, PBC_UM_PER_PX, REPO
+
+torch.set_num_threads(1)
+SHIPPED = REPO / "pipeline" / "models" / "default.pt"
+
+
+def _manifest() -> dict[str, list[str]]:
+    by: dict[str, list[str]] = {}
+    with (PBC / "manifest.csv").open() as f:
+        for row in csv.DictReader(f):
+            by.setdefault(row["label"], []).append(row["path"])
+    return {k: sorted(v) for k, v in by.items()}
+
+
+def _samples(labels: list[str], per: int, offset: int = 0) -> list[Sample]:
+    """A fixed, spread-out real sample: every 37th image of each label."""
+    man = _manifest()
+    out = []
+    for lab in labels:
+        paths = man[lab][offset::37][:per]
+        out += [Sample(str(PBC / p), lab, PBC_UM_PER_PX) for p in paths]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(config, tmp_path_factory):
+    """A tiny model trained for a few epochs on 3 real PBC classes."""
+    classes = ["eosinophil", "lymphocyte", "band_neutrophil", "segmented_neutrophil"]
+    data = load_crops(_samples(classes, 30), classes, config.train.um_per_px, threads=1)
+    p = config.train.model_copy(update={
+        "epochs": 5, "width": 0.125, "fc": 32, "per_class": 0, "augment": False,
+        "conv_dropout": 0.0, "fc_dropout": 0.0, "lr": 0.02, "batch_size": 16,
+        "local_epochs": 1, "local_per_class": 16, "val_fraction": 0.2})
+    res = train_classifier(data, classes, p, taxonomy="tiny", data_hash="test", threads=1)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    save_checkpoint(res.checkpoint, path)
+    return res, path, data, classes
+
+
+def test_tiny_training_loss_falls(tiny):
+    res = tiny[0]
+    losses = [h.loss for h in res.history if h.stage == "global"]
+    assert len(losses) == 5
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_checkpoint_round_trips_normalisation_scale_and_classes(tiny, config):
+    res, path, data, classes = tiny
+    clf = load_classifier(path)
+    ck = res.checkpoint
+    assert clf.classes == tuple(classes)
+    assert clf.um_per_px == config.train.um_per_px
+    np.testing.assert_allclose(clf.mean, ck["yuv_mean"], rtol=1e-6)
+    np.testing.assert_allclose(clf.std, ck["yuv_std"], rtol=1e-6)
+    assert clf.temperature == ck["temperature"] > 0
+    # The training split's YUV statistics, recomputed independently.
+    from pipeline.imaging import rgb_to_yuv
+    yuv = rgb_to_yuv(centre(data.crops[res.split["train"]]))
+    np.testing.assert_allclose(clf.mean, yuv.mean(axis=(0, 1, 2)), rtol=1e-4)
+    out = clf.classify(centre(data.crops[:8]))
+    assert out.probs.shape == (8, len(classes))
+
+
+def test_taxonomy_mismatch_is_refused(tiny, config):
+    with pytest.raises(CheckpointError, match="do not match taxonomy"):
+        load_classifier(tiny[1], config.classes)
+
+
+def test_other_architecture_and_corrupt_checkpoint_are_refused(tiny, tmp_path):
+    ck = torch.load(tiny[1], weights_only=True)
+    ck["arch"] = "resnet18"
+    other = tmp_path / "other.pt"
+    torch.save(ck, other)
+    with pytest.raises(CheckpointError, match="architecture 'resnet18'"):
+        load_classifier(other)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(tiny[1].read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_classifier(broken)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_classifier(tmp_path / "missing.pt")
+
+
+@pytest.fixture(scope="module")
+def shipped(config):
+    return load_classifier(SHIPPED, config.classes, params=config.classifier)
+
+
+@pytest.fixture(scope="module")
+def fixed_sample(config):
+    """Ten real PBC cells per class (platelets stand for non_leukocyte)."""
+    labels = [c for c in config.classes.names if c != "non_leukocyte"] + ["platelet"]
+    samples = [Sample(s.path, "non_leukocyte" if s.label == "platelet" else s.label, s.um_per_px)
+               for s in _samples(labels, 10, offset=5)]
+    return load_crops(samples, config.classes.names, config.train.um_per_px, size=96, threads=1)
+
+
+def test_shipped_model_scores_above_floor(shipped, fixed_sample):
+    res = shipped.classify(fixed_sample.crops)
+    acc = float((res.probs.argmax(1) == fixed_sample.labels).mean())
+    assert len(fixed_sample.labels) == 110
+    assert acc > 0.75, acc
+
+
+def test_dual_stage_probabilities_are_a_distribution(shipped, fixed_sample):
+    res = shipped.classify(fixed_sample.crops)
+    np.testing.assert_allclose(res.probs.sum(1), 1.0, atol=1e-5)
+    assert (res.probs >= 0).all()
+    a, b = (shipped.classes.index(c) for c in ("band_neutrophil", "segmented_neutrophil"))
+    top2 = np.argsort(-res.global_probs, 1)[:, :2]
+    pair = np.isin(top2, [a, b]).all(1)
+    assert pair.any()
+    # The local model only redistributes the pair's mass; other rows are untouched.
+    np.testing.assert_allclose(res.probs[pair][:, [a, b]].sum(1),
+                               res.global_probs[pair][:, [a, b]].sum(1), atol=1e-5)
+    np.testing.assert_allclose(res.probs[~pair], res.global_probs[~pair], atol=1e-6)
+    assert 0 <= res.confidence.min() and res.confidence.max() <= 1
+
+
+def test_temperature_scaling_improves_ece(shipped, config):
+    labels = [c for c in config.classes.names if c != "non_leukocyte"]
+    data = load_crops(_samples(labels, 12, offset=11), config.classes.names,
+                      config.train.um_per_px, size=96, threads=1)
+    logits = shipped.global_logits(data.crops)
+    t = fit_temperature(torch.from_numpy(logits), data.labels)
+    raw = expected_calibration_error(torch.softmax(torch.from_numpy(logits) * 1.0, 1).numpy(),
+                                     data.labels)
+    # Temperature scaling of deliberately mis-scaled logits recovers calibration.
+    for scale in (0.3, 3.0):
+        bad = torch.from_numpy(logits * scale)
+        tb = fit_temperature(bad, data.labels)
+        before = expected_calibration_error(torch.softmax(bad, 1).numpy(), data.labels)
+        after = expected_calibration_error(torch.softmax(bad / tb, 1).numpy(), data.labels)
+        assert after < before
+    fitted = expected_calibration_error(torch.softmax(torch.from_numpy(logits) / t, 1).numpy(),
+                                        data.labels)
+    assert fitted <= raw + 1e-9
+
+
+def test_augmentation_is_deterministic_under_a_seed(fixed_sample, config):
+    crops = fixed_sample.crops[:16]
+    p = config.train.augmentation
+    a = augment(crops.copy(), np.random.default_rng(3), p)
+    b = augment(crops.copy(), np.random.default_rng(3), p)
+    c = augment(crops.copy(), np.random.default_rng(4), p)
+    assert a.dtype == np.uint8 and a.shape == crops.shape
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a, crops)
+
+
+def test_stain_normalisation_is_identity_on_the_reference(fixed_sample):
+    ref_img = fixed_sample.crops[0]
+    ref = lab_stats(ref_img)
+    assert np.array_equal(reinhard(ref_img, ref), ref_img)
+    other = reinhard(fixed_sample.crops[1], ref)
+    got = lab_stats(other)
+    np.testing.assert_allclose(got.mean, ref.mean, atol=3.0)
+
+
+def test_unknown_class_in_folder_tree_and_empty_folder(tmp_path, config):
+    root = tmp_path / "tree"
+    for lab, paths in (("lymphocyte", 2), ("plasma_cell", 1)):
+        (root / lab).mkdir(parents=True)
+        for s in _samples(["lymphocyte"], paths):
+            shutil.copy(s.path, root / lab / Path(s.path).name)
+    samples = read_folder_tree(root, PBC_UM_PER_PX)
+    with pytest.raises(DatasetError, match="plasma_cell"):
+        check_labels(samples, config.classes.names)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        read_folder_tree(tmp_path / "empty", PBC_UM_PER_PX)
+
+
+def test_corrupt_crop_is_reported_and_the_rest_classified(tmp_path, config):
+    from typer.testing import CliRunner
+
+    from daemon.cli import app
+
+    good = _samples(["eosinophil", "lymphocyte"], 2)
+    for s in good:
+        shutil.copy(s.path, tmp_path / Path(s.path).name)
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    r = CliRunner().invoke(app, ["classify", str(tmp_path), "--um-per-px", "0.1", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert len(rows) == 5
+    bad = [x for x in rows if "error" in x]
+    assert len(bad) == 1 and "corrupt.jpg" in bad[0]["image"]
+    ok = [x for x in rows if "label" in x]
+    assert len(ok) == 4
+    for x in ok:
+        assert abs(sum(x["probabilities"].values()) - 1) < 1e-3
+    # load_crops keeps going past a corrupt file too.
+    data = load_crops([Sample(str(tmp_path / "corrupt.jpg"), "lymphocyte", 0.1)] + good,
+                      config.classes.names, config.train.um_per_px, size=CACHE_SIZE, threads=1)
+    assert len(data.labels) == 4 and len(data.problems) == 1
