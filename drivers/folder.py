@@ -204,6 +204,14 @@ class FolderWatcher:
         self._thread: threading.Thread | None = None
         self._observer: Any = None
 
+    @classmethod
+    def from_config(cls, cfg: Any, store: "Store", submit: Callable[[int], None] | None = None,
+                    on_event: Callable[[WatchEvent], None] | None = None) -> "FolderWatcher":
+        """The watcher the daemon runs: ``cfg.watch`` folders, new slides get
+        ``cfg.acquisition.target`` and the active taxonomy. With no folders it does nothing."""
+        return cls(cfg.watch, store, submit, target=cfg.acquisition.target,
+                   taxonomy=cfg.taxonomy, detect=cfg.detect, on_event=on_event)
+
     # -- running ----------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tifffile
 from sqlalchemy import select
 
 from daemon.models import ScannedFile, Slide
@@ -83,7 +84,7 @@ def pyramid_bytes(tmp_path_factory) -> bytes:
 
 
 def test_slow_copy_is_processed_once_after_it_completes(config, store, inbox, pyramid_bytes):
-    params = make_params(config, inbox, stable_seconds=1.0)
+    params = make_params(config, inbox, stable_seconds=2.0)
     events: list = []
     w = watcher(config, store, params, events)
     target = inbox / "slow.tif"
@@ -95,7 +96,7 @@ def test_slow_copy_is_processed_once_after_it_completes(config, store, inbox, py
             for i in range(0, len(pyramid_bytes), step):
                 fh.write(pyramid_bytes[i:i + step])
                 fh.flush()
-                time.sleep(0.15)
+                time.sleep(0.1)
         done_at.append(time.monotonic())
 
     writer = threading.Thread(target=copy_slowly)
@@ -223,3 +224,40 @@ def test_path_safety(config, store, inbox, tmp_path):
     assert [s.name for s in slides(store)] == ["fine.jpg"]
     assert [Path(e.path).name for e in evs if e.kind == "duplicate"] == ["inside_link.jpg"]
     assert (inbox / "quarantine" / "link.jpg.error.txt").exists()
+
+
+def test_file_that_fails_mid_count_is_quarantined(config, store, inbox, tmp_path):
+    """A tile that only breaks when it is read (after the slide was planned): the source
+    raises, the daemon fails the slide with that reason, and the next pass quarantines it."""
+    from drivers.acquisition import AcquisitionError
+    from drivers.wsi_fields import source_from_plan
+
+    good = write_pyramid(tmp_path / "g.tif", bccd_mosaic(4, 3), BCCD_UM_PER_PX, compression="zlib",
+                         tile=128)
+    data = bytearray(good.read_bytes())
+    with tifffile.TiffFile(good) as tif:
+        page = tif.pages[0]
+        off, n = page.dataoffsets[-1], page.databytecounts[-1]  # level 0, last tile
+    data[off:off + n] = b"\x00" * n
+    (inbox / "late.tif").write_bytes(bytes(data))
+    params = make_params(config, inbox, stable_seconds=0.0, folder={"area_um": None})
+    w = watcher(config, store, params)
+    (ev,) = [e for e in scan_until_idle(w) if e.kind == "slide"]
+    slide = store.slide(ev.slide_id)
+    gate_off = config.acquisition.quality.model_copy(update={"enabled": False})
+    with pytest.raises(AcquisitionError, match="late.tif: cannot decode tile") as err:
+        for _ in source_from_plan(slide.plan, gate_off, config.detect).fields():
+            pass
+    store.set_status(slide.id, "acquiring", expect="queued")
+    store.set_status(slide.id, "failed", error=str(err.value), stopped_because="failed")
+    evs = w.scan_once()
+    assert [(e.kind, Path(e.path).name) for e in evs] == [("quarantined", "late.tif")]
+    assert "cannot decode tile" in (inbox / "quarantine" / "late.tif.error.txt").read_text()
+    assert [r.state for r in rows(store)] == ["quarantined"]
+
+
+def test_from_config_without_folders_does_nothing(config, store):
+    w = FolderWatcher.from_config(config, store)
+    assert config.watch.folders == () and w.scan_once() == []
+    w.start()
+    w.stop()
