@@ -41,9 +41,8 @@ def bccd_fields(n: int, start: int = 0) -> list[Path]:
     return sorted((BCCD / "JPEGImages").glob("BloodImage_*.jpg"))[start:start + n]
 
 
-def count_slide(store, cfg, name: str, paths: list[Path], *, status: str = "awaiting_review",
-                target: int | None = None) -> int:
-    """Create a slide and count ``paths`` through the real pipeline into ``store``."""
+def analyzed_fields(cfg, paths: list[Path]) -> list:
+    """``paths`` (BCCD fields) through the real pipeline: one FieldResult per image."""
     from drivers.acquisition import FieldResult
     from pipeline.analyze import analyze_field
     from pipeline.classify import load_classifier
@@ -53,22 +52,38 @@ def count_slide(store, cfg, name: str, paths: list[Path], *, status: str = "awai
     if not checkpoint.exists():  # TEMPORARY until the first checkpoint lands
         from tests.daemon_fixtures import make_field
 
-        sid = store.create_slide(name, "folder", "", target or 500, cfg.taxonomy)
-        store.set_status(sid, "acquiring")
-        for i in range(len(paths)):
-            store.commit_field(sid, make_field(i))
-        store.set_status(sid, status)
-        return sid
+        return [make_field(i % 24) for i in range(len(paths))]
     classifier = load_classifier(checkpoint, cfg.classes, params=cfg.classifier)
-    sid = store.create_slide(name, "folder", str(paths[0].parent), target or cfg.acquisition.target,
-                             cfg.taxonomy, um_per_px=BCCD_UM_PER_PX)
-    store.set_status(sid, "acquiring")
+    out = []
     for i, path in enumerate(paths):
         rgb = read_rgb(path)
         cells = analyze_field(rgb, BCCD_UM_PER_PX, classifier, cfg.detect, cfg.analysis)
-        store.commit_field(sid, FieldResult(
+        out.append(FieldResult(
             index=i, stage_x=float(i * 50), stage_y=0.0, stage_z=None, tile=path.name,
             um_per_px=BCCD_UM_PER_PX, image=rgb, quality={}, skipped_reason=None, cells=cells))
+    return out
+
+
+def count_slide(store, cfg, name: str, fields: list, *, status: str = "awaiting_review",
+                target: int | None = None, min_cells: int = 0) -> int:
+    """Create a slide and commit ``fields`` to it as the daemon does.
+
+    With ``min_cells`` the fields are committed again (as further fields, same cells) until
+    the slide holds at least that many cells: a large slide made of real pipeline output.
+    """
+    import dataclasses
+
+    sid = store.create_slide(name, "folder", str(BCCD), target or cfg.acquisition.target,
+                             cfg.taxonomy, um_per_px=BCCD_UM_PER_PX)
+    store.set_status(sid, "acquiring")
+    index = n_cells = 0
+    while (n_cells < min_cells) if min_cells else (index < len(fields)):
+        fld = fields[index % len(fields)]
+        store.commit_field(sid, dataclasses.replace(fld, index=index))
+        n_cells += len(fld.cells)
+        index += 1
+        if not any(f.cells for f in fields):
+            break
     if status != "acquiring":
         store.set_status(sid, status)
     return sid
@@ -94,7 +109,7 @@ def review_template(tmp_path_factory) -> tuple[Path, int]:
     store = Store(f"sqlite:///{root / 'store.db'}", root / "data")
     try:
         add_users(store)
-        sid = count_slide(store, cfg, SLIDE_NAME, bccd_fields(N_FIELDS))
+        sid = count_slide(store, cfg, SLIDE_NAME, analyzed_fields(cfg, bccd_fields(N_FIELDS)))
     finally:
         store.close()
     return root, sid

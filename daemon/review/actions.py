@@ -239,7 +239,8 @@ def add_cell(s: Session, slide_id: int, field_id: int, x: float, y: float, label
     crop = crop_at(rgb, fld.um_per_px, (x, y), crop_um_per_px)
     rel = Path(fld.image_path).parent / f"added{index:04d}.png"
     _write_png_atomic(data_dir / rel, crop)
-    half = CROP_SIZE * crop_um_per_px / 2 / fld.um_per_px
+    # The box marks the cell (about half the crop's side), not the whole crop window.
+    half = CROP_SIZE * crop_um_per_px / 4 / fld.um_per_px
     box = [max(0, int(x - half)), max(0, int(y - half)),
            min(fld.width, int(np.ceil(x + half))), min(fld.height, int(np.ceil(y + half)))]
     cell = Cell(field_id=field_id, slide_id=slide_id, index=index, x=float(x), y=float(y),

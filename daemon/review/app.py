@@ -9,8 +9,10 @@ served only by cell or field id, from paths the store recorded, never from a req
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
+import tempfile
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -51,6 +53,9 @@ HERE = Path(__file__).resolve().parent
 STATUS_ORDER = {"acquiring": 0, "awaiting_review": 1, "failed": 2, "queued": 3, "signed": 4}
 SIGNED_SHOWN = 50
 LOGIN_WINDOW_S, LOGIN_MAX_FAILURES = 300.0, 5
+GALLERY_COLUMNS = (Cell.id, Cell.field_id, Cell.label, Cell.first_label, Cell.reviewed_label,
+                   Cell.confidence, Cell.guided, Cell.needs_review, Cell.excluded,
+                   Cell.exclude_reason, Cell.duplicate_of, Cell.duplicate_reason, Cell.added_by)
 
 
 class NotLoggedIn(Exception):
@@ -87,7 +92,7 @@ class Section:
     key: str
     title: str
     hotkey: str | None
-    cells: list[Cell]
+    cells: list[Any]  # Cell rows (GALLERY_COLUMNS)
     counted: bool
 
 
@@ -300,8 +305,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         with store.session() as s:
             slide = actions.get_slide(s, slide_id)
             tax = actions.taxonomy_of(slide, taxonomies)
-            cells = list(s.scalars(select(Cell).where(Cell.slide_id == slide_id)
-                                   .order_by(Cell.field_id, Cell.index)))
+            # Only the columns the gallery shows: no JSON probabilities or boxes to parse.
+            cells = s.execute(select(*GALLERY_COLUMNS).where(Cell.slide_id == slide_id)
+                              .order_by(Cell.field_id, Cell.index)).all()
             fields = s.execute(
                 select(Field.id, Field.index, Field.n_counted, Field.image_path)
                 .where(Field.slide_id == slide_id).order_by(Field.index)).all()
@@ -422,12 +428,21 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     def report(slide_id: int, fmt: str, who: Viewer = Depends(viewer)) -> Response:
         from daemon import report as reports
 
-        if fmt not in ("pdf", "csv", "json"):
+        if fmt not in reports.FORMATS:
             raise actions.NotFound(f"no {fmt} report; ask for pdf, csv or json")
         with store.session() as s:
-            slide = actions.get_slide(s, slide_id)
-        data, media = reports.render(store, cfg, slide_id, fmt)
-        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in slide.name)
+            actions.get_slide(s, slide_id)
+        rep = reports.build_report(store, slide_id, cfg)
+        if fmt == "pdf":
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "report.pdf"
+                reports.report_pdf(rep, path)
+                data: bytes | str = path.read_bytes()
+        else:
+            data = json.dumps(rep, indent=2) if fmt == "json" else reports.report_csv(rep)
+        media = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8",
+                 "json": "application/json"}[fmt]
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in rep["slide"]["name"])
         return Response(data, media_type=media, headers={
             "Content-Disposition": f'attachment; filename="{name}.{fmt}"'})
 
@@ -448,7 +463,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     return app
 
 
-def _sections(cells: list[Cell], tax: Taxonomy) -> list[Section]:
+def _sections(cells: list[Any], tax: Taxonomy) -> list[Section]:
     by_label: dict[str, list[Cell]] = defaultdict(list)
     excluded, duplicates = [], []
     for c in cells:

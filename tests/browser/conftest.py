@@ -1,7 +1,7 @@
 """Playwright in Debian's chromium (never a downloaded browser) against a live review app.
 
 The app is served by uvicorn on 127.0.0.1 on a free port, in a thread, over a private copy of
-the review test store (tests/review_slide.py); each test module gets its own copy.
+the review test store (tests/review_slide.py); each test gets its own copy.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def live(review_template, tmp_path_factory):  # noqa: F811
     """(base_url, ReviewEnv) of a review app served over a fresh copy of the test store."""
     import uvicorn

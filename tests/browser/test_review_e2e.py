@@ -95,11 +95,16 @@ def test_review_sign_and_report(page: Page, live, artifacts):
     from pypdf import PdfReader
 
     text = "\n".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
-    assert "tech" in text
+    assert re.search(r"Signed by\s+tech\s+at\s+20\d\d-", text), text[-1500:]
     label = cfg.classes.get(TARGET).label
-    row = re.search(rf"{label}\s+(\d+)\s+(\d+)", text)
+    row = re.search(rf"^{label}\s+\w+\s+(\d+)\s+[\d.]+\s+[\d.]+ – [\d.]+\s+(\d+)$", text, re.M)
     assert row, text[:2000]
-    assert (int(row.group(1)), int(row.group(2))) == (before_target, before_target + 5)
+    assert (int(row.group(1)), int(row.group(2))) == (before_target + 5, before_target)
+    total = re.search(r"^Total\s+(\d+)\s+[\d.]+\s+(\d+)$", text, re.M)
+    assert total and int(total.group(1)) == before_total - 1, text[:2000]
+    before_after = re.search(rf"^{TARGET}\s+(\d+)\s+(\d+)$", text, re.M)
+    assert before_after and (int(before_after.group(1)), int(before_after.group(2))) == (
+        before_target, before_target + 5), text[-1500:]
 
     # The signed slide refuses changes: no toolbar, keys do nothing, the API answers 409.
     expect(page.locator("#toolbar")).to_have_count(0)

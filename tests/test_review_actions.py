@@ -1,0 +1,247 @@
+"""Review changes over HTTP on a pipeline-counted slide: counts, audit, undo, add, sign-off."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import func, select
+
+from daemon.models import AuditEvent, Cell, Count, Field, Review, Slide
+from daemon.review.app import create_app
+from tests.review_slide import SUPER, TECH, TECH2, login, review_env, review_template  # noqa: F401
+
+
+@pytest.fixture
+def tech(review_env):  # noqa: F811
+    client = TestClient(create_app(review_env.cfg, review_env.store))
+    token = login(client, TECH)
+    client.headers["X-CSRF-Token"] = token
+    client.token = token
+    return client
+
+
+def _cells(env, **where) -> list[Cell]:
+    with env.store.session() as s:
+        q = select(Cell).where(Cell.slide_id == env.slide_id).order_by(Cell.id)
+        for k, v in where.items():
+            q = q.where(getattr(Cell, k) == v)
+        return list(s.scalars(q))
+
+
+def _counted(env) -> list[Cell]:
+    tax = env.cfg.classes
+    return [c for c in _cells(env, duplicate_of=None, excluded=False)
+            if (c.reviewed_label or c.label) in tax.counted]
+
+
+def _events(env) -> list[AuditEvent]:
+    with env.store.session() as s:
+        return list(s.scalars(select(AuditEvent).order_by(AuditEvent.id)))
+
+
+def _api(env, client) -> dict:
+    r = client.get(f"/api/slides/{env.slide_id}")
+    assert r.status_code == 200
+    return r.json()
+
+
+def test_the_slide_page_shows_the_pipeline_counts(review_env, tech):
+    env = review_env
+    with env.store.session() as s:
+        machine = {c.class_name: c.n for c in s.scalars(select(Count).where(
+            Count.slide_id == env.slide_id))}
+    counted = _counted(env)
+    assert counted, "the pipeline found no leukocytes on the test fields"
+    data = _api(env, tech)
+    assert data["status"] == "awaiting_review"
+    assert data["machine_counts"] == {k: v for k, v in machine.items() if v}
+    assert data["differential"]["total"] == len(counted)
+    rows = {r["name"]: r for r in data["differential"]["rows"]}
+    for name in env.cfg.classes.counted:
+        n = sum((c.reviewed_label or c.label) == name for c in counted)
+        assert rows[name]["n"] == n
+        assert rows[name]["ci_low_pct"] <= rows[name]["pct"] <= rows[name]["ci_high_pct"]
+    page = tech.get(f"/slides/{env.slide_id}").text
+    for c in _cells(env):
+        assert f'data-id="{c.id}"' in page
+    for c in counted:
+        if c.needs_review:
+            assert "needs-review" in page
+        if c.guided:
+            assert 'class="tag guided"' in page
+
+
+def test_reclassify_exclude_and_undo_update_the_counts_with_one_audit_event_each(review_env, tech):
+    env = review_env
+    counted = _counted(env)
+    assert len(counted) >= 3
+    a, b, c = counted[:3]
+    target = next(n for n in env.cfg.classes.counted
+                  if n not in {a.label, b.label, c.label})
+    before = _api(env, tech)["differential"]
+    n0 = len(_events(env))
+
+    r = tech.post(f"/api/slides/{env.slide_id}/reclassify",
+                  json={"cells": [a.id, b.id], "label": target})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {ch["id"] for ch in body["changed"]} == {a.id, b.id}
+    assert body["total"] == before["total"]
+    after = _api(env, tech)["differential"]
+    rows0 = {r["name"]: r["n"] for r in before["rows"]}
+    rows1 = {r["name"]: r["n"] for r in after["rows"]}
+    assert rows1[target] == rows0[target] + 2
+    assert f'data-class="{target}"' in body["table_html"]
+    events = _events(env)[n0:]
+    assert [(e.action, e.username, e.cell_id) for e in events] == [
+        ("reclassify", TECH[0], a.id), ("reclassify", TECH[0], b.id)]
+    assert events[0].before["label"] == a.label and events[0].after["label"] == target
+    assert events[0].after["batch"] == events[1].after["batch"]
+
+    # Moving a cell to the class it already has changes nothing and audits nothing.
+    r = tech.post(f"/api/slides/{env.slide_id}/reclassify", json={"cells": [a.id], "label": target})
+    assert r.json()["changed"] == [] and len(_events(env)) == n0 + 2
+
+    r = tech.post(f"/api/slides/{env.slide_id}/exclude", json={"cells": [c.id], "reason": "smudge"})
+    assert r.status_code == 200 and r.json()["total"] == before["total"] - 1
+    ev = _events(env)[-1]
+    assert (ev.action, ev.cell_id, ev.before["excluded"], ev.after["exclude_reason"]) == (
+        "exclude", c.id, False, "smudge")
+    assert len(_events(env)) == n0 + 3
+
+    # Undo reverts the last change (the exclusion), then the two-cell move as one step.
+    r = tech.post(f"/api/slides/{env.slide_id}/undo")
+    assert [ch["id"] for ch in r.json()["changed"]] == [c.id] and r.json()["total"] == before["total"]
+    r = tech.post(f"/api/slides/{env.slide_id}/undo")
+    assert {ch["id"] for ch in r.json()["changed"]} == {a.id, b.id}
+    assert _api(env, tech)["differential"] == before
+    assert [e.action for e in _events(env)[n0 + 3:]] == ["undo"] * 3
+    assert tech.post(f"/api/slides/{env.slide_id}/undo").status_code == 400  # nothing left
+    with env.store.session() as s:
+        assert s.get(Cell, a.id).reviewed_label is None and not s.get(Cell, c.id).excluded
+
+
+def test_undo_is_per_reviewer(review_env, tech):
+    env = review_env
+    other = TestClient(tech.app)
+    other.headers["X-CSRF-Token"] = login(other, TECH2)
+    a, b = _counted(env)[:2]
+    tech.post(f"/api/slides/{env.slide_id}/exclude", json={"cells": [a.id], "reason": "smudge"})
+    other.post(f"/api/slides/{env.slide_id}/exclude", json={"cells": [b.id], "reason": "duplicate"})
+    r = tech.post(f"/api/slides/{env.slide_id}/undo")
+    assert [ch["id"] for ch in r.json()["changed"]] == [a.id]
+    with env.store.session() as s:
+        assert s.get(Cell, b.id).excluded and not s.get(Cell, a.id).excluded
+
+
+def test_bad_changes_are_refused_and_change_nothing(review_env, tech):
+    env = review_env
+    a = _counted(env)[0]
+    n0 = len(_events(env))
+    sid = env.slide_id
+    assert tech.post(f"/api/slides/{sid}/reclassify",
+                     json={"cells": [a.id], "label": "myeloblast"}).status_code == 400
+    assert tech.post(f"/api/slides/{sid}/reclassify",
+                     json={"cells": [999999], "label": "monocyte"}).status_code == 404
+    assert tech.post(f"/api/slides/{sid}/reclassify",
+                     json={"cells": [], "label": "monocyte"}).status_code == 422
+    assert tech.post(f"/api/slides/{sid}/exclude",
+                     json={"cells": [a.id], "reason": "boring"}).status_code == 400
+    assert tech.post(f"/api/slides/{sid + 1}/reclassify",
+                     json={"cells": [a.id], "label": "monocyte"}).status_code == 404
+    dups = _cells(env, excluded=False)
+    dup = next((c for c in dups if c.duplicate_of is not None), None)
+    if dup is not None:
+        assert tech.post(f"/api/slides/{sid}/reclassify",
+                         json={"cells": [dup.id], "label": "monocyte"}).status_code == 400
+    assert len(_events(env)) == n0
+
+
+def test_adding_a_missed_cell(review_env, tech):
+    env = review_env
+    with env.store.session() as s:
+        fld = s.scalars(select(Field).where(Field.slide_id == env.slide_id)
+                        .order_by(Field.index)).first()
+        machine = dict(s.execute(select(Count.class_name, Count.n)
+                                 .where(Count.slide_id == env.slide_id)).all())
+    total = _api(env, tech)["differential"]["total"]
+    r = tech.post(f"/api/slides/{env.slide_id}/cells",
+                  json={"field_id": fld.id, "x": 320, "y": 240, "label": "lymphocyte"})
+    assert r.status_code == 200, r.text
+    assert r.json()["total"] == total + 1
+    cid = r.json()["changed"][0]["id"]
+    with env.store.session() as s:
+        cell = s.get(Cell, cid)
+        assert (cell.added_by, cell.reviewed_label, cell.field_id) == (TECH[0], "lymphocyte", fld.id)
+        assert dict(s.execute(select(Count.class_name, Count.n)
+                              .where(Count.slide_id == env.slide_id)).all()) == machine
+    crop = tech.get(f"/images/cells/{cid}")
+    assert crop.status_code == 200
+    import io
+
+    img = Image.open(io.BytesIO(crop.content))
+    assert img.size == (96, 96)
+    ev = _events(env)[-1]
+    assert (ev.action, ev.cell_id, ev.before, ev.after["x"]) == ("add_cell", cid, None, 320.0)
+    page = tech.get(f"/slides/{env.slide_id}/fields/{fld.id}?cell={cid}").text
+    assert f'data-id="{cid}"' in page and "added by tech" in page
+    # Outside the field, or on a field of another slide: refused.
+    assert tech.post(f"/api/slides/{env.slide_id}/cells", json={
+        "field_id": fld.id, "x": 5000, "y": 10, "label": "lymphocyte"}).status_code == 400
+    # Undoing the addition leaves the cell out of the count (its audit trail stays).
+    r = tech.post(f"/api/slides/{env.slide_id}/undo")
+    assert r.json()["total"] == total and r.json()["changed"][0]["excluded"]
+
+
+def test_sign_off_locks_the_slide_and_keeps_counts_before_and_after(review_env, tech):
+    env = review_env
+    a = _counted(env)[0]
+    target = next(n for n in env.cfg.classes.counted if n != a.label)
+    tech.post(f"/api/slides/{env.slide_id}/reclassify", json={"cells": [a.id], "label": target})
+    with env.store.session() as s:
+        machine = {k: v for k, v in s.execute(select(Count.class_name, Count.n)
+                                              .where(Count.slide_id == env.slide_id)).all() if v}
+    r = tech.post(f"/slides/{env.slide_id}/sign", data={"csrf_token": tech.token, "note": "ok"},
+                  follow_redirects=False)
+    assert r.status_code == 303
+    with env.store.session() as s:
+        slide = s.get(Slide, env.slide_id)
+        assert (slide.status, slide.signed_by) == ("signed", TECH[0]) and slide.signed_at
+        rev = s.scalars(select(Review).where(Review.slide_id == env.slide_id)).one()
+    assert rev.action == "sign" and rev.counts_before == machine
+    assert rev.counts_after[target] == machine.get(target, 0) + 1
+    assert rev.counts_after.get(a.label, 0) == machine[a.label] - 1
+    assert _events(env)[-1].action == "sign"
+    n = len(_events(env))
+    for url, body in [("reclassify", {"cells": [a.id], "label": a.label}),
+                      ("exclude", {"cells": [a.id], "reason": "smudge"}),
+                      ("include", {"cells": [a.id]}), ("undo", {})]:
+        r = tech.post(f"/api/slides/{env.slide_id}/{url}", json=body)
+        assert r.status_code == 409 and "signed" in r.json()["error"], url
+    assert tech.post(f"/slides/{env.slide_id}/sign", data={"csrf_token": tech.token},
+                     follow_redirects=False).status_code == 409
+    assert len(_events(env)) == n
+    page = tech.get(f"/slides/{env.slide_id}").text
+    assert "Signed and locked." in page and 'id="toolbar"' not in page
+
+
+def test_only_a_slide_awaiting_review_can_be_signed(review_env, tech):
+    env = review_env
+    sid = env.store.create_slide("still acquiring", "virtual", "", 300, env.cfg.taxonomy)
+    env.store.set_status(sid, "acquiring")
+    r = tech.post(f"/slides/{sid}/sign", data={"csrf_token": tech.token}, follow_redirects=False)
+    assert r.status_code == 409 and "acquiring" in r.text
+    queue = tech.get("/api/queue").json()
+    assert queue["acquiring"] is True
+    rows = {s["name"]: s for s in queue["slides"]}
+    assert rows["still acquiring"]["status"] == "acquiring"
+    review_row = rows["BCCD review slide"]
+    assert review_row["counted"] == len(_counted(env))
+    assert any("target not reached" in f for f in review_row["flags"])
+    n_review = sum(c.needs_review for c in _cells(env, duplicate_of=None, excluded=False))
+    if n_review:
+        assert f"{n_review} need review" in review_row["flags"]
+    assert "BCCD review slide" in tech.get("/").text
+    with env.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Review)) == 0

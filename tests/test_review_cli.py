@@ -1,0 +1,90 @@
+"""marrowcount user add / user list / review, run as a user would."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from daemon.cli import main
+from daemon.models import User
+from daemon.store import Store
+
+
+def _run(monkeypatch, args: list[str], stdin: str = "") -> int:
+    monkeypatch.setattr(sys, "argv", ["marrowcount", *args])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return exc.value.code or 0
+
+
+@pytest.fixture
+def where(tmp_path) -> list[str]:
+    return ["--db", f"sqlite:///{tmp_path / 'store.db'}", "--data-dir", str(tmp_path / "data")]
+
+
+def test_user_add_hashes_the_password_and_refuses_bad_input(monkeypatch, capsys, tmp_path, where):
+    assert _run(monkeypatch, ["user", "add", "alice", "--role", "supervisor",
+                              "--password-stdin", *where], "correct horse battery\n") == 0
+    assert "alice" in capsys.readouterr().out
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "data")
+    with store.session() as s:
+        user = s.scalars(select(User)).one()
+        assert (user.username, user.role, user.active) == ("alice", "supervisor", True)
+        assert user.password_hash.startswith("$argon2id$")
+        assert "correct horse" not in user.password_hash
+    store.close()
+
+    for args, stdin, message in [
+        (["alice", "--role", "technician"], "another password\n", "already exists"),
+        (["bob", "--role", "admin"], "another password\n", "--role must be one of"),
+        (["bob", "--role", "technician"], "short\n", "at least 8 characters"),
+        (["bad name", "--role", "technician"], "long enough pw\n", "no spaces"),
+    ]:
+        code = _run(monkeypatch, ["user", "add", *args, "--password-stdin", *where], stdin)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+
+    assert _run(monkeypatch, ["user", "list", *where]) == 0
+    out = capsys.readouterr().out
+    assert "alice" in out and "supervisor" in out and "bob" not in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_review_serves_on_localhost(tmp_path, where):
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from daemon.cli import main; main()", "review", *where,
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/login", timeout=5)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"review app did not come up: {proc.stdout.read().decode()[-2000:]}")
+                time.sleep(0.5)
+        assert r.status_code == 200 and 'name="csrf_token"' in r.text
+        assert httpx.get(f"http://127.0.0.1:{port}/", follow_redirects=False).status_code == 303
+        assert (tmp_path / "data" / "review_secret").stat().st_mode & 0o077 == 0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

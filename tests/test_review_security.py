@@ -1,0 +1,239 @@
+"""Review app security over HTTP: sessions, CSRF, roles, images by id only, cookies."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+
+from daemon.models import AuditEvent, Cell, Field, Slide, User
+from daemon.review.app import create_app
+from daemon.review.auth import SESSION_COOKIE
+from tests.review_slide import SUPER, TECH, TECH2, csrf_of, login, review_env, review_template  # noqa: F401
+
+
+@pytest.fixture
+def app(review_env):  # noqa: F811
+    return create_app(review_env.cfg, review_env.store)
+
+
+def _ids(env) -> dict[str, int]:
+    with env.store.session() as s:
+        cell = s.scalar(select(Cell.id).where(Cell.slide_id == env.slide_id,
+                                              Cell.duplicate_of.is_(None)).limit(1))
+        fld = s.scalar(select(Field.id).where(Field.slide_id == env.slide_id).limit(1))
+    return {"slide_id": env.slide_id, "cell_id": cell, "field_id": fld, "fmt": "pdf"}
+
+
+def _audit_count(env) -> int:
+    with env.store.session() as s:
+        return s.scalar(select(func.count()).select_from(AuditEvent))
+
+
+def _routes(app):
+    for r in app.routes:
+        if isinstance(r, APIRoute):
+            for method in sorted(r.methods - {"HEAD"}):
+                yield method, r.path
+
+
+def test_every_route_without_a_session_is_refused_or_redirected(app, review_env):
+    ids = _ids(review_env)
+    client = TestClient(app)
+    seen = 0
+    for method, path in _routes(app):
+        if path == "/login":
+            continue
+        url = path.format(**ids)
+        r = client.request(method, url, json={}, follow_redirects=False)
+        if method == "GET" and not url.startswith(("/api/", "/images/")):
+            assert r.status_code == 303, (method, url, r.status_code)
+            assert r.headers["location"].startswith("/login?next=")
+        else:
+            assert r.status_code in (401, 403), (method, url, r.status_code)
+        assert "cells" not in r.text or r.status_code == 303
+        seen += 1
+    assert seen >= 15
+    # A forged or tampered cookie is no session either.
+    client.cookies.set(SESSION_COOKIE, "eyJ1aWQiOjF9.forged.sig")
+    assert client.get(f"/slides/{ids['slide_id']}", follow_redirects=False).status_code == 303
+    assert client.get(f"/images/cells/{ids['cell_id']}").status_code == 401
+    # The login page itself and the static files are public.
+    assert TestClient(app).get("/login").status_code == 200
+    assert TestClient(app).get("/static/review.css").status_code == 200
+
+
+def test_login_sets_a_hardened_cookie_and_rejects_wrong_passwords(app, review_env):
+    client = TestClient(app)
+    page = client.get("/login")
+    r = client.post("/login", data={"username": TECH[0], "password": "wrong-password",
+                                    "csrf_token": csrf_of(page.text)}, follow_redirects=False)
+    assert r.status_code == 401 and "Wrong user name or password" in r.text
+    r = client.post("/login", data={"username": "nobody", "password": TECH[1],
+                                    "csrf_token": csrf_of(page.text)}, follow_redirects=False)
+    assert r.status_code == 401
+    # Logging in without the login form's CSRF token is refused even with the right password.
+    r = TestClient(app).post("/login", data={"username": TECH[0], "password": TECH[1]},
+                             follow_redirects=False)
+    assert r.status_code == 403
+    r = client.post("/login", data={"username": TECH[0], "password": TECH[1],
+                                    "csrf_token": csrf_of(page.text), "next": "//evil.example/x"},
+                    follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"  # no open redirect
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    # A fresh CSRF token after login: the pre-login token no longer works.
+    assert csrf_of(client.get("/").text) != csrf_of(page.text)
+    headers = client.get("/").headers
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["cache-control"] == "no-store"
+
+
+def test_repeated_failures_lock_the_name_for_a_while(app):
+    client = TestClient(app)
+    token = csrf_of(client.get("/login").text)
+    for _ in range(5):
+        r = client.post("/login", data={"username": TECH2[0], "password": "nope-nope",
+                                        "csrf_token": token}, follow_redirects=False)
+        assert r.status_code == 401
+    r = client.post("/login", data={"username": TECH2[0], "password": TECH2[1],
+                                    "csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 401  # even the right password, until the window passes
+    r = client.post("/login", data={"username": TECH[0], "password": TECH[1],
+                                    "csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303  # other accounts are unaffected
+
+
+def test_a_change_without_the_csrf_token_is_refused(app, review_env):
+    ids = _ids(review_env)
+    client = TestClient(app)
+    token = login(client, TECH)
+    before = _audit_count(review_env)
+    sid, cid = ids["slide_id"], ids["cell_id"]
+    changes = [
+        (f"/api/slides/{sid}/reclassify", {"cells": [cid], "label": "monocyte"}),
+        (f"/api/slides/{sid}/exclude", {"cells": [cid], "reason": "smudge"}),
+        (f"/api/slides/{sid}/include", {"cells": [cid]}),
+        (f"/api/slides/{sid}/undo", {}),
+        (f"/api/slides/{sid}/cells", {"field_id": ids["field_id"], "x": 50, "y": 50,
+                                      "label": "monocyte"}),
+    ]
+    for url, body in changes:
+        for headers in ({}, {"X-CSRF-Token": "not-the-token"}, {"X-CSRF-Token": ""}):
+            r = client.post(url, json=body, headers=headers)
+            assert r.status_code == 403, (url, headers, r.text)
+            assert "CSRF" in r.json()["error"]
+    for url in (f"/slides/{sid}/sign", f"/slides/{sid}/reopen", "/logout"):
+        r = client.post(url, data={"note": "x", "reason": "x"}, follow_redirects=False)
+        assert r.status_code == 403, url
+        r = client.post(url, data={"csrf_token": "forged", "reason": "x"},
+                        follow_redirects=False)
+        assert r.status_code == 403, url
+    # A token from another user's session does not work in this one.
+    other = TestClient(app)
+    other_token = login(other, TECH2)
+    assert other_token != token
+    r = client.post(f"/api/slides/{sid}/reclassify", json={"cells": [cid], "label": "monocyte"},
+                    headers={"X-CSRF-Token": other_token})
+    assert r.status_code == 403
+    assert _audit_count(review_env) == before
+    with review_env.store.session() as s:
+        assert s.get(Slide, sid).status == "awaiting_review"
+        assert s.get(Cell, cid).reviewed_label is None
+    # The same request with the token goes through.
+    r = client.post(f"/api/slides/{sid}/reclassify", json={"cells": [cid], "label": "monocyte"},
+                    headers={"X-CSRF-Token": token})
+    assert r.status_code == 200 and _audit_count(review_env) == before + 1
+
+
+def test_a_technician_cannot_reopen_a_signed_slide(app, review_env):
+    sid = review_env.slide_id
+    tech = TestClient(app)
+    token = login(tech, TECH)
+    assert tech.post(f"/slides/{sid}/sign", data={"csrf_token": token},
+                     follow_redirects=False).status_code == 303
+    page = tech.get(f"/slides/{sid}").text
+    assert "Only a supervisor can reopen" in page and "/reopen" not in page
+    n = _audit_count(review_env)
+    r = tech.post(f"/slides/{sid}/reopen", data={"csrf_token": token, "reason": "typo"},
+                  follow_redirects=False)
+    assert r.status_code == 403 and "supervisor" in r.text
+    with review_env.store.session() as s:
+        assert s.get(Slide, sid).status == "signed"
+    assert _audit_count(review_env) == n
+    sup = TestClient(app)
+    stoken = login(sup, SUPER)
+    r = sup.post(f"/slides/{sid}/reopen", data={"csrf_token": stoken, "reason": ""},
+                 follow_redirects=False)
+    assert r.status_code == 400  # a reason is required
+    r = sup.post(f"/slides/{sid}/reopen", data={"csrf_token": stoken, "reason": "wrong class"},
+                 follow_redirects=False)
+    assert r.status_code == 303
+    with review_env.store.session() as s:
+        slide = s.get(Slide, sid)
+        assert slide.status == "awaiting_review" and slide.signed_by is None
+        ev = s.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())).first()
+        assert (ev.action, ev.username, ev.before["signed_by"], ev.after["reason"]) == (
+            "reopen", SUPER[0], TECH[0], "wrong class")
+    assert _audit_count(review_env) == n + 1
+
+
+@pytest.mark.parametrize("path", [
+    "/images/cells/..%2F..%2F..%2Fetc%2Fpasswd",
+    "/images/cells/../../store.db",
+    "/images/fields/%2e%2e%2fstore.db",
+    "/images/fields/..%5c..%5cstore.db",
+    "/images/cells/1%00.png",
+    "/images/cells/-1",
+    "/static/../store.db",
+    "/static/%2e%2e/%2e%2e/auth.py",
+])
+def test_path_traversal_on_image_routes_is_refused(app, review_env, path):
+    client = TestClient(app)
+    login(client, TECH)
+    r = client.get(path)
+    assert r.status_code in (404, 422), (path, r.status_code)
+    assert b"SQLite" not in r.content and b"argon2" not in r.content
+
+
+def test_images_are_served_only_from_the_data_directory(app, review_env):
+    ids = _ids(review_env)
+    client = TestClient(app)
+    login(client, TECH)
+    r = client.get(f"/images/cells/{ids['cell_id']}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert client.get(f"/images/fields/{ids['field_id']}").status_code == 200
+    # A stored path that points outside the data directory (a tampered row) is not followed.
+    secret = review_env.root / "outside.png"
+    secret.write_bytes(r.content)
+    with review_env.store.session() as s:
+        s.execute(update(Cell).where(Cell.id == ids["cell_id"])
+                  .values(crop_path="../outside.png"))
+        s.execute(update(Field).where(Field.id == ids["field_id"])
+                  .values(image_path=str(secret)))
+    assert client.get(f"/images/cells/{ids['cell_id']}").status_code == 404
+    assert client.get(f"/images/fields/{ids['field_id']}").status_code == 404
+    assert client.get("/images/cells/999999").status_code == 404
+
+
+def test_a_deactivated_account_loses_its_session(app, review_env):
+    client = TestClient(app)
+    login(client, TECH2)
+    assert client.get("/", follow_redirects=False).status_code == 200
+    with review_env.store.session() as s:
+        s.execute(update(User).where(User.username == TECH2[0]).values(active=False))
+    assert client.get("/", follow_redirects=False).status_code == 303
+    assert client.get("/api/queue").status_code == 401
+
+
+def test_logout_ends_the_session(app):
+    client = TestClient(app)
+    token = login(client, TECH)
+    r = client.post("/logout", data={"csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert client.get("/", follow_redirects=False).status_code == 303
+    assert re.search(r"Log in", client.get("/login").text)
