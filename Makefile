@@ -18,8 +18,10 @@ install: $(STAMP)
 
 # Browser tests drive Debian's chromium; Playwright never downloads a browser here.
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	@test -x /usr/bin/chromium || { \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo -n"; \
+	  ($$sudo apt-get update -qq && \
+	   $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "chromium could not be installed: browser tests will be skipped"; }
 
 test: $(STAMP) chromium
