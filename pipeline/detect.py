@@ -22,6 +22,7 @@ All sizes in ``DetectParams`` are in µm or µm²; pixels only exist inside this
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -114,22 +115,30 @@ def spectral_residual(gray: np.ndarray, size: int) -> np.ndarray:
 
 
 def nucleus_map(rgb: np.ndarray, params: DetectParams) -> np.ndarray:
-    """Enhanced nucleus evidence, float32 ``(H, W)``: saturation above the field's background
+    """Enhanced nucleus evidence, uint8 ``(H, W)``: saturation above the field's background
     level, weighted by hue closeness to ``params.hue_deg``. 0 for background and RBCs."""
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)  # hue 0–255 for the full circle
-    hue = hsv[:, :, 0].astype(np.float32) * (360.0 / 256.0)
-    sat = hsv[:, :, 1].astype(np.float32)
-    lo, hi = params.hue_deg
-    centre, half = (lo + hi) / 2.0, (hi - lo) / 2.0
-    dist = np.abs((hue - centre + 180.0) % 360.0 - 180.0)  # circular distance to the centre
-    if params.hue_soft_deg > 0:
-        weight = np.clip(1.0 - (dist - half) / params.hue_soft_deg, 0.0, 1.0)
-    else:
-        weight = (dist <= half).astype(np.float32)
+    hue, sat = hsv[:, :, 0], hsv[:, :, 1]
     # Contrast enhancement: subtract the background (median) saturation of this field, so a
     # pale or a heavily stained slide gives the same nucleus contrast.
-    background = float(np.median(sat[::4, ::4]))
-    return np.maximum(sat - background, 0.0) * weight
+    hist = np.bincount(sat[::2, ::2].ravel(), minlength=256).cumsum()
+    background = int(np.searchsorted(hist, hist[-1] / 2.0))
+    lifted = cv2.subtract(sat, background)
+    return cv2.multiply(lifted, _hue_weight(params.hue_deg, params.hue_soft_deg)[hue], scale=1 / 255)
+
+
+@lru_cache(maxsize=8)
+def _hue_weight(hue_deg: tuple[float, float], soft_deg: float) -> np.ndarray:
+    """uint8 (256,) weight (255 = purple) for each full-circle OpenCV hue value."""
+    hue = np.arange(256, dtype=np.float64) * (360.0 / 256.0)
+    lo, hi = hue_deg
+    centre, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+    dist = np.abs((hue - centre + 180.0) % 360.0 - 180.0)  # circular distance to the centre
+    if soft_deg > 0:
+        weight = np.clip(1.0 - (dist - half) / soft_deg, 0.0, 1.0)
+    else:
+        weight = (dist <= half).astype(np.float64)
+    return np.round(weight * 255).astype(np.uint8)
 
 
 def _disk(radius_px: float) -> np.ndarray:
@@ -137,33 +146,44 @@ def _disk(radius_px: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
-def _split(mask: np.ndarray, nucleus: np.ndarray, min_radius_px: float) -> list[np.ndarray]:
-    """Split one multi-cell cluster ``mask`` (bool, cropped) with a distance-transform
-    watershed; returns one bool mask per cell (nucleus pixels only)."""
+def _split(mask: np.ndarray, nucleus: np.ndarray, min_radius_px: float, max_px: float) -> list[np.ndarray]:
+    """Split one multi-cell cluster with a distance-transform watershed.
+
+    ``mask``: the cluster after gap closing (bool, cropped); ``nucleus``: its nucleus pixels.
+    Nucleus fragments no larger than ``max_px`` (a lobe, a whole nucleus) are never cut: each
+    goes whole to the watershed region holding most of it, so the lobes of one neutrophil stay
+    together. Returns one bool nucleus mask per cell.
+    """
     from skimage.segmentation import watershed  # small window: speed is not an issue here
 
     dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
-    k = _disk(min_radius_px)
-    peaks = (dist >= cv2.dilate(dist, k)) & (dist >= min_radius_px)
+    peaks = (dist >= cv2.dilate(dist, _disk(min_radius_px))) & (dist >= min_radius_px)
     n, markers = cv2.connectedComponents(peaks.astype(np.uint8))
     if n <= 2:
-        return [mask & nucleus]
-    labels = watershed(-dist, markers, mask=mask)
-    return [(labels == i) & nucleus for i in range(1, n)]
+        return [nucleus]
+    regions = watershed(-dist, markers, mask=mask)
+    nf, frags, fstats, _ = cv2.connectedComponentsWithStats(nucleus.astype(np.uint8), connectivity=8)
+    owner = regions.copy()
+    for j in range(1, nf):
+        if fstats[j, 4] <= max_px:
+            sel = frags == j
+            owner[sel] = np.bincount(regions[sel], minlength=n).argmax()
+    cells = [(owner == i) & nucleus for i in range(1, n)]
+    return [c for c in cells if c.any()]
 
 
-def find_cells(rgb: np.ndarray, params: DetectParams) -> list[_Cell]:
-    """Detect leukocytes in an RGB image already at ``params.work_um_per_px``."""
-    px = params.work_um_per_px
+def find_cells(rgb: np.ndarray, px: float, params: DetectParams) -> list[_Cell]:
+    """Detect leukocytes in an RGB image at ``px`` µm/px (about ``params.work_um_per_px``)."""
     h, w = rgb.shape[:2]
     evidence = nucleus_map(rgb, params)
 
     sal = spectral_residual(evidence, params.saliency_px)
-    sal = cv2.resize(sal, (w, h), interpolation=cv2.INTER_LINEAR)
+    f = sal.shape[1] / w
     if params.saliency_blur_um > 0:
-        sal = cv2.GaussianBlur(sal, (0, 0), params.saliency_blur_um / px)
-    salient = sal > params.saliency_factor * float(sal.mean() or 1.0)
-    nucleus = (evidence > params.min_saturation) & salient
+        sal = cv2.GaussianBlur(sal, (0, 0), params.saliency_blur_um * f / px)
+    salient = (sal > params.saliency_factor * float(sal.mean() or 1.0)).astype(np.uint8)
+    salient = cv2.resize(salient, (w, h), interpolation=cv2.INTER_NEAREST)
+    nucleus = (evidence > params.min_saturation) & (salient > 0)
     nucleus = cv2.morphologyEx(nucleus.astype(np.uint8), cv2.MORPH_OPEN, _disk(0.5 / px)) > 0
 
     # Merge lobes: close gaps up to merge_gap_um, then group by the closed mask.
@@ -185,7 +205,7 @@ def find_cells(rgb: np.ndarray, params: DetectParams) -> list[_Cell]:
         sub_lab = labels[y0 : y0 + bh, x0 : x0 + bw] == i
         sub_nuc = nucleus[y0 : y0 + bh, x0 : x0 + bw] & sub_lab
         parts = (
-            _split(sub_lab, sub_nuc, params.split_min_radius_um / px)
+            _split(sub_lab, sub_nuc, params.split_min_radius_um / px, single_px)
             if area_px[i] > single_px
             else [sub_nuc]
         )
@@ -224,11 +244,21 @@ def detect(
             f"image of {w}×{h} px at {um_per_px:g} µm/px is smaller than one "
             f"{crop_um:.1f} µm crop"
         )
-    work = resample(rgb, um_per_px, params.work_um_per_px)
-    sx, sy = w / work.shape[1], h / work.shape[0]
+    # An integer shrink factor near the working scale: area averaging is then exact and fast.
+    # Shrink by an integer factor near the working scale: area averaging is then exact and
+    # about 3x faster. The last k-1 rows/columns are left out (they are border anyway).
+    k = max(1, round(params.work_um_per_px / um_per_px))
+    if k > 1:
+        work_um = um_per_px * k
+        work = resample(rgb[: h - h % k, : w - w % k], um_per_px, work_um)
+        sx = sy = float(k)
+    else:
+        work_um = params.work_um_per_px
+        work = resample(rgb, um_per_px, work_um)
+        sx, sy = w / work.shape[1], h / work.shape[0]
     margin = params.box_margin_um / um_per_px
     out = []
-    for c in find_cells(work, params):
+    for c in find_cells(work, work_um, params):
         x, y = (c.x + 0.5) * sx - 0.5, (c.y + 0.5) * sy - 0.5
         box = (
             max(0, int(c.box[0] * sx - margin)),
@@ -236,7 +266,7 @@ def detect(
             min(w, int(np.ceil(c.box[2] * sx + margin))),
             min(h, int(np.ceil(c.box[3] * sy + margin))),
         )
-        area = c.area_px * params.work_um_per_px**2
+        area = c.area_px * work_um**2
         out.append(Detection(x, y, box, area, crop_at(rgb, um_per_px, (x, y), crop_um_per_px)))
     out.sort(key=lambda d: (d.y, d.x))
     return out
