@@ -27,7 +27,6 @@ one of its files could not be decoded moves that file to quarantine.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -199,6 +198,7 @@ class FolderWatcher:
         self._hashes: dict[Path, tuple[int, int, str]] = {}
         self._settled: set[tuple[Path, int, int]] = set()
         self._warned: set[str] = set()
+        self._stuck: set[Path] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -303,6 +303,8 @@ class FolderWatcher:
         ready: dict[str, bool] = {}
         now = time.monotonic()
         for path in self._candidates(root):
+            if path in self._stuck:
+                continue
             unsafe = self._unsafe(path, root, real_root)
             if unsafe:
                 events.append(self._quarantine(folder, root, path, f"refused: {unsafe}", None,
@@ -511,7 +513,6 @@ class FolderWatcher:
                     sha: str | None, kind: str = "quarantined") -> WatchEvent:
         """Move ``path`` into the quarantine folder beside ``<name>.error.txt``; record it."""
         qdir = root / self.params.quarantine_dir
-        qdir.mkdir(exist_ok=True)
         rel = path.relative_to(root)
         base = "__".join(rel.parts).replace("..", "__")
         dest = qdir / base
@@ -522,15 +523,19 @@ class FolderWatcher:
         size = 0
         try:
             size = path.lstat().st_size
+            qdir.mkdir(exist_ok=True)
             os.replace(path, dest)
         except OSError as exc:
-            reason = f"{reason} (could not move it: {exc.strerror})"
+            # A read-only share: leave the file, say why beside it if possible, and never
+            # look at it again in this run.
+            reason = f"{reason} (could not move it to {qdir.name}/: {exc.strerror})"
             dest = path
-            with contextlib.suppress(OSError):
-                st = path.stat()
-                self._settled.add((path, st.st_size, st.st_mtime_ns))
-        dest.with_name(dest.name + ".error.txt").write_text(
-            f"{path}\n{reason}\n{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n", encoding="utf-8")
+            self._stuck.add(path)
+        try:
+            dest.with_name(dest.name + ".error.txt").write_text(
+                f"{path}\n{reason}\n{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n", encoding="utf-8")
+        except OSError as exc:
+            log.error("%s: cannot write the error note (%s): %s", path, exc.strerror, reason)
         if sha is not None:
             self._record(sha, path, size, "quarantined", reason)
         self._seen.pop(path, None)

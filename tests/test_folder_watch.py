@@ -261,3 +261,19 @@ def test_from_config_without_folders_does_nothing(config, store):
     assert config.watch.folders == () and w.scan_once() == []
     w.start()
     w.stop()
+
+
+def test_quarantine_that_cannot_move_the_file_still_goes_on(config, store, inbox):
+    # A plain file where the quarantine folder should be: the move fails as on a read-only share.
+    (inbox / "quarantine").write_text("not a folder")
+    (inbox / "bad.tif").write_bytes(b"II*\x00junk")
+    shutil.copy(bccd_field(8), inbox / "ok.jpg")
+    w = watcher(config, store, make_params(config, inbox, stable_seconds=0.0))
+    evs = scan_until_idle(w)
+    assert sorted((e.kind, Path(e.path).name) for e in evs) == [("quarantined", "bad.tif"),
+                                                                 ("slide", "ok.jpg")]
+    reason = [e.reason for e in evs if e.kind == "quarantined"][0]
+    assert "could not move it to quarantine/" in reason
+    assert reason in (inbox / "bad.tif.error.txt").read_text()
+    assert [r.state for r in rows(store) if r.slide_id is None] == ["quarantined"]
+    assert w.scan_once() == []
