@@ -99,7 +99,15 @@ def add_users(store) -> None:
 
 
 @pytest.fixture(scope="session")
-def review_template(tmp_path_factory) -> tuple[Path, int]:
+def pipeline_fields() -> list:
+    """The test slide's fields, analysed once per session by the real pipeline."""
+    from daemon.config import load_config
+
+    return analyzed_fields(load_config(), bccd_fields(N_FIELDS))
+
+
+@pytest.fixture(scope="session")
+def review_template(tmp_path_factory, pipeline_fields) -> tuple[Path, int]:
     """A store folder (store.db + data/) with users and one slide counted by the pipeline."""
     from daemon.config import load_config
     from daemon.store import Store
@@ -109,7 +117,7 @@ def review_template(tmp_path_factory) -> tuple[Path, int]:
     store = Store(f"sqlite:///{root / 'store.db'}", root / "data")
     try:
         add_users(store)
-        sid = count_slide(store, cfg, SLIDE_NAME, analyzed_fields(cfg, bccd_fields(N_FIELDS)))
+        sid = count_slide(store, cfg, SLIDE_NAME, pipeline_fields)
     finally:
         store.close()
     return root, sid

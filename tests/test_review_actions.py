@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from daemon.models import AuditEvent, Cell, Count, Field, Review, Slide
 from daemon.review.app import create_app
-from tests.review_slide import SUPER, TECH, TECH2, login, review_env, review_template  # noqa: F401
+from tests.review_slide import SUPER, TECH, TECH2, login, pipeline_fields, review_env, review_template  # noqa: F401
 
 
 @pytest.fixture
@@ -245,3 +245,32 @@ def test_only_a_slide_awaiting_review_can_be_signed(review_env, tech):
     assert "BCCD review slide" in tech.get("/").text
     with env.store.session() as s:
         assert s.scalar(select(func.count()).select_from(Review)) == 0
+
+
+def test_blast_calls_flag_intervals_that_straddle_a_threshold(review_env):
+    """A lab taxonomy with a blast class: reviewer-called blasts drive the blast % and its flags."""
+    from daemon.config import load_config
+
+    env = review_env
+    base = [c.model_dump() for c in env.cfg.taxonomies[env.cfg.taxonomy]]
+    lab = load_config(overrides={"taxonomies": {env.cfg.taxonomy: base + [
+        {"name": "myeloblast", "label": "Myeloblast", "lineage": "myeloid", "blast": True,
+         "key": "b"}]}})
+    client = TestClient(create_app(lab, env.store))
+    client.headers["X-CSRF-Token"] = login(client, TECH)
+    sid = env.slide_id
+    assert client.get(f"/api/slides/{sid}").json()["differential"]["blast_pct"] == 0.0
+    blasts = _counted(env)[:2]
+    r = client.post(f"/api/slides/{sid}/reclassify",
+                    json={"cells": [c.id for c in blasts], "label": "myeloblast"})
+    assert r.status_code == 200
+    d = client.get(f"/api/slides/{sid}").json()["differential"]
+    assert d["blast_n"] == 2 and d["blast_pct"] == pytest.approx(200 / d["total"])
+    lo, hi = d["blast_ci_pct"]
+    straddled = [t for t in lab.stats.blast_thresholds_pct if lo < t < hi]
+    assert straddled and len(d["flags"]) == len(straddled)
+    assert "straddles" in r.json()["table_html"]
+    row = next(s for s in client.get("/api/queue").json()["slides"] if s["id"] == sid)
+    assert sum("straddles" in f for f in row["flags"]) == len(straddled)
+    page = client.get(f"/slides/{sid}").text
+    assert '<kbd>b</kbd> Myeloblast <span class="n">2</span>' in page

@@ -319,6 +319,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                     labels={c.name: c.label for c in tax.classes},
                     n_cells=len(cells), fields=fields, reviews=reviews,
                     table_html=render_table(ctx), locked=slide.status == "signed",
+                    refresh_s=params.queue_refresh_s,
                     signable=slide.status in actions.SIGNABLE, **ctx)
 
     def change_response(slide_id: int, changed: list[Cell]) -> Response:

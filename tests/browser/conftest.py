@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.review_slide import copy_env, review_template  # noqa: F401  (fixture)
+from tests.review_slide import copy_env, pipeline_fields, review_template  # noqa: F401  (fixtures)
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "review"

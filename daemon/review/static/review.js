@@ -201,6 +201,26 @@
   on("include", include);
   on("undo", undo);
 
+  // While the slide is still acquiring, keep the table current and offer the new cells.
+  if (cfg.status === "acquiring") {
+    const timer = setInterval(async () => {
+      try {
+        const resp = await fetch(api, { credentials: "same-origin" });
+        if (!resp.ok) return;
+        const data = await resp.json();
+        document.getElementById("table").innerHTML = data.table_html;
+        if (data.cells !== cfg.cells) {
+          statusEl.innerHTML = "";
+          const a = document.createElement("a");
+          a.href = location.pathname;
+          a.textContent = (data.cells - cfg.cells) + " new cells counted: reload to review them";
+          statusEl.appendChild(a);
+        }
+        if (data.status !== "acquiring") clearInterval(timer);
+      } catch (e) { /* try again next time */ }
+    }, 1000 * cfg.refresh_s);
+  }
+
   const first = tiles()[0];
   if (first) focusTile(first, false);
   tiles().forEach((t) => t.setAttribute("tabindex", "-1"));
