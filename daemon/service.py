@@ -130,16 +130,18 @@ class Service:
     """
 
     def __init__(self, cfg: Any, config_path: str | Path | None = None,
-                 on_event: Callable[[Event], None] | None = None) -> None:
+                 on_event: Callable[[Event], None] | None = None,
+                 store: Store | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.instrument = cfg.service.instrument or socket.gethostname()
-        self.store = Store.from_params(cfg.store, cfg.resolve)
+        self.store = store if store is not None else Store.from_params(cfg.store, cfg.resolve)
         self._lock_fh = self._lock()
         self.metrics = Metrics()
         self.notifier = Notifier()
         self.on_event = on_event or (lambda e: None)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by a stop request or a newly queued slide
         self._reload = False
         self._classifier: Any = None
         self._classifier_path: Path | None = None
@@ -176,6 +178,7 @@ class Service:
     def request_stop(self) -> None:
         """Finish the current field, then return from ``run`` (what SIGTERM does)."""
         self._stop.set()
+        self._wake.set()
 
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._on_stop_signal("SIGTERM"))
@@ -184,10 +187,29 @@ class Service:
 
     def _on_stop_signal(self, name: str) -> None:
         log.info("%s: finishing the current field, then exiting", name)
-        self._stop.set()
+        self.request_stop()
 
     def _on_hup(self) -> None:
         self._reload = True
+        self._wake.set()
+
+    def _start_watcher(self) -> Any:
+        """The folder watcher for ``watch.folders`` in the config (None when there are none);
+        it queues scanned slides in the store and wakes the idle loop."""
+        if not self.cfg.watch.folders:
+            return None
+        from drivers.folder import FolderWatcher
+
+        def on_watch(ev: Any) -> None:
+            level = logging.INFO if ev.kind in ("slide", "done", "duplicate") else logging.WARNING
+            log.log(level, "watch: %s %s", ev.kind, ev.path, extra={"data": {
+                "path": ev.path, "slide": ev.slide_id, "reason": ev.reason}})
+
+        watcher = FolderWatcher(self.cfg.watch, self.store, lambda _sid: self._wake.set(),
+                                target=self.cfg.acquisition.target, taxonomy=self.cfg.taxonomy,
+                                detect=self.cfg.detect, on_event=on_watch)
+        watcher.start()
+        return watcher
 
     def run(self, *, exit_when_idle: bool = False, only_slide: int | None = None) -> int:
         """Count slides until stopped (or, with ``exit_when_idle``, until the queue is empty).
@@ -204,6 +226,7 @@ class Service:
             "instrument": self.instrument, "pid": os.getpid(),
             "store": self.store.engine.url.render_as_string(hide_password=True),
             "data_dir": str(self.store.data_dir)}})
+        watcher = self._start_watcher()
         try:
             while not self._stop.is_set():
                 if self._reload:
@@ -214,10 +237,13 @@ class Service:
                     if exit_when_idle and not self._paused_until:
                         break
                     self.notifier.status(f"idle on {self.instrument}")
-                    self._stop.wait(self._idle_wait())
+                    self._wake.wait(self._idle_wait())
+                    self._wake.clear()
                     continue
                 self._count(slide)
         finally:
+            if watcher is not None:
+                watcher.stop()
             self.notifier.stopping()
             log.info("daemon stopped", extra={"data": {"instrument": self.instrument}})
         return 0
@@ -281,10 +307,15 @@ class Service:
         adaptive: list[str] = []
         t0 = time.monotonic()
 
+        stale_error = [slide.error]
+
         def on_field(f: Any) -> None:
             nonlocal counted
             if self._commit(slide, f):
                 counted += f.n_counted
+            if stale_error[0]:  # the failure noted earlier is over
+                self._note(slide.id, None)
+                stale_error[0] = None
             self.metrics.field_committed(f.n_counted, counted)
             self.notifier.status(f"{slide.name}: {counted}/{slide.target} cells, field {f.index}")
             log.info("field committed", extra={"data": {

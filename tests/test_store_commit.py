@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import cv2
@@ -82,10 +83,13 @@ def test_repeat_commit_is_a_noop(store_url, tmp_path):  # noqa: F811
 def test_full_disk_rolls_back_and_retry_succeeds(store_url, tmp_path):  # noqa: F811
     """ENOSPC while the crops are written: no rows, no counts, no files; a retry commits."""
     calls = {"n": 0}
+    lock = threading.Lock()
 
     def filling_disk(path: Path, data: bytes) -> None:
-        calls["n"] += 1
-        if calls["n"] >= 4:
+        with lock:
+            calls["n"] += 1
+            full = calls["n"] >= 4
+        if full:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         write_file(path, data)
 
@@ -98,7 +102,7 @@ def test_full_disk_rolls_back_and_retry_succeeds(store_url, tmp_path):  # noqa: 
         before = (store.counts(sid), len(store.cells(sid)), store.progress(sid))
         with pytest.raises(OSError) as exc:
             store.commit_field(sid, fld)
-        assert exc.value.errno == errno.ENOSPC and calls["n"] == 4  # died mid-field
+        assert exc.value.errno == errno.ENOSPC and 4 <= calls["n"] <= len(fld.cells) + 1
         assert (store.counts(sid), len(store.cells(sid)), store.progress(sid)) == before
         assert not any((data / ".staging").iterdir())
         assert _files(data) == _referenced(store, sid)
@@ -199,7 +203,7 @@ _DIE = textwrap.dedent("""
     def writer(path, payload):
         write_file(path, payload)
         n["files"] += 1
-        if where == "writing" and n["files"] == 5:
+        if where == "writing" and n["files"] >= 5:
             os._exit(9)
     store = Store(url, data, writer=writer)
     sid = store.slide("K").id
@@ -238,3 +242,15 @@ def test_killed_mid_commit_leaves_no_orphans(store_url, tmp_path, where):  # noq
         store.commit_field(sid, make_field(1))
         assert store.counts(sid) == expected_counts([make_field(0), make_field(1)])
         assert _files(data) == _referenced(store, sid)
+
+
+def test_migrations_build_exactly_the_models(store_url, tmp_path):  # noqa: F811
+    """The schema Alembic builds equals daemon/models.py (a model change needs a migration)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from daemon.models import Base
+
+    with Store(store_url, tmp_path / "data") as store, store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
