@@ -35,6 +35,8 @@ class ClassifierParams(Params):
     local_pairs: tuple[tuple[str, str], ...]
     """Local pairs to apply; empty = every pair stored in the checkpoint."""
     flag_unknown: bool
+    unknown_method: UnknownMethod
+    """Score that flags unknown cells; chosen by the leave-one-class-out measurement."""
 
 
 @dataclass(frozen=True)
@@ -220,4 +222,4 @@ def load_classifier(path: str | Path, taxonomy: Taxonomy | None = None, *,
         return Classifier(ckpt, path, unknown_method=unknown_method)
     return Classifier(ckpt, path, dual_stage=params.dual_stage, local_pairs=params.local_pairs,
                       flag_unknown=params.flag_unknown, batch_size=params.batch_size,
-                      unknown_method=unknown_method)
+                      unknown_method=unknown_method or params.unknown_method)

@@ -29,7 +29,8 @@ from torch import nn
 
 from pipeline.augment import AugmentParams, augment
 from pipeline.classify import mahalanobis
-from pipeline.datasets import CropSet, SourceParams, centre, epoch_indices, recrop, split
+from pipeline.datasets import (CropSet, SourceParams, centre, epoch_indices, recrop, split,
+                               stratified_folds)
 from pipeline.imaging import CROP_SIZE, rgb_to_yuv
 from pipeline.model import ARCH_ID, VGG, build, to_input
 from pipeline.params import Params
@@ -142,7 +143,8 @@ def predict_logits(model: VGG, crops: np.ndarray, mean: np.ndarray, std: np.ndar
 def _fit_loop(model: VGG, prep: _Prep, labels: np.ndarray, train_idx: np.ndarray,
               val_x: np.ndarray, val_y: np.ndarray, epochs: int, per_class: int, lr: float,
               p: TrainParams, stage: str, seed: int, on_epoch: Callable[[EpochReport], None],
-              history: list[EpochReport], max_seconds: float | None = None) -> None:
+              history: list[EpochReport], max_seconds: float | None = None,
+              after_epoch: Callable[[VGG, int, bool], None] | None = None) -> None:
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum,
                           weight_decay=p.weight_decay, nesterov=True)
@@ -195,6 +197,8 @@ def _fit_loop(model: VGG, prep: _Prep, labels: np.ndarray, train_idx: np.ndarray
                               elapsed / ep * (planned - ep), len(plan[ep - 1]) / dt)
             history.append(rep)
             on_epoch(rep)
+            if after_epoch is not None:
+                after_epoch(model, ep, ep >= planned)
 
 
 def fit_temperature(logits: torch.Tensor, labels: np.ndarray) -> float:
@@ -221,11 +225,37 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
+def _unknown_params(model: VGG, cen: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                    val_idx: np.ndarray, mean: np.ndarray, std: np.ndarray, k: int,
+                    temperature: float, val_logits: torch.Tensor, rate: float) -> dict[str, Any]:
+    """Unknown-cell detector: centroids/precision from ``train_idx`` features; thresholds so
+    that ``rate`` of the validation cells are flagged by each score."""
+    stats = unknown_stats(predict_logits(model, cen[train_idx], mean, std, features=True),
+                          labels[train_idx], k)
+    val_feat = predict_logits(model, cen[val_idx], mean, std, features=True)
+    val_probs = torch.softmax(val_logits / temperature, 1)
+    q = 1.0 - rate
+    return {
+        "method": "mahalanobis",
+        "mahalanobis_threshold": float(np.quantile(
+            mahalanobis(val_feat, stats["centroids"], stats["precision"]).numpy(), q)),
+        "msp_threshold": float(np.quantile(val_probs.max(1).values.numpy(), 1.0 - q)),
+        "energy_threshold": float(np.quantile(
+            (-temperature * torch.logsumexp(val_logits / temperature, 1)).numpy(), q)),
+        **stats,
+    }
+
+
 def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
                      taxonomy: str, data_hash: str,
                      on_epoch: Callable[[EpochReport], None] = lambda r: None,
-                     max_seconds: float | None = None, threads: int | None = None) -> TrainResult:
-    """Train global + local models on ``data`` (cut at ``p.um_per_px``); see module doc."""
+                     max_seconds: float | None = None, threads: int | None = None,
+                     snapshot: Callable[[dict[str, Any]], None] | None = None,
+                     snapshot_every: int = 4) -> TrainResult:
+    """Train global + local models on ``data`` (cut at ``p.um_per_px``); see module doc.
+
+    ``snapshot``, when given, receives a complete (global-only, calibrated) checkpoint every
+    ``snapshot_every`` epochs, so a usable model exists long before training ends."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(p.seed)
@@ -244,28 +274,41 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
     del yuv
     prep = _Prep(data.crops, p, mean, std, stain_ref)
     val_x, val_y = cen[sp["val"]], labels[sp["val"]]
+    history: list[EpochReport] = []
+
+    def package(model: VGG, train_idx: np.ndarray, locals_: list[dict[str, Any]]) -> dict:
+        val_logits = predict_logits(model, val_x, mean, std)
+        temperature = fit_temperature(val_logits, val_y)
+        return {
+            "format": 1,
+            "arch": ARCH_ID,
+            "width": p.width,
+            "fc": p.fc,
+            "classes": classes,
+            "taxonomy": taxonomy,
+            "um_per_px": p.um_per_px,
+            "yuv_mean": [float(v) for v in mean],
+            "yuv_std": [float(v) for v in std],
+            "temperature": temperature,
+            "stain_reference": None if stain_ref is None else
+            {"mean": list(stain_ref.mean), "std": list(stain_ref.std)},
+            "state": _state(model),
+            "local": locals_,
+            "unknown": _unknown_params(model, cen, labels, train_idx, sp["val"], mean, std, k,
+                                       temperature, val_logits, p.unknown_false_flag_rate),
+            "data_hash": data_hash,
+            "params": p.model_dump(mode="json"),
+            "epochs_run": sum(1 for h in history if h.stage == "global"),
+        }
+
+    def after_epoch(model: VGG, ep: int, last: bool) -> None:
+        if snapshot is not None and (ep == 2 or ep % snapshot_every == 0) and not last:
+            snapshot(package(model, sp["train"][::6], []))
+            model.train()
 
     model = build(k, p.width, p.fc, p.conv_dropout, p.fc_dropout)
-    history: list[EpochReport] = []
     _fit_loop(model, prep, labels, sp["train"], val_x, val_y, p.epochs, p.per_class, p.lr, p,
-              "global", p.seed, on_epoch, history, max_seconds)
-
-    val_logits = predict_logits(model, val_x, mean, std)
-    temperature = fit_temperature(val_logits, val_y)
-    stats = unknown_stats(predict_logits(model, cen[sp["train"]], mean, std, features=True),
-                          labels[sp["train"]], k)
-    val_feat = predict_logits(model, val_x, mean, std, features=True)
-    val_probs = torch.softmax(val_logits / temperature, 1)
-    q = 1.0 - p.unknown_false_flag_rate
-    unknown = {
-        "method": "mahalanobis",
-        "mahalanobis_threshold": float(np.quantile(
-            mahalanobis(val_feat, stats["centroids"], stats["precision"]).numpy(), q)),
-        "msp_threshold": float(np.quantile(val_probs.max(1).values.numpy(), 1.0 - q)),
-        "energy_threshold": float(np.quantile(
-            (-temperature * torch.logsumexp(val_logits / temperature, 1)).numpy(), q)),
-        **stats,
-    }
+              "global", p.seed, on_epoch, history, max_seconds, after_epoch)
 
     locals_: list[dict[str, Any]] = []
     for a, b in p.local_pairs:
@@ -284,28 +327,36 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
                       history)
         lt = fit_temperature(predict_logits(local, cen[va], mean, std), pair_labels[va])
         locals_.append({"pair": [a, b], "state": _state(local), "temperature": lt})
+    return TrainResult(package(model, sp["train"], locals_), sp, history)
 
-    ckpt = {
-        "format": 1,
-        "arch": ARCH_ID,
-        "width": p.width,
-        "fc": p.fc,
-        "classes": classes,
-        "taxonomy": taxonomy,
-        "um_per_px": p.um_per_px,
-        "yuv_mean": [float(v) for v in mean],
-        "yuv_std": [float(v) for v in std],
-        "temperature": temperature,
-        "stain_reference": None if stain_ref is None else
-        {"mean": list(stain_ref.mean), "std": list(stain_ref.std)},
-        "state": _state(model),
-        "local": locals_,
-        "unknown": unknown,
-        "data_hash": data_hash,
-        "params": p.model_dump(mode="json"),
-        "epochs_run": sum(1 for h in history if h.stage == "global"),
-    }
-    return TrainResult(ckpt, sp, history)
+
+def cross_validate(data: CropSet, classes: Sequence[str], p: TrainParams, *,
+                   on_epoch: Callable[[EpochReport], None] = lambda r: None,
+                   threads: int | None = None) -> list[float]:
+    """``p.cv_folds``-fold cross-validation of the global model over train+val (the test
+    split stays untouched). Returns each fold's validation accuracy."""
+    if p.cv_folds < 2:
+        raise ValueError("cross-validation needs train.cv_folds >= 2")
+    if threads:
+        torch.set_num_threads(threads)
+    sp = split(data.labels, p.seed, p.val_fraction)
+    trainval = np.sort(np.concatenate([sp["train"], sp["val"]]))
+    folds = stratified_folds(data.labels[trainval], p.cv_folds, p.seed + 2)
+    cen = centre(data.crops)
+    accs = []
+    for f in range(p.cv_folds):
+        tr, va = trainval[folds != f], trainval[folds == f]
+        yuv = rgb_to_yuv(cen[tr])
+        mean, std = yuv.mean(axis=(0, 1, 2)), yuv.std(axis=(0, 1, 2))
+        del yuv
+        torch.manual_seed(p.seed + f)
+        model = build(len(classes), p.width, p.fc, p.conv_dropout, p.fc_dropout)
+        prep = _Prep(data.crops, p, mean, std, None)
+        history: list[EpochReport] = []
+        _fit_loop(model, prep, data.labels, tr, cen[va], data.labels[va], p.epochs, p.per_class,
+                  p.lr, p, f"fold {f + 1}/{p.cv_folds}", p.seed + f, on_epoch, history)
+        accs.append(history[-1].val_acc)
+    return accs
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: Any) -> None:

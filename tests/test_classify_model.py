@@ -218,3 +218,41 @@ def test_corrupt_crop_is_reported_and_the_rest_classified(tmp_path, config):
     data = load_crops([Sample(str(tmp_path / "corrupt.jpg"), "lymphocyte", 0.1)] + good,
                       config.classes.names, config.train.um_per_px, size=CACHE_SIZE, threads=1)
     assert len(data.labels) == 4 and len(data.problems) == 1
+
+
+def test_eval_classify_scores_a_tree_and_reports_an_unknown_class(tmp_path, config):
+    from pipeline.evaluate_classifier import evaluate_folder
+
+    root = tmp_path / "tree"
+    for lab in ("eosinophil", "lymphocyte", "plasma_cell"):
+        (root / lab).mkdir(parents=True)
+        src = "lymphocyte" if lab == "plasma_cell" else lab
+        for s in _samples([src], 3):
+            shutil.copy(s.path, root / lab / Path(s.path).name)
+    (root / "eosinophil" / "broken.png").write_bytes(b"not a png")
+    res = evaluate_folder(SHIPPED, root, PBC_UM_PER_PX, config.classes, params=config.classifier)
+    assert res["summary"]["n"] == 6
+    assert any("plasma_cell" in p for p in res["problems"])
+    assert any("broken.png" in p for p in res["problems"])
+    cm = np.array(res["dual"]["confusion"])
+    assert cm.sum() == 6
+
+
+def test_coarse_scoring_merges_band_and_segmented(tmp_path, config):
+    from pipeline.evaluate_classifier import evaluate_folder
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = ["image,label"]
+    for i, s in enumerate(_samples(["band_neutrophil", "segmented_neutrophil", "eosinophil"], 3)):
+        name = f"{i + 1:03d}.jpg"
+        shutil.copy(s.path, flat / name)
+        rows.append(f"{i + 1},{1 if 'neutrophil' in s.label else 4}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    names = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+    res = evaluate_folder(SHIPPED, flat, PBC_UM_PER_PX, config.classes,
+                          labels_csv=tmp_path / "labels.csv", label_names=names, coarse=True,
+                          params=config.classifier)
+    assert res["summary"]["n"] == 9
+    per = res["dual"]["per_class"]
+    assert per["neutrophil"]["n"] == 6 and per["eosinophil"]["n"] == 3

@@ -22,6 +22,15 @@ def _fmt_s(s: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(max(0.0, s)))
 
 
+def _save_atomic(ckpt: dict, path: Path) -> None:
+    from pipeline.train import save_checkpoint
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_checkpoint(ckpt, tmp)
+    tmp.replace(path)
+    console.print(f"snapshot written to {path}", highlight=False)
+
+
 @app.command("train")
 def train_cmd(
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path("model.pt"),
@@ -34,6 +43,8 @@ def train_cmd(
     threads: Annotated[int, typer.Option(help="Torch threads.")] = 2,
     report: Annotated[Optional[Path], typer.Option(
         help="Write test-split metrics (JSON) here.")] = None,
+    snapshot: Annotated[Optional[Path], typer.Option(
+        help="Write a usable (global-only) checkpoint here every few epochs.")] = None,
 ) -> None:
     """Train the global and local models on the configured sources and save a checkpoint."""
     from daemon.config import REPO_ROOT
@@ -52,11 +63,20 @@ def train_cmd(
     def on_epoch(r: EpochReport) -> None:
         console.print(f"[{r.stage}] epoch {r.epoch}/{r.epochs}  loss {r.loss:.4f}  "
                       f"val acc {r.val_acc:.4f}  {r.images_per_s:.0f} img/s  "
-                      f"epoch {r.seconds:.0f} s  ETA {_fmt_s(r.eta_s)}", highlight=False)
+                      f"epoch {r.seconds:.0f} s  ETA {_fmt_s(r.eta_s)}", highlight=False, markup=False)
 
+    if p.cv_folds > 1:
+        from pipeline.train import cross_validate
+
+        accs = cross_validate(data, cfg.classes.names, p, on_epoch=on_epoch, threads=threads)
+        console.print(f"{p.cv_folds}-fold validation accuracy: "
+                      + ", ".join(f"{a:.4f}" for a in accs)
+                      + f"; mean {sum(accs) / len(accs):.4f}")
     res = train_classifier(data, cfg.classes.names, p, taxonomy=cfg.taxonomy, data_hash=dhash,
                            on_epoch=on_epoch, threads=threads,
-                           max_seconds=None if max_minutes is None else max_minutes * 60)
+                           max_seconds=None if max_minutes is None else max_minutes * 60,
+                           snapshot=None if snapshot is None else
+                           (lambda ck: _save_atomic(ck, snapshot)))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(res.checkpoint, out)
     console.print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)")
@@ -158,3 +178,41 @@ def eval_classify_cmd(
         console.print_json(json.dumps(result["summary"]))
         for line in result.get("problems", []):
             err_console.print(f"skipped: {line}", highlight=False)
+
+
+@app.command("eval-unknown")
+def eval_unknown_cmd(
+    unseen: Annotated[str, typer.Option(help="Source label the model never saw, e.g. basophil.")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint trained without that class.")],
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="The config it was trained with.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Leave-one-class-out check of the unknown-cell detector: share of the unseen class's
+    cells flagged, against false flags on the known classes' test split, per method."""
+    from daemon.config import REPO_ROOT
+    from pipeline.classify import load_classifier
+    from pipeline.datasets import centre, load_crops, load_sources, read_source, split
+    from pipeline.errors import MarrowError
+    from pipeline.evaluate_classifier import unknown_rates
+
+    cfg = _config(config)
+    p = cfg.train
+    clf = load_classifier(checkpoint, cfg.classes)
+    data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
+                           cache_dir=cache_dir)
+    known = centre(data.crops[split(data.labels, p.seed, p.val_fraction)["test"]])
+    samples = []
+    for i, src in enumerate(p.sources):
+        src = src.model_copy(update={"exclude": tuple(x for x in src.exclude if x != unseen)})
+        samples += [s for s in read_source(src, REPO_ROOT, p.seed + i) if s.label == unseen]
+    if not samples:
+        raise MarrowError(f"no images labelled {unseen!r} in the configured sources")
+    unseen_crops = load_crops(samples, [unseen], p.um_per_px, size=96).crops
+    rates = unknown_rates(clf, known, unseen_crops)
+    result = {"unseen": unseen, "n_unseen": len(unseen_crops), "n_known": len(known), **rates}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        console.print_json(json.dumps(result))
