@@ -315,8 +315,9 @@ def red_cell_sprites(rgb: np.ndarray, um_per_px: float, scale: float,
 
     Red cells are the non-plasma pixels (Otsu on green, nuclei left out of the threshold);
     only compact blobs of one red cell's size (7.5 µm across, ±40% area) that hold no nuclear
-    stain and are clear of the crop edge are kept, so the leukocyte, touching pairs and cut
-    cells are left out. ``um_per_px`` is the crop's pixel size, ``scale`` the resize to the
+    stain and are clear of the crop edge are kept, so the leukocyte and cut
+    cells are left out; clumps of touching cells are split at their watershed first.
+    ``um_per_px`` is the crop's pixel size, ``scale`` the resize to the
     slide.
     """
     plasma = _plasma_rgb(rgb)
@@ -333,18 +334,46 @@ def red_cell_sprites(rgb: np.ndarray, um_per_px: float, scale: float,
     sprites = []
     for i in range(1, n):
         x, y, bw, bh, area = stats[i]
-        if x <= 1 or y <= 1 or x + bw >= w - 1 or y + bh >= h - 1:
-            continue
-        if not 0.6 * expect <= area <= 1.4 * expect or not 0.7 < bw / bh < 1.4:
+        if x <= 1 or y <= 1 or x + bw >= w - 1 or y + bh >= h - 1 or area < 0.6 * expect:
             continue
         comp = lab == i
         if (comp & blue).sum() > 20:
             continue  # a nucleus: the leukocyte or a platelet on a red cell
-        hull = cv2.convexHull(np.argwhere(comp)[:, ::-1].astype(np.int32))
-        if area / max(cv2.contourArea(hull), 1.0) < 0.93:
-            continue
-        sprites.append(_soft_sprite(rgb, comp, plasma, scale, 1.2, source))
+        pieces = [comp] if area <= 1.4 * expect else _split_touching(comp, expect)
+        for piece in pieces:
+            a = int(piece.sum())
+            ys, xs = np.nonzero(piece)
+            pw, ph = np.ptp(xs) + 1, np.ptp(ys) + 1
+            if not 0.6 * expect <= a <= 1.4 * expect or not 0.7 < pw / ph < 1.4:
+                continue
+            hull = cv2.convexHull(np.column_stack([xs, ys]).astype(np.int32))
+            if a / max(cv2.contourArea(hull), 1.0) < 0.93:
+                continue
+            sprites.append(_soft_sprite(rgb, piece, plasma, scale, 1.2, source))
     return sprites, plasma
+
+
+def _split_touching(comp: np.ndarray, expect_area: float) -> list[np.ndarray]:
+    """Split a clump of touching red cells at the watershed of its distance transform."""
+    m = comp.astype(np.uint8)
+    dist = cv2.distanceTransform(m, cv2.DIST_L2, 5)
+    r = np.sqrt(expect_area / np.pi)
+    _, seeds = cv2.connectedComponents((dist > 0.6 * r).astype(np.uint8))
+    if seeds.max() < 2:
+        return []
+    markers = seeds.astype(np.int32)
+    markers[m == 0] = -1  # outside stays out; watershed only floods the clump
+    markers[(m > 0) & (seeds == 0)] = 0
+    img = cv2.cvtColor((255 - np.clip(dist * 255 / max(dist.max(), 1), 0, 255)).astype(np.uint8),
+                       cv2.COLOR_GRAY2BGR)
+    cv2.watershed(img, markers)
+    pieces = []
+    for k in range(1, seeds.max() + 1):
+        piece = markers == k
+        piece = cv2.erode(piece.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # off the line
+        if piece.any():
+            pieces.append(piece)
+    return pieces
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
