@@ -12,7 +12,8 @@
    The first and the final decision are both kept;
 4. **duplicate suppression**: two cells closer than ``duplicate_distance_um`` whose labels are
    the same or form a configured pair (band/segmented neutrophil), and which look alike
-   (cosine similarity of their probability vectors ≥ ``duplicate_similarity``) or whose boxes
+   (cosine similarity of their probability vectors, each pair's classes pooled,
+   ≥ ``duplicate_similarity``) or whose boxes
    overlap (intersection over the smaller box ≥ ``duplicate_overlap``), are one cell — most
    often the detached lobes of one neutrophil. The more confident one is kept; the other stays
    in the output with ``duplicate_of`` and ``duplicate_reason`` set and is not counted;
@@ -172,10 +173,12 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return iw * ih / max(small, 1)
 
 
-def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]], labels: list[str],
-                    probs: np.ndarray, conf: np.ndarray, um_per_px: float,
-                    params: AnalyzeParams) -> dict[int, tuple[int, str]]:
+def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
+                    classes: tuple[str, ...], probs: np.ndarray, conf: np.ndarray,
+                    um_per_px: float, params: AnalyzeParams) -> dict[int, tuple[int, str]]:
     """Which cells are second detections of another: ``{index: (kept index, reason)}``.
+
+    ``pts`` float (N, 2) centres in px, ``probs`` float (N, K) over ``classes``, ``conf`` (N).
 
     Pairs are visited closest first; a cell already suppressed is not used again, so each
     group of fragments collapses onto its most confident member.
@@ -183,9 +186,18 @@ def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]], lab
     n = len(pts)
     if not params.suppress_duplicates or n < 2:
         return {}
+    labels = [classes[i] for i in probs.argmax(1)]
     pairs = {frozenset(p) for p in params.duplicate_pairs}
     d_um = np.hypot(*(pts[:, None, :] - pts[None, :, :]).transpose(2, 0, 1)) * um_per_px
-    unit = probs / np.maximum(np.linalg.norm(probs, axis=1, keepdims=True), 1e-9)
+    # Compare appearance with each pair's classes pooled, so a lobe called band and its cell
+    # called segmented still look alike.
+    pooled = probs.copy()
+    for a, b in params.duplicate_pairs:
+        if a in classes and b in classes:
+            ia, ib = classes.index(a), classes.index(b)
+            pooled[:, ia] += pooled[:, ib]
+            pooled[:, ib] = 0
+    unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-9)
     cos = unit @ unit.T
     cand = [(d_um[i, j], i, j) for i in range(n) for j in range(i + 1, n)
             if d_um[i, j] < params.duplicate_distance_um]
@@ -228,7 +240,7 @@ def analyze_field(rgb: np.ndarray, um_per_px: float, classifier: ClassifierLike,
     probs, conf, unknown, guided = _guide(rgb, um_per_px, classifier, pts, first_probs,
                                           first_conf, first_unknown, params)
     labels = [classes[i] for i in probs.argmax(1)]
-    dups = find_duplicates(pts, [d.box for d in dets], labels, probs, conf, um_per_px, params)
+    dups = find_duplicates(pts, [d.box for d in dets], classes, probs, conf, um_per_px, params)
     out = []
     for i, d in enumerate(dets):
         keep, reason = dups.get(i, (None, None))

@@ -1,0 +1,159 @@
+"""Per-field analysis with the shipped classifier on real pixels: empty and all-RBC fields,
+probability guidance, duplicate suppression of a neutrophil with a detached lobe.
+
+No accuracy of the shipped model is asserted; only behaviour that holds for any sane model.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import cv2
+import numpy as np
+import pytest
+
+from drivers.slidegen import build_slide, detach_lobes, read_manifest, segment_leukocyte
+from pipeline.analyze import CellResult, analyze_field, shifted_centres
+from pipeline.detect import detect
+from pipeline.imaging import crop_at, read_rgb
+from tests.conftest import BCCD, BCCD_UM_PER_PX, PBC, PBC_UM_PER_PX
+
+
+@pytest.fixture(scope="module")
+def classifier(config):
+    from pipeline.classify import load_classifier
+
+    return load_classifier(config.resolve(config.classifier.checkpoint), config.classes,
+                           params=config.classifier)
+
+
+@pytest.fixture(scope="module")
+def slide(config):
+    """Two fields of a virtual marrow slide (held-out real cells)."""
+    p = config.slidegen.model_copy(update={
+        "width_px": 2776, "height_px": 1040, "background_crops": 120,
+        "leukocytes_per_field": (25.0, 35.0), "empty_fraction": 0.0})
+    return build_slide(p, 21)
+
+
+def _run(rgb, um, classifier, config, **update) -> list[CellResult]:
+    params = config.analysis.model_copy(update=update)
+    return analyze_field(rgb, um, classifier, config.detect, params)
+
+
+def test_field_without_cells_gives_no_cells(classifier, config):
+    """Real plasma from a PBC crop (a patch clear of every object), mirrored out to a field."""
+    rgb = read_rgb(PBC / read_manifest(PBC)[0]["path"])
+    clear = (rgb[..., 1] > 215).astype(np.uint8)  # plasma is bright in green; cells are not
+    dist = cv2.distanceTransform(clear, cv2.DIST_L2, 5)
+    y, x = np.unravel_index(np.argmax(dist), dist.shape)
+    r = int(dist[y, x] * 0.7)
+    assert r >= 8, "no plasma patch in the crop"
+    patch = rgb[y - r:y + r, x - r:x + r]
+    field = np.pad(patch, ((0, 1040 - 2 * r), (0, 1388 - 2 * r), (0, 0)), mode="symmetric")
+    assert _run(field, PBC_UM_PER_PX, classifier, config) == []
+
+
+def _rbc_only_regions(n: int, size: int = 300) -> list[np.ndarray]:
+    """Real BCCD regions clear of every WBC and platelet box (by 10 px)."""
+    out = []
+    for xml in sorted((BCCD / "Annotations").glob("*.xml")):
+        boxes = [[int(float(o.find("bndbox").find(k).text)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                 for o in ET.parse(xml).getroot().findall("object")
+                 if o.find("name").text in ("WBC", "Platelets")]
+        for y0 in range(0, 480 - size + 1, 20):
+            x0 = next((x0 for x0 in range(0, 640 - size + 1, 20)
+                       if all(b[2] <= x0 - 10 or b[0] >= x0 + size + 10 or b[3] <= y0 - 10
+                              or b[1] >= y0 + size + 10 for b in boxes)), None)
+            if x0 is not None:
+                img = read_rgb(BCCD / "JPEGImages" / f"{xml.stem}.jpg")
+                out.append(img[y0:y0 + size, x0:x0 + size])
+                break
+        if len(out) == n:
+            return out
+    return out
+
+
+def test_field_of_only_red_cells_counts_no_leukocyte(classifier, config):
+    regions = _rbc_only_regions(4)
+    assert len(regions) == 4
+    for rgb in regions:
+        cells = _run(rgb, BCCD_UM_PER_PX, classifier, config)
+        assert not [c for c in cells if c.counted], [(c.label, c.confidence) for c in cells]
+
+
+def test_guidance_changes_a_borderline_call_by_the_mean_of_shifted_field_crops(
+        classifier, config, slide):
+    """With every cell guided, some cell's call changes; its final probabilities are exactly the
+    mean over its own crop and K crops re-cut from the field at shifted centres."""
+    um = slide.um_per_px
+    k, shift = 6, 1.5
+    guided = _run(slide.rgb, um, classifier, config, guidance_threshold=1.0, guidance_crops=k,
+                  guidance_shift_um=shift, review_threshold=0.5)
+    plain = _run(slide.rgb, um, classifier, config, guidance=False)
+    assert len(guided) == len(plain) > 20
+    assert all(not c.guided and c.label == c.first_label for c in plain)
+    changed = [c for c in guided if c.guided and c.label != c.first_label]
+    assert changed, "no call changed although every cell was re-cropped"
+    c = changed[0]
+    assert plain[c.index].label == c.first_label  # without guidance the first call stands
+    views = [c.crop] + [crop_at(slide.rgb, um, xy, classifier.um_per_px)
+                        for xy in shifted_centres(c.x, c.y, shift / um, k)]
+    mean = classifier.classify(np.stack(views)).probs.mean(0)
+    assert classifier.classes[int(mean.argmax())] == c.label
+    np.testing.assert_allclose([c.probabilities[n] for n in classifier.classes], mean, atol=2e-3)
+
+
+def test_guidance_runs_only_below_the_threshold(classifier, config, slide):
+    cells = _run(slide.rgb, slide.um_per_px, classifier, config)
+    thr = config.analysis.guidance_threshold
+    for c in cells:
+        assert c.guided == (c.first_confidence < thr)
+        if not c.guided:
+            assert c.label == c.first_label
+        assert c.needs_review == (c.unknown or c.confidence < config.analysis.review_threshold)
+        if c.label == "non_leukocyte":
+            assert not c.counted
+
+
+def _detached_neutrophil_fields(n: int, detect_params) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Real segmented neutrophils with their outer lobe pushed 4 µm off, on their own plasma,
+    that the detector sees as two or more nuclei. Returns (field, cell mask) pairs."""
+    rows = [r for r in read_manifest(PBC) if r["label"] == "segmented_neutrophil"]
+    out = []
+    for r in rows[:120]:
+        rgb = read_rgb(PBC / r["path"])
+        cell, nucleus = segment_leukocyte(rgb)
+        got = detach_lobes(rgb, cell, nucleus, 4.0 / PBC_UM_PER_PX)
+        if got is None:
+            continue
+        img, cell, _ = got
+        plasma = np.median(img[~cv2.dilate(cell.astype(np.uint8), np.ones((15, 15))).astype(bool)
+                               & (img[..., 1] > 200)], axis=0)
+        pad = 80
+        field = np.empty((img.shape[0] + 2 * pad, img.shape[1] + 2 * pad, 3), np.uint8)
+        field[:] = plasma.astype(np.uint8)
+        field[pad:-pad, pad:-pad] = img
+        mask = np.zeros(field.shape[:2], bool)
+        mask[pad:-pad, pad:-pad] = cell
+        dets = detect(field, PBC_UM_PER_PX, detect_params, 0.2)
+        if sum(mask[int(d.y), int(d.x)] for d in dets) >= 2:
+            out.append((field, mask))
+            if len(out) == n:
+                break
+    return out
+
+
+def test_neutrophil_with_detached_lobe_is_counted_once(classifier, config):
+    cases = _detached_neutrophil_fields(3, config.detect)
+    assert len(cases) == 3
+    for field, mask in cases:
+        cells = _run(field, PBC_UM_PER_PX, classifier, config)
+        on_cell = [c for c in cells if mask[int(c.y), int(c.x)]]
+        assert len(on_cell) >= 2
+        assert sum(c.counted for c in on_cell) == 1, [(c.label, c.duplicate_reason) for c in on_cell]
+        for c in on_cell:
+            if c.duplicate_of is not None:
+                assert cells[c.duplicate_of].counted and c.duplicate_reason
+        off = _run(field, PBC_UM_PER_PX, classifier, config, suppress_duplicates=False)
+        assert all(c.duplicate_of is None for c in off)
