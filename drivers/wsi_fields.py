@@ -152,12 +152,13 @@ def score_tiles(
     """Per tile ``(cover, nucleated)`` from a low-resolution overview.
 
     ``overview`` is RGB uint8 of the whole image shrunk by ``downsample``; ``cover`` is the
-    fraction of the tile darker than the background (cells rather than glass or plasma), ``nucleated`` the number of nucleus blobs
-    (stained chromatin, as the detector sees it) whose centre falls in the tile.
+    fraction of the tile darker than the background (cells rather than glass or plasma),
+    ``nucleated`` the number of nucleus blobs (stained chromatin, as the detector sees it)
+    whose centre falls in the tile.
     """
     ov_um = um_per_px * downsample
     # Cover: green optical density against the slide's own background (its brightest
-    # percent, leaving out the white fill outside a scanned region), so stain and lamp vary.
+    # percent, leaving out the white fill outside a scanned region): stain and lamp vary.
     green = overview[:, :, 1].astype(np.float32)
     lit = green[green < 254.5]
     background = float(np.percentile(lit, 99)) if lit.size else 255.0
