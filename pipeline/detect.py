@@ -58,6 +58,9 @@ class DetectParams(Params):
     """A cluster with more nucleus area than this is split as a multi-cell cluster."""
     split_min_radius_um: float = Field(gt=0)
     """Smallest half-width of a nucleus that a watershed split may create."""
+    split_max_neck: float = Field(gt=0)
+    """A watershed cut longer than this fraction of the smaller piece's diameter is no neck
+    between two cells: the pieces stay one cell."""
     exclude_border: bool
     """Leave out cells cut by the field edge (the seed's rule; a tiled scan sees them whole)."""
     border_um: float = Field(ge=0)
@@ -146,13 +149,17 @@ def _disk(radius_px: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
-def _split(mask: np.ndarray, nucleus: np.ndarray, min_radius_px: float, max_px: float) -> list[np.ndarray]:
+def _split(
+    mask: np.ndarray, nucleus: np.ndarray, min_radius_px: float, max_px: float, max_neck: float
+) -> list[np.ndarray]:
     """Split one multi-cell cluster with a distance-transform watershed.
 
     ``mask``: the cluster after gap closing (bool, cropped); ``nucleus``: its nucleus pixels.
-    Nucleus fragments no larger than ``max_px`` (a lobe, a whole nucleus) are never cut: each
-    goes whole to the watershed region holding most of it, so the lobes of one neutrophil stay
-    together. Returns one bool nucleus mask per cell.
+    A cut is kept only across a neck: two pieces whose shared boundary is longer than
+    ``max_neck`` times the smaller piece's diameter are one cell (a large round promyelocyte
+    is not two cells). Nucleus fragments no larger than ``max_px`` (a lobe, a whole nucleus)
+    are never cut: each goes whole to the piece holding most of it, so the lobes of one
+    neutrophil stay together. Returns one bool nucleus mask per cell.
     """
     from skimage.segmentation import watershed  # small window: speed is not an issue here
 
@@ -162,6 +169,7 @@ def _split(mask: np.ndarray, nucleus: np.ndarray, min_radius_px: float, max_px: 
     if n <= 2:
         return [nucleus]
     regions = watershed(-dist, markers, mask=mask)
+    regions = _merge_wide_cuts(regions, n, max_neck)
     nf, frags, fstats, _ = cv2.connectedComponentsWithStats(nucleus.astype(np.uint8), connectivity=8)
     owner = regions.copy()
     for j in range(1, nf):
@@ -170,6 +178,30 @@ def _split(mask: np.ndarray, nucleus: np.ndarray, min_radius_px: float, max_px: 
             owner[sel] = np.bincount(regions[sel], minlength=n).argmax()
     cells = [(owner == i) & nucleus for i in range(1, n)]
     return [c for c in cells if c.any()]
+
+
+def _merge_wide_cuts(regions: np.ndarray, n: int, max_neck: float) -> np.ndarray:
+    """Relabel watershed pieces 1..n-1 so that pieces sharing a boundary longer than
+    ``max_neck`` × the smaller one's equivalent diameter become one."""
+    shared = np.zeros((n, n), np.int64)
+    for a, b in ((regions[:, :-1], regions[:, 1:]), (regions[:-1, :], regions[1:, :])):
+        cut = (a != b) & (a > 0) & (b > 0)
+        np.add.at(shared, (a[cut], b[cut]), 1)
+    shared = shared + shared.T
+    diameter = 2.0 * np.sqrt(np.bincount(regions.ravel(), minlength=n) / np.pi)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(1, n):
+        for j in range(i + 1, n):
+            if shared[i, j] > max_neck * min(diameter[i], diameter[j]):
+                parent[root(j)] = root(i)
+    lut = np.array([root(i) for i in range(n)], dtype=regions.dtype)
+    return lut[regions]
 
 
 def find_cells(rgb: np.ndarray, px: float, params: DetectParams) -> list[_Cell]:
@@ -205,7 +237,7 @@ def find_cells(rgb: np.ndarray, px: float, params: DetectParams) -> list[_Cell]:
         sub_lab = labels[y0 : y0 + bh, x0 : x0 + bw] == i
         sub_nuc = nucleus[y0 : y0 + bh, x0 : x0 + bw] & sub_lab
         parts = (
-            _split(sub_lab, sub_nuc, params.split_min_radius_um / px, single_px)
+            _split(sub_lab, sub_nuc, params.split_min_radius_um / px, single_px, params.split_max_neck)
             if area_px[i] > single_px
             else [sub_nuc]
         )
