@@ -48,12 +48,8 @@ def analyzed_fields(cfg, paths: list[Path]) -> list:
     from pipeline.classify import load_classifier
     from pipeline.imaging import read_rgb
 
-    checkpoint = cfg.resolve(cfg.classifier.checkpoint)
-    if not checkpoint.exists():  # TEMPORARY until the first checkpoint lands
-        from tests.daemon_fixtures import make_field
-
-        return [make_field(i % 24) for i in range(len(paths))]
-    classifier = load_classifier(checkpoint, cfg.classes, params=cfg.classifier)
+    classifier = load_classifier(cfg.resolve(cfg.classifier.checkpoint), cfg.classes,
+                                 params=cfg.classifier)
     out = []
     for i, path in enumerate(paths):
         rgb = read_rgb(path)

@@ -328,7 +328,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             ctx = table_context(s, slide, actions.taxonomy_of(slide, taxonomies))
         return JSONResponse({
             "changed": [{"id": c.id, "label": actions.final_label(c), "excluded": c.excluded,
-                         "exclude_reason": c.exclude_reason} for c in changed],
+                         "exclude_reason": c.exclude_reason,
+                         "changed": c.reviewed_label not in (None, c.label)} for c in changed],
             "table_html": render_table(ctx),
             "total": ctx["diff"].total,
         })

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 from playwright.sync_api import Page, expect
 from sqlalchemy import func, select
@@ -26,9 +27,11 @@ def _total(page: Page) -> int:
     return int(page.locator("#total").inner_text())
 
 
-def _log_in(page: Page, base: str, user: tuple[str, str]) -> None:
+def _log_in(page: Page, base: str, user: tuple[str, str], shot: Path | None = None) -> None:
     page.goto(base + "/")
     expect(page).to_have_url(re.compile(r"/login\?next=/"))
+    if shot is not None:
+        page.screenshot(path=shot)
     page.fill('input[name="username"]', user[0])
     page.fill('input[name="password"]', user[1])
     page.click('button[type="submit"]')
@@ -41,7 +44,7 @@ def test_review_sign_and_report(page: Page, live, artifacts):
     key = cfg.classes.get(TARGET).key
     counted = [c for c in cfg.classes.counted if c != TARGET]
 
-    _log_in(page, base, TECH)
+    _log_in(page, base, TECH, artifacts / "00-login.png")
     page.screenshot(path=artifacts / "01-queue.png", full_page=True)
     page.click("text=BCCD review slide")
     expect(page.locator("#gallery")).to_be_visible()

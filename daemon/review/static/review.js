@@ -84,13 +84,15 @@
     tileEl.classList.remove("moved");
     void tileEl.offsetWidth;
     tileEl.classList.add("moved");
+    // The ✎ mark: a reviewer's class differs from the machine's.
     const tag = tileEl.querySelector(".tag.changed");
-    if (!tag && !change.excluded) {
+    if (change.changed && !tag) {
       const b = document.createElement("b");
-      b.className = "tag changed"; b.textContent = "✎"; b.title = "reviewed";
+      b.className = "tag changed"; b.textContent = "✎"; b.title = "changed by review";
       tileEl.querySelector("figcaption").appendChild(b);
+    } else if (!change.changed && tag) {
+      tag.remove();
     }
-    tileEl.classList.remove("needs-review");
   }
   function apply(data, verb) {
     const all = tiles();
