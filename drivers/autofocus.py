@@ -8,11 +8,11 @@ scale.
 The search starts at the last focus of the neighbouring field (the focal plane of a smear
 changes slowly across it), which keeps Z moves per field low:
 
-1. fine check: sharpness at ``z0`` and ``z0 ± fine``; if ``z0`` is the peak, done;
-2. coarse: climb from ``z0`` in the better direction in ``coarse`` steps until sharpness
-   falls (never further than ``max_search_um``);
-3. fine: climb around the coarse peak in ``fine`` steps until sharpness falls;
-4. a parabola through the peak and its two neighbours places focus between the steps.
+1. fine: sharpness at ``z0`` and ``z0 ± fine``, then up to one coarse step's worth of fine
+   steps towards higher sharpness; a peak found there is focus (the usual case);
+2. coarse: otherwise climb on in ``coarse`` steps until sharpness falls (never further
+   than ``max_search_um`` from ``z0``), then fine steps around the coarse peak;
+3. a parabola through the peak and its two neighbours places focus between the steps.
 
 A field with no structure (empty glass) has a flat metric: focus stays at ``z0``.
 """
@@ -84,22 +84,29 @@ def find_focus(
             samples[z] = sharpness(snap(), um_per_px, params.metric_um_per_px)
         return samples[z]
 
-    def climb(start: float, step: float) -> float:
-        """From ``start``, step towards higher sharpness until it falls; the best z."""
+    def climb(start: float, step: float, max_steps: int = 10**6) -> tuple[float, bool]:
+        """From ``start``, step towards higher sharpness until it falls (or ``max_steps``);
+        returns the best z and whether a peak was bracketed."""
         best = start
         up, down = s(best + step), s(best - step)
         if max(up, down) <= s(best):
-            return best
+            return best, True
         step = step if up > down else -step
-        while lo <= best + step <= hi and s(best + step) > s(best):
-            best = round(best + step, 4)
-        return best
+        for _ in range(max_steps):
+            nxt = round(best + step, 4)
+            if not lo <= nxt <= hi:
+                return best, True  # the search range ends here
+            if s(nxt) <= s(best):
+                return best, True
+            best = nxt
+        return best, False
 
     f, c = params.fine_step_um, params.coarse_step_um
-    best = climb(round(z0, 4), f)
-    if best != round(z0, 4):  # the peak is not at z0: search coarse, then fine
-        best = climb(best, c) if c > f else best
-        best = climb(best, f)
+    # Fine first: the start is usually within a few fine steps of focus.
+    best, bracketed = climb(round(z0, 4), f, max_steps=max(1, int(round(c / f))))
+    if not bracketed:  # far off: coarse steps, then fine around the coarse peak
+        best, _ = climb(best, c)
+        best, _ = climb(best, f)
     values = np.array(list(samples.values()))
     if values.max() - values.min() < params.min_contrast * max(values.max(), 1e-9):
         if at != z0:

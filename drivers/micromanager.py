@@ -294,10 +294,18 @@ class MicroscopeFieldSource:
         self._focus: list[tuple[float, float, float]] = []
         self.frames_acquired = 0
 
-    # Focus memory: a field starts its search at the focus of the nearest focused field.
+    # Focus memory: a field starts its search where the smear's focal plane, fitted through
+    # the fields focused so far, predicts it (a smear is a tilted plane to first order); with
+    # fewer than three non-collinear fields, at the nearest field's focus.
     def focus_start(self, x: float, y: float) -> float | None:
         if not self._focus:
             return None
+        pts = np.array(self._focus[-16:])
+        if len(pts) >= 3:
+            a = np.column_stack([np.ones(len(pts)), pts[:, 0] - x, pts[:, 1] - y])
+            if np.linalg.matrix_rank(a) == 3:
+                coef = np.linalg.lstsq(a, pts[:, 2], rcond=None)[0]
+                return float(coef[0])
         fx, fy, fz = min(self._focus, key=lambda p: (p[0] - x) ** 2 + (p[1] - y) ** 2)
         return fz
 
@@ -333,7 +341,7 @@ class MicroscopeFieldSource:
         class _Handler:
             def frameReady(self, img: np.ndarray, event: useq.MDAEvent, meta: Any) -> None:
                 index = int(event.pos_name or -1)
-                if index in seen:  # never hand the same field on twice
+                if index in seen or closing.is_set():  # never hand a field on twice
                     return
                 seen.add(index)
                 source.frames_acquired += 1
@@ -360,8 +368,10 @@ class MicroscopeFieldSource:
                 yield item
             finished = True
         finally:
-            closing.set()
+            # Cancel first, so the runner stops at the event boundary, then release a frame
+            # handler blocked on the full queue (its frame is dropped, never handed on).
             self.scope.core.mda.cancel()
+            closing.set()
             thread.join(timeout=60)
         if finished:
             if errors:

@@ -1,0 +1,166 @@
+"""Acquisition speed on the virtual microscope: fields/s, Z moves per field, autofocus error,
+and fields/s with analysis running alongside (stop-at-N path) at marrow density.
+
+Builds a 3 × 3-field virtual marrow slide (``marrowcount make-slide``, seeded) in a temporary
+folder, or uses ``MARROWCOUNT_BENCH_SLIDE`` (a slide file) when set.
+
+With ``MARROWCOUNT_ACCEPT_SLIDE=slide.tif`` (its truth beside it as ``slide.json``) it also
+counts that slide to the configured target and compares each class's share with the truth
+over the fields visited (acceptance: 500-560 cells, every class within 3 pp).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _slide(tmp: Path) -> Path:
+    given = os.environ.get("MARROWCOUNT_BENCH_SLIDE")
+    if given:
+        return Path(given)
+    out = tmp / "bench_slide.tif"
+    cli = Path(sys.executable).parent / "marrowcount"
+    subprocess.run(
+        [str(cli), "make-slide", str(out), "--split", "hash", "--seed", "11",
+         "--width-px", "4164", "--height-px", "3120"],
+        check=True, capture_output=True,
+    )
+    return out
+
+
+def main() -> None:
+    from daemon.config import load_config
+    from drivers.acquisition import count_slide
+    from drivers.micromanager import Microscope, MicroscopeFieldSource
+    from drivers.slide_image import open_slide
+    from pipeline.analyze import analyze_field
+    from pipeline.classify import load_classifier
+
+    cfg = load_config()
+    accept = os.environ.get("MARROWCOUNT_ACCEPT_SLIDE")
+    if accept:
+        import json
+
+        print("   acceptance:", json.dumps(acceptance(Path(accept)), indent=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _slide(Path(tmp))
+        params = cfg.acquisition.model_copy(
+            update={"virtual": cfg.acquisition.virtual.model_copy(
+                update={"tilt_x_um_per_mm": 8.0, "tilt_y_um_per_mm": -5.0})}
+        )
+
+        def scope() -> Microscope:
+            s = open_slide(path)
+            return Microscope.from_virtual_slide(s, s.um_per_px, params)
+
+        # 1. acquisition alone: move, autofocus, snap, quality gate
+        sc = scope()
+        plan = sc.plan(None)
+        src = MicroscopeFieldSource(sc, plan, params, cfg.detect)
+        t0 = time.perf_counter()
+        fields = list(src.fields())
+        dt = time.perf_counter() - t0
+        err = np.array([abs(f.stage_z - sc.virtual.plane.z_at(f.stage_x, f.stage_y))
+                        for f in fields])
+        print(f"   slide {path.name}: {len(plan)} fields of {sc.fov_um[0]:.0f}x{sc.fov_um[1]:.0f} µm")
+        print(f"   acquisition alone (move+autofocus+snap+gate): {len(fields) / dt:.1f} fields/s")
+        print(f"   mean Z moves per field: {sc.z_moves / len(fields):.1f}  "
+              f"(snaps {sc.virtual.camera.snaps / len(fields):.1f}/field)")
+        print(f"   autofocus |error|: median {np.median(err):.2f} µm, max {err.max():.2f} µm, "
+              f"within 1 µm {np.mean(err <= 1):.0%}")
+        images = [f.image for f in fields if f.image is not None]
+        sc.close()
+
+        ckpt = cfg.resolve(cfg.classifier.checkpoint)
+        if not ckpt.is_file():
+            print(f"   analysis figures skipped: no checkpoint at {ckpt}")
+            return
+        clf = load_classifier(ckpt, cfg.classes, params=cfg.classifier)
+
+        def analyze(rgb, px):
+            return analyze_field(rgb, px, clf, cfg.detect, cfg.analysis)
+
+        # 2. analysis alone on the acquired fields
+        analyze(images[0], fields[0].um_per_px)  # warm-up
+        t0 = time.perf_counter()
+        cells = sum(len(analyze(im, fields[0].um_per_px)) for im in images)
+        dt = time.perf_counter() - t0
+        print(f"   analysis alone: {len(images) / dt:.2f} fields/s, {cells / dt:.0f} cells/s "
+              f"({cells / len(images):.0f} detections/field)")
+
+        # 3. both together: count_slide analyses while the MDA thread acquires ahead
+        sc = scope()
+        src = MicroscopeFieldSource(sc, sc.plan(None), params, cfg.detect)
+        done: list = []
+        t0 = time.perf_counter()
+        stopped = count_slide(src, analyze, 10_000, on_field=done.append)
+        dt = time.perf_counter() - t0
+        n = sum(f.n_counted for f in done)
+        print(f"   acquisition with analysis alongside: {len(done) / dt:.2f} fields/s, "
+              f"{n / dt:.0f} counted cells/s ({stopped}; {n} cells)")
+        print(f"   (target >= 10 fields/s: analysis {'keeps up' if len(done) / dt >= 10 else 'is the bottleneck'})")
+        sc.close()
+
+
+def acceptance(path: Path, target: int | None = None) -> dict:
+    """Count ``path`` to the target on the virtual microscope; counts vs. truth per class."""
+    import json
+
+    from daemon.config import load_config
+    from drivers.acquisition import count_slide
+    from drivers.micromanager import MicroscopeFieldSource, open_microscope
+    from pipeline.analyze import analyze_field
+    from pipeline.classify import load_classifier
+    from pipeline.score_analysis import FieldWindow, true_cells_in
+
+    cfg = load_config()
+    truth = json.loads(path.with_suffix(".json").read_text())
+    n = target or cfg.acquisition.target
+    scope = open_microscope(cfg.acquisition, virtual_slide=path)
+    clf = load_classifier(cfg.resolve(cfg.classifier.checkpoint), cfg.classes,
+                          params=cfg.classifier)
+    fields: list = []
+    t0 = time.perf_counter()
+    stopped = count_slide(
+        MicroscopeFieldSource(scope, scope.plan(None), cfg.acquisition, cfg.detect),
+        lambda rgb, px: analyze_field(rgb, px, clf, cfg.detect, cfg.analysis), n,
+        on_field=fields.append)
+    seconds = time.perf_counter() - t0
+    scope.close()
+    um = float(truth["um_per_px"])
+    w, h = cfg.acquisition.virtual.camera_width, cfg.acquisition.virtual.camera_height
+    counted: dict[str, int] = {}
+    true: dict[str, int] = {}
+    for f in fields:
+        if f.skipped_reason:
+            continue
+        for c in f.cells:
+            if c.counted:
+                counted[c.label] = counted.get(c.label, 0) + 1
+        win = FieldWindow(int(round(f.stage_x / um - w / 2)), int(round(f.stage_y / um - h / 2)),
+                          w, h)
+        for c in true_cells_in(truth, win)[0]:
+            true[c["class"]] = true.get(c["class"], 0) + 1
+    tc, tt = sum(counted.values()), sum(true.values())
+    rows = {k: {"counted": counted.get(k, 0), "truth": true.get(k, 0),
+                "counted_pct": round(100 * counted.get(k, 0) / max(tc, 1), 2),
+                "truth_pct": round(100 * true.get(k, 0) / max(tt, 1), 2)}
+            for k in sorted(set(counted) | set(true))}
+    for r in rows.values():
+        r["error_pp"] = round(r["counted_pct"] - r["truth_pct"], 2)
+    skipped = [(f.index, f.skipped_reason) for f in fields if f.skipped_reason]
+    return {"stopped_because": stopped, "counted": tc, "truth_cells_visited": tt,
+            "fields": len(fields), "skipped": skipped, "seconds": round(seconds, 1),
+            "max_error_pp": max((abs(r["error_pp"]) for r in rows.values()), default=0.0),
+            "classes": rows}
+
+
+if __name__ == "__main__":
+    main()
