@@ -303,6 +303,10 @@ class Service:
         except MarrowError as exc:
             self._fail(slide, str(exc))
             return
+        except Exception as exc:  # a device adapter's own error type
+            log.exception("cannot open slide", extra={"data": ctx})
+            self._fail(slide, f"{type(exc).__name__}: {exc}")
+            return
         counted = prog.counted
         adaptive: list[str] = []
         t0 = time.monotonic()

@@ -177,7 +177,7 @@ def _pg_database(base_url: str):
     return url, drop
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def store_url(request, tmp_path):
     """A database URL for an empty store: SQLite in tmp_path, or a fresh PostgreSQL database
     on the server named by $MARROWCOUNT_PG_URL (which .ci/run starts)."""
@@ -245,8 +245,6 @@ def daemon_config(folder: Path, url: str, *, target: int = 1000, metrics_port: i
     from daemon.config import _merge
 
     cfg = _merge(cfg, extra or {})
-    if os.environ.get("MARROWCOUNT_TEST_CHECKPOINT"):  # a developer's model before one ships
-        cfg = _merge(cfg, {"classifier": {"checkpoint": os.environ["MARROWCOUNT_TEST_CHECKPOINT"]}})
     path = folder / "lab.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path

@@ -1,0 +1,110 @@
+"""Bad input to the daemon and the queue commands gets a clear error and loses nothing;
+SIGHUP reloads the config (and keeps the running one when the new file is broken)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from daemon.cli import app
+from daemon.store import StoreError
+from pipeline.errors import ConfigError, ImageError
+from tests.conftest import BCCD, REPO, WSI
+from tests.daemon_fixtures import (
+    DAEMON,
+    bccd_slide_file,
+    daemon_config,
+    daemon_env,
+    kill9,
+    start_daemon,
+    wait_for_log,
+)
+
+runner = CliRunner()
+
+
+def _fails(args, exc_type, text):
+    res = runner.invoke(app, args)
+    assert res.exit_code != 0
+    assert isinstance(res.exception, exc_type), res.output
+    assert text in str(res.exception)
+    return res
+
+
+def test_missing_config_is_one_clear_line_at_start(tmp_path):
+    proc = subprocess.run([*DAEMON, "daemon", "--config", str(tmp_path / "nope.yaml")],
+                          cwd=REPO, env=daemon_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "nope.yaml does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_or_invalid_config_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: [unclosed\n")
+    _fails(["daemon", "--config", str(bad)], ConfigError, "is not valid YAML")
+    bad.write_text("service:\n  poll_seconds: -1\n")
+    _fails(["daemon", "--config", str(bad)], ConfigError, "service.poll_seconds")
+    bad.write_text("service:\n  pol_seconds: 1\n")
+    _fails(["daemon", "--config", str(bad)], ConfigError, "service.pol_seconds")
+
+
+def test_database_that_is_not_sqlite_is_never_overwritten(tmp_path):
+    db = tmp_path / "results.db"
+    shutil.copy(BCCD / "JPEGImages" / "BloodImage_00000.jpg", db)
+    before = db.read_bytes()
+    config = daemon_config(tmp_path, f"sqlite:///{db}")
+    _fails(["daemon", "--config", str(config)], StoreError, "is not a SQLite database")
+    _fails(["submit", str(WSI / "small.svs"), "--config", str(config)], StoreError,
+           "is not a SQLite database")
+    assert db.read_bytes() == before
+
+
+def test_submit_refuses_missing_and_unreadable_slides(tmp_path):
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'q.db'}")
+    _fails(["submit", str(tmp_path / "missing.tif"), "--config", str(config)],
+           Exception, "no such slide file")
+    _fails(["submit", str(WSI / "unopenable.tiff"), "--config", str(config)], ImageError,
+           "unopenable.tiff")
+    slide = bccd_slide_file(tmp_path, cols=2, rows=1)
+    res = runner.invoke(app, ["submit", str(slide), "--name", "S1", "--target", "300",
+                              "--config", str(config), "--json"])
+    assert res.exit_code == 0, res.output
+    sub = json.loads(res.stdout)
+    assert sub["status"] == "queued" and sub["source"] == "virtual" and sub["target"] == 300
+    _fails(["submit", str(slide), "--name", "S1", "--config", str(config)], StoreError,
+           "already exists")
+    res = runner.invoke(app, ["status", "--json", "--config", str(config)])
+    rows = json.loads(res.stdout)
+    assert [(r["name"], r["status"], r["counted"]) for r in rows] == [("S1", "queued", 0)]
+
+
+@pytest.mark.slow
+def test_sighup_reloads_config_and_a_second_daemon_is_refused(tmp_path):
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'hup.db'}")
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(config, log)
+    try:
+        wait_for_log(log, '"daemon started"', proc)
+        second = subprocess.run([*DAEMON, "daemon", "--config", str(config)], cwd=REPO,
+                                env=daemon_env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "another marrowcount daemon" in second.stderr
+        text = config.read_text().replace("poll_seconds: 0.1", "poll_seconds: 0.2")
+        config.write_text(text)
+        proc.send_signal(signal.SIGHUP)
+        wait_for_log(log, '"config reloaded"', proc)
+        config.write_text("service: [broken\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for_log(log, "config reload failed; keeping the running config", proc)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
