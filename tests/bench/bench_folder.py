@@ -134,7 +134,8 @@ def virtual_slide_differential() -> None:
     local = _shares([c["class"] for c in in_fields])
     got = {c: 100.0 * n / total for c, n in counted.items()} if total else {}
     print(f"   differential (virtual slide seed {seed}, target {target}): {slide.stopped_because}, "
-          f"{total} counted in {len(fields)} fields ({len(tiles)} counted), {dt:.0f} s")
+          f"{total} counted in {len(fields)} fields ({len(tiles)} counted), {dt:.0f} s; the truth "
+          f"has {len(in_fields)} leukocytes in those fields")
     worst_w = worst_l = 0.0
     for c in sorted(set(whole) | set(got)):
         dw, dl = got.get(c, 0.0) - whole.get(c, 0.0), got.get(c, 0.0) - local.get(c, 0.0)
