@@ -183,11 +183,15 @@ def _split(
 def _merge_wide_cuts(regions: np.ndarray, n: int, max_neck: float) -> np.ndarray:
     """Relabel watershed pieces 1..n-1 so that pieces sharing a boundary longer than
     ``max_neck`` × the smaller one's equivalent diameter become one."""
-    shared = np.zeros((n, n), np.int64)
+    # Boundary length from the counts of horizontal and vertical neighbour pairs across the
+    # cut: sqrt(h² + v²) is exact for a straight cut of any direction.
+    steps = []
     for a, b in ((regions[:, :-1], regions[:, 1:]), (regions[:-1, :], regions[1:, :])):
+        count = np.zeros((n, n), np.float64)
         cut = (a != b) & (a > 0) & (b > 0)
-        np.add.at(shared, (a[cut], b[cut]), 1)
-    shared = shared + shared.T
+        np.add.at(count, (a[cut], b[cut]), 1)
+        steps.append(count + count.T)
+    shared = np.hypot(steps[0], steps[1])
     diameter = 2.0 * np.sqrt(np.bincount(regions.ravel(), minlength=n) / np.pi)
     parent = list(range(n))
 

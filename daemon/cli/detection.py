@@ -143,8 +143,9 @@ def eval_detect_cmd(
     bad = [s for s in scores if s.score.correct != s.score.leukocytes or s.score.false]
     if per_image and bad:
         t = Table(title="Images with errors")
-        for col in ("image", "leukocytes", "correct", "missing", "multiple", "false", "border"):
-            t.add_column(col, justify="right" if col != "image" else "left")
+        t.add_column("image", no_wrap=True, min_width=20)
+        for col in ("leukocytes", "correct", "missing", "multiple", "false", "border"):
+            t.add_column(col, justify="right")
         for s in bad:
             sc = s.score
             t.add_row(s.image, *(str(v) for v in (sc.leukocytes, sc.correct, sc.missing, sc.multiple, sc.false, sc.border)))
