@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import tempfile
+import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -107,7 +108,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     templates.env.globals["exclude_reasons"] = actions.EXCLUDE_REASONS
     templates.env.globals["inf"] = float("inf")
     crop_um_per_px = cfg.train.um_per_px
-    failures: dict[str, deque[float]] = defaultdict(deque)
+    failures: dict[str, deque[float]] = defaultdict(deque)  # recent failed logins per name
+    failures_lock = threading.Lock()
 
     app = FastAPI(title="marrowcount review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
@@ -201,16 +203,23 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         if not data or not csrf_matches(data["csrf"], csrf_token):
             raise CsrfError("the login form expired; reload the page and try again")
         now = time.monotonic()
-        recent = failures[username]
-        while recent and now - recent[0] > LOGIN_WINDOW_S:
-            recent.popleft()
+        with failures_lock:
+            recent = failures[username]
+            while recent and now - recent[0] > LOGIN_WINDOW_S:
+                recent.popleft()
+            locked_out = len(recent) >= LOGIN_MAX_FAILURES
         user_id = None
-        if len(recent) < LOGIN_MAX_FAILURES:
+        if not locked_out:
             with store.session() as s:
                 user = authenticate(s, username, password)
                 user_id = user.id if user is not None else None
         if user_id is None:
-            recent.append(now)
+            with failures_lock:
+                if len(failures) > 10_000:  # many names tried: forget old ones, bound memory
+                    for name in [n for n, q in failures.items()
+                                 if n != username and (not q or now - q[-1] > LOGIN_WINDOW_S)]:
+                        del failures[name]
+                failures[username].append(now)
             log.warning("failed login for %r", username)
             resp = templates.TemplateResponse(
                 request, "login.html",
@@ -218,7 +227,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                  "error": "Wrong user name or password, or too many attempts."},
                 status_code=401)
             return resp
-        failures.pop(username, None)
+        with failures_lock:
+            failures.pop(username, None)
         resp = RedirectResponse(_local(next), status_code=303)
         set_session(resp, user_id)  # a fresh CSRF token with every login
         return resp
