@@ -1,0 +1,84 @@
+"""``marrowcount make-slide``, ``analyze`` and ``eval-analyze`` end to end on real cells."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from daemon.cli import app
+from drivers.slide_image import open_slide
+from drivers.slidegen import read_truth
+from pipeline.errors import ImageError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory):
+    """A two-field slide written by the CLI (fallback hash split: no training config read)."""
+    d = tmp_path_factory.mktemp("slide")
+    res = runner.invoke(app, ["make-slide", str(d / "s.tif"), "--seed", "5", "--width-px", "2776",
+                              "--height-px", "1040", "--split", "hash"])
+    assert res.exit_code == 0, res.output
+    return d / "s.tif", d / "s.json"
+
+
+def test_make_slide_writes_a_readable_slide_and_truth(small_slide):
+    tif, js = small_slide
+    truth = read_truth(js)
+    with open_slide(tif) as s:
+        assert (s.width, s.height) == (2776, 1040)
+        assert s.um_per_px == pytest.approx(0.13)
+    assert truth["width"] == 2776 and len(truth["cells"]) > 10
+    assert all({"x", "y", "class", "source"} <= set(c) for c in truth["cells"])
+
+
+def test_analyze_json_and_overlay(small_slide, tmp_path):
+    tif, _ = small_slide
+    with open_slide(tif) as s:
+        field = s.read_region(0, 0, 1388, 1040)
+    png = tmp_path / "field.png"
+    cv2.imwrite(str(png), field[:, :, ::-1])
+    res = runner.invoke(app, ["analyze", str(png), "--um-per-px", "0.13", "--json",
+                              "--overlay", str(tmp_path / "ov")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout.strip().splitlines()[0])
+    assert rec["image"] == str(png) and rec["ms"] > 0
+    assert len(rec["cells"]) > 5
+    for c in rec["cells"]:
+        assert {"x", "y", "box", "label", "confidence", "probabilities", "guided",
+                "duplicate_of", "needs_review"} <= set(c)
+        assert abs(sum(c["probabilities"].values()) - 1) < 1e-2
+        assert 0 <= c["x"] < 1388 and 0 <= c["y"] < 1040
+    ov = cv2.imread(str(tmp_path / "ov" / "field.png"))
+    assert ov.shape == field.shape and not np.array_equal(ov, field[:, :, ::-1])
+
+
+def test_analyze_reports_unreadable_files_and_goes_on(tmp_path, small_slide):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    res = runner.invoke(app, ["analyze", str(bad), "--um-per-px", "0.13", "--json"])
+    assert isinstance(res.exception, ImageError)
+    assert "broken.png" in res.output
+
+
+def test_eval_analyze_scores_add_up(small_slide):
+    tif, js = small_slide
+    res = runner.invoke(app, ["eval-analyze", str(tif), str(js), "--fields", "2", "--json",
+                              "--no-guidance"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    (name, s), = out["results"].items()
+    assert name.startswith("guidance off")
+    t = s["true_cells"]
+    d, c = s["detection"], s["counting"]
+    assert t > 10 and s["fields"] == 2 and s["guided"] == 0
+    assert d["correct"] + d["missing"] + d["multiple"] == t
+    assert c["counted_once"] + c["counted_twice"] + c["not_counted"] == t
+    assert s["overall_accuracy_pct"] <= 100 * c["counted_once"] / t + 1e-6
+    shares = s["differential"]
+    assert abs(sum(v["true_pct"] for v in shares.values()) - 100) < 0.5
