@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -302,6 +303,7 @@ class FolderWatcher:
         groups: dict[str, list[Path]] = {}
         ready: dict[str, bool] = {}
         now = time.monotonic()
+        known: dict[Path, tuple[int, float]] | None = None
         for path in self._candidates(root):
             if path in self._stuck:
                 continue
@@ -316,6 +318,14 @@ class FolderWatcher:
                 continue  # vanished between listing and stat
             if (path, st.st_size, st.st_mtime_ns) in self._settled:
                 continue
+            if known is None:
+                known = self._recorded(root)
+            rec = known.get(path)
+            if rec is not None and rec[0] == st.st_size and st.st_mtime < rec[1]:
+                # Recorded (done, queued or quarantined) and not written since: no need to hash
+                # it again, which matters for a folder holding an archive of large slides.
+                self._settled.add((path, st.st_size, st.st_mtime_ns))
+                continue
             key = self._slide_key(folder, root, path)
             if key is None:
                 continue
@@ -328,6 +338,20 @@ class FolderWatcher:
             if ready[key]:
                 events += self._process_group(folder, root, key, sorted(groups[key]))
         return events
+
+    def _recorded(self, root: Path) -> dict[Path, tuple[int, float]]:
+        """Files under ``root`` already decided in the store: path -> (size, recorded at, s)."""
+        with self.store.session() as s:
+            found = s.execute(
+                select(ScannedFile.path, ScannedFile.size, ScannedFile.updated_at)
+                .where(ScannedFile.state != "pending", ScannedFile.path.startswith(str(root)))
+            ).all()
+        out = {}
+        for path, size, at in found:
+            if at.tzinfo is None:  # SQLite hands back naive UTC
+                at = at.replace(tzinfo=timezone.utc)
+            out[Path(path)] = (int(size), at.timestamp())
+        return out
 
     def _candidates(self, root: Path) -> Iterable[Path]:
         exts = self.params.extensions

@@ -277,3 +277,18 @@ def test_quarantine_that_cannot_move_the_file_still_goes_on(config, store, inbox
     assert reason in (inbox / "bad.tif.error.txt").read_text()
     assert [r.state for r in rows(store) if r.slide_id is None] == ["quarantined"]
     assert w.scan_once() == []
+
+
+def test_restart_does_not_rehash_recorded_files_but_does_a_rewritten_one(config, store, inbox):
+    for i in range(3):
+        shutil.copy(bccd_field(30 + i), inbox / f"r{i}.jpg")
+    params = make_params(config, inbox, stable_seconds=0.0)
+    scan_until_idle(watcher(config, store, params))
+    assert len(slides(store)) == 3
+    w = watcher(config, store, params)
+    assert w.scan_once() == [] and w._hashes == {}  # nothing was read again
+    time.sleep(0.05)
+    shutil.copy(bccd_field(40), inbox / "r1.jpg")  # the scanner rewrote a file: new content
+    evs = scan_until_idle(w)
+    assert [(e.kind, Path(e.path).name) for e in evs] == [("slide", "r1.jpg")]
+    assert sorted(s.name for s in slides(store)) == ["r0.jpg", "r1.jpg", "r1.jpg (2)", "r2.jpg"]
