@@ -19,6 +19,7 @@ pymmcore-plus 0.18 pitfalls handled here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -67,6 +68,21 @@ def rgb_from_camera(img: np.ndarray) -> np.ndarray:
     )
 
 
+def release_core(core: CMMCorePlus) -> None:
+    """Unload a core's devices and detach its callback relay.
+
+    An unloaded core left alive until interpreter exit can abort the process there ("FATAL:
+    exception not rethrown") through its C++ -> Python callback relay; it is dropped here, as
+    ``CMMCorePlus.__del__`` would.
+    """
+    try:
+        core.unloadAllDevices()
+    except Exception as exc:  # releasing must not hide the result of a run
+        log.warning("unloading devices failed: %s", exc)
+    with contextlib.suppress(Exception):
+        super(CMMCorePlus, core).registerCallback(None)
+
+
 class Microscope:
     """A camera, an XY stage and a focus drive behind a pymmcore-plus core.
 
@@ -85,6 +101,17 @@ class Microscope:
     ) -> None:
         self.core, self.params, self.virtual = core, params, virtual
         self.stage_limits_um = stage_limits_um
+        try:
+            self.um_per_px = self._check(core, um_per_px)
+        except AcquisitionError:
+            release_core(core)
+            raise
+        self.z_moves = 0
+        self.xy_moves = 0
+        self._slide: object | None = None
+
+    @staticmethod
+    def _check(core: CMMCorePlus, um_per_px: float | None) -> float:
         if not core.getCameraDevice():
             raise AcquisitionError("the Micro-Manager config names no camera")
         if not core.getXYStageDevice():
@@ -97,10 +124,7 @@ class Microscope:
                 "the Micro-Manager config defines no pixel size for the current objective: "
                 "add a pixel size config or give --um-per-px"
             )
-        self.um_per_px = px
-        self.z_moves = 0
-        self.xy_moves = 0
-        self._slide: object | None = None
+        return px
 
     # -- construction --------------------------------------------------------------------
 
@@ -130,6 +154,7 @@ class Microscope:
         try:
             core.loadSystemConfiguration(str(p.resolve()))
         except Exception as exc:  # pymmcore raises OSError/RuntimeError with multi-line text
+            release_core(core)
             first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             raise AcquisitionError(f"{p}: cannot load the Micro-Manager config: {first}") from None
         return cls(core, params, um_per_px=um_per_px)
@@ -238,10 +263,8 @@ class Microscope:
         return result.z, result.found
 
     def close(self) -> None:
-        try:
-            self.core.unloadAllDevices()
-        except Exception as exc:  # closing must not hide the result of a run
-            log.warning("unloading devices failed: %s", exc)
+        """Release the devices (and the virtual slide). The core is unusable afterwards."""
+        release_core(self.core)
         close_slide = getattr(self._slide, "close", None)
         if close_slide is not None:
             close_slide()
