@@ -263,7 +263,9 @@ class FolderWatcher:
                 self.scan_once()
             except Exception:  # noqa: BLE001  (one bad pass must not end the watcher)
                 log.exception("watch pass failed; retrying")
-            self._wake.wait(self._next_wait())
+            if self._wake.wait(self._next_wait()):
+                # A file being written sends an event per chunk: let them gather first.
+                self._stop.wait(0.2)
             self._wake.clear()
 
     def _next_wait(self) -> float:
@@ -304,7 +306,9 @@ class FolderWatcher:
         ready: dict[str, bool] = {}
         now = time.monotonic()
         known: dict[Path, tuple[int, float]] | None = None
+        present: set[Path] = set()
         for path in self._candidates(root):
+            present.add(path)
             if path in self._stuck:
                 continue
             unsafe = self._unsafe(path, root, real_root)
@@ -332,6 +336,8 @@ class FolderWatcher:
             groups.setdefault(key, []).append(path)
             complete = self._complete(folder, root, path, st, now)
             ready[key] = ready.get(key, True) and complete
+        for gone in [p for p in self._seen if p.is_relative_to(root) and p not in present]:
+            del self._seen[gone]  # deleted or moved away before it settled
         for key in sorted(groups):
             if self._stop.is_set() and self._thread is not None:
                 break
