@@ -138,6 +138,21 @@ def test_completion_marker(config, store, inbox, pyramid_bytes):
     assert [e.kind for e in evs] == ["slide"]
 
 
+def test_completion_marker_for_a_folder_of_fields(config, store, inbox):
+    params = make_params(config, inbox, stable_seconds=3600.0,
+                         folder={"marker": ".done", "grouping": "subfolder"})
+    w = watcher(config, store, params)
+    (inbox / "s1").mkdir()
+    for i in range(2):
+        shutil.copy(bccd_field(i), inbox / "s1" / f"f{i}.jpg")
+    assert w.scan_once() == []
+    shutil.copy(bccd_field(2), inbox / "s1" / "f2.jpg")  # the scanner is still at it
+    assert w.scan_once() == []
+    (inbox / "s1.done").write_text("")
+    (ev,) = w.scan_once()
+    assert ev.kind == "slide" and len(store.slide(ev.slide_id).plan["files"]) == 3
+
+
 def test_fifty_files_dropped_at_once(config, store, inbox):
     params = make_params(config, inbox, stable_seconds=0.0)
     for i in range(50):
