@@ -59,6 +59,33 @@ def test_user_add_hashes_the_password_and_refuses_bad_input(monkeypatch, capsys,
     assert "alice" in out and "supervisor" in out and "bob" not in out
 
 
+def test_user_passwd_and_disable(monkeypatch, capsys, tmp_path, where):
+    from daemon.review.auth import authenticate
+
+    assert _run(monkeypatch, ["user", "add", "carol", "--role", "technician",
+                              "--password-stdin", *where], "first password\n") == 0
+    assert _run(monkeypatch, ["user", "passwd", "carol", "--password-stdin", *where],
+                "second password\n") == 0
+    assert _run(monkeypatch, ["user", "passwd", "carol", "--password-stdin", *where],
+                "short\n") == 2
+    assert _run(monkeypatch, ["user", "disable", "nobody", *where]) == 2
+    assert "no user 'nobody'" in capsys.readouterr().err
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "data")
+    try:
+        with store.session() as s:
+            assert authenticate(s, "carol", "first password") is None
+            assert authenticate(s, "carol", "second password") is not None
+        assert _run(monkeypatch, ["user", "disable", "carol", *where]) == 0
+        with store.session() as s:
+            assert authenticate(s, "carol", "second password") is None
+        assert _run(monkeypatch, ["user", "disable", "carol", "--enable", *where]) == 0
+        with store.session() as s:
+            assert authenticate(s, "carol", "second password") is not None
+        assert _run(monkeypatch, ["user", "list", *where]) == 0
+    finally:
+        store.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -68,12 +68,7 @@ def user_add(
 
     if role not in ROLES:
         raise MarrowError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            raise MarrowError("the passwords differ")
+    password = _password(password_stdin)
     _, store = _store(config, db, data_dir)
     try:
         with store.session() as s:
@@ -81,6 +76,54 @@ def user_add(
     finally:
         store.close()
     console.print(f"user {name!r} ({role}) created")
+
+
+@user_app.command("passwd")
+def user_passwd(
+    name: str = typer.Argument(..., help="User name."),
+    password_stdin: bool = typer.Option(False, "--password-stdin",
+                                        help="Read the password from the first line of stdin."),
+    db: Optional[str] = typer.Option(None, "--db", help="Store URL (default: config store.url)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Lab config YAML."),
+) -> None:
+    """Set a new password for an account."""
+    _update(config, db, data_dir, name, password=_password(password_stdin))
+    console.print(f"password of {name!r} changed")
+
+
+@user_app.command("disable")
+def user_disable(
+    name: str = typer.Argument(..., help="User name."),
+    enable: bool = typer.Option(False, "--enable", help="Re-enable the account instead."),
+    db: Optional[str] = typer.Option(None, "--db", help="Store URL (default: config store.url)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Lab config YAML."),
+) -> None:
+    """Disable an account (its sessions end at once; its audit trail stays), or --enable it."""
+    _update(config, db, data_dir, name, active=enable)
+    console.print(f"user {name!r} {'enabled' if enable else 'disabled'}")
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Again: ") != password:
+        raise MarrowError("the passwords differ")
+    return password
+
+
+def _update(config: Optional[Path], db: Optional[str], data_dir: Optional[Path], name: str,
+            **changes: object) -> None:
+    from daemon.review.auth import update_user
+
+    _, store = _store(config, db, data_dir)
+    try:
+        with store.session() as s:
+            update_user(s, name, **changes)  # type: ignore[arg-type]
+    finally:
+        store.close()
 
 
 @user_app.command("list")

@@ -66,12 +66,31 @@ def create_user(session: Session, username: str, password: str, role: str) -> Us
         raise AuthError(f"user name {username!r} must be 1-100 printable characters, no spaces")
     if role not in ROLES:
         raise AuthError(f"role {role!r} must be one of {', '.join(ROLES)}")
-    if len(password) < MIN_PASSWORD_LEN:
-        raise AuthError(f"password must have at least {MIN_PASSWORD_LEN} characters")
+    _password_ok(password)
     if session.scalar(select(User).where(User.username == username)) is not None:
         raise AuthError(f"user {username!r} already exists")
     user = User(username=username, password_hash=hash_password(password), role=role, active=True)
     session.add(user)
+    session.flush()
+    return user
+
+
+def _password_ok(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LEN:
+        raise AuthError(f"password must have at least {MIN_PASSWORD_LEN} characters")
+
+
+def update_user(session: Session, username: str, *, password: str | None = None,
+                active: bool | None = None) -> User:
+    """Set a new password and/or (de)activate an account; a deactivated user's session ends."""
+    user = session.scalar(select(User).where(User.username == username.strip()))
+    if user is None:
+        raise AuthError(f"no user {username!r}")
+    if password is not None:
+        _password_ok(password)
+        user.password_hash = hash_password(password)
+    if active is not None:
+        user.active = active
     session.flush()
     return user
 
