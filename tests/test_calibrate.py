@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from pipeline.calibrate import check_pixel_size, estimate_pixel_size, rbc_diameters
 from pipeline.imaging import read_rgb, resample
-from tests.conftest import BCCD, BCCD_UM_PER_PX, PBC, PBC_UM_PER_PX, REPO, ZHENG
+from tests.conftest import BCCD, BCCD_UM_PER_PX, PBC, PBC_UM_PER_PX, ZHENG
 
 ZHENG2_UM_PER_PX = 0.11  # measured from red cells by the data set's curator (README)
 
@@ -61,16 +60,15 @@ def test_check_pixel_size_flags_a_wrong_scale(config):
     assert check_pixel_size(blank, 0.1, config.calibrate) == (None, False)
 
 
-def test_calibrate_cli(tmp_path):
-    folder = BCCD / "JPEGImages"
-    files = sorted(folder.glob("*.jpg"))[::12]
-    r = subprocess.run(
-        [str(Path(sys.executable).with_name("marrowcount")), "calibrate", *map(str, files),
-         "--um-per-px", "0.2", "--json"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+def test_calibrate_cli(capsys, monkeypatch):
+    from daemon.cli import main
+
+    files = sorted((BCCD / "JPEGImages").glob("*.jpg"))[::12]
+    monkeypatch.setattr(sys, "argv", ["marrowcount", "calibrate", *map(str, files), "--um-per-px", "0.2", "--json"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["images"] == len(files)
     assert abs(out["um_per_px"] - BCCD_UM_PER_PX) / BCCD_UM_PER_PX < 0.1
     assert out["disagrees"] is True  # 0.2 is far from the estimate

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from pipeline.detect_eval import read_voc, score_image
 from tests.conftest import BCCD, REPO
@@ -18,16 +19,36 @@ MARROWCOUNT = Path(sys.executable).with_name("marrowcount")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
     return subprocess.run(
-        [str(MARROWCOUNT), *args], capture_output=True, text=True, cwd=REPO, timeout=300
+        [str(MARROWCOUNT), *args], capture_output=True, text=True, cwd=REPO, timeout=600
     )
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``marrowcount ARGS`` in this process through the real entry point ``main``;
+    returns (exit code, stdout, stderr)."""
+    from daemon.cli import main
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["marrowcount", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
 
 
 def jpeg(n: int) -> Path:
     return BCCD / "JPEGImages" / f"BloodImage_{n:05d}.jpg"
 
 
-def test_folder_with_bad_files_reports_each_and_goes_on(tmp_path):
+def test_folder_with_bad_files_reports_each_and_goes_on(tmp_path, cli):
     folder = tmp_path / "fields"
     folder.mkdir()
     shutil.copy(jpeg(374), folder / "a_good.jpg")
@@ -38,40 +59,46 @@ def test_folder_with_bad_files_reports_each_and_goes_on(tmp_path):
     shutil.copy(jpeg(168), folder / "e_good.jpg")
     overlays = tmp_path / "overlays"
 
-    r = run("detect", str(folder), "--um-per-px", "0.072", "--json", "--overlay", str(overlays))
+    code, out, err = cli("detect", str(folder), "--um-per-px", "0.072", "--json", "--overlay", str(overlays))
 
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
-    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert code != 0
+    assert "Traceback" not in err
+    records = [json.loads(line) for line in out.splitlines()]
     assert [Path(rec["image"]).name for rec in records] == ["a_good.jpg", "e_good.jpg"]
     assert [len(rec["cells"]) for rec in records] == [2, 1]
     for rec in records:
         for cell in rec["cells"]:
             assert set(cell) == {"x", "y", "box", "area_um2"} and len(cell["box"]) == 4
         assert rec["ms"] > 0
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 4
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4  # one per bad file, then the summary
+    assert "3 image(s) could not be analysed" in errors[-1]
     assert any("b_corrupt.jpg" in e and "not a readable image" in e for e in errors)
     assert any("c_gray.png" in e and "grayscale" in e for e in errors)
-    assert any("smaller than one" in e for e in errors)
+    assert any("d_tiny.png" in e and "smaller than one" in e for e in errors)
     assert sorted(p.name for p in overlays.iterdir()) == ["a_good.png", "e_good.png"]
     drawn = cv2.imread(str(overlays / "a_good.png"))
     assert drawn.shape == cv2.imread(str(jpeg(374))).shape
 
 
-def test_bad_pixel_size_and_missing_file_fail_in_one_line(tmp_path):
+def test_bad_pixel_size_and_missing_file_fail_in_one_line(tmp_path, cli):
     for args in (
-        ("detect", str(jpeg(374)), "--um-per-px", "0"),
         ("detect", str(jpeg(374)), "--um-per-px", "-0.1"),
         ("detect", str(tmp_path / "nope.png"), "--um-per-px", "0.1"),
+        ("calibrate", str(tmp_path / "nope.png")),
     ):
-        r = run(*args)
-        assert r.returncode != 0, args
-        assert "Traceback" not in r.stderr
-        assert len([line for line in r.stderr.splitlines() if line.strip()]) <= 2, r.stderr
+        code, out, err = cli(*args)
+        assert code == 2, args
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert lines and all(line.startswith("error:") for line in lines), err
+    # The installed console script: exit 2, one line, no traceback.
+    r = run("detect", str(jpeg(374)), "--um-per-px", "0")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "µm per pixel" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
-def test_eval_detect_on_a_handful_of_fields(tmp_path):
+def test_eval_detect_on_a_handful_of_fields(tmp_path, cli):
     root = tmp_path / "voc"
     (root / "Annotations").mkdir(parents=True)
     (root / "JPEGImages").mkdir()
@@ -81,11 +108,11 @@ def test_eval_detect_on_a_handful_of_fields(tmp_path):
         shutil.copy(BCCD / "Annotations" / f"{name}.xml", root / "Annotations")
         shutil.copy(jpeg(n), root / "JPEGImages")
 
-    r = run("eval-detect", "--root", str(root), "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    overall = out["overall"]
-    images = out["images"]
+    code, out, err = cli("eval-detect", "--root", str(root), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    overall = result["overall"]
+    images = result["images"]
     assert len(images) == len(fields)
     # The four categories add up, per image and overall.
     for rec in [*images, overall]:
@@ -94,10 +121,10 @@ def test_eval_detect_on_a_handful_of_fields(tmp_path):
     assert overall["leukocytes"] + overall["border"] == boxes
     assert overall["accuracy"] >= 0.75
 
-    table = run("eval-detect", "--root", str(root), "--keep-border")
-    assert table.returncode == 0
+    code, table, _ = cli("eval-detect", "--root", str(root), "--keep-border")
+    assert code == 0
     for word in ("correct", "missing", "multiple", "false", "accuracy"):
-        assert word in table.stdout
+        assert word in table
 
 
 def test_score_categories():

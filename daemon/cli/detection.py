@@ -36,6 +36,12 @@ def _images(paths: list[Path]) -> Iterator[Path]:
             yield p
 
 
+def _file_error(path: Path, exc: MarrowError) -> None:
+    """One error line for one file; the others go on."""
+    msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+
+
 def run_detect(path: Path, um_per_px: float, params: DetectParams) -> tuple[np.ndarray, list[Detection], float]:
     """Read one image and detect its leukocytes; returns (rgb, detections, milliseconds)."""
     rgb = read_rgb(path)
@@ -74,7 +80,7 @@ def detect_cmd(
             rgb, cells, ms = run_detect(path, um_per_px, params)
         except MarrowError as exc:
             failed += 1
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _file_error(path, exc)
             continue
         if overlay is not None:
             cv2.imwrite(str(overlay / f"{path.stem}.png"), draw_overlay(rgb, cells))
@@ -197,7 +203,7 @@ def calibrate_cmd(
             images.append(read_rgb(path))
         except MarrowError as exc:
             failed += 1
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _file_error(path, exc)
     est = estimate_pixel_size(images, params)
     off = stated is not None and disagrees(stated, est.um_per_px, params.tolerance)
     if as_json:
