@@ -2,7 +2,7 @@
 
 The seed's detector, worked at a fixed physical scale so one parameter set serves any camera:
 
-1. resample the field to ``work_um_per_px``;
+1. resample the field to about ``work_um_per_px`` (a whole-number shrink factor);
 2. HSV conversion and contrast enhancement into a *nucleus map*: saturation above the
    field's background, weighted by closeness to the purple hue of stained chromatin
    (RBCs are pink-red, background is unsaturated);
@@ -12,7 +12,8 @@ The seed's detector, worked at a fixed physical scale so one parameter set serve
 5. merge fragments of one nucleus (the lobes of band and segmented neutrophils) by closing
    gaps up to ``merge_gap_um``; the resulting clusters are single cells or, by area in µm²,
    multi-cell clusters;
-6. split multi-cell clusters with a distance-transform watershed;
+6. split multi-cell clusters with a distance-transform watershed, keeping only cuts across a
+   neck and never cutting a lobe-sized fragment;
 7. drop platelets and debris (nucleus area below ``min_nucleus_um2``) and cells whose
    nucleus touches the border; cut a fixed 96×96 crop around each centre.
 
@@ -37,7 +38,8 @@ class DetectParams(Params):
     """Detector settings; defaults live in the ``detect:`` section of config/default.yaml."""
 
     work_um_per_px: float = Field(gt=0, le=2.0)
-    """Scale the field is analysed at (µm per pixel)."""
+    """Scale the field is analysed at (µm per pixel). Where a whole-number shrink factor gets
+    within 15% of it, that factor is used (exact, fast area averaging)."""
     saliency_px: int = Field(ge=32, le=512)
     """Longer side of the map the spectral residual is computed on."""
     saliency_blur_um: float = Field(ge=0)
@@ -284,7 +286,7 @@ def detect(
     # Shrink by an integer factor near the working scale: area averaging is then exact and
     # about 3x faster. The last k-1 rows/columns are left out (they are border anyway).
     k = max(1, round(params.work_um_per_px / um_per_px))
-    if k > 1:
+    if k > 1 and abs(k * um_per_px / params.work_um_per_px - 1.0) <= 0.15:
         work_um = um_per_px * k
         work = resample(rgb[: h - h % k, : w - w % k], um_per_px, work_um)
         sx = sy = float(k)
