@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from drivers.acquisition import FieldResult, count_slide
@@ -46,18 +48,21 @@ def _run(slide, analyze, target, start_index=0, counted_so_far=0, should_stop=No
 
 
 def test_stops_at_the_field_that_reaches_the_target(slide, analyze, full):
-    total = sum(f.n_counted for f in full)
-    assert total >= 6, "the slide must hold enough leukocytes for this test"
-    target = total // 2
+    running = list(itertools.accumulate(f.n_counted for f in full))
+    # target: the count after the second field that holds leukocytes (peripheral blood has
+    # one or two per field), so the run must stop well before the end of the slide
+    hits = [i for i, f in enumerate(full) if f.n_counted]
+    assert len(hits) >= 2 and hits[1] < 9, "the slide must hold leukocytes early on"
+    last, target = hits[1], running[hits[1]]
     stopped, fields, source, scope = _run(slide, analyze, target)
     assert stopped == "target_reached"
+    assert [f.index for f in fields] == list(range(last + 1))  # nothing beyond that field
     counts = [f.n_counted for f in fields]
-    assert sum(counts) >= target and sum(counts[:-1]) < target  # nothing beyond that field
+    assert sum(counts) >= target and sum(counts[:-1]) < target
     assert counts == [f.n_counted for f in full[: len(fields)]]
     # the MDA was cancelled: beyond the last field counted, only the prefetched fields, the
     # one waiting to be queued and the one in progress were acquired
-    assert len(fields) < 12
-    assert source.frames_acquired <= len(fields) + scope.params.prefetch_fields + 2
+    assert source.frames_acquired <= len(fields) + scope.params.prefetch_fields + 2 < 12
 
 
 def test_resume_after_a_stop_is_exact(slide, analyze, full):
