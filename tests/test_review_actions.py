@@ -9,7 +9,14 @@ from sqlalchemy import func, select
 
 from daemon.models import AuditEvent, Cell, Count, Field, Review, Slide
 from daemon.review.app import create_app
-from tests.review_slide import SUPER, TECH, TECH2, login, pipeline_fields, review_env, review_template  # noqa: F401
+from tests.review_slide import (  # noqa: F401  (fixtures)
+    TECH,
+    TECH2,
+    login,
+    pipeline_fields,
+    review_env,
+    review_template,
+)
 
 
 @pytest.fixture
@@ -112,7 +119,8 @@ def test_reclassify_exclude_and_undo_update_the_counts_with_one_audit_event_each
 
     # Undo reverts the last change (the exclusion), then the two-cell move as one step.
     r = tech.post(f"/api/slides/{env.slide_id}/undo")
-    assert [ch["id"] for ch in r.json()["changed"]] == [c.id] and r.json()["total"] == before["total"]
+    assert [ch["id"] for ch in r.json()["changed"]] == [c.id]
+    assert r.json()["total"] == before["total"]
     r = tech.post(f"/api/slides/{env.slide_id}/undo")
     assert {ch["id"] for ch in r.json()["changed"]} == {a.id, b.id}
     assert _api(env, tech)["differential"] == before
@@ -173,7 +181,8 @@ def test_adding_a_missed_cell(review_env, tech):
     cid = r.json()["changed"][0]["id"]
     with env.store.session() as s:
         cell = s.get(Cell, cid)
-        assert (cell.added_by, cell.reviewed_label, cell.field_id) == (TECH[0], "lymphocyte", fld.id)
+        assert (cell.added_by, cell.reviewed_label, cell.field_id) == (
+            TECH[0], "lymphocyte", fld.id)
         assert dict(s.execute(select(Count.class_name, Count.n)
                               .where(Count.slide_id == env.slide_id)).all()) == machine
     crop = tech.get(f"/images/cells/{cid}")

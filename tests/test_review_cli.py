@@ -107,7 +107,8 @@ def test_review_serves_on_localhost(tmp_path, where):
                 break
             except httpx.TransportError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"review app did not come up: {proc.stdout.read().decode()[-2000:]}")
+                    out = proc.stdout.read().decode()[-2000:]
+                    pytest.fail(f"review app did not come up: {out}")
                 time.sleep(0.5)
         assert r.status_code == 200 and 'name="csrf_token"' in r.text
         assert httpx.get(f"http://127.0.0.1:{port}/", follow_redirects=False).status_code == 303

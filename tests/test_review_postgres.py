@@ -11,7 +11,15 @@ from sqlalchemy import func, select
 from daemon.models import AuditEvent, Cell, Review, Slide
 from daemon.review.app import create_app
 from tests.daemon_fixtures import PG_ENV, _pg_database
-from tests.review_slide import SUPER, TECH, SLIDE_NAME, add_users, count_slide, login, pipeline_fields  # noqa: F401
+from tests.review_slide import (  # noqa: F401  (fixture)
+    SLIDE_NAME,
+    SUPER,
+    TECH,
+    add_users,
+    count_slide,
+    login,
+    pipeline_fields,
+)
 
 
 @pytest.mark.postgres

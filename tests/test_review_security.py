@@ -12,7 +12,16 @@ from sqlalchemy import func, select, update
 from daemon.models import AuditEvent, Cell, Field, Slide, User
 from daemon.review.app import create_app
 from daemon.review.auth import SESSION_COOKIE
-from tests.review_slide import SUPER, TECH, TECH2, csrf_of, login, pipeline_fields, review_env, review_template  # noqa: F401
+from tests.review_slide import (  # noqa: F401  (fixtures)
+    SUPER,
+    TECH,
+    TECH2,
+    csrf_of,
+    login,
+    pipeline_fields,
+    review_env,
+    review_template,
+)
 
 
 @pytest.fixture

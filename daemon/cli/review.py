@@ -5,7 +5,7 @@ from __future__ import annotations
 import getpass
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -14,6 +14,15 @@ from pipeline.errors import MarrowError
 
 user_app = typer.Typer(help="Local review accounts.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
+
+DbOption = Annotated[Optional[str],
+                     typer.Option("--db", help="Store URL (default: config store.url).")]
+DataDirOption = Annotated[Optional[Path],
+                          typer.Option("--data-dir", help="Images and crops folder.")]
+ConfigOption = Annotated[Optional[Path],
+                         typer.Option("--config", "-c", help="Lab config YAML.")]
+StdinOption = Annotated[bool, typer.Option("--password-stdin",
+                                           help="Read the password from the first line of stdin.")]
 
 
 def _store(config: Optional[Path], db: Optional[str], data_dir: Optional[Path]):
@@ -29,11 +38,11 @@ def _store(config: Optional[Path], db: Optional[str], data_dir: Optional[Path]):
 
 @app.command("review")
 def review(
-    db: Optional[str] = typer.Option(None, "--db", help="Store URL (default: config store.url)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Images and crops folder."),
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
     host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, "--port", help="Port (default: config review.port)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Lab config YAML."),
+    config: ConfigOption = None,
 ) -> None:
     """Serve the technician review app (queue, galleries, reclassification, sign-off)."""
     import uvicorn
@@ -57,11 +66,10 @@ def review(
 def user_add(
     name: str = typer.Argument(..., help="User name."),
     role: str = typer.Option(..., "--role", help="technician or supervisor."),
-    password_stdin: bool = typer.Option(False, "--password-stdin",
-                                        help="Read the password from the first line of stdin."),
-    db: Optional[str] = typer.Option(None, "--db", help="Store URL (default: config store.url)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Lab config YAML."),
+    password_stdin: StdinOption = False,
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Create a review account; the password is prompted (twice) or read from stdin."""
     from daemon.review.auth import ROLES, create_user
@@ -81,11 +89,10 @@ def user_add(
 @user_app.command("passwd")
 def user_passwd(
     name: str = typer.Argument(..., help="User name."),
-    password_stdin: bool = typer.Option(False, "--password-stdin",
-                                        help="Read the password from the first line of stdin."),
-    db: Optional[str] = typer.Option(None, "--db", help="Store URL (default: config store.url)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Lab config YAML."),
+    password_stdin: StdinOption = False,
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Set a new password for an account."""
     _update(config, db, data_dir, name, password=_password(password_stdin))
@@ -96,9 +103,9 @@ def user_passwd(
 def user_disable(
     name: str = typer.Argument(..., help="User name."),
     enable: bool = typer.Option(False, "--enable", help="Re-enable the account instead."),
-    db: Optional[str] = typer.Option(None, "--db", help="Store URL (default: config store.url)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Lab config YAML."),
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Disable an account (its sessions end at once; its audit trail stays), or --enable it."""
     _update(config, db, data_dir, name, active=enable)
@@ -128,9 +135,9 @@ def _update(config: Optional[Path], db: Optional[str], data_dir: Optional[Path],
 
 @user_app.command("list")
 def user_list(
-    db: Optional[str] = typer.Option(None, "--db", help="Store URL (default: config store.url)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Lab config YAML."),
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """List review accounts."""
     from sqlalchemy import select

@@ -84,7 +84,8 @@ def main() -> None:
               f"p90 {p90:.1f} ms, CPU {cpu:.1f} ms  (target ≤ 100 ms)")
         c = {k: v for k, v in client.get(f"/api/slides/{sid}").json()["machine_counts"].items()}
         med, p90, cpu = _median_ms(lambda _i: differential(c, cfg.classes, cfg.stats), 20)
-        print(f"     of which pipeline.stats.differential alone: median {med:.1f} ms, CPU {cpu:.1f} ms")
+        print(f"     of which pipeline.stats.differential alone: median {med:.1f} ms, "
+              f"CPU {cpu:.1f} ms")
 
         # The same over a real socket: uvicorn on 127.0.0.1, httpx keep-alive client.
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))

@@ -23,6 +23,15 @@ def _row_n(page: Page, cls: str) -> int:
     return int(page.locator(f'#table tr[data-class="{cls}"] td.n').inner_text())
 
 
+def _tile(page: Page, section: str, cell_id: int):
+    """The cell's tile if it sits in gallery section ``section``."""
+    return page.locator(f'details.cls[data-section="{section}"] figure.cell[data-id="{cell_id}"]')
+
+
+def _n_cell(page: Page, cls: str):
+    return page.locator(f'#table tr[data-class="{cls}"] td.n')
+
+
 def _total(page: Page) -> int:
     return int(page.locator("#total").inner_text())
 
@@ -62,8 +71,8 @@ def test_review_sign_and_report(page: Page, live, artifacts):
         tile.click()
         page.keyboard.press(key)
         expect(page.locator("#status")).to_contain_text("Moved to")
-        expect(page.locator(f'details.cls[data-section="{TARGET}"] figure.cell[data-id="{moved[-1]}"]')).to_have_count(1)
-    expect(page.locator(f'#table tr[data-class="{TARGET}"] td.n')).to_have_text(str(before_target + 5))
+        expect(_tile(page, TARGET, moved[-1])).to_have_count(1)
+    expect(_n_cell(page, TARGET)).to_have_text(str(before_target + 5))
     assert _total(page) == before_total  # moved between counted classes
 
     # Exclude one (a smudge) by keyboard: the total drops by one.
@@ -73,7 +82,7 @@ def test_review_sign_and_report(page: Page, live, artifacts):
     tile.click()
     page.keyboard.press("Delete")
     expect(page.locator("#total")).to_have_text(str(before_total - 1))
-    expect(page.locator(f'details.cls[data-section="_excluded"] figure.cell[data-id="{excluded}"]')).to_have_count(1)
+    expect(_tile(page, "_excluded", excluded)).to_have_count(1)
     page.screenshot(path=artifacts / "03-reviewed.png", full_page=True)
 
     # The table after a reload is the one the browser showed (the server kept every change).
@@ -82,7 +91,8 @@ def test_review_sign_and_report(page: Page, live, artifacts):
     with env.store.session() as s:
         assert s.scalar(select(func.count()).select_from(AuditEvent)
                         .where(AuditEvent.action.in_(("reclassify", "exclude")))) == 6
-        assert {c.reviewed_label for c in s.scalars(select(Cell).where(Cell.id.in_(moved)))} == {TARGET}
+        cells = s.scalars(select(Cell).where(Cell.id.in_(moved)))
+        assert {c.reviewed_label for c in cells} == {TARGET}
 
     # Sign.
     page.click("#sign")
@@ -115,9 +125,11 @@ def test_review_sign_and_report(page: Page, live, artifacts):
     first.click()
     page.keyboard.press(key)
     status = page.evaluate(
-        """async (id) => { const r = await fetch(location.pathname.replace('/slides/', '/api/slides/') + '/reclassify',
-             {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': marrow.csrf},
-              body: JSON.stringify({cells: [id], label: 'monocyte'})});
+        """async (id) => {
+             const url = location.pathname.replace('/slides/', '/api/slides/') + '/reclassify';
+             const r = await fetch(url, {method: 'POST', headers: {
+               'Content-Type': 'application/json', 'X-CSRF-Token': marrow.csrf},
+               body: JSON.stringify({cells: [id], label: 'monocyte'})});
              return [r.status, (await r.json()).error]; }""",
         int(first.get_attribute("data-id")))
     assert status[0] == 409 and "signed" in status[1]

@@ -1,4 +1,4 @@
-"""Browser: multi-select and undo in the gallery, queue refresh, the field viewer and adding a cell."""
+"""Browser: multi-select and undo, queue refresh, the field viewer and adding a cell."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from playwright.sync_api import Page, expect
 from sqlalchemy import select
 
 from daemon.models import AuditEvent, Cell
-from tests.browser.test_review_e2e import _log_in, _row_n, _total
+from tests.browser.test_review_e2e import _log_in, _row_n, _tile, _total
 from tests.review_slide import TECH
 
 
@@ -34,7 +34,7 @@ def test_multi_select_move_and_undo(page: Page, live, artifacts):
     expect(page.locator("#status")).to_contain_text("3 cells")
     expect(page.locator(f'#table tr[data-class="{target}"] td.n')).to_have_text(str(before_n + 3))
     for i in ids:
-        expect(page.locator(f'details.cls[data-section="{target}"] figure.cell[data-id="{i}"]')).to_have_count(1)
+        expect(_tile(page, target, i)).to_have_count(1)
     assert _total(page) == before_total
 
     # One Ctrl+Z puts all three back where they were.
@@ -42,7 +42,8 @@ def test_multi_select_move_and_undo(page: Page, live, artifacts):
     expect(page.locator("#status")).to_contain_text("Undid 3 cells")
     expect(page.locator(f'#table tr[data-class="{target}"] td.n')).to_have_text(str(before_n))
     with env.store.session() as s:
-        assert all(c.reviewed_label is None for c in s.scalars(select(Cell).where(Cell.id.in_(ids))))
+        cells = s.scalars(select(Cell).where(Cell.id.in_(ids)))
+        assert all(c.reviewed_label is None for c in cells)
         actions = [e.action for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
     assert actions == ["reclassify"] * 3 + ["undo"] * 3
 
@@ -85,7 +86,7 @@ def test_field_viewer_draws_detections_and_adds_a_missed_cell(page: Page, live, 
     assert abs(added.x - 160) <= 3 and abs(added.y - 360) <= 3  # field pixels, not screen pixels
     page.goto(f"{base}/slides/{env.slide_id}")
     assert _total(page) == before_total + 1
-    expect(page.locator(f'details.cls[data-section="monocyte"] figure.cell[data-id="{added.id}"]')).to_have_count(1)
+    expect(_tile(page, "monocyte", added.id)).to_have_count(1)
 
 
 def test_queue_refreshes_while_a_slide_is_acquiring(page: Page, live, artifacts):
