@@ -255,11 +255,9 @@ class Microscope:
             return None, False
         if abs(start - (self.get_z() or 0.0)) > 1e-6:
             self.move_z(start)
-        moves_before = self.z_moves
         result = find_focus(
             self.move_z, self.snap_rgb, start, self.um_per_px, af, self.z_limits_um
         )
-        assert self.z_moves - moves_before == result.moves
         return result.z, result.found
 
     def close(self) -> None:
@@ -318,19 +316,19 @@ class MicroscopeFieldSource:
         self.frames_acquired = 0
 
     # Focus memory: a field starts its search where the smear's focal plane, fitted through
-    # the fields focused so far, predicts it (a smear is a tilted plane to first order); with
-    # fewer than three non-collinear fields, at the nearest field's focus.
+    # the fields focused so far, predicts it (a smear is a tilted plane to first order). The
+    # fit is centred on those fields, so a direction they don't span (the first row) adds no
+    # tilt; with one field focused, its focus.
     def focus_start(self, x: float, y: float) -> float | None:
         if not self._focus:
             return None
         pts = np.array(self._focus[-16:])
-        if len(pts) >= 3:
-            a = np.column_stack([np.ones(len(pts)), pts[:, 0] - x, pts[:, 1] - y])
-            if np.linalg.matrix_rank(a) == 3:
-                coef = np.linalg.lstsq(a, pts[:, 2], rcond=None)[0]
-                return float(coef[0])
-        fx, fy, fz = min(self._focus, key=lambda p: (p[0] - x) ** 2 + (p[1] - y) ** 2)
-        return fz
+        centre = pts.mean(axis=0)
+        if len(pts) == 1:
+            return float(centre[2])
+        a = pts[:, :2] - centre[:2]
+        tilt = np.linalg.lstsq(a, pts[:, 2] - centre[2], rcond=None)[0]
+        return float(centre[2] + tilt @ (np.array([x, y]) - centre[:2]))
 
     def remember_focus(self, x: float, y: float, z: float) -> None:
         self._focus.append((x, y, z))
