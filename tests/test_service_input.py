@@ -83,6 +83,8 @@ def test_submit_refuses_missing_and_unreadable_slides(tmp_path):
     res = runner.invoke(app, ["status", "--json", "--config", str(config)])
     rows = json.loads(res.stdout)
     assert [(r["name"], r["status"], r["counted"]) for r in rows] == [("S1", "queued", 0)]
+    res = runner.invoke(app, ["status", "--config", str(config)])
+    assert res.exit_code == 0 and "S1 (queued)" in res.stdout and "0/300" in res.stdout
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -87,16 +88,16 @@ def _status_view(rows: list[dict[str, Any]]) -> Any:
     prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[note]}"))
     for r in active:
-        prog.add_task(f"{r['name']} [{r['status']}]", total=r["target"],
+        prog.add_task(f"{escape(r['name'])} ({r['status']})", total=r["target"],
                       completed=min(r["counted"], r["target"]),
-                      note=(r["error"] or f"{r['fields']} fields"))
+                      note=escape(r["error"] or f"{r['fields']} fields"))
     table = Table(title=f"{len(active)} in the queue, {len(done)} finished", title_justify="left")
     for col in ("id", "slide", "status", "counted", "fields", "note"):
         table.add_column(col)
     for r in done[-20:]:
         note = r["error"] or r["stopped_because"] or ""
-        table.add_row(str(r["id"]), r["name"], r["status"], f"{r['counted']}/{r['target']}",
-                      str(r["fields"]), note)
+        table.add_row(str(r["id"]), escape(r["name"]), r["status"],
+                      f"{r['counted']}/{r['target']}", str(r["fields"]), escape(note))
     return Group(prog, table) if active else table
 
 
