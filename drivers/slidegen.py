@@ -726,7 +726,7 @@ def render(objects: list[Placed], params: SlideGenParams, plasma: np.ndarray,
     p = params
     rng = np.random.default_rng([seed, 1])
     W, H, T = p.width_px, p.height_px, 1024
-    stain = [_smooth_field(rng, H, W, 1.5 * max(p.field_px)) for _ in range(3)]
+    stain = [_smooth_field(rng, H, W, 1.5 * max(p.field_px)) for _ in range(3)]  # common, R, G
     light = _smooth_field(rng, H, W, 2.0 * max(p.field_px))
     noise_rng = np.random.default_rng([seed, 2])
     out = np.empty((H, W, 3), np.uint8)
@@ -750,7 +750,11 @@ def render(objects: list[Placed], params: SlideGenParams, plasma: np.ndarray,
                     dst *= 1 - a
                 dst += a * o.sprite.od[sl]
             yy, xx = np.mgrid[ty:ty + th, tx:tx + tw]
-            gain = np.stack([1 + p.stain_variation * (2 * f(xx, yy) - 1) for f in stain], -1)
+            # Stain strength drifts as one density factor; a quarter of it per channel (hue),
+            # so a region is paler or darker but a cell type keeps its colour.
+            common = p.stain_variation * (2 * stain[0](xx, yy) - 1)
+            gain = np.stack([1 + common + 0.25 * p.stain_variation * (2 * f(xx, yy) - 1)
+                             for f in stain[1:]] + [1 + common], -1)
             lum = 1 + p.illumination_variation * (2 * light(xx, yy) - 1)
             rgb = plasma[None, None, :] * lum[..., None] * np.exp(-od * gain.astype(np.float32))
             if p.noise_sigma > 0:
