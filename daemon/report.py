@@ -77,7 +77,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
                                  .order_by(Review.at, Review.id)))
     signed = slide.status == "signed"
     final_counts = store.reviewed_counts(slide.id) if signed else machine
-    final = differential(final_counts, taxonomy, cfg.stats)
+    final = differential(final_counts, taxonomy, cfg.stats) if signed else machine_diff
 
     flags = [f.message for f in final.flags]
     counted = machine_diff.total

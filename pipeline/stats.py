@@ -9,6 +9,7 @@ blasts among all nucleated marrow cells).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydantic import Field
@@ -94,8 +95,12 @@ class Differential:
         return asdict(self)
 
 
+@lru_cache(maxsize=65536)
 def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Exact Clopper–Pearson interval for ``k`` successes of ``n`` (fractions in [0, 1])."""
+    """Exact Clopper–Pearson interval for ``k`` successes of ``n`` (fractions in [0, 1]).
+
+    Cached: a pure function of its integers, and scipy's root search costs ~2 ms a call.
+    """
     if n <= 0:
         return (0.0, 1.0)
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
