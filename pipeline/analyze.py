@@ -15,7 +15,9 @@
    (cosine similarity of their probability vectors, each pair's classes pooled,
    ≥ ``duplicate_similarity``) or whose boxes
    overlap (intersection over the smaller box ≥ ``duplicate_overlap``), are one cell — most
-   often the detached lobes of one neutrophil. The more confident one is kept; the other stays
+   often the detached lobes of one neutrophil. A lobe-sized nucleus (≤ ``lobe_max_um2``) that
+   within ``lobe_distance_um`` of a band/segmented neutrophil is taken as its lobe whatever it
+   was called. The more confident one is kept; the other stays
    in the output with ``duplicate_of`` and ``duplicate_reason`` set and is not counted;
 5. cells whose final confidence stays below ``review_threshold``, or that the classifier finds
    unlike every trained class, are flagged ``needs_review`` (never forced into a class).
@@ -55,6 +57,10 @@ class AnalyzeParams(Params):
                                         description="cosine similarity of probabilities")
     duplicate_overlap: float = Field(ge=0, le=1,
                                      description="box intersection over the smaller box")
+    lobe_max_um2: float = Field(
+        ge=0, description="a nucleus this small beside a pair-class cell (neutrophil) is one of "
+        "its lobes whatever its own call; 0 = off")
+    lobe_distance_um: float = Field(ge=0, description="reach of that lobe rule")
 
     @model_validator(mode="after")
     def _review_below_guidance(self) -> "AnalyzeParams":
@@ -174,11 +180,15 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
 
 
 def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
-                    classes: tuple[str, ...], probs: np.ndarray, conf: np.ndarray,
-                    um_per_px: float, params: AnalyzeParams) -> dict[int, tuple[int, str]]:
+                    areas_um2: np.ndarray, classes: tuple[str, ...], probs: np.ndarray,
+                    conf: np.ndarray, um_per_px: float,
+                    params: AnalyzeParams) -> dict[int, tuple[int, str]]:
     """Which cells are second detections of another: ``{index: (kept index, reason)}``.
 
-    ``pts`` float (N, 2) centres in px, ``probs`` float (N, K) over ``classes``, ``conf`` (N).
+    ``pts`` float (N, 2) centres in px, ``areas_um2`` (N) nucleus areas, ``probs`` float (N, K)
+    over ``classes``, ``conf`` (N). Besides the class-and-likeness rule, a lobe-sized nucleus
+    (``lobe_max_um2``) within the distance of a band/segmented neutrophil is taken as one of
+    its lobes even when called otherwise: a lone lobe looks like a small round nucleus.
 
     Pairs are visited closest first; a cell already suppressed is not used again, so each
     group of fragments collapses onto its most confident member.
@@ -199,11 +209,26 @@ def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
             pooled[:, ib] = 0
     unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-9)
     cos = unit @ unit.T
-    cand = [(d_um[i, j], i, j) for i in range(n) for j in range(i + 1, n)
-            if d_um[i, j] < params.duplicate_distance_um]
+    reach = max(params.duplicate_distance_um, params.lobe_distance_um)
+    cand = [(d_um[i, j], i, j) for i in range(n) for j in range(i + 1, n) if d_um[i, j] < reach]
+    lobed = {c for pair in params.duplicate_pairs for c in pair}
     out: dict[int, tuple[int, str]] = {}
     for d, i, j in sorted(cand):
-        if i in out or j in out or NON_LEUKOCYTE in (labels[i], labels[j]):
+        if i in out or j in out:
+            continue
+        # A lobe-sized nucleus beside a neutrophil: the neutrophil is kept.
+        lobe = None
+        for a, b in ((i, j), (j, i)) if d < params.lobe_distance_um else ():
+            if (labels[a] in lobed and areas_um2[b] <= params.lobe_max_um2
+                    and areas_um2[b] < areas_um2[a]):
+                lobe = (a, b)
+                break
+        if lobe is not None:
+            keep, drop = lobe
+            out[drop] = (keep, f"{d:.1f} um from {labels[keep]} {keep}, lobe-sized nucleus "
+                               f"({areas_um2[drop]:.0f} um2, called {labels[drop]})")
+            continue
+        if NON_LEUKOCYTE in (labels[i], labels[j]) or d >= params.duplicate_distance_um:
             continue
         same = labels[i] == labels[j]
         if not same and frozenset((labels[i], labels[j])) not in pairs:
@@ -240,7 +265,8 @@ def analyze_field(rgb: np.ndarray, um_per_px: float, classifier: ClassifierLike,
     probs, conf, unknown, guided = _guide(rgb, um_per_px, classifier, pts, first_probs,
                                           first_conf, first_unknown, params)
     labels = [classes[i] for i in probs.argmax(1)]
-    dups = find_duplicates(pts, [d.box for d in dets], classes, probs, conf, um_per_px, params)
+    dups = find_duplicates(pts, [d.box for d in dets], np.array([d.area_um2 for d in dets]),
+                           classes, probs, conf, um_per_px, params)
     out = []
     for i, d in enumerate(dets):
         keep, reason = dups.get(i, (None, None))
