@@ -91,11 +91,11 @@ def save_confusion_png(cms: dict[str, np.ndarray], classes: Sequence[str], path:
 
 
 def evaluate_split(checkpoint: Path, data: CropSet, idx: np.ndarray, taxonomy: Taxonomy,
-                   png: Path | None = None) -> dict[str, Any]:
+                   png: Path | None = None, params: Any = None) -> dict[str, Any]:
     """Global-only and dual-stage metrics of a checkpoint on ``data[idx]`` (centre crops)."""
     from pipeline.classify import load_classifier
 
-    clf = load_classifier(checkpoint, taxonomy)
+    clf = load_classifier(checkpoint, taxonomy, params=params)
     crops = centre(data.crops[idx])
     y = data.labels[idx]
     res = clf.classify(crops)

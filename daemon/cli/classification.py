@@ -162,7 +162,7 @@ def eval_classify_cmd(
         data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
                                cache_dir=cache_dir)
         test = split(data.labels, p.seed, p.val_fraction)["test"]
-        result = evaluate_split(ckpt, data, test, cfg.classes, png=png)
+        result = evaluate_split(ckpt, data, test, cfg.classes, png=png, params=cfg.classifier)
     else:
         if um_per_px is None:
             raise MarrowError("--um-per-px is required with a folder")
