@@ -10,7 +10,8 @@
    (evenly around a circle); all re-crops of all such cells go through the classifier in one
    batch, and the cell is decided from the mean of its original and shifted probabilities.
    The first and the final decision are both kept;
-4. **duplicate suppression**: two cells closer than ``duplicate_distance_um`` whose labels are
+4. **duplicate suppression**: two cells closer than ``duplicate_distance_um`` (band/segmented
+   neutrophils; ``duplicate_distance_other_um`` for other classes) whose labels are
    the same or form a configured pair (band/segmented neutrophil), and which look alike
    (cosine similarity of their probability vectors, each pair's classes pooled,
    ≥ ``duplicate_similarity``) or whose boxes
@@ -50,7 +51,10 @@ class AnalyzeParams(Params):
     review_threshold: float = Field(ge=0, le=1,
                                     description="final confidence below this: needs review")
     suppress_duplicates: bool
-    duplicate_distance_um: float = Field(ge=0, description="centres closer than this may be one cell")
+    duplicate_distance_um: float = Field(
+        ge=0, description="centres closer than this may be one cell, for lobed (pair) classes")
+    duplicate_distance_other_um: float = Field(
+        ge=0, description="the same for every other class (round cells touch at ~7-9 um)")
     duplicate_pairs: tuple[tuple[str, str], ...] = Field(
         description="different labels that may still be one cell (band/segmented neutrophil)")
     duplicate_similarity: float = Field(ge=-1, le=1,
@@ -209,7 +213,8 @@ def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
             pooled[:, ib] = 0
     unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-9)
     cos = unit @ unit.T
-    reach = max(params.duplicate_distance_um, params.lobe_distance_um)
+    reach = max(params.duplicate_distance_um, params.duplicate_distance_other_um,
+                params.lobe_distance_um)
     cand = [(d_um[i, j], i, j) for i in range(n) for j in range(i + 1, n) if d_um[i, j] < reach]
     lobed = {c for pair in params.duplicate_pairs for c in pair}
     out: dict[int, tuple[int, str]] = {}
@@ -228,7 +233,11 @@ def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
             out[drop] = (keep, f"{d:.1f} um from {labels[keep]} {keep}, lobe-sized nucleus "
                                f"({areas_um2[drop]:.0f} um2, called {labels[drop]})")
             continue
-        if NON_LEUKOCYTE in (labels[i], labels[j]) or d >= params.duplicate_distance_um:
+        if NON_LEUKOCYTE in (labels[i], labels[j]):
+            continue
+        limit = (params.duplicate_distance_um if labels[i] in lobed and labels[j] in lobed
+                 else params.duplicate_distance_other_um)
+        if d >= limit:
             continue
         same = labels[i] == labels[j]
         if not same and frozenset((labels[i], labels[j])) not in pairs:
