@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from drivers.acquisition import FieldResult
+from pipeline.analyze import CellResult
 from pipeline.imaging import crop_at, read_rgb
 from tests.conftest import BCCD, BCCD_UM_PER_PX, PBC, PBC_UM_PER_PX
 
@@ -24,32 +24,6 @@ CROP_UM_PER_PX = 0.2
 PBC11 = ("promyelocyte", "myelocyte", "metamyelocyte", "band_neutrophil",
          "segmented_neutrophil", "eosinophil", "basophil", "monocyte", "erythroblast",
          "lymphocyte")
-
-try:  # the analysis module's own result type, once it exists
-    from pipeline.analyze import CellResult  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - until pipeline/analyze.py lands
-
-    @dataclass(frozen=True)
-    class CellResult:  # type: ignore[no-redef]
-        index: int
-        x: float
-        y: float
-        box: tuple[int, int, int, int]
-        area_um2: float
-        crop: np.ndarray
-        probabilities: dict[str, float]
-        first_label: str
-        label: str
-        confidence: float
-        guided: bool
-        duplicate_of: int | None
-        duplicate_reason: str | None
-        needs_review: bool
-
-        @property
-        def counted(self) -> bool:
-            return self.duplicate_of is None and self.label != "non_leukocyte"
-
 
 @lru_cache(maxsize=None)
 def pbc_paths(label: str, n: int = 40) -> tuple[str, ...]:
