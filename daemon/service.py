@@ -434,8 +434,11 @@ class Service:
             t0 = time.monotonic()
             self._classifier = load_classifier(path, cfg.classes, params=cfg.classifier)
             self._classifier_path = path
-            log.info("model loaded", extra={"data": {"checkpoint": str(path),
-                                                     "seconds": round(time.monotonic() - t0, 2)}})
+            loaded = time.monotonic()
+            self._classifier.warm_up()
+            log.info("model loaded", extra={"data": {
+                "checkpoint": str(path), "seconds": round(loaded - t0, 2),
+                "warm_up_seconds": round(time.monotonic() - loaded, 2)}})
         clf = self._classifier
 
         def analyze(rgb: Any, um_per_px: float) -> Any:

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from pipeline.errors import CheckpointError, ImageError
 from pipeline.imaging import CROP_SIZE
-from pipeline.model import ARCH_ID, VGG, build, to_input
+from pipeline.model import ARCH_ID, VGG, build, fuse_for_inference, to_input
 from pipeline.params import Params
 from pipeline.stain import StainReference, reinhard
 from pipeline.taxonomy import Taxonomy
@@ -56,20 +56,6 @@ class Classification:
         return [classes[i] for i in self.probs.argmax(1)]
 
 
-SMALL_BATCH = 4
-"""Below this many crops per call the frozen fp32 graph is used instead of bf16 autocast."""
-
-
-class _LogitsAndFeatures(torch.nn.Module):
-    def __init__(self, model: VGG) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.model.features(x)
-        return self.model.head(f), f
-
-
 @dataclass(frozen=True)
 class _Local:
     a: int
@@ -103,8 +89,7 @@ def _model(ckpt: dict[str, Any], state: dict[str, torch.Tensor], k: int, path: P
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the stored architecture: "
                               f"{str(exc).splitlines()[0]}") from None
-    m.eval()
-    return m.to(memory_format=torch.channels_last)
+    return fuse_for_inference(m.eval()).to(memory_format=torch.channels_last)
 
 
 class Classifier:
@@ -128,7 +113,6 @@ class Classifier:
         self.stain_reference = None if ref is None else StainReference(tuple(ref["mean"]),
                                                                        tuple(ref["std"]))
         self.path = path
-        self._frozen: dict[int, torch.jit.ScriptModule] = {}
         self.batch_size = batch_size
         self.flag_unknown = flag_unknown
         self.unknown_method: UnknownMethod = unknown_method or self.unknown_params["method"]
@@ -150,19 +134,18 @@ class Classifier:
 
     @torch.inference_mode()
     def _run(self, model: VGG, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # bf16 + channels_last is fastest for a batch; a frozen TorchScript graph (BN folded
-        # into the convolutions) is fastest for one or two crops. Frozen on first use, so
-        # loading stays cheap.
-        if len(x) < SMALL_BATCH:
-            frozen = self._frozen.get(id(model))
-            if frozen is None:
-                frozen = torch.jit.freeze(torch.jit.trace(_LogitsAndFeatures(model).eval(), x))
-                self._frozen[id(model)] = frozen
-            logits, f = frozen(x)
-            return logits, f
+        # bf16 + channels_last with batch norm folded into the convolutions (at load) is the
+        # fastest CPU path at every batch size from 1 up, measured in tests/bench.
         with torch.autocast("cpu", dtype=torch.bfloat16):
             f = model.features(x)
             return model.head(f).float(), f.float()
+
+    def warm_up(self) -> None:
+        """Run each model once, so the oneDNN kernels are built before the first field
+        rather than during it. Loading stays lazy; a service calls this once at start."""
+        x = self._prep(np.zeros((2, CROP_SIZE, CROP_SIZE, 3), np.uint8))
+        for model in (self.model, *(loc.model for loc in self.locals)):
+            self._run(model, x)
 
     def classify(self, crops: np.ndarray) -> Classification:
         """Classify RGB uint8 crops ``(N, 96, 96, 3)`` cut at ``self.um_per_px``."""

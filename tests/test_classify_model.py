@@ -125,6 +125,26 @@ def test_shipped_model_scores_above_floor(shipped, fixed_sample):
     assert acc > 0.75, acc
 
 
+def test_folding_batch_norm_keeps_the_shipped_models_outputs(fixed_sample):
+    """The loaded (BN-folded) model gives the stored model's logits on real cells."""
+    from pipeline.classify import _model
+    from pipeline.model import build, to_input
+
+    ck = torch.load(SHIPPED, map_location="cpu", weights_only=True)
+    plain = build(len(ck["classes"]), float(ck["width"]), int(ck["fc"]), init=False)
+    plain.load_state_dict({k: v.float() if v.is_floating_point() else v
+                           for k, v in ck["state"].items()})
+    plain.eval()
+    fused = _model(ck, ck["state"], len(ck["classes"]), SHIPPED)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = to_input(centre(fixed_sample.crops), np.asarray(ck["yuv_mean"], np.float32),
+                 np.asarray(ck["yuv_std"], np.float32)).contiguous()
+    with torch.inference_mode():
+        a, b = plain(x), fused(x.contiguous(memory_format=torch.channels_last))
+    np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-3 * float(a.abs().max()))
+    assert (a.argmax(1) == b.argmax(1)).all()
+
+
 def test_dual_stage_probabilities_are_a_distribution(shipped, fixed_sample):
     res = shipped.classify(fixed_sample.crops)
     np.testing.assert_allclose(res.probs.sum(1), 1.0, atol=1e-5)
