@@ -10,15 +10,15 @@
    (evenly around a circle); all re-crops of all such cells go through the classifier in one
    batch, and the cell is decided from the mean of its original and shifted probabilities.
    The first and the final decision are both kept;
-4. **duplicate suppression**: two cells closer than ``duplicate_distance_um`` (band/segmented
-   neutrophils; ``duplicate_distance_other_um`` for other classes) whose labels are
+4. **duplicate suppression**: two cells closer than ``duplicate_distance_um`` (lobed classes:
+   neutrophils, eosinophils; ``duplicate_distance_other_um`` for other classes) whose labels are
    the same or form a configured pair (band/segmented neutrophil), and which look alike
    (cosine similarity of their probability vectors, each pair's classes pooled,
    ≥ ``duplicate_similarity``) or whose boxes
    overlap (intersection over the smaller box ≥ ``duplicate_overlap``), are one cell — most
-   often the detached lobes of one neutrophil. A lobe-sized nucleus (≤ ``lobe_max_um2``) that
-   within ``lobe_distance_um`` of a band/segmented neutrophil is taken as its lobe whatever it
-   was called. The more confident one is kept; the other stays
+   often the detached lobes of one neutrophil or eosinophil (``lobed_classes``). A lobe-sized
+   nucleus (≤ ``lobe_max_um2``) within ``lobe_distance_um`` of a cell of a lobed class is
+   taken as its lobe whatever it was called. The more confident one is kept; the other stays
    in the output with ``duplicate_of`` and ``duplicate_reason`` set and is not counted;
 5. cells whose final confidence stays below ``review_threshold``, or that the classifier finds
    unlike every trained class, are flagged ``needs_review`` (never forced into a class).
@@ -51,8 +51,11 @@ class AnalyzeParams(Params):
     review_threshold: float = Field(ge=0, le=1,
                                     description="final confidence below this: needs review")
     suppress_duplicates: bool
+    lobed_classes: tuple[str, ...] = Field(
+        description="classes whose nucleus comes in lobes a detector may find apart "
+        "(neutrophils, eosinophils): they get duplicate_distance_um and the lobe rule")
     duplicate_distance_um: float = Field(
-        ge=0, description="centres closer than this may be one cell, for lobed (pair) classes")
+        ge=0, description="centres closer than this may be one cell, for lobed classes")
     duplicate_distance_other_um: float = Field(
         ge=0, description="the same for every other class (round cells touch at ~7-9 um)")
     duplicate_pairs: tuple[tuple[str, str], ...] = Field(
@@ -62,7 +65,7 @@ class AnalyzeParams(Params):
     duplicate_overlap: float = Field(ge=0, le=1,
                                      description="box intersection over the smaller box")
     lobe_max_um2: float = Field(
-        ge=0, description="a nucleus this small beside a pair-class cell (neutrophil) is one of "
+        ge=0, description="a nucleus this small beside a lobed-class cell (neutrophil) is one of "
         "its lobes whatever its own call; 0 = off")
     lobe_distance_um: float = Field(ge=0, description="reach of that lobe rule")
 
@@ -191,7 +194,7 @@ def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
 
     ``pts`` float (N, 2) centres in px, ``areas_um2`` (N) nucleus areas, ``probs`` float (N, K)
     over ``classes``, ``conf`` (N). Besides the class-and-likeness rule, a lobe-sized nucleus
-    (``lobe_max_um2``) within the distance of a band/segmented neutrophil is taken as one of
+    (``lobe_max_um2``) within the distance of a lobed-class cell is taken as one of
     its lobes even when called otherwise: a lone lobe looks like a small round nucleus.
 
     Pairs are visited closest first; a cell already suppressed is not used again, so each
@@ -216,12 +219,12 @@ def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
     reach = max(params.duplicate_distance_um, params.duplicate_distance_other_um,
                 params.lobe_distance_um)
     cand = [(d_um[i, j], i, j) for i in range(n) for j in range(i + 1, n) if d_um[i, j] < reach]
-    lobed = {c for pair in params.duplicate_pairs for c in pair}
+    lobed = set(params.lobed_classes)
     out: dict[int, tuple[int, str]] = {}
     for d, i, j in sorted(cand):
         if i in out or j in out:
             continue
-        # A lobe-sized nucleus beside a neutrophil: the neutrophil is kept.
+        # A lobe-sized nucleus beside a lobed cell: the lobed cell is kept.
         lobe = None
         for a, b in ((i, j), (j, i)) if d < params.lobe_distance_um else ():
             if (labels[a] in lobed and areas_um2[b] <= params.lobe_max_um2

@@ -58,6 +58,9 @@ class DetectParams(Params):
     """Smaller nuclei are platelets or stain debris."""
     single_max_um2: float = Field(gt=0)
     """A cluster with more nucleus area than this is split as a multi-cell cluster."""
+    uncut_nucleus_max_um2: float = Field(gt=0)
+    """A split never cuts through one connected nucleus up to this area (a monocyte's folded
+    nucleus); it only shares out separate nuclei that gap closing had joined."""
     split_min_radius_um: float = Field(gt=0)
     """Smallest half-width of a nucleus that a watershed split may create."""
     split_max_neck: float = Field(gt=0)
@@ -243,7 +246,8 @@ def find_cells(rgb: np.ndarray, px: float, params: DetectParams) -> list[_Cell]:
         sub_lab = labels[y0 : y0 + bh, x0 : x0 + bw] == i
         sub_nuc = nucleus[y0 : y0 + bh, x0 : x0 + bw] & sub_lab
         parts = (
-            _split(sub_lab, sub_nuc, params.split_min_radius_um / px, single_px, params.split_max_neck)
+            _split(sub_lab, sub_nuc, params.split_min_radius_um / px,
+                   params.uncut_nucleus_max_um2 / px2, params.split_max_neck)
             if area_px[i] > single_px
             else [sub_nuc]
         )

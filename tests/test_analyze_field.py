@@ -157,3 +157,24 @@ def test_neutrophil_with_detached_lobe_is_counted_once(classifier, config):
                 assert cells[c.duplicate_of].counted and c.duplicate_reason
         off = _run(field, PBC_UM_PER_PX, classifier, config, suppress_duplicates=False)
         assert all(c.duplicate_of is None for c in off)
+
+
+def test_lobed_classes_reach_further_than_round_cells(config):
+    """Two detections 9 µm apart, both called eosinophil: the two lobes of one eosinophil
+    (a lobed class), so one is suppressed. The same two called lymphocyte are two touching
+    round cells (7-9 µm apart in marrow), so both are counted."""
+    from pipeline.analyze import find_duplicates
+
+    classes = tuple(config.classes.names)
+    um = 0.13
+    pts = np.array([[100.0, 100.0], [100.0 + 9.0 / um, 100.0]])
+    boxes = [(60, 60, 140, 140), (129, 60, 209, 140)]
+    areas = np.array([35.0, 30.0])
+    for label, suppressed in (("eosinophil", True), ("lymphocyte", False)):
+        probs = np.full((2, len(classes)), 0.01, np.float32)
+        probs[:, classes.index(label)] = 0.9
+        conf = probs.max(1)
+        dups = find_duplicates(pts, boxes, areas, classes, probs, conf, um, config.analysis)
+        assert (dups == {1: (0, dups.get(1, (0, ""))[1])}) == suppressed, (label, dups)
+        if suppressed:
+            assert "same class" in dups[1][1]
