@@ -83,6 +83,7 @@ def main() -> None:
             print(f"   analysis figures skipped: no checkpoint at {ckpt}")
             return
         clf = load_classifier(ckpt, cfg.classes, params=cfg.classifier)
+        clf.warm_up()
 
         def analyze(rgb, px):
             return analyze_field(rgb, px, clf, cfg.detect, cfg.analysis)
@@ -90,10 +91,13 @@ def main() -> None:
         # 2. analysis alone on the acquired fields
         analyze(images[0], fields[0].um_per_px)  # warm-up
         t0 = time.perf_counter()
-        cells = sum(len(analyze(im, fields[0].um_per_px)) for im in images)
+        results = [analyze(im, fields[0].um_per_px) for im in images]
         dt = time.perf_counter() - t0
+        cells = sum(len(r) for r in results)
+        guided = sum(c.guided for r in results for c in r)
         print(f"   analysis alone: {len(images) / dt:.2f} fields/s, {cells / dt:.0f} cells/s "
-              f"({cells / len(images):.0f} detections/field)")
+              f"({cells / len(images):.0f} detections/field, {guided / max(cells, 1):.0%} "
+              "guided)")
 
         # 3. both together: count_slide analyses while the MDA thread acquires ahead
         sc = scope()
