@@ -157,12 +157,13 @@ def test_reviewed_counts_and_cascade(store_url, tmp_path):  # noqa: F811
                 assert s.scalar(select(func.count()).select_from(table)) == 0
 
 
-def test_sqlite_wal_and_foreign_keys(tmp_path):
+def test_sqlite_wal_foreign_keys_and_full_sync(tmp_path):
     db = tmp_path / "wal.db"
     Store(f"sqlite:///{db}", tmp_path / "data").close()
     with Store(f"sqlite:///{db}", tmp_path / "data") as store, store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: power cuts
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
 
 
