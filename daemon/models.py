@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -192,7 +193,7 @@ class ScannedFile(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
     path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)  # whole-slide files pass 2 GiB
     # "pending", "processing", "done" or "quarantined"
     state: Mapped[str] = mapped_column(String(20), index=True)
     slide_id: Mapped[Optional[int]] = mapped_column(

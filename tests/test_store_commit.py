@@ -164,7 +164,7 @@ def test_sqlite_wal_foreign_keys_and_full_sync(tmp_path):
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: power cuts
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0002"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
 
 
 def test_not_a_sqlite_file_is_refused_and_kept(tmp_path):
@@ -255,3 +255,15 @@ def test_migrations_build_exactly_the_models(store_url, tmp_path):  # noqa: F811
     with Store(store_url, tmp_path / "data") as store, store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def test_a_scanned_file_past_2_gib_is_recorded(store_url, tmp_path):  # noqa: F811
+    """Whole-slide files pass 2 GiB; PostgreSQL's INTEGER would refuse the size."""
+    from daemon.models import ScannedFile
+
+    size = 5 * 2**30 + 7
+    with Store(store_url, tmp_path / "data") as store:
+        with store.session() as s:
+            s.add(ScannedFile(sha256="a" * 64, path="/scans/big.svs", size=size, state="done"))
+        with store.session() as s:
+            assert s.scalar(select(ScannedFile.size).where(ScannedFile.sha256 == "a" * 64)) == size
