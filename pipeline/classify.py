@@ -64,7 +64,10 @@ class _Local:
     temperature: float
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's dict, checked to be a marrowcount checkpoint of this architecture.
+    Raises CheckpointError when it is missing, unreadable or from another architecture."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
@@ -222,7 +225,7 @@ def load_classifier(path: str | Path, taxonomy: Taxonomy | None = None, *,
     """Load a checkpoint. Raises CheckpointError when it is missing, corrupt, from another
     architecture, or when its classes differ from ``taxonomy``'s."""
     path = Path(path)
-    ckpt = _read(path)
+    ckpt = read_checkpoint(path)
     if taxonomy is not None and list(ckpt.get("classes", [])) != taxonomy.names:
         raise CheckpointError(
             f"{path}: checkpoint classes {list(ckpt.get('classes', []))} do not match taxonomy "

@@ -31,6 +31,7 @@ from pipeline.augment import AugmentParams, augment
 from pipeline.classify import mahalanobis
 from pipeline.datasets import (CropSet, SourceParams, centre, epoch_indices, recrop, split,
                                stratified_folds)
+from pipeline.errors import CheckpointError
 from pipeline.imaging import CROP_SIZE, rgb_to_yuv
 from pipeline.model import ARCH_ID, VGG, build, to_input
 from pipeline.params import Params
@@ -251,11 +252,18 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
                      on_epoch: Callable[[EpochReport], None] = lambda r: None,
                      max_seconds: float | None = None, threads: int | None = None,
                      snapshot: Callable[[dict[str, Any]], None] | None = None,
-                     snapshot_every: int = 4) -> TrainResult:
+                     snapshot_every: int = 4, init: dict[str, Any] | None = None,
+                     ) -> TrainResult:
     """Train global + local models on ``data`` (cut at ``p.um_per_px``); see module doc.
 
     ``snapshot``, when given, receives a complete (global-only, calibrated) checkpoint every
-    ``snapshot_every`` epochs, so a usable model exists long before training ends."""
+    ``snapshot_every`` epochs, so a usable model exists long before training ends.
+
+    ``init``, a loaded checkpoint (e.g. the shipped model), starts training from its weights
+    instead of MSRA init: a lab fine-tunes on its own crops with far less data and time. Its
+    body is always used; its output layer only when its classes equal ``classes``, and a
+    local model only for the same pair. Raises CheckpointError when its width, FC size or
+    working scale differ from ``p``."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(p.seed)
@@ -307,6 +315,12 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
             model.train()
 
     model = build(k, p.width, p.fc, p.conv_dropout, p.fc_dropout)
+    init_locals: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    if init is not None:
+        _check_init(init, p)
+        _load_weights(model, init["state"], keep_head=list(init["classes"]) == classes)
+        if list(init["classes"]) == classes:
+            init_locals = {tuple(d["pair"]): d["state"] for d in init.get("local", [])}
     _fit_loop(model, prep, labels, sp["train"], val_x, val_y, p.epochs, p.per_class, p.lr, p,
               "global", p.seed, on_epoch, history, max_seconds, after_epoch)
 
@@ -319,8 +333,10 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
         tr = sp["train"][pair_labels[sp["train"]] >= 0]
         va = sp["val"][pair_labels[sp["val"]] >= 0]
         local = build(2, p.width, p.fc, p.conv_dropout, p.fc_dropout)
-        body = {kk: v for kk, v in model.state_dict().items() if not kk.startswith("head.")}
-        local.load_state_dict(body, strict=False)
+        if (a, b) in init_locals:
+            _load_weights(local, init_locals[(a, b)], keep_head=True)
+        else:
+            _load_weights(local, model.state_dict(), keep_head=False)
         if p.local_epochs:
             _fit_loop(local, prep, pair_labels, tr, cen[va], pair_labels[va], p.local_epochs,
                       p.local_per_class, p.local_lr, p, f"local {a}/{b}", p.seed + 7, on_epoch,
@@ -328,6 +344,25 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
         lt = fit_temperature(predict_logits(local, cen[va], mean, std), pair_labels[va])
         locals_.append({"pair": [a, b], "state": _state(local), "temperature": lt})
     return TrainResult(package(model, sp["train"], locals_), sp, history)
+
+
+def _check_init(init: dict[str, Any], p: TrainParams) -> None:
+    for key, want in (("width", p.width), ("fc", p.fc), ("um_per_px", p.um_per_px)):
+        if key not in init or abs(float(init[key]) - float(want)) > 1e-9:
+            raise CheckpointError(
+                f"initial checkpoint has {key} {init.get(key)!r} but train.{key} is {want!r}; "
+                f"set train.{key} to match it or train from scratch")
+
+
+def _load_weights(model: VGG, state: dict[str, torch.Tensor], *, keep_head: bool) -> None:
+    """Copy ``state`` into ``model`` (float32), all but the output layer unless ``keep_head``."""
+    own = model.state_dict()
+    take = {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+            if k in own and (keep_head or not k.startswith("head."))}
+    missing = [k for k in own if k not in take and not k.startswith("head.")]
+    if missing:
+        raise CheckpointError(f"initial checkpoint lacks weights {missing[:3]}")
+    model.load_state_dict(take, strict=False)
 
 
 def cross_validate(data: CropSet, classes: Sequence[str], p: TrainParams, *,

@@ -67,6 +67,31 @@ def test_tiny_training_loss_falls(tiny):
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_fine_tuning_starts_from_a_checkpoint(tiny, config):
+    """``train --init``: one more epoch from the tiny model starts at its low loss, not at
+    ln K; another class order keeps the body but not the output layer; a checkpoint of
+    another width is refused by name."""
+    from pipeline.classify import read_checkpoint
+    from pipeline.train import TrainParams
+
+    res, path, data, classes = tiny
+    p = TrainParams.model_validate(res.checkpoint["params"]).model_copy(update={"epochs": 1})
+    init = read_checkpoint(path)
+    scratch = [h.loss for h in res.history if h.stage == "global"]
+    tuned = train_classifier(data, classes, p, taxonomy="tiny", data_hash="test", threads=1,
+                             init=init)
+    assert tuned.history[0].loss < 0.6 * scratch[0], (tuned.history[0].loss, scratch)
+    shuffled = {**init, "classes": list(reversed(init["classes"]))}
+    other = train_classifier(data, classes, p.model_copy(update={"epochs": 1, "lr": 1e-6}),
+                             taxonomy="tiny", data_hash="test", threads=1, init=shuffled)
+    st, st0 = other.checkpoint["state"], init["state"]
+    assert torch.allclose(st["body.0.weight"].float(), st0["body.0.weight"].float(), atol=1e-3)
+    assert not torch.allclose(st["head.weight"].float(), st0["head.weight"].float(), atol=1e-3)
+    with pytest.raises(CheckpointError, match="train.width"):
+        train_classifier(data, classes, p.model_copy(update={"width": 0.25}), taxonomy="tiny",
+                         data_hash="test", threads=1, init=init)
+
+
 def test_checkpoint_round_trips_normalisation_scale_and_classes(tiny, config):
     res, path, data, classes = tiny
     clf = load_classifier(path)

@@ -45,6 +45,10 @@ def train_cmd(
         help="Write test-split metrics (JSON) here.")] = None,
     snapshot: Annotated[Optional[Path], typer.Option(
         help="Write a usable (global-only) checkpoint here every few epochs.")] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        "--init", help="Start from this checkpoint's weights (fine-tune, e.g. the shipped "
+        "model on a lab's own crops); its output layer is kept only if the classes match.")]
+    = None,
 ) -> None:
     """Train the global and local models on the configured sources and save a checkpoint."""
     from daemon.config import REPO_ROOT
@@ -54,6 +58,11 @@ def train_cmd(
 
     cfg = _config(config)
     p = cfg.train if epochs is None else cfg.train.model_copy(update={"epochs": epochs})
+    start = None
+    if init is not None:
+        from pipeline.classify import read_checkpoint
+
+        start = read_checkpoint(init)
     data, dhash = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
                                cache_dir=cache_dir)
     for line in data.problems:
@@ -76,7 +85,7 @@ def train_cmd(
                            on_epoch=on_epoch, threads=threads,
                            max_seconds=None if max_minutes is None else max_minutes * 60,
                            snapshot=None if snapshot is None else
-                           (lambda ck: _save_atomic(ck, snapshot)))
+                           (lambda ck: _save_atomic(ck, snapshot)), init=start)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(res.checkpoint, out)
     console.print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)")
