@@ -541,7 +541,9 @@ class FolderWatcher:
 
     def _quarantine(self, folder: WatchFolder, root: Path, path: Path, reason: str,
                     sha: str | None, kind: str = "quarantined") -> WatchEvent:
-        """Move ``path`` into the quarantine folder beside ``<name>.error.txt``; record it."""
+        """Move ``path`` into the quarantine folder beside ``<name>.error.txt``; record it.
+        An MRXS index takes its data folder along, renamed to match, so the pair stays whole
+        and the folder is not left in the watch folder to be mistaken for a slide."""
         qdir = root / self.params.quarantine_dir
         rel = path.relative_to(root)
         base = "__".join(rel.parts).replace("..", "__")
@@ -555,6 +557,11 @@ class FolderWatcher:
             size = path.lstat().st_size
             qdir.mkdir(exist_ok=True)
             os.replace(path, dest)
+            data = path.with_suffix("")
+            if path.suffix.lower() == ".mrxs" and data.is_dir() and not data.is_symlink():
+                os.replace(data, dest.with_name(dest.name.rsplit(".mrxs", 1)[0]
+                                                if dest.name.lower().endswith(".mrxs")
+                                                else dest.name + ".data"))
         except OSError as exc:
             # A read-only share: leave the file, say why beside it if possible, and never
             # look at it again in this run.
