@@ -1,0 +1,50 @@
+"""The shipped systemd units: the daemon is Type=notify with a watchdog, both run as the
+dedicated user with the hardening options, and each ExecStart parses as a real marrowcount
+command line (options that exist), without running it."""
+
+from __future__ import annotations
+
+import configparser
+import shlex
+
+import pytest
+import typer.main
+
+from daemon.cli import app
+from tests.conftest import REPO
+
+UNITS = sorted((REPO / "systemd").glob("*.service"))
+HARDENING = {"NoNewPrivileges": "yes", "PrivateTmp": "yes", "ProtectSystem": "strict",
+             "ProtectHome": "yes", "User": "marrowcount", "ReadWritePaths": "/var/lib/marrowcount"}
+
+
+def _service(path) -> configparser.SectionProxy:
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str  # systemd keys are case-sensitive
+    unit.read(path, encoding="utf-8")
+    return unit["Service"]
+
+
+def test_both_units_are_shipped():
+    assert [u.name for u in UNITS] == ["marrowcount-review.service", "marrowcount.service"]
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_unit_is_hardened_and_its_command_line_parses(path):
+    svc = _service(path)
+    for key, value in HARDENING.items():
+        assert svc.get(key) == value, (path.name, key)
+    argv = shlex.split(svc["ExecStart"])
+    assert argv[0].endswith("/.venv/bin/marrowcount")
+    group = typer.main.get_command(app)
+    ctx = group.make_context("marrowcount", argv[1:])
+    sub = group.get_command(ctx, argv[1])
+    assert sub is not None, argv
+    sub.make_context(argv[1], argv[2:], parent=ctx)  # raises on an unknown option
+
+
+def test_daemon_unit_notifies_and_is_watched():
+    svc = _service(REPO / "systemd" / "marrowcount.service")
+    assert svc["Type"] == "notify" and int(svc["WatchdogSec"]) > 0
+    assert svc["Restart"] == "on-failure" and svc["KillSignal"] == "SIGTERM"
+    assert "daemon" in shlex.split(svc["ExecStart"])
