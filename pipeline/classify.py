@@ -62,6 +62,8 @@ class _Local:
     b: int
     model: VGG
     temperature: float
+    offset: float
+    """Added to the second class's scaled logit (fitted on validation; see train)."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -127,7 +129,9 @@ class Classifier:
                                       f"it has {[list(p) for p in stored]}")
             d = stored[pair]
             self.locals.append(_Local(self.classes.index(pair[0]), self.classes.index(pair[1]),
-                                      _model(ckpt, d["state"], 2, path), float(d["temperature"])))
+                                      _model(ckpt, d["state"], 2, path), float(d["temperature"]),
+                                      # checkpoints written before the offset existed: none
+                                      float(d.get("offset", 0.0))))
 
     def _prep(self, crops: np.ndarray) -> torch.Tensor:
         if self.stain_reference is not None:
@@ -174,7 +178,8 @@ class Classifier:
                 rows = (((top2[:, 0] == loc.a) & (top2[:, 1] == loc.b))
                         | ((top2[:, 0] == loc.b) & (top2[:, 1] == loc.a))).nonzero().flatten()
                 if len(rows):
-                    q = torch.softmax(self._run(loc.model, x[rows])[0] / loc.temperature, 1)
+                    z = self._run(loc.model, x[rows])[0] / loc.temperature
+                    q = torch.softmax(z + torch.tensor([0.0, loc.offset]), 1)
                     mass = p[rows, loc.a] + p[rows, loc.b]
                     p[rows, loc.a] = mass * q[:, 0]
                     p[rows, loc.b] = mass * q[:, 1]

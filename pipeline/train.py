@@ -341,9 +341,33 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
             _fit_loop(local, prep, pair_labels, tr, cen[va], pair_labels[va], p.local_epochs,
                       p.local_per_class, p.local_lr, p, f"local {a}/{b}", p.seed + 7, on_epoch,
                       history)
-        lt = fit_temperature(predict_logits(local, cen[va], mean, std), pair_labels[va])
-        locals_.append({"pair": [a, b], "state": _state(local), "temperature": lt})
+        local_val = predict_logits(local, cen[va], mean, std)
+        lt = fit_temperature(local_val, pair_labels[va])
+        # Validation cells the global model routes to this local model (top two = the pair).
+        top2 = torch.topk(predict_logits(model, cen[va], mean, std), 2, dim=1).indices
+        routed = (((top2[:, 0] == ia) & (top2[:, 1] == ib))
+                  | ((top2[:, 0] == ib) & (top2[:, 1] == ia))).numpy()
+        offset = fit_pair_offset((local_val / lt).numpy()[routed], pair_labels[va][routed])
+        locals_.append({"pair": [a, b], "state": _state(local), "temperature": lt,
+                        "offset": offset})
     return TrainResult(package(model, sp["train"], locals_), sp, history)
+
+
+def fit_pair_offset(local_logits: np.ndarray, labels: np.ndarray, limit: float = 2.0) -> float:
+    """Log-odds offset for a local model's second class that makes it predict the first class
+    as often as the first class truly occurs among ``labels`` (0 = first, 1 = second).
+
+    ``local_logits`` float (N, 2), temperature-scaled, of the validation cells the global model
+    sends to this local model. A band/segmented model that calls a quarter of segmented cells
+    band skews the differential even at the same accuracy; this removes that skew. Clipped to
+    ±``limit``; 0 when there are too few cells of either class to tell."""
+    n_first = int((labels == 0).sum())
+    if n_first < 5 or len(labels) - n_first < 5:
+        return 0.0
+    margin = np.sort(local_logits[:, 0] - local_logits[:, 1])[::-1]
+    # Predicted first class: margin > offset. Put the offset between the n-th and (n+1)-th.
+    offset = 0.5 * (margin[n_first - 1] + margin[n_first]) if n_first < len(margin) else -limit
+    return float(np.clip(offset, -limit, limit))
 
 
 def _check_init(init: dict[str, Any], p: TrainParams) -> None:

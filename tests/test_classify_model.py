@@ -170,6 +170,24 @@ def test_folding_batch_norm_keeps_the_shipped_models_outputs(fixed_sample):
     assert (a.argmax(1) == b.argmax(1)).all()
 
 
+def test_pair_offset_makes_the_local_model_predict_true_shares(shipped, fixed_sample):
+    """The band/segmented offset fitted on validation (stored in the shipped checkpoint) is
+    the one that makes predicted band count equal true band count; checked here by fitting it
+    again on other real cells and counting."""
+    from pipeline.train import fit_pair_offset
+
+    loc = shipped.locals[0]
+    rows = np.flatnonzero(np.isin(fixed_sample.labels, [loc.a, loc.b]))
+    assert len(rows) == 20
+    with torch.inference_mode():
+        z = (shipped._run(loc.model, shipped._prep(fixed_sample.crops[rows]))[0]
+             / loc.temperature).numpy()
+    y = (fixed_sample.labels[rows] == loc.b).astype(int)
+    offset = fit_pair_offset(z, y)
+    assert int(((z[:, 0] - z[:, 1]) > offset).sum()) == int((y == 0).sum())
+    assert 0.0 < loc.offset <= 2.0  # this model over-calls band without it (MODEL_CARD)
+
+
 def test_dual_stage_probabilities_are_a_distribution(shipped, fixed_sample):
     res = shipped.classify(fixed_sample.crops)
     np.testing.assert_allclose(res.probs.sum(1), 1.0, atol=1e-5)
