@@ -21,7 +21,9 @@
    taken as its lobe whatever it was called. The more confident one is kept; the other stays
    in the output with ``duplicate_of`` and ``duplicate_reason`` set and is not counted;
 5. cells whose final confidence stays below ``review_threshold``, or that the classifier finds
-   unlike every trained class, are flagged ``needs_review`` (never forced into a class).
+   unlike every trained class, are flagged ``needs_review`` (never forced into a class); so
+   is a ``non_leukocyte`` call on a nucleus of at least ``review_non_leukocyte_um2``, so a
+   white cell the model mistakes for debris is not silently dropped.
 
 ``non_leukocyte`` cells are kept in the output but never counted.
 """
@@ -68,6 +70,9 @@ class AnalyzeParams(Params):
         ge=0, description="a nucleus this small beside a lobed-class cell (neutrophil) is one of "
         "its lobes whatever its own call; 0 = off")
     lobe_distance_um: float = Field(ge=0, description="reach of that lobe rule")
+    review_non_leukocyte_um2: float = Field(
+        ge=0, description="a non-leukocyte call on a nucleus this large goes to review: debris "
+        "and platelets are smaller, a white cell from an unfamiliar stain often is not; 0 = off")
 
     @model_validator(mode="after")
     def _review_below_guidance(self) -> "AnalyzeParams":
@@ -289,7 +294,9 @@ def analyze_field(rgb: np.ndarray, um_per_px: float, classifier: ClassifierLike,
             first_label=classes[int(first_probs[i].argmax())], label=labels[i],
             confidence=float(conf[i]), guided=bool(guided[i]), duplicate_of=keep,
             duplicate_reason=reason,
-            needs_review=bool(unknown[i] or conf[i] < params.review_threshold),
+            needs_review=bool(unknown[i] or conf[i] < params.review_threshold
+                              or (labels[i] == NON_LEUKOCYTE and params.review_non_leukocyte_um2
+                                  and d.area_um2 >= params.review_non_leukocyte_um2)),
             first_confidence=float(first_conf[i]), unknown=bool(unknown[i]),
         ))
     return out
