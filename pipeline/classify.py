@@ -173,10 +173,8 @@ class Classifier:
             p = torch.softmax(logits / self.temperature, 1)
             gprobs[i:i + len(x)] = p.numpy()
             p = p.clone()
-            top2 = torch.topk(p, 2, dim=1).indices
             for loc in self.locals:
-                rows = (((top2[:, 0] == loc.a) & (top2[:, 1] == loc.b))
-                        | ((top2[:, 0] == loc.b) & (top2[:, 1] == loc.a))).nonzero().flatten()
+                rows = routed_to_pair(p, loc.a, loc.b).nonzero().flatten()
                 if len(rows):
                     z = self._run(loc.model, x[rows])[0] / loc.temperature
                     q = torch.softmax(z + torch.tensor([0.0, loc.offset]), 1)
@@ -214,6 +212,13 @@ class Classifier:
         if self.unknown_method == "energy":
             return -self.temperature * torch.logsumexp(logits / self.temperature, 1)
         return -torch.softmax(logits / self.temperature, 1).max(1).values
+
+
+def routed_to_pair(scores: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Bool ``(N,)``: rows whose two highest ``scores`` ``(N, K)`` (logits or probabilities)
+    are classes ``a`` and ``b``, in either order — the cells a local model decides."""
+    top2 = torch.topk(scores, 2, dim=1).indices
+    return (((top2[:, 0] == a) & (top2[:, 1] == b)) | ((top2[:, 0] == b) & (top2[:, 1] == a)))
 
 
 def mahalanobis(feat: torch.Tensor, centroids: torch.Tensor, precision: torch.Tensor

@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import nn
 
 from pipeline.augment import AugmentParams, augment
-from pipeline.classify import mahalanobis
+from pipeline.classify import mahalanobis, routed_to_pair
 from pipeline.datasets import (CropSet, SourceParams, centre, epoch_indices, recrop, split,
                                stratified_folds)
 from pipeline.errors import CheckpointError
@@ -344,9 +344,7 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
         local_val = predict_logits(local, cen[va], mean, std)
         lt = fit_temperature(local_val, pair_labels[va])
         # Validation cells the global model routes to this local model (top two = the pair).
-        top2 = torch.topk(predict_logits(model, cen[va], mean, std), 2, dim=1).indices
-        routed = (((top2[:, 0] == ia) & (top2[:, 1] == ib))
-                  | ((top2[:, 0] == ib) & (top2[:, 1] == ia))).numpy()
+        routed = routed_to_pair(predict_logits(model, cen[va], mean, std), ia, ib).numpy()
         offset = fit_pair_offset((local_val / lt).numpy()[routed], pair_labels[va][routed])
         locals_.append({"pair": [a, b], "state": _state(local), "temperature": lt,
                         "offset": offset})
