@@ -559,8 +559,8 @@ class FolderWatcher:
             os.replace(path, dest)
             data = path.with_suffix("")
             if path.suffix.lower() == ".mrxs" and data.is_dir() and not data.is_symlink():
-                os.replace(data, dest.with_name(dest.name.rsplit(".mrxs", 1)[0]
-                                                if dest.name.lower().endswith(".mrxs")
+                # dest is "<name>.mrxs" or, after a name clash, "<name>.mrxs.<k>".
+                os.replace(data, dest.with_name(dest.name[:-5] if dest.suffix.lower() == ".mrxs"
                                                 else dest.name + ".data"))
         except OSError as exc:
             # A read-only share: leave the file, say why beside it if possible, and never

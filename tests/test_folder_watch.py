@@ -313,16 +313,19 @@ def test_a_broken_mrxs_goes_to_quarantine_with_its_data_folder(config, store, in
     """MRXS is an index file plus a same-named data folder; OpenSlide cannot open this one
     (its index is not a slide), so both move to quarantine together."""
     params = make_params(config, inbox, stable_seconds=0.0)
-    (inbox / "BM-9.mrxs").write_text("[GENERAL]\nSLIDE_VERSION=not a slide\n")
-    data = inbox / "BM-9"
-    data.mkdir()
-    (data / "Slidedat.ini").write_text("[GENERAL]\n")
-    (data / "Data0000.dat").write_bytes(b"\x00" * 4096)
+    for name in ("BM-9.mrxs", "BM-10.MRXS"):  # scanners write either case
+        (inbox / name).write_text("[GENERAL]\nSLIDE_VERSION=not a slide\n")
+        data = inbox / name[:-5]
+        data.mkdir()
+        (data / "Slidedat.ini").write_text("[GENERAL]\n")
+        (data / "Data0000.dat").write_bytes(b"\x00" * 4096)
     evs = scan_until_idle(watcher(config, store, params))
     quarantined = [e for e in evs if e.kind == "quarantined"]
-    assert [Path(e.path).name for e in quarantined] == ["BM-9.mrxs"]
+    assert sorted(Path(e.path).name for e in quarantined) == ["BM-10.MRXS", "BM-9.mrxs"]
     qdir = inbox / "quarantine"
-    assert not (inbox / "BM-9.mrxs").exists() and not data.exists()
-    assert (qdir / "BM-9.mrxs").is_file() and (qdir / "BM-9" / "Data0000.dat").is_file()
-    assert quarantined[0].reason in (qdir / "BM-9.mrxs.error.txt").read_text()
+    for e in quarantined:
+        name = Path(e.path).name
+        assert not (inbox / name).exists() and not (inbox / name[:-5]).exists()
+        assert (qdir / name).is_file() and (qdir / name[:-5] / "Data0000.dat").is_file()
+        assert e.reason in (qdir / f"{name}.error.txt").read_text()
     assert slides(store) == []
