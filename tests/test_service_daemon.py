@@ -78,16 +78,16 @@ def test_kill_9_at_random_points_never_loses_or_doubles_a_cell(tmp_path, slide, 
     # writing or commit) and three anywhere in start-up, in random order. Kill points are
     # chosen by field, not by time, so a fast machine cannot finish the slide early.
     after_field = sorted(rng.sample(range(n_fields - 4), 7))
-    plan = [None] * 3 + [0] * 7
+    plan = ["start-up"] * 3 + ["after a field"] * 7
     rng.shuffle(plan)
-    kills, mid_count = 0, 0
+    mid_count = 0
     for kind in plan:
         offset = log.stat().st_size if log.exists() else 0
         proc = start_daemon(config, log)
         wait_for_log(log, '"daemon started"', proc, after=offset)
         with _open(config) as store:
             committed = store.progress(store.slide("BCCD-mosaic").id).n_fields
-        if kind is None or committed >= n_fields - 3:
+        if kind == "start-up" or committed >= n_fields - 3:
             # Anywhere in start-up: opening the slide, planning, the first field.
             time.sleep(rng.uniform(0.0, 0.5))
         else:
@@ -96,11 +96,9 @@ def test_kill_9_at_random_points_never_loses_or_doubles_a_cell(tmp_path, slide, 
             time.sleep(rng.uniform(0.0, 0.1))
         assert proc.poll() is None, log.read_text()[-3000:]
         kill9(proc)
-        kills += 1
         with _open(config) as store:
             n = store.progress(store.slide("BCCD-mosaic").id).n_fields
         mid_count += 0 < n < n_fields
-    assert kills == 10
     assert mid_count >= 5  # most kills landed while the slide was being counted
     proc = start_daemon(config, log, "--exit-when-idle")
     assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
