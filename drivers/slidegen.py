@@ -128,13 +128,13 @@ def classifier_test_paths(cfg: Any) -> set[str]:
     the ``train.sources`` of ``cfg``, exactly as training draws it), so a slide built from them
     never holds a cell the shipped model was trained or validated on."""
     from daemon.config import REPO_ROOT
-    from pipeline.datasets import read_source, split
+    from pipeline.datasets import label_index, read_source, split
 
     samples = []
     for i, src in enumerate(cfg.train.sources):
         samples += read_source(src, REPO_ROOT, cfg.train.seed + i)
-    names = cfg.classes.names
-    labels = np.array([names.index(x.label) for x in samples], dtype=np.int64)
+    index = label_index(cfg.classes.names)
+    labels = np.array([index[x.label] for x in samples], dtype=np.int64)
     test = split(labels, cfg.train.seed, cfg.train.val_fraction)["test"]
     return {str(Path(samples[i].path).resolve()) for i in test}
 

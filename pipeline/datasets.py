@@ -9,6 +9,10 @@ centre (else the image centre). Sources:
 - Pascal VOC boxes (../shared/data/bccd) turned into non-leukocyte samples: crops centred on
   RBC and platelet boxes, and background patches away from every white cell.
 
+A sample labelled ``ANY_LEUKOCYTE`` is a white cell whose type is not known (a VOC "WBC" box,
+or a lab's unsorted white cells from its own scanner). It teaches the model that such a cell
+is one of the counted classes without saying which; see ``pipeline.train``.
+
 ``load_crops`` cuts every sample once, at the model's working scale, into a square a little
 larger than the model input (``CACHE_SIZE``), so training can re-crop at shifted centres and
 jittered scales without touching the disk again.
@@ -36,6 +40,8 @@ from pipeline.params import Params
 CACHE_SIZE = 128
 """Edge of the cached square at working scale: room for ±15% scale and a few µm of shift."""
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+ANY_LEUKOCYTE = "leukocyte"
+"""Label of a white cell of unknown type; its index is ``len(classes)`` (see label_index)."""
 
 
 class DatasetError(MarrowError):
@@ -171,11 +177,22 @@ def read_source(src: SourceParams, root: Path, seed: int) -> list[Sample]:
             for s in samples]
 
 
+def label_index(classes: Sequence[str]) -> dict[str, int]:
+    """Label name to integer label: the classes in order, then ``ANY_LEUKOCYTE`` as
+    ``len(classes)``, so splits of the real classes do not move when such cells are added."""
+    if ANY_LEUKOCYTE in classes:
+        raise DatasetError(f"{ANY_LEUKOCYTE!r} is reserved for white cells of unknown type; "
+                           "rename that class in the taxonomy")
+    return {**{c: i for i, c in enumerate(classes)}, ANY_LEUKOCYTE: len(classes)}
+
+
 def check_labels(samples: Sequence[Sample], classes: Sequence[str]) -> None:
-    """Raise DatasetError naming every label that is not one of ``classes``."""
-    unknown = sorted({s.label for s in samples} - set(classes))
+    """Raise DatasetError naming every label that is neither one of ``classes`` nor
+    ``ANY_LEUKOCYTE``."""
+    unknown = sorted({s.label for s in samples} - set(label_index(classes)))
     if unknown:
-        raise DatasetError(f"unknown class name(s) {unknown}; the taxonomy has {list(classes)}")
+        raise DatasetError(f"unknown class name(s) {unknown}; the taxonomy has {list(classes)}"
+                           f" (and {ANY_LEUKOCYTE!r} for a white cell of unknown type)")
 
 
 def data_hash(samples: Iterable[Sample]) -> str:
@@ -206,7 +223,7 @@ def load_crops(samples: Sequence[Sample], classes: Sequence[str], work_um_per_px
                size: int = CACHE_SIZE, threads: int = 2) -> CropSet:
     """Read and cut every sample; unreadable files are reported in ``problems`` and skipped."""
     check_scale(work_um_per_px, "work_um_per_px")
-    index = {c: i for i, c in enumerate(classes)}
+    index = label_index(classes)
     by_file: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         by_file.setdefault(s.path, []).append(i)

@@ -92,14 +92,19 @@ def save_confusion_png(cms: dict[str, np.ndarray], classes: Sequence[str], path:
 
 def evaluate_split(checkpoint: Path, data: CropSet, idx: np.ndarray, taxonomy: Taxonomy,
                    png: Path | None = None, params: Any = None) -> dict[str, Any]:
-    """Global-only and dual-stage metrics of a checkpoint on ``data[idx]`` (centre crops)."""
+    """Global-only and dual-stage metrics of a checkpoint on ``data[idx]`` (centre crops).
+
+    White cells of unknown type (``ANY_LEUKOCYTE``) are left out of the confusion matrix;
+    ``any_leukocyte`` gives how many there were and the share called non-leukocyte."""
     from pipeline.classify import load_classifier
 
     clf = load_classifier(checkpoint, taxonomy, params=params)
+    k = len(clf.classes)
+    coarse = idx[data.labels[idx] >= k]
+    idx = idx[data.labels[idx] < k]
     crops = centre(data.crops[idx])
     y = data.labels[idx]
     res = clf.classify(crops)
-    k = len(clf.classes)
     out: dict[str, Any] = {}
     cms = {}
     for name, probs in (("global", res.global_probs), ("dual", res.probs)):
@@ -112,6 +117,12 @@ def evaluate_split(checkpoint: Path, data: CropSet, idx: np.ndarray, taxonomy: T
         m["accuracy_leukocytes_only"] = float((probs.argmax(1) == y)[leuk].mean())
         out[name] = m
     out["unknown_flag_rate"] = float(res.unknown.mean())
+    if len(coarse):
+        wbc = clf.classify(centre(data.crops[coarse]))
+        nl = clf.classes.index("non_leukocyte") if "non_leukocyte" in clf.classes else -1
+        out["any_leukocyte"] = {"n": int(len(coarse)), **{
+            f"{name}_called_non_leukocyte": float((probs.argmax(1) == nl).mean())
+            for name, probs in (("global", wbc.global_probs), ("dual", wbc.probs))}}
     out["summary"] = {
         "n_test": int(len(y)),
         **{f"{n}_{key}": round(out[n][key], 4) for n in ("global", "dual")
@@ -119,6 +130,8 @@ def evaluate_split(checkpoint: Path, data: CropSet, idx: np.ndarray, taxonomy: T
         **{f"dual_recall_{c}": round(out["dual"]["per_class"][c]["recall"], 4)
            for c in ("band_neutrophil", "segmented_neutrophil") if c in out["dual"]["per_class"]},
         "unknown_flag_rate": round(out["unknown_flag_rate"], 4),
+        **({"white_cells_called_non_leukocyte": round(
+            out["any_leukocyte"]["dual_called_non_leukocyte"], 4)} if len(coarse) else {}),
     }
     if png is not None:
         save_confusion_png(cms, clf.classes, png)

@@ -11,6 +11,12 @@ checkpoint dict (``save_checkpoint`` writes it) plus the split and metrics. Step
    epoch, 8× dihedral plus stain/colour/optics augmentation on the training split only;
 4. one local 2-way model per configured pair, fine-tuned from the global body;
 5. temperature scaling fitted on validation; unknown-cell detector parameters.
+
+A crop labelled ``ANY_LEUKOCYTE`` (integer label K) is a white cell of unknown type. Its loss
+is ``-log`` of the summed probability of the counted classes: it pulls the cell away from
+``non_leukocyte`` without choosing its type. Without it, every crop from a second source (the
+BCCD fields) would be a non-leukocyte and the model would learn that source's look as "not a
+white cell". Such crops take no part in validation, calibration or the unknown detector.
 """
 
 from __future__ import annotations
@@ -29,18 +35,19 @@ from torch import nn
 
 from pipeline.augment import AugmentParams, augment
 from pipeline.classify import mahalanobis, routed_to_pair
-from pipeline.datasets import (CropSet, SourceParams, centre, epoch_indices, recrop, split,
-                               stratified_folds)
+from pipeline.datasets import (ANY_LEUKOCYTE, CropSet, SourceParams, centre, epoch_indices,
+                               recrop, split, stratified_folds)
 from pipeline.errors import CheckpointError
 from pipeline.imaging import CROP_SIZE, rgb_to_yuv
 from pipeline.model import ARCH_ID, VGG, build, to_input
 from pipeline.params import Params
-from pipeline.stain import lab_stats, reinhard
+from pipeline.stain import StainReference, lab_stats, reinhard
 
 
 class TrainParams(Params):
     seed: int
-    epochs: int = Field(gt=0)
+    epochs: int = Field(ge=0)
+    """Global epochs; 0 with an initial checkpoint trains its local models only."""
     batch_size: int = Field(gt=0)
     width: float = Field(gt=0, le=1)
     fc: int = Field(gt=0)
@@ -141,15 +148,36 @@ def predict_logits(model: VGG, crops: np.ndarray, mean: np.ndarray, std: np.ndar
     return torch.cat(out) if out else torch.zeros((0, 1))
 
 
+def targets(labels: np.ndarray, k: int, any_of: np.ndarray | None = None) -> torch.Tensor:
+    """Bool ``(N, k)``: the classes each label allows; label ``k`` (ANY_LEUKOCYTE) allows
+    ``any_of`` (bool (k,), the counted classes)."""
+    y = torch.from_numpy(np.asarray(labels, np.int64))
+    coarse = y == k
+    if bool(coarse.any()) and (any_of is None or not any_of.any()):
+        raise ValueError(f"{ANY_LEUKOCYTE!r} crops need the counted classes (any_of)")
+    t = torch.zeros((len(y), k), dtype=torch.bool)
+    t[~coarse, y[~coarse]] = True
+    if bool(coarse.any()):
+        t[coarse] = torch.from_numpy(np.asarray(any_of, bool))
+    return t
+
+
+def set_nll(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Mean of ``-log P(class in allowed)``: cross-entropy when one class is allowed."""
+    ls = torch.log_softmax(logits, 1)
+    return -torch.logsumexp(ls.masked_fill(~allowed, float("-inf")), 1).mean()
+
+
 def _fit_loop(model: VGG, prep: _Prep, labels: np.ndarray, train_idx: np.ndarray,
               val_x: np.ndarray, val_y: np.ndarray, epochs: int, per_class: int, lr: float,
               p: TrainParams, stage: str, seed: int, on_epoch: Callable[[EpochReport], None],
               history: list[EpochReport], max_seconds: float | None = None,
-              after_epoch: Callable[[VGG, int, bool], None] | None = None) -> None:
+              after_epoch: Callable[[VGG, int, bool], None] | None = None,
+              any_of: np.ndarray | None = None) -> None:
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum,
                           weight_decay=p.weight_decay, nesterov=True)
-    loss_fn = nn.CrossEntropyLoss()
+    k = model.head.out_features
     # Per-epoch generators: a run cut short by a time budget repeats exactly with --epochs.
     plan = [train_idx[epoch_indices(labels[train_idx], per_class,
                                     np.random.default_rng([seed, ep]))] for ep in range(epochs)]
@@ -172,12 +200,12 @@ def _fit_loop(model: VGG, prep: _Prep, labels: np.ndarray, train_idx: np.ndarray
                 x = fut.result()
                 if b + 1 < len(batches):
                     fut = pool.submit(prep.train_batch, batches[b + 1], int(seeds[b + 1]))
-                y = torch.from_numpy(labels[batches[b]])
+                allowed = targets(labels[batches[b]], k, any_of)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, total, warm, lr)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     out = model(x.contiguous(memory_format=torch.channels_last))
-                loss = loss_fn(out.float(), y)
+                loss = set_nll(out.float(), allowed)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if p.grad_clip:
@@ -253,6 +281,7 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
                      max_seconds: float | None = None, threads: int | None = None,
                      snapshot: Callable[[dict[str, Any]], None] | None = None,
                      snapshot_every: int = 4, init: dict[str, Any] | None = None,
+                     counted: Sequence[str] = (),
                      ) -> TrainResult:
     """Train global + local models on ``data`` (cut at ``p.um_per_px``); see module doc.
 
@@ -261,27 +290,44 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
 
     ``init``, a loaded checkpoint (e.g. the shipped model), starts training from its weights
     instead of MSRA init: a lab fine-tunes on its own crops with far less data and time. Its
-    body is always used; its output layer only when its classes equal ``classes``, and a
-    local model only for the same pair. Raises CheckpointError when its width, FC size or
-    working scale differ from ``p``."""
+    body and its YUV normalisation (and stain reference) are always used; its output layer
+    only when its classes equal ``classes``, and a local model only for the same pair. With
+    ``p.epochs`` 0 the global model is kept as it is and only the local models train (a lab
+    adds a pair). Raises CheckpointError when its width, FC size, working scale or stain
+    normalisation differ from ``p``.
+
+    ``counted`` names the classes an ``ANY_LEUKOCYTE`` crop may be (the taxonomy's counted
+    classes); needed only when ``data`` holds such crops."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(p.seed)
     classes = list(classes)
     k = len(classes)
+    any_of = np.isin(classes, list(counted))
     sp = split(data.labels, p.seed, p.val_fraction)
     labels = data.labels
-    stain_ref = lab_stats(centre(data.crops[sp["train"][:2000]])) \
-        if p.stain_normalization == "reinhard" else None
+    # White cells of unknown type train but are never scored: their label has no class.
+    known = {name: idx[labels[idx] < k] for name, idx in sp.items()}
+    # An initial body was trained on its own normalisation: keep it, never re-derive it.
+    if init is not None:
+        _check_init(init, p)
+    ref = None if init is None else init.get("stain_reference")
+    if ref is not None:
+        stain_ref = StainReference(tuple(ref["mean"]), tuple(ref["std"]))
+    elif p.stain_normalization == "reinhard":
+        stain_ref = lab_stats(centre(data.crops[sp["train"][:2000]]))
+    else:
+        stain_ref = None
     cen = centre(data.crops)
     if stain_ref is not None:
         cen = np.stack([reinhard(c, stain_ref) for c in cen])
-    yuv = rgb_to_yuv(cen[sp["train"]])
-    mean = yuv.mean(axis=(0, 1, 2)).astype(np.float64)
-    std = yuv.std(axis=(0, 1, 2)).astype(np.float64)
-    del yuv
+    if init is not None:
+        mean = np.asarray(init["yuv_mean"], np.float64)
+        std = np.asarray(init["yuv_std"], np.float64)
+    else:
+        mean, std = yuv_stats(cen[sp["train"]])
     prep = _Prep(data.crops, p, mean, std, stain_ref)
-    val_x, val_y = cen[sp["val"]], labels[sp["val"]]
+    val_x, val_y = cen[known["val"]], labels[known["val"]]
     history: list[EpochReport] = []
 
     def package(model: VGG, train_idx: np.ndarray, locals_: list[dict[str, Any]]) -> dict:
@@ -302,7 +348,7 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
             {"mean": list(stain_ref.mean), "std": list(stain_ref.std)},
             "state": _state(model),
             "local": locals_,
-            "unknown": _unknown_params(model, cen, labels, train_idx, sp["val"], mean, std, k,
+            "unknown": _unknown_params(model, cen, labels, train_idx, known["val"], mean, std, k,
                                        temperature, val_logits, p.unknown_false_flag_rate),
             "data_hash": data_hash,
             "params": p.model_dump(mode="json"),
@@ -311,18 +357,20 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
 
     def after_epoch(model: VGG, ep: int, last: bool) -> None:
         if snapshot is not None and (ep == 2 or ep % snapshot_every == 0) and not last:
-            snapshot(package(model, sp["train"][::6], []))
+            snapshot(package(model, known["train"][::6], []))
             model.train()
 
     model = build(k, p.width, p.fc, p.conv_dropout, p.fc_dropout)
     init_locals: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     if init is not None:
-        _check_init(init, p)
         _load_weights(model, init["state"], keep_head=list(init["classes"]) == classes)
         if list(init["classes"]) == classes:
             init_locals = {tuple(d["pair"]): d["state"] for d in init.get("local", [])}
-    _fit_loop(model, prep, labels, sp["train"], val_x, val_y, p.epochs, p.per_class, p.lr, p,
-              "global", p.seed, on_epoch, history, max_seconds, after_epoch)
+    if p.epochs:
+        _fit_loop(model, prep, labels, sp["train"], val_x, val_y, p.epochs, p.per_class, p.lr,
+                  p, "global", p.seed, on_epoch, history, max_seconds, after_epoch, any_of)
+    elif init is None:
+        raise ValueError("train.epochs 0 keeps an initial model's global weights: give --init")
 
     locals_: list[dict[str, Any]] = []
     for a, b in p.local_pairs:
@@ -348,7 +396,7 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
         offset = fit_pair_offset((local_val / lt).numpy()[routed], pair_labels[va][routed])
         locals_.append({"pair": [a, b], "state": _state(local), "temperature": lt,
                         "offset": offset})
-    return TrainResult(package(model, sp["train"], locals_), sp, history)
+    return TrainResult(package(model, known["train"], locals_), sp, history)
 
 
 def fit_pair_offset(local_logits: np.ndarray, labels: np.ndarray, limit: float = 2.0) -> float:
@@ -374,6 +422,28 @@ def _check_init(init: dict[str, Any], p: TrainParams) -> None:
             raise CheckpointError(
                 f"initial checkpoint has {key} {init.get(key)!r} but train.{key} is {want!r}; "
                 f"set train.{key} to match it or train from scratch")
+    has_ref = init.get("stain_reference") is not None
+    if has_ref != (p.stain_normalization == "reinhard"):
+        raise CheckpointError(
+            f"initial checkpoint was trained {'with' if has_ref else 'without'} stain "
+            f"normalisation but train.stain_normalization is {p.stain_normalization!r}")
+
+
+def yuv_stats(crops: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel YUV mean and std (float64, shape (3,)) of RGB uint8 crops ``(N, H, W, 3)``.
+
+    Summed in float64 chunk by chunk: a float32 sum over a training split (10^8 values per
+    channel) stops growing near 2^32 and returns the same wrong mean for every channel."""
+    total = np.zeros(3)
+    sq = np.zeros(3)
+    n = 0
+    for i in range(0, len(crops), chunk):
+        yuv = rgb_to_yuv(crops[i:i + chunk]).reshape(-1, 3).astype(np.float64)
+        total += yuv.sum(0)
+        sq += np.square(yuv).sum(0)
+        n += len(yuv)
+    mean = total / max(n, 1)
+    return mean, np.sqrt(np.maximum(sq / max(n, 1) - mean ** 2, 0.0))
 
 
 def _load_weights(model: VGG, state: dict[str, torch.Tensor], *, keep_head: bool) -> None:
@@ -389,7 +459,7 @@ def _load_weights(model: VGG, state: dict[str, torch.Tensor], *, keep_head: bool
 
 def cross_validate(data: CropSet, classes: Sequence[str], p: TrainParams, *,
                    on_epoch: Callable[[EpochReport], None] = lambda r: None,
-                   threads: int | None = None) -> list[float]:
+                   threads: int | None = None, counted: Sequence[str] = ()) -> list[float]:
     """``p.cv_folds``-fold cross-validation of the global model over train+val (the test
     split stays untouched). Returns each fold's validation accuracy."""
     if p.cv_folds < 2:
@@ -403,15 +473,15 @@ def cross_validate(data: CropSet, classes: Sequence[str], p: TrainParams, *,
     accs = []
     for f in range(p.cv_folds):
         tr, va = trainval[folds != f], trainval[folds == f]
-        yuv = rgb_to_yuv(cen[tr])
-        mean, std = yuv.mean(axis=(0, 1, 2)), yuv.std(axis=(0, 1, 2))
-        del yuv
+        va = va[data.labels[va] < len(classes)]
+        mean, std = yuv_stats(cen[tr])
         torch.manual_seed(p.seed + f)
         model = build(len(classes), p.width, p.fc, p.conv_dropout, p.fc_dropout)
         prep = _Prep(data.crops, p, mean, std, None)
         history: list[EpochReport] = []
         _fit_loop(model, prep, data.labels, tr, cen[va], data.labels[va], p.epochs, p.per_class,
-                  p.lr, p, f"fold {f + 1}/{p.cv_folds}", p.seed + f, on_epoch, history)
+                  p.lr, p, f"fold {f + 1}/{p.cv_folds}", p.seed + f, on_epoch, history,
+                  any_of=np.isin(list(classes), list(counted)))
         accs.append(history[-1].val_acc)
     return accs
 

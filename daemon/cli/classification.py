@@ -77,7 +77,8 @@ def train_cmd(
     if p.cv_folds > 1:
         from pipeline.train import cross_validate
 
-        accs = cross_validate(data, cfg.classes.names, p, on_epoch=on_epoch, threads=threads)
+        accs = cross_validate(data, cfg.classes.names, p, on_epoch=on_epoch, threads=threads,
+                              counted=cfg.classes.counted)
         console.print(f"{p.cv_folds}-fold validation accuracy: "
                       + ", ".join(f"{a:.4f}" for a in accs)
                       + f"; mean {sum(accs) / len(accs):.4f}")
@@ -85,7 +86,8 @@ def train_cmd(
                            on_epoch=on_epoch, threads=threads,
                            max_seconds=None if max_minutes is None else max_minutes * 60,
                            snapshot=None if snapshot is None else
-                           (lambda ck: _save_atomic(ck, snapshot)), init=start)
+                           (lambda ck: _save_atomic(ck, snapshot)), init=start,
+                           counted=cfg.classes.counted)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(res.checkpoint, out)
     console.print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)")
