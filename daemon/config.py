@@ -50,7 +50,10 @@ class Config(Params):
             raise ValueError(
                 f"taxonomy {self.taxonomy!r} is not one of {sorted(self.taxonomies)}"
             )
-        Taxonomy(name=self.taxonomy, classes=self.taxonomies[self.taxonomy])
+        names = Taxonomy(name=self.taxonomy, classes=self.taxonomies[self.taxonomy]).names
+        unknown = sorted({c for pair in self.train.local_pairs for c in pair} - set(names))
+        if unknown:
+            raise ValueError(f"train.local_pairs: {unknown} not in taxonomy {self.taxonomy!r}")
         return self
 
     @property

@@ -303,6 +303,9 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
     torch.manual_seed(p.seed)
     classes = list(classes)
     k = len(classes)
+    unpaired = sorted({c for pair in p.local_pairs for c in pair} - set(classes))
+    if unpaired:
+        raise ValueError(f"train.local_pairs: {unpaired} not among the classes {classes}")
     any_of = np.isin(classes, list(counted))
     sp = split(data.labels, p.seed, p.val_fraction)
     labels = data.labels

@@ -50,3 +50,12 @@ def test_lab_override_merges_over_defaults(tmp_path):
     assert cfg.acquisition.target == 300
     assert cfg.classes.name == "seed10" and len(cfg.classes.counted) == 10
     assert cfg.analysis.guidance_threshold == 0.8
+
+
+def test_local_pairs_must_be_classes_of_the_taxonomy(tmp_path):
+    p = tmp_path / "lab.yaml"
+    p.write_text("taxonomy: seed10\ntrain:\n  local_pairs: [[myelocyte, plasma_cell]]\n")
+    with pytest.raises(ConfigError, match=r"train\.local_pairs.*plasma_cell"):
+        load_config(p)
+    p.write_text("taxonomy: seed10\ntrain:\n  local_pairs: [[myeloblast, promyelocyte]]\n")
+    assert load_config(p).train.local_pairs == (("myeloblast", "promyelocyte"),)
