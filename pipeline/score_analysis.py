@@ -39,7 +39,8 @@ class FieldWindow:
 @dataclass
 class AnalysisScore:
     """Totals over scored fields (see module doc). ``confusion[(true, predicted)]`` counts
-    true cells counted once; ``true_classes``/``counted_classes`` feed the differential."""
+    true cells counted once; ``uncounted[true]`` true cells counted never;
+    ``true_classes``/``counted_classes`` feed the differential."""
 
     fields: int = 0
     true_cells: int = 0
@@ -63,6 +64,7 @@ class AnalysisScore:
     overall_right: int = 0
     seconds: float = 0.0
     confusion: Counter = field(default_factory=Counter)
+    uncounted: Counter = field(default_factory=Counter)
     true_classes: Counter = field(default_factory=Counter)
     counted_classes: Counter = field(default_factory=Counter)
 
@@ -105,6 +107,11 @@ class AnalysisScore:
                 100 * self.classified_right / max(self.classified, 1), 2),
             "overall_accuracy_pct": round(100 * self.overall_right / t, 2),
             "differential": diff,
+            "per_true_class": {
+                c: {"true": self.true_classes[c], "not_counted": self.uncounted[c],
+                    "counted_once_as": {p: n for (t_, p), n in sorted(self.confusion.items())
+                                        if t_ == c}}
+                for c in sorted(self.true_classes)},
             "max_differential_error_pp": max((d["abs_error_pp"] for d in diff.values()),
                                              default=0.0),
             "cells_per_s": round(self.detections / self.seconds, 1) if self.seconds else None,
@@ -197,6 +204,7 @@ def score_field(truth: dict[str, Any], win: FieldWindow, cells: Sequence[CellRes
         acc.counted_once += k == 1
         acc.counted_twice += k > 1
         acc.not_counted += k == 0
+        acc.uncounted[c["class"]] += k == 0
         if k >= 1:
             label = max(counted_hits[j], key=lambda h: h.confidence).label
             acc.classified += 1

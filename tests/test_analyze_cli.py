@@ -82,3 +82,8 @@ def test_eval_analyze_scores_add_up(small_slide):
     assert s["overall_accuracy_pct"] <= 100 * c["counted_once"] / t + 1e-6
     shares = s["differential"]
     assert abs(sum(v["true_pct"] for v in shares.values()) - 100) < 0.5
+    per = s["per_true_class"]
+    assert sum(v["true"] for v in per.values()) == t
+    assert sum(v["not_counted"] for v in per.values()) == c["not_counted"]
+    right = sum(v["counted_once_as"].get(k, 0) for k, v in per.items())
+    assert abs(100 * right / t - s["overall_accuracy_pct"]) < 0.01
