@@ -172,9 +172,10 @@ class Classifier:
             logits, feats = self._run(self.model, x)
             p = torch.softmax(logits / self.temperature, 1)
             gprobs[i:i + len(x)] = p.numpy()
-            p = p.clone()
+            g, p = p, p.clone()
+            # Routed by the global top two, as the offsets were fitted: one pair per cell.
             for loc in self.locals:
-                rows = routed_to_pair(p, loc.a, loc.b).nonzero().flatten()
+                rows = routed_to_pair(g, loc.a, loc.b).nonzero().flatten()
                 if len(rows):
                     z = self._run(loc.model, x[rows])[0] / loc.temperature
                     q = torch.softmax(z + torch.tensor([0.0, loc.offset]), 1)

@@ -181,30 +181,36 @@ def test_lobed_classes_reach_further_than_round_cells(config):
 
 
 def test_non_leukocyte_call_on_a_large_nucleus_goes_to_review(classifier, config):
-    """Real BCCD white cells (another camera and stain) that the shipped model calls "not a
-    leukocyte" are not dropped silently: their nuclei are large, so they go to review. Most
-    real platelets (PBC) stay below the threshold and cost no review."""
+    """A "not a leukocyte" call on a nucleus of review_non_leukocyte_um2 or more goes to
+    review instead of vanishing from the count; most real platelets (PBC) stay below it and
+    cost no review. Real BCCD white cells (another camera and stain; the model once called 44%
+    of them non-leukocyte) are counted."""
     import csv
 
     from pipeline.detect_eval import read_voc
 
     thr = config.analysis.review_non_leukocyte_um2
-    called_non = flagged = 0
+
+    def rule(c) -> bool:
+        return bool(c.area_um2 >= thr or c.unknown
+                    or c.confidence < config.analysis.review_threshold)
+
+    white = called_non = 0
     for xml in sorted((BCCD / "Annotations").glob("*.xml"))[:60:3]:
         boxes = read_voc(xml).boxes
         rgb = read_rgb(BCCD / "JPEGImages" / f"{xml.stem}.jpg")
         for c in _run(rgb, BCCD_UM_PER_PX, classifier, config):
-            if c.label == "non_leukocyte" and any(b[0] <= c.x <= b[2] and b[1] <= c.y <= b[3]
-                                                  for b in boxes):
-                called_non += 1
-                flagged += c.needs_review
-                assert c.needs_review == (c.area_um2 >= thr or c.unknown
-                                          or c.confidence < config.analysis.review_threshold)
-    assert called_non >= 3 and flagged >= 0.9 * called_non, (called_non, flagged)
+            if any(b[0] <= c.x <= b[2] and b[1] <= c.y <= b[3] for b in boxes):
+                white += 1
+                called_non += c.label == "non_leukocyte"
+    assert white >= 15 and called_non <= 0.1 * white, (white, called_non)
     with (PBC / "manifest.csv").open() as fh:
         rows = [r for r in csv.DictReader(fh) if r["label"] == "platelet"][::40]
     keep = config.detect.model_copy(update={"exclude_border": False})
     platelets = [c for r in rows for c in analyze_field(
         read_rgb(PBC / r["path"]), PBC_UM_PER_PX, classifier, keep, config.analysis)
         if c.label == "non_leukocyte"]
-    assert platelets and sum(c.area_um2 >= thr for c in platelets) <= 0.3 * len(platelets)
+    large = [c for c in platelets if c.area_um2 >= thr]
+    assert platelets and large and len(large) <= 0.3 * len(platelets)
+    assert all(c.needs_review == rule(c) for c in platelets)
+    assert all(c.needs_review for c in large)

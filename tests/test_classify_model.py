@@ -55,7 +55,8 @@ def tiny(config, tmp_path_factory):
     p = config.train.model_copy(update={
         "epochs": 5, "width": 0.125, "fc": 32, "per_class": 0, "augment": False,
         "conv_dropout": 0.0, "fc_dropout": 0.0, "lr": 0.02, "batch_size": 16,
-        "local_epochs": 1, "local_per_class": 16, "val_fraction": 0.2})
+        "local_epochs": 1, "local_per_class": 16, "val_fraction": 0.2,
+        "local_pairs": (("band_neutrophil", "segmented_neutrophil"),)})
     res = train_classifier(data, classes, p, taxonomy="tiny", data_hash="test", threads=1)
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
     save_checkpoint(res.checkpoint, path)
@@ -195,14 +196,17 @@ def test_dual_stage_probabilities_are_a_distribution(shipped, fixed_sample):
     res = shipped.classify(fixed_sample.crops)
     np.testing.assert_allclose(res.probs.sum(1), 1.0, atol=1e-5)
     assert (res.probs >= 0).all()
-    a, b = (shipped.classes.index(c) for c in ("band_neutrophil", "segmented_neutrophil"))
+    assert len(shipped.locals) == 3
     top2 = np.argsort(-res.global_probs, 1)[:, :2]
-    pair = np.isin(top2, [a, b]).all(1)
-    assert pair.any()
-    # The local model only redistributes the pair's mass; other rows are untouched.
-    np.testing.assert_allclose(res.probs[pair][:, [a, b]].sum(1),
-                               res.global_probs[pair][:, [a, b]].sum(1), atol=1e-5)
-    np.testing.assert_allclose(res.probs[~pair], res.global_probs[~pair], atol=1e-6)
+    routed = np.zeros(len(top2), bool)
+    for loc in shipped.locals:
+        pair = np.isin(top2, [loc.a, loc.b]).all(1)
+        routed |= pair
+        # A local model only redistributes its pair's mass.
+        np.testing.assert_allclose(res.probs[pair][:, [loc.a, loc.b]].sum(1),
+                                   res.global_probs[pair][:, [loc.a, loc.b]].sum(1), atol=1e-5)
+    assert routed.any() and not routed.all()
+    np.testing.assert_allclose(res.probs[~routed], res.global_probs[~routed], atol=1e-6)
     assert 0 <= res.confidence.min() and res.confidence.max() <= 1
 
 

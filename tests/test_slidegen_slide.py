@@ -95,13 +95,14 @@ def test_pyramidal_tiff_readable_by_openslide_and_tifffile(tmp_path, slide, smal
 def test_cells_come_only_from_the_classifier_test_split(config, small):
     """The default held-out set is the classifier's own test split: no training cell on a slide."""
     from daemon.config import REPO_ROOT
-    from pipeline.datasets import read_source, split
+    from pipeline.datasets import label_index, read_source, split
 
     held = classifier_test_paths(config)
     samples = []
     for i, src in enumerate(config.train.sources):
         samples += read_source(src, REPO_ROOT, config.train.seed + i)
-    labels = np.array([config.classes.names.index(s.label) for s in samples])
+    index = label_index(config.classes.names)
+    labels = np.array([index[s.label] for s in samples])
     sp = split(labels, config.train.seed, config.train.val_fraction)
     trained = {str(Path(samples[i].path).resolve()) for i in np.concatenate([sp["train"], sp["val"]])}
     pbc = str(PBC.resolve())
