@@ -51,9 +51,11 @@ class Config(Params):
                 f"taxonomy {self.taxonomy!r} is not one of {sorted(self.taxonomies)}"
             )
         names = Taxonomy(name=self.taxonomy, classes=self.taxonomies[self.taxonomy]).names
-        unknown = sorted({c for pair in self.train.local_pairs for c in pair} - set(names))
+        unknown = sorted({c for pair in (*self.train.local_pairs, *self.train.local_own_body)
+                          for c in pair} - set(names))
         if unknown:
-            raise ValueError(f"train.local_pairs: {unknown} not in taxonomy {self.taxonomy!r}")
+            raise ValueError(f"train.local_pairs / local_own_body: {unknown} not in taxonomy "
+                             f"{self.taxonomy!r}")
         return self
 
     @property

@@ -64,6 +64,8 @@ class _Local:
     temperature: float
     offset: float
     """Added to the second class's scaled logit (fitted on validation; see train)."""
+    shares_body: bool
+    """``model`` has no body of its own: it runs on the global model's body output."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -84,10 +86,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def _model(ckpt: dict[str, Any], state: dict[str, torch.Tensor], k: int, path: Path) -> VGG:
+def _model(ckpt: dict[str, Any], state: dict[str, torch.Tensor], k: int, path: Path,
+           shares_body: bool = False) -> VGG:
     # Built on the meta device and given the stored tensors directly: no throw-away init.
     with torch.device("meta"):
         m = build(k, float(ckpt["width"]), int(ckpt["fc"]), init=False)
+    if shares_body:
+        m.body = torch.nn.Sequential()
     try:
         m.load_state_dict({n: v.float() if v.is_floating_point() else v for n, v in state.items()},
                           assign=True)
@@ -128,10 +133,12 @@ class Classifier:
                 raise CheckpointError(f"{path}: no local model for pair {list(pair)}; "
                                       f"it has {[list(p) for p in stored]}")
             d = stored[pair]
+            shared = bool(d.get("shares_body", False))
             self.locals.append(_Local(self.classes.index(pair[0]), self.classes.index(pair[1]),
-                                      _model(ckpt, d["state"], 2, path), float(d["temperature"]),
+                                      _model(ckpt, d["state"], 2, path, shared),
+                                      float(d["temperature"]),
                                       # checkpoints written before the offset existed: none
-                                      float(d.get("offset", 0.0))))
+                                      float(d.get("offset", 0.0)), shared))
 
     def _prep(self, crops: np.ndarray) -> torch.Tensor:
         if self.stain_reference is not None:
@@ -140,19 +147,28 @@ class Classifier:
         return x.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def _run(self, model: VGG, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, model: VGG, x: torch.Tensor | None, body: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits and penultimate features (fp32), and the body's output: ``body`` given,
+        the body is not run (a local model that shares the global body)."""
         # bf16 + channels_last with batch norm folded into the convolutions (at load) is the
         # fastest CPU path at every batch size from 1 up, measured in tests/bench.
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            f = model.features(x)
-            return model.head(f).float(), f.float()
+            b = model.body(x) if body is None else body
+            f = model.neck(b)
+            return model.head(f).float(), f.float(), b
+
+    def _local_logits(self, loc: _Local, x: torch.Tensor, body: torch.Tensor) -> torch.Tensor:
+        return (self._run(loc.model, None, body) if loc.shares_body
+                else self._run(loc.model, x))[0]
 
     def warm_up(self) -> None:
         """Run each model once, so the oneDNN kernels are built before the first field
         rather than during it. Loading stays lazy; a service calls this once at start."""
         x = self._prep(np.zeros((2, CROP_SIZE, CROP_SIZE, 3), np.uint8))
-        for model in (self.model, *(loc.model for loc in self.locals)):
-            self._run(model, x)
+        body = self._run(self.model, x)[2]
+        for loc in self.locals:
+            self._local_logits(loc, x, body)
 
     def classify(self, crops: np.ndarray) -> Classification:
         """Classify RGB uint8 crops ``(N, 96, 96, 3)`` cut at ``self.um_per_px``."""
@@ -169,7 +185,7 @@ class Classifier:
         score = np.zeros(n, np.float32)
         for i in range(0, n, self.batch_size):
             x = self._prep(crops[i:i + self.batch_size])
-            logits, feats = self._run(self.model, x)
+            logits, feats, body = self._run(self.model, x)
             p = torch.softmax(logits / self.temperature, 1)
             gprobs[i:i + len(x)] = p.numpy()
             g, p = p, p.clone()
@@ -177,7 +193,7 @@ class Classifier:
             for loc in self.locals:
                 rows = routed_to_pair(g, loc.a, loc.b).nonzero().flatten()
                 if len(rows):
-                    z = self._run(loc.model, x[rows])[0] / loc.temperature
+                    z = self._local_logits(loc, x[rows], body[rows]) / loc.temperature
                     q = torch.softmax(z + torch.tensor([0.0, loc.offset]), 1)
                     mass = p[rows, loc.a] + p[rows, loc.b]
                     p[rows, loc.a] = mass * q[:, 0]

@@ -9,7 +9,9 @@ checkpoint dict (``save_checkpoint`` writes it) plus the split and metrics. Step
 3. the global K-class model: SGD (momentum, weight decay), linear warm-up then cosine LR
    decay, oversampling by re-cropping at shifted centres to ``per_class`` per class per
    epoch, 8× dihedral plus stain/colour/optics augmentation on the training split only;
-4. one local 2-way model per configured pair, fine-tuned from the global body;
+4. one local 2-way model per configured pair, fine-tuned from the global model: only its
+   fully connected layers, on the global model's frozen convolutional body (no second
+   network pass per routed cell at inference), unless the pair is in ``local_own_body``;
 5. temperature scaling fitted on validation; unknown-cell detector parameters.
 
 A crop labelled ``ANY_LEUKOCYTE`` (integer label K) is a white cell of unknown type. Its loss
@@ -74,6 +76,10 @@ class TrainParams(Params):
     cv_folds: int = Field(ge=0)
     local_pairs: tuple[tuple[str, str], ...]
     local_epochs: int = Field(ge=0)
+    local_own_body: tuple[tuple[str, str], ...]
+    """Pairs whose local model fine-tunes a convolutional body of its own (a second network
+    pass per routed cell). The others train only their fully connected layers on the global
+    model's frozen body, whose output inference reuses."""
     local_per_class: int = Field(gt=0)
     local_lr: float = Field(gt=0)
     unknown_false_flag_rate: float = Field(gt=0, lt=0.5)
@@ -173,9 +179,12 @@ def _fit_loop(model: VGG, prep: _Prep, labels: np.ndarray, train_idx: np.ndarray
               p: TrainParams, stage: str, seed: int, on_epoch: Callable[[EpochReport], None],
               history: list[EpochReport], max_seconds: float | None = None,
               after_epoch: Callable[[VGG, int, bool], None] | None = None,
-              any_of: np.ndarray | None = None) -> None:
+              any_of: np.ndarray | None = None, frozen_body: bool = False) -> None:
     model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum,
+    if frozen_body:
+        model.body.requires_grad_(False)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=p.momentum,
                           weight_decay=p.weight_decay, nesterov=True)
     k = model.head.out_features
     # Per-epoch generators: a run cut short by a time budget repeats exactly with --epochs.
@@ -192,6 +201,8 @@ def _fit_loop(model: VGG, prep: _Prep, labels: np.ndarray, train_idx: np.ndarray
             t0 = time.perf_counter()
             total = steps_per_epoch * planned
             model.train()
+            if frozen_body:  # batch-norm statistics stay the global model's
+                model.body.eval()
             batches = _batches(plan[ep], p.batch_size)
             seeds = np.random.default_rng([seed, ep, 1]).integers(0, 2**31, len(batches))
             fut = pool.submit(prep.train_batch, batches[0], int(seeds[0]))
@@ -209,7 +220,7 @@ def _fit_loop(model: VGG, prep: _Prep, labels: np.ndarray, train_idx: np.ndarray
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if p.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+                    nn.utils.clip_grad_norm_(params, p.grad_clip)
                 opt.step()
                 losses.append(float(loss.detach()))
                 step += 1
@@ -368,7 +379,10 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
     if init is not None:
         _load_weights(model, init["state"], keep_head=list(init["classes"]) == classes)
         if list(init["classes"]) == classes:
-            init_locals = {tuple(d["pair"]): d["state"] for d in init.get("local", [])}
+            # An initial local model is reused only when it shares the body the same way.
+            init_locals = {tuple(d["pair"]): d["state"] for d in init.get("local", [])
+                           if bool(d.get("shares_body", False))
+                           == (tuple(d["pair"]) not in p.local_own_body)}
     if p.epochs:
         _fit_loop(model, prep, labels, sp["train"], val_x, val_y, p.epochs, p.per_class, p.lr,
                   p, "global", p.seed, on_epoch, history, max_seconds, after_epoch, any_of)
@@ -383,21 +397,25 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
         pair_labels[labels == ib] = 1
         tr = sp["train"][pair_labels[sp["train"]] >= 0]
         va = sp["val"][pair_labels[sp["val"]] >= 0]
+        shared = (a, b) not in p.local_own_body
         local = build(2, p.width, p.fc, p.conv_dropout, p.fc_dropout)
+        _load_weights(local, model.state_dict(), keep_head=False)
         if (a, b) in init_locals:
-            _load_weights(local, init_locals[(a, b)], keep_head=True)
-        else:
-            _load_weights(local, model.state_dict(), keep_head=False)
+            # A shared-body local model stores no body: the global one was just loaded.
+            _load_weights(local, {**local.state_dict(), **init_locals[(a, b)]}, keep_head=True)
         if p.local_epochs:
             _fit_loop(local, prep, pair_labels, tr, cen[va], pair_labels[va], p.local_epochs,
                       p.local_per_class, p.local_lr, p, f"local {a}/{b}", p.seed + 7, on_epoch,
-                      history)
+                      history, frozen_body=shared)
         local_val = predict_logits(local, cen[va], mean, std)
         lt = fit_temperature(local_val, pair_labels[va])
         # Validation cells the global model routes to this local model (top two = the pair).
         routed = routed_to_pair(predict_logits(model, cen[va], mean, std), ia, ib).numpy()
         offset = fit_pair_offset((local_val / lt).numpy()[routed], pair_labels[va][routed])
-        locals_.append({"pair": [a, b], "state": _state(local), "temperature": lt,
+        state = {k: v for k, v in _state(local).items()
+                 if not (shared and k.startswith("body."))}
+        locals_.append({"pair": [a, b], "state": state, "shares_body": shared,
+                        "temperature": lt,
                         "offset": offset})
     return TrainResult(package(model, known["train"], locals_), sp, history)
 

@@ -56,7 +56,7 @@ def tiny(config, tmp_path_factory):
         "epochs": 5, "width": 0.125, "fc": 32, "per_class": 0, "augment": False,
         "conv_dropout": 0.0, "fc_dropout": 0.0, "lr": 0.02, "batch_size": 16,
         "local_epochs": 1, "local_per_class": 16, "val_fraction": 0.2,
-        "local_pairs": (("band_neutrophil", "segmented_neutrophil"),)})
+        "local_pairs": (("band_neutrophil", "segmented_neutrophil"),), "local_own_body": ()})
     res = train_classifier(data, classes, p, taxonomy="tiny", data_hash="test", threads=1)
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
     save_checkpoint(res.checkpoint, path)
@@ -183,9 +183,9 @@ def test_pair_offset_makes_the_local_model_predict_true_shares(shipped, fixed_sa
     loc = shipped.locals[0]
     rows = np.flatnonzero(np.isin(fixed_sample.labels, [loc.a, loc.b]))
     assert len(rows) == 20
-    with torch.inference_mode():
-        z = (shipped._run(loc.model, shipped._prep(fixed_sample.crops[rows]))[0]
-             / loc.temperature).numpy()
+    x = shipped._prep(fixed_sample.crops[rows])
+    z = (shipped._local_logits(loc, x, shipped._run(shipped.model, x)[2])
+         / loc.temperature).numpy()
     y = (fixed_sample.labels[rows] == loc.b).astype(int)
     offset = fit_pair_offset(z, y)
     assert int(((z[:, 0] - z[:, 1]) > offset).sum()) == int((y == 0).sum())
@@ -438,3 +438,26 @@ def test_zero_epochs_keeps_the_initial_global_model_and_trains_its_local_models(
     assert [h.stage for h in out.history] == ["local band_neutrophil/segmented_neutrophil"]
     with pytest.raises(ValueError, match="--init"):
         train_classifier(data, classes, p, taxonomy="tiny", data_hash="test", threads=1)
+
+
+def test_a_local_model_sharing_the_body_gives_the_logits_it_was_trained_with(tiny, config):
+    """A pair not in train.local_own_body keeps the global body frozen (its batch
+    norm too), stores only its FC layers, and at inference runs on the global body's output:
+    the loaded classifier's local logits equal those of the trained local network."""
+    from pipeline.model import build
+    from pipeline.train import predict_logits
+
+    res, path, data, classes = tiny
+    ck = res.checkpoint
+    (loc,) = ck["local"]
+    assert loc["shares_body"] and not any(k.startswith("body.") for k in loc["state"])
+    full = build(2, ck["width"], ck["fc"], 0.0, 0.0)
+    body = {k: v.float() for k, v in ck["state"].items() if k.startswith("body.")}
+    full.load_state_dict({**body, **{k: v.float() for k, v in loc["state"].items()}})
+    crops = centre(data.crops[:12])
+    want = predict_logits(full, crops, np.array(ck["yuv_mean"]), np.array(ck["yuv_std"]))
+    clf = load_classifier(path)
+    (local,) = clf.locals
+    x = clf._prep(crops)
+    got = clf._local_logits(local, x, clf._run(clf.model, x)[2])
+    torch.testing.assert_close(got, want, atol=0.08, rtol=0.05)  # bf16 paths on both sides
