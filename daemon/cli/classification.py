@@ -213,7 +213,9 @@ def eval_unknown_cmd(
     clf = load_classifier(checkpoint, cfg.classes)
     data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
                            cache_dir=cache_dir)
-    known = centre(data.crops[split(data.labels, p.seed, p.val_fraction)["test"]])
+    test = split(data.labels, p.seed, p.val_fraction)["test"]
+    # White cells of unknown type (ANY_LEUKOCYTE) have no class to be known as.
+    known = centre(data.crops[test[data.labels[test] < len(cfg.classes.names)]])
     samples = []
     for i, src in enumerate(p.sources):
         src = src.model_copy(update={"exclude": tuple(x for x in src.exclude if x != unseen)})
