@@ -461,3 +461,64 @@ def test_a_local_model_sharing_the_body_gives_the_logits_it_was_trained_with(tin
     x = clf._prep(crops)
     got = clf._local_logits(local, x, clf._run(clf.model, x)[2])
     torch.testing.assert_close(got, want, atol=0.08, rtol=0.05)  # bf16 paths on both sides
+
+
+def test_a_lab_retrains_on_its_own_folder_tree_from_the_command_line(tmp_path):
+    """The lab path end to end through the CLI: its own taxonomy, a folder per class plus a
+    `leukocyte` folder of untyped white cells, `train`, then `eval-classify` and `classify`
+    with the lab config."""
+    from typer.testing import CliRunner
+
+    from daemon.cli import app
+
+    crops = tmp_path / "crops"
+    folders = {"eosinophil": "eosinophil", "lymphocyte": "lymphocyte",
+               "segmented_neutrophil": "segmented_neutrophil", "non_leukocyte": "platelet",
+               ANY_LEUKOCYTE: "monocyte"}
+    for folder, label in folders.items():
+        (crops / folder).mkdir(parents=True)
+        for s in _samples([label], 12, offset=3):
+            shutil.copy(s.path, crops / folder / Path(s.path).name)
+    model = tmp_path / "lab.pt"
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(f"""taxonomy: lab4
+taxonomies:
+  lab4:
+    - {{name: eosinophil, label: Eosinophil, lineage: myeloid, blast: false, key: "1"}}
+    - {{name: lymphocyte, label: Lymphocyte, lineage: lymphoid, blast: false, key: "2"}}
+    - {{name: segmented_neutrophil, label: Segmented, lineage: myeloid, blast: false, key: "3"}}
+    - {{name: non_leukocyte, label: Not a leukocyte, lineage: non_leukocyte, blast: false, key: x}}
+classifier: {{checkpoint: {model}}}
+train:
+  epochs: 2
+  width: 0.125
+  fc: 32
+  per_class: 0
+  augment: false
+  batch_size: 16
+  val_fraction: 0.2
+  local_pairs: []
+  local_own_body: []
+  sources:
+    - {{kind: folder, path: {crops}, um_per_px: 0.1, exclude: [], rename: {{}},
+       max_per_label: 0, background_per_image: 0}}
+""")
+    runner = CliRunner()
+    report = tmp_path / "report.json"
+    r = runner.invoke(app, ["train", "--config", str(lab), "--out", str(model),
+                            "--report", str(report), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert "60 crops, 4 classes" in r.output
+    rep = json.loads(report.read_text())
+    assert rep["summary"]["n_test"] == 8 and rep["any_leukocyte"]["n"] == 2
+    ck = torch.load(model, weights_only=True)
+    assert ck["classes"] == ["eosinophil", "lymphocyte", "segmented_neutrophil", "non_leukocyte"]
+    r = runner.invoke(app, ["eval-classify", "--config", str(lab), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["n_test"] == 8
+    one = next((crops / "lymphocyte").iterdir())
+    r = runner.invoke(app, ["classify", str(one), "--um-per-px", "0.1", "--json",
+                            "--config", str(lab)])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)
+    assert set(row["probabilities"]) == set(ck["classes"])
