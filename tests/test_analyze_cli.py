@@ -87,3 +87,14 @@ def test_eval_analyze_scores_add_up(small_slide):
     assert sum(v["not_counted"] for v in per.values()) == c["not_counted"]
     right = sum(v["counted_once_as"].get(k, 0) for k, v in per.items())
     assert abs(100 * right / t - s["overall_accuracy_pct"]) < 0.01
+
+
+def test_eval_analyze_prints_where_each_true_class_went(small_slide):
+    tif, js = small_slide
+    res = runner.invoke(app, ["eval-analyze", str(tif), str(js), "--fields", "2",
+                              "--no-guidance"], env={"COLUMNS": "220"})
+    assert res.exit_code == 0, res.output
+    assert "counted right" in res.output and "not counted" in res.output
+    truth = json.loads(js.read_text())
+    shown = {c for c in {x["class"] for x in truth["cells"]} if f"│ {c} " in res.output}
+    assert shown, res.output

@@ -224,7 +224,13 @@ def _print_summary(name: str, s: dict[str, Any]) -> None:
                   f"accuracy {s['overall_accuracy_pct']}%, max differential error "
                   f"{s['max_differential_error_pp']} pp, {s['cells_per_s']} cells/s",
                   highlight=False)
-    t = Table("class", "true %", "counted %", "|error| pp")
+    t = Table("class", "true %", "counted %", "|error| pp", "true cells", "counted right",
+              "not counted", "counted as another class")
     for cls, v in s["differential"].items():
-        t.add_row(cls, f"{v['true_pct']:.1f}", f"{v['counted_pct']:.1f}", f"{v['abs_error_pp']:.1f}")
+        per = s["per_true_class"].get(cls, {"true": 0, "not_counted": 0, "counted_once_as": {}})
+        other = ", ".join(f"{k} {n}" for k, n in sorted(per["counted_once_as"].items(),
+                                                         key=lambda kv: -kv[1]) if k != cls)
+        t.add_row(cls, f"{v['true_pct']:.1f}", f"{v['counted_pct']:.1f}",
+                  f"{v['abs_error_pp']:.1f}", str(per["true"]),
+                  str(per["counted_once_as"].get(cls, 0)), str(per["not_counted"]), other)
     console.print(t)
