@@ -61,6 +61,11 @@ class DetectParams(Params):
     uncut_nucleus_max_um2: float = Field(gt=0)
     """A split never cuts through one connected nucleus up to this area (a monocyte's folded
     nucleus); it only shares out separate nuclei that gap closing had joined."""
+    separate_nucleus_min_um2: float = Field(ge=0)
+    """Gap closing never joins two nuclei each at least this large whose centres are
+    ``separate_nucleus_um`` apart: they are two touching cells (an erythroblast beside a
+    neighbour), not two lobes. 0 = off."""
+    separate_nucleus_um: float = Field(gt=0)
     split_min_radius_um: float = Field(gt=0)
     """Smallest half-width of a nucleus that a watershed split may create."""
     split_max_neck: float = Field(gt=0)
@@ -213,6 +218,23 @@ def _merge_wide_cuts(regions: np.ndarray, n: int, max_neck: float) -> np.ndarray
     return lut[regions]
 
 
+def _separate(nucleus: np.ndarray, min_px: float, apart_px: float) -> list[np.ndarray]:
+    """One merged nucleus mask, or one mask per large fragment when two or more fragments of
+    at least ``min_px`` lie ``apart_px`` or more apart (small fragments join the nearest)."""
+    if min_px <= 0:
+        return [nucleus]
+    n, lab, stats, cen = cv2.connectedComponentsWithStats(nucleus.astype(np.uint8), connectivity=8)
+    big = [j for j in range(1, n) if stats[j, cv2.CC_STAT_AREA] >= min_px]
+    if len(big) < 2:
+        return [nucleus]
+    c = cen[big]
+    d = np.hypot(*(c[:, None, :] - c[None, :, :]).transpose(2, 0, 1))
+    if d[np.triu_indices(len(big), 1)].min() < apart_px:
+        return [nucleus]
+    nearest = {j: big[int(np.argmin(np.hypot(*(c - cen[j]).T)))] for j in range(1, n)}
+    return [np.isin(lab, [j for j in range(1, n) if nearest[j] == b]) for b in big]
+
+
 def find_cells(rgb: np.ndarray, px: float, params: DetectParams) -> list[_Cell]:
     """Detect leukocytes in an RGB image at ``px`` µm/px (about ``params.work_um_per_px``)."""
     h, w = rgb.shape[:2]
@@ -249,7 +271,8 @@ def find_cells(rgb: np.ndarray, px: float, params: DetectParams) -> list[_Cell]:
             _split(sub_lab, sub_nuc, params.split_min_radius_um / px,
                    params.uncut_nucleus_max_um2 / px2, params.split_max_neck)
             if area_px[i] > single_px
-            else [sub_nuc]
+            else _separate(sub_nuc, params.separate_nucleus_min_um2 / px2,
+                           params.separate_nucleus_um / px)
         )
         for part in parts:
             ys, xs = np.nonzero(part)
