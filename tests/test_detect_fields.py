@@ -157,6 +157,24 @@ def test_other_source_every_leukocyte_class_once_and_few_platelets(config):
             assert found == [1] * len(sample), (label, found)
 
 
+def _segmented_cells(label: str, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first ``n`` real PBC cells of ``label`` (every 7th manifest row) whose segmented
+    mask clears the image edge: (RGB, cell mask) pairs."""
+    from drivers.slidegen import read_manifest, segment_leukocyte
+    from tests.conftest import PBC
+
+    cells = []
+    for r in [r for r in read_manifest(PBC) if r["label"] == label][::7]:
+        rgb = read_rgb(PBC / r["path"])
+        seg = segment_leukocyte(rgb)
+        if seg is None or seg[0][[0, -1]].any() or seg[0][:, [0, -1]].any():
+            continue
+        cells.append((rgb, seg[0]))
+        if len(cells) == n:
+            break
+    return cells
+
+
 def _overlapping_pair(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
                       overlap_px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two real segmented cells on A's plasma, B laid over A's right side by ``overlap_px``
@@ -186,18 +204,9 @@ def test_overlapping_round_cells_are_two_detections(config):
     20 pairs give exactly one detection per cell (9 of 20 with the earlier split settings:
     any nucleus area under 130 µm² was one cell, cut only at necks under 0.75 of a
     diameter)."""
-    from drivers.slidegen import read_manifest, segment_leukocyte
-    from tests.conftest import PBC, PBC_UM_PER_PX
+    from tests.conftest import PBC_UM_PER_PX
 
-    cells = []
-    for r in [r for r in read_manifest(PBC) if r["label"] == "lymphocyte"][::7]:
-        rgb = read_rgb(PBC / r["path"])
-        seg = segment_leukocyte(rgb)
-        if seg is None or seg[0][[0, -1]].any() or seg[0][:, [0, -1]].any():
-            continue
-        cells.append((rgb, seg[0]))
-        if len(cells) == 40:
-            break
+    cells = _segmented_cells("lymphocyte", 40)
     good = 0
     for a, b in zip(cells[::2], cells[1::2]):
         img, ma, mb = _overlapping_pair(a, b, int(1.5 / PBC_UM_PER_PX))
@@ -214,18 +223,9 @@ def test_touching_erythroblasts_are_two_cells_not_two_lobes(config):
     nuclei like the lobes of one neutrophil. Two large nuclei with centres 8.5 µm or more
     apart stay two cells (detect.separate_nucleus_*). Measured on these 20 pairs: 13 give one
     detection per cell with the rule, 9 without."""
-    from drivers.slidegen import read_manifest, segment_leukocyte
-    from tests.conftest import PBC, PBC_UM_PER_PX
+    from tests.conftest import PBC_UM_PER_PX
 
-    cells = []
-    for r in [r for r in read_manifest(PBC) if r["label"] == "erythroblast"][::7]:
-        rgb = read_rgb(PBC / r["path"])
-        seg = segment_leukocyte(rgb)
-        if seg is None or seg[0][[0, -1]].any() or seg[0][:, [0, -1]].any():
-            continue
-        cells.append((rgb, seg[0]))
-        if len(cells) == 40:
-            break
+    cells = _segmented_cells("erythroblast", 40)
     assert len(cells) == 40
     off = config.detect.model_copy(update={"separate_nucleus_min_um2": 0.0})
     good = {}
