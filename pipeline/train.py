@@ -412,8 +412,8 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
         # Validation cells the global model routes to this local model (top two = the pair).
         routed = routed_to_pair(predict_logits(model, cen[va], mean, std), ia, ib).numpy()
         offset = fit_pair_offset((local_val / lt).numpy()[routed], pair_labels[va][routed])
-        state = {k: v for k, v in _state(local).items()
-                 if not (shared and k.startswith("body."))}
+        state = {name: v for name, v in _state(local).items()
+                 if not (shared and name.startswith("body."))}
         locals_.append({"pair": [a, b], "state": state, "shares_body": shared,
                         "temperature": lt,
                         "offset": offset})
