@@ -123,10 +123,11 @@ def heldout_rows(rows: list[dict[str, str]], every: int, seed: int) -> list[dict
     return out
 
 
-def classifier_test_paths(cfg: Any) -> set[str]:
-    """Resolved paths of the classifier's held-out test split (``pipeline.datasets.split`` over
-    the ``train.sources`` of ``cfg``, exactly as training draws it), so a slide built from them
-    never holds a cell the shipped model was trained or validated on."""
+def classifier_split_paths(cfg: Any, part: str = "test") -> set[str]:
+    """Resolved paths of one part (``test``, ``val`` or ``train``) of the classifier's split
+    (``pipeline.datasets.split`` over the ``train.sources`` of ``cfg``, exactly as training
+    draws it). A slide built from the test part never holds a cell the shipped model was
+    trained or validated on; one built from the train part may be trained on."""
     from daemon.config import REPO_ROOT
     from pipeline.datasets import label_index, read_source, split
 
@@ -135,8 +136,9 @@ def classifier_test_paths(cfg: Any) -> set[str]:
         samples += read_source(src, REPO_ROOT, cfg.train.seed + i)
     index = label_index(cfg.classes.names)
     labels = np.array([index[x.label] for x in samples], dtype=np.int64)
-    test = split(labels, cfg.train.seed, cfg.train.val_fraction)["test"]
-    return {str(Path(samples[i].path).resolve()) for i in test}
+    train_only = np.array([x.train_only for x in samples], dtype=bool)
+    chosen = split(labels, cfg.train.seed, cfg.train.val_fraction, train_only)[part]
+    return {str(Path(samples[i].path).resolve()) for i in chosen}
 
 
 # --------------------------------------------------------------------------------- sprites
@@ -553,7 +555,7 @@ def layout(params: SlideGenParams, seed: int, heldout: set[str] | None = None,
     """Place every object of the slide. Returns (objects in paint order, truth, plasma RGB).
 
     ``heldout``: resolved paths the leukocytes may come from (e.g. the classifier's test
-    split, :func:`classifier_test_paths`); None uses :func:`heldout_rows`."""
+    split, :func:`classifier_split_paths`); None uses :func:`heldout_rows`."""
     from daemon.config import REPO_ROOT  # path resolution only
 
     p = params

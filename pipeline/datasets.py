@@ -7,7 +7,15 @@ centre (else the image centre). Sources:
   to the CSV's folder;
 - a folder-per-class tree (``root/<class name>/*.png|jpg|…``), how a lab brings its crops;
 - Pascal VOC boxes (../shared/data/bccd) turned into non-leukocyte samples: crops centred on
-  RBC and platelet boxes, and background patches away from every white cell.
+  RBC and platelet boxes, and background patches away from every white cell;
+- cells marked by their centres on whole fields or slides (``points``): a truth JSON in the
+  format ``marrowcount make-slide`` writes and ``eval-analyze`` reads, its image beside it.
+  Training on cells in their field teaches what a crop cut *from a field* looks like:
+  neighbours reaching into it, another background, the detector's centring.
+
+A source marked ``train_only`` (e.g. virtual slides composed from training cells) only ever
+adds to the training split: the split of every other source stays exactly as it was, so a
+test split is never contaminated and earlier figures stay comparable.
 
 A sample labelled ``ANY_LEUKOCYTE`` is a white cell whose type is not known (a VOC "WBC" box,
 or a lab's unsorted white cells from its own scanner). It teaches the model that such a cell
@@ -53,9 +61,11 @@ class SourceParams(Params):
     lists source labels left out; ``max_per_label`` caps each label (0 = all), drawn from
     the seed."""
 
-    kind: Literal["manifest", "folder", "voc"]
+    kind: Literal["manifest", "folder", "voc", "points"]
     path: Path
     um_per_px: float = Field(gt=0)
+    train_only: bool
+    """Only ever in the training split, never validated or tested on."""
     exclude: tuple[str, ...]
     rename: dict[str, str]
     max_per_label: int = Field(ge=0)
@@ -70,6 +80,7 @@ class Sample:
     um_per_px: float
     center: tuple[float, float] | None = None
     """(x, y) in pixels of the file; None means the image centre."""
+    train_only: bool = False
 
 
 def read_manifest(csv_path: Path, um_per_px: float) -> list[Sample]:
@@ -151,6 +162,33 @@ def read_voc(root: Path, um_per_px: float, background_per_image: int,
     return out
 
 
+def read_points(truth_path: Path, um_per_px: float) -> list[Sample]:
+    """Samples at the cell centres of a truth JSON (``cells``: ``x, y, class``; ``others``:
+    ``x, y, kind``, e.g. platelet, debris) whose image is the ``.tif`` of the same name.
+
+    Raises DatasetError when the JSON or its image is missing, or when the JSON's
+    ``um_per_px`` differs from the source's by more than 1%."""
+    import json
+
+    image = truth_path.with_suffix(".tif")
+    try:
+        truth = json.loads(truth_path.read_text(encoding="utf-8"))
+        cells, others = truth["cells"], truth.get("others", [])
+        stated = float(truth["um_per_px"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{truth_path}: not a readable truth JSON with um_per_px and cells "
+                           f"({str(exc).splitlines()[0]})") from None
+    if not image.is_file():
+        raise DatasetError(f"{truth_path}: its image {image.name} is not beside it")
+    if abs(stated / um_per_px - 1) > 0.01:
+        raise DatasetError(f"{truth_path}: the truth says {stated} µm/px, the source "
+                           f"{um_per_px}")
+    return ([Sample(str(image), c["class"], um_per_px, (float(c["x"]), float(c["y"])))
+             for c in cells]
+            + [Sample(str(image), o["kind"], um_per_px, (float(o["x"]), float(o["y"])))
+               for o in others])
+
+
 def read_source(src: SourceParams, root: Path, seed: int) -> list[Sample]:
     """Read one configured source, apply ``exclude``, ``rename`` and ``max_per_label``."""
     path = src.path if src.path.is_absolute() else root / src.path
@@ -159,6 +197,8 @@ def read_source(src: SourceParams, root: Path, seed: int) -> list[Sample]:
         samples = read_manifest(path, src.um_per_px)
     elif src.kind == "folder":
         samples = read_folder_tree(path, src.um_per_px)
+    elif src.kind == "points":
+        samples = read_points(path, src.um_per_px)
     else:
         samples = read_voc(path, src.um_per_px, src.background_per_image, rng)
     samples = [s for s in samples if s.label not in src.exclude]
@@ -173,8 +213,8 @@ def read_source(src: SourceParams, root: Path, seed: int) -> list[Sample]:
                 pick = np.sort(rng.choice(len(items), src.max_per_label, replace=False))
                 items = [items[i] for i in pick]
             samples += items
-    return [Sample(s.path, src.rename.get(s.label, s.label), s.um_per_px, s.center)
-            for s in samples]
+    return [Sample(s.path, src.rename.get(s.label, s.label), s.um_per_px, s.center,
+                   src.train_only) for s in samples]
 
 
 def label_index(classes: Sequence[str]) -> dict[str, int]:
@@ -218,6 +258,11 @@ class CropSet:
     samples: tuple[Sample, ...]
     problems: tuple[str, ...]
 
+    @property
+    def train_only(self) -> np.ndarray:
+        """Bool ``(N,)``: the samples that only ever train (see ``split``)."""
+        return np.array([s.train_only for s in self.samples], dtype=bool)
+
 
 def load_crops(samples: Sequence[Sample], classes: Sequence[str], work_um_per_px: float,
                size: int = CACHE_SIZE, threads: int = 2) -> CropSet:
@@ -258,14 +303,21 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
-def split(labels: np.ndarray, seed: int, val_fraction: float) -> dict[str, np.ndarray]:
+def split(labels: np.ndarray, seed: int, val_fraction: float,
+          train_only: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Stratified 5:1 train+val/test split, then ``val_fraction`` of train+val held out for
-    validation (monitoring and temperature fitting). Returns index arrays."""
-    test = stratified_folds(labels, 6, seed) == 0
-    trainval = np.flatnonzero(~test)
+    validation (monitoring and temperature fitting). Returns index arrays into ``labels``.
+
+    Items marked in the bool mask ``train_only`` all go to train; the others are split exactly
+    as they would be without them."""
+    rest = np.arange(len(labels)) if train_only is None else np.flatnonzero(~train_only)
+    test = stratified_folds(labels[rest], 6, seed) == 0
+    trainval = rest[~test]
     k = max(2, int(round(1.0 / val_fraction)))
     val_mask = stratified_folds(labels[trainval], k, seed + 1) == 0
-    return {"train": trainval[~val_mask], "val": trainval[val_mask], "test": np.flatnonzero(test)}
+    extra = np.zeros(0, np.int64) if train_only is None else np.flatnonzero(train_only)
+    return {"train": np.sort(np.concatenate([trainval[~val_mask], extra])),
+            "val": trainval[val_mask], "test": rest[test]}
 
 
 def epoch_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:

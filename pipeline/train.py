@@ -318,7 +318,7 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
     if unpaired:
         raise ValueError(f"train.local_pairs: {unpaired} not among the classes {classes}")
     any_of = np.isin(classes, list(counted))
-    sp = split(data.labels, p.seed, p.val_fraction)
+    sp = split(data.labels, p.seed, p.val_fraction, data.train_only)
     labels = data.labels
     # White cells of unknown type train but are never scored: their label has no class.
     known = {name: idx[labels[idx] < k] for name, idx in sp.items()}
@@ -487,7 +487,7 @@ def cross_validate(data: CropSet, classes: Sequence[str], p: TrainParams, *,
         raise ValueError("cross-validation needs train.cv_folds >= 2")
     if threads:
         torch.set_num_threads(threads)
-    sp = split(data.labels, p.seed, p.val_fraction)
+    sp = split(data.labels, p.seed, p.val_fraction, data.train_only)
     trainval = np.sort(np.concatenate([sp["train"], sp["val"]]))
     folds = stratified_folds(data.labels[trainval], p.cv_folds, p.seed + 2)
     cen = centre(data.crops)

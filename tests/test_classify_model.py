@@ -498,7 +498,7 @@ train:
   local_own_body: []
   sources:
     - {{kind: folder, path: {crops}, um_per_px: 0.1, exclude: [], rename: {{}},
-       max_per_label: 0, background_per_image: 0}}
+       max_per_label: 0, background_per_image: 0, train_only: false}}
 """)
     runner = CliRunner()
     report = tmp_path / "report.json"

@@ -11,7 +11,7 @@ import pytest
 
 from drivers.slidegen import (
     build_slide,
-    classifier_test_paths,
+    classifier_split_paths,
     heldout_rows,
     read_manifest,
     read_truth,
@@ -97,7 +97,7 @@ def test_cells_come_only_from_the_classifier_test_split(config, small):
     from daemon.config import REPO_ROOT
     from pipeline.datasets import label_index, read_source, split
 
-    held = classifier_test_paths(config)
+    held = classifier_split_paths(config, "test")
     samples = []
     for i, src in enumerate(config.train.sources):
         samples += read_source(src, REPO_ROOT, config.train.seed + i)
@@ -134,3 +134,51 @@ def test_segmentation_keeps_cytoplasm_of_real_neutrophils():
         assert cell.sum() < 0.5 * cell.size
         ratios.append(cell.sum() / nucleus.sum())
     assert np.median(ratios) > 2.0
+
+
+def test_a_slide_of_training_cells_trains_as_points_and_never_reaches_the_test_split(
+        config, small, tmp_path):
+    """make-slide --split train draws only the classifier's training cells; read back as a
+    train_only `points` source its cells sit at their true centres, and adding it leaves the
+    split of every other source exactly as it was."""
+    from daemon.config import REPO_ROOT
+    from pipeline.datasets import (DatasetError, SourceParams, label_index, load_crops,
+                                   read_source, split)
+
+    pbc = str(PBC.resolve())
+    train = {p for p in classifier_split_paths(config, "train") if p.startswith(pbc)}
+    tested = classifier_split_paths(config, "test") | classifier_split_paths(config, "val")
+    params = small.model_copy(update={"width_px": 700, "height_px": 600})
+    s = build_slide(params, 5, train)
+    used = {str((PBC / c["source"]).resolve()) for c in s.truth["cells"]}
+    assert used and used <= train and not used & tested
+    write_slide(s, tmp_path / "t.tif", tmp_path / "t.json", params)
+
+    src = SourceParams(kind="points", path=tmp_path / "t.json", um_per_px=params.um_per_px,
+                       exclude=("platelet", "debris"), rename={}, max_per_label=0,
+                       background_per_image=0, train_only=True)
+    pts = read_source(src, REPO_ROOT, 0)
+    assert [(p.label, p.center) for p in pts] == [(c["class"], (c["x"], c["y"]))
+                                                 for c in s.truth["cells"]]
+    assert all(p.train_only for p in pts)
+    crops = load_crops(pts, config.classes.names, 0.2, size=96)
+    assert len(crops.crops) == len(pts) and not crops.problems
+    # A stained nucleus (blue over green) sits at the centre of each crop, not at its rim.
+    c = crops.crops.astype(np.int16)
+    blue = c[..., 2] - c[..., 1]
+    assert np.median(blue[:, 38:58, 38:58].mean((1, 2)) - blue[:, :8].mean((1, 2))) > 20
+
+    base = []
+    for i, source in enumerate(config.train.sources):
+        base += read_source(source, REPO_ROOT, config.train.seed + i)
+    index = label_index(config.classes.names)
+    labels = np.array([index[x.label] for x in base + pts])
+    mask = np.arange(len(labels)) >= len(base)
+    old = split(labels[~mask], config.train.seed, config.train.val_fraction)
+    new = split(labels, config.train.seed, config.train.val_fraction, mask)
+    for part in ("val", "test"):
+        assert np.array_equal(new[part], old[part]), part
+    assert np.array_equal(new["train"], np.concatenate([old["train"], np.flatnonzero(mask)]))
+
+    with pytest.raises(DatasetError, match="0.1 µm/px|µm/px"):
+        read_source(src.model_copy(update={"um_per_px": 0.1}), REPO_ROOT, 0)

@@ -126,12 +126,15 @@ def make_slide_cmd(
     height_px: Optional[int] = typer.Option(None, "--height-px", help="Slide height."),
     um_per_px: Optional[float] = typer.Option(None, "--um-per-px", help="Slide pixel size."),
     split: str = typer.Option("classifier", "--split",
-                              help="Held-out cells: 'classifier' (the model's own test split) "
-                                   "or 'hash' (slidegen.heldout_every, no training config needed)."),
+                              help="Which cells: 'classifier' (the model's own test split), "
+                                   "'hash' (slidegen.heldout_every, no training config needed), "
+                                   "or 'train' (the classifier's training part only: a slide to "
+                                   "train on, never to evaluate with)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """Build a virtual marrow slide from held-out real cells, with its ground truth."""
-    from drivers.slidegen import build_slide, classifier_test_paths, write_slide
+    """Build a virtual marrow slide from held-out real cells, with its ground truth (or, with
+    --split train, from training cells, for a `points` training source)."""
+    from drivers.slidegen import build_slide, classifier_split_paths, write_slide
 
     cfg = load_config(config)
     update: dict[str, Any] = {k: v for k, v in (("width_px", width_px), ("height_px", height_px),
@@ -139,12 +142,13 @@ def make_slide_cmd(
     params = cfg.slidegen.model_copy(update=update) if update else cfg.slidegen
     if um_per_px is not None:
         check_scale(um_per_px, "--um-per-px")
-    if split not in ("classifier", "hash"):
-        raise MarrowError(f"--split must be 'classifier' or 'hash', got {split!r}")
+    if split not in ("classifier", "hash", "train"):
+        raise MarrowError(f"--split must be 'classifier', 'hash' or 'train', got {split!r}")
     heldout, note = None, None
-    if split == "classifier":
-        heldout = classifier_test_paths(cfg)
-        note = (f"classifier test split: pipeline.datasets.split(seed={cfg.train.seed}) over "
+    if split in ("classifier", "train"):
+        part = "test" if split == "classifier" else "train"
+        heldout = classifier_split_paths(cfg, part)
+        note = (f"classifier {part} split: pipeline.datasets.split(seed={cfg.train.seed}) over "
                 f"train.sources")
     t0 = time.perf_counter()
     slide = build_slide(params, seed, heldout, note)

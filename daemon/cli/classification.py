@@ -172,7 +172,7 @@ def eval_classify_cmd(
         p = cfg.train
         data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
                                cache_dir=cache_dir)
-        test = split(data.labels, p.seed, p.val_fraction)["test"]
+        test = split(data.labels, p.seed, p.val_fraction, data.train_only)["test"]
         result = evaluate_split(ckpt, data, test, cfg.classes, png=png, params=cfg.classifier)
     else:
         if um_per_px is None:
@@ -213,7 +213,7 @@ def eval_unknown_cmd(
     clf = load_classifier(checkpoint, cfg.classes)
     data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
                            cache_dir=cache_dir)
-    test = split(data.labels, p.seed, p.val_fraction)["test"]
+    test = split(data.labels, p.seed, p.val_fraction, data.train_only)["test"]
     # White cells of unknown type (ANY_LEUKOCYTE) have no class to be known as.
     known = centre(data.crops[test[data.labels[test] < len(cfg.classes.names)]])
     samples = []

@@ -226,7 +226,7 @@ def demo_cmd(
 
 def build_demo_slide(cfg: Any, seed: int) -> Path:
     """A small virtual slide under var/demo (built once per seed and reused)."""
-    from drivers.slidegen import build_slide, classifier_test_paths, write_slide
+    from drivers.slidegen import build_slide, classifier_split_paths, write_slide
 
     out = cfg.resolve("var/demo") / f"slide-{seed}.tif"
     if out.is_file():
@@ -234,7 +234,7 @@ def build_demo_slide(cfg: Any, seed: int) -> Path:
     params = cfg.slidegen.model_copy(update={"width_px": 1388 * 6, "height_px": 1040 * 5})
     with console.status("building a virtual slide from held-out real cells..."):
         try:
-            heldout = classifier_test_paths(cfg)
+            heldout = classifier_split_paths(cfg, "test")
         except Exception:  # no training config: fall back to slidegen's own held-out split
             heldout = None
         slide = build_slide(params, seed, heldout)
