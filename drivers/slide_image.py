@@ -3,7 +3,11 @@
 ``open_slide(path)`` picks a backend from the file's content (never from its name alone):
 
 - OpenSlide for vendor whole-slide formats (Aperio SVS, Hamamatsu NDPI/VMS, MIRAX MRXS,
-  DICOM, Leica, Philips, Sakura, Trestle, Ventana, Zeiss);
+  Leica, Philips, Sakura, Trestle, Ventana, Zeiss) and DICOM VL Whole Slide Microscopy
+  series: a series is one ``.dcm`` instance file per pyramid level (plus label/overview
+  images), and ``path`` may be the folder holding it (every ``.dcm`` file in it must be an
+  instance of one series) or any one instance file of it; the pixel size is the base level's
+  PixelSpacing;
 - tifffile for every other TIFF (OME-TIFF, generic tiled or striped TIFF, pyramids written
   with tifffile, single-field TIFFs), decoding only the tiles or strips a region touches, with
   a small LRU cache of decoded tiles so consecutive camera frames are cheap;
@@ -43,6 +47,9 @@ treated as missing."""
 
 TILE_CACHE_BYTES = 96 * 2**20
 
+DICOM_SUFFIX = ".dcm"
+_NOT_WSI_INSTANCE = ("DICOM, but not a whole-slide image instance that OpenSlide can read "
+                     "(truncated, or another kind of DICOM object)")
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _KIND_BY_EXTENSION = {
     ".tif": "tiff", ".tiff": "tiff", ".svs": "tiff", ".ndpi": "tiff", ".scn": "tiff",
@@ -66,9 +73,12 @@ def open_slide(path: str | os.PathLike[str]) -> "SlideImage":
     if not p.exists():
         raise ImageError(f"{p.name}: no such file")
     if p.is_dir():
+        if dicom_series_files(p):
+            return OpenSlideImage(p, "dicom", start=_dicom_series_start(p))
         vendor = _openslide_vendor(p)
         if vendor is None:
-            raise ImageError(f"{p.name}: a folder, and not one OpenSlide can read (e.g. DICOM)")
+            raise ImageError(f"{p.name}: a folder with no .dcm series in it, and not one "
+                             "OpenSlide can read")
         return OpenSlideImage(p, vendor)
     size = p.stat().st_size
     if size == 0:
@@ -89,8 +99,55 @@ def open_slide(path: str | os.PathLike[str]) -> "SlideImage":
         return TiffImage(p)
     if kind in ("jpeg", "png", "bmp"):
         return RasterImage(p, kind)
+    if kind == "dicom":
+        raise ImageError(f"{p.name}: {_NOT_WSI_INSTANCE}")
     raise ImageError(f"{p.name}: not a slide or image file that can be read (content is not "
                      "TIFF, SVS, NDPI, MRXS, DICOM, JPEG, PNG or BMP)")
+
+
+def dicom_series_files(folder: Path) -> list[Path]:
+    """The ``.dcm`` files directly in ``folder``, by name (hidden ones left out): a series."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return []
+    return [Path(e.path) for e in entries
+            if e.name.lower().endswith(DICOM_SUFFIX) and not e.name.startswith((".", "~"))
+            and e.is_file()]
+
+
+def _dicom_series_start(folder: Path) -> Path:
+    """The instance file to open ``folder``'s series by, once every ``.dcm`` file in it is
+    known to be an instance of one series that OpenSlide reads.
+
+    OpenSlide itself silently skips files of the folder it cannot read, so a truncated or
+    foreign file would leave a level out instead of failing the slide.
+    """
+    import openslide
+
+    files = dicom_series_files(folder)
+    series: set[str] = set()
+    for f in files:
+        try:
+            with openslide.OpenSlide(str(f)) as one:
+                series.add(one.properties.get("dicom.SeriesInstanceUID", ""))
+        except Exception as exc:  # noqa: BLE001  (OpenSlideError or unsupported-format)
+            raise ImageError(f"{folder.name}: {f.name}: {_dicom_file_problem(f, exc)}") from None
+    if len(series) > 1:
+        raise ImageError(f"{folder.name}: holds {len(series)} DICOM series; a slide's folder "
+                         "must hold one")
+    return files[0]
+
+
+def _dicom_file_problem(f: Path, exc: BaseException) -> str:
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(132)
+    except OSError as err:
+        return f"cannot read ({err.strerror})"
+    if _sniff(head) != "dicom":
+        return "not a DICOM file (no DICM preamble)"
+    return f"{_NOT_WSI_INSTANCE} ({_reason(exc)})"
 
 
 def _expected_kind(p: Path) -> str | None:
@@ -205,14 +262,18 @@ class SlideImage:
 
 
 class OpenSlideImage(SlideImage):
-    """Vendor whole-slide formats through OpenSlide (openslide-bin)."""
+    """Vendor whole-slide formats through OpenSlide (openslide-bin).
 
-    def __init__(self, path: Path, vendor: str) -> None:
+    ``start`` is the file OpenSlide opens when ``path`` is a DICOM series folder (OpenSlide
+    finds the other instances of the series beside it).
+    """
+
+    def __init__(self, path: Path, vendor: str, start: Path | None = None) -> None:
         import openslide
 
         self.path, self.format = path, vendor
         try:
-            self._slide = openslide.OpenSlide(str(path))
+            self._slide = openslide.OpenSlide(str(start or path))
         except Exception as exc:  # noqa: BLE001  (OpenSlideError, or unsupported-format)
             raise ImageError(f"{path.name}: cannot open {vendor} slide: {_reason(exc)}") from None
         self.width, self.height = self._slide.dimensions
@@ -229,14 +290,34 @@ class OpenSlideImage(SlideImage):
         if mpp is not None:
             self.um_per_px, self.um_per_px_source = mpp, f"OpenSlide {vendor} mpp-x"
         self._lock = threading.Lock()
-        # OpenSlide reports a corrupt tile only when it is decoded: read the coarsest level
-        # (cheap) so that a file broken from the start is refused at open time.
-        lw, lh, _ = self.levels[-1]
         try:
-            self._read(len(self.levels) - 1, 0, 0, min(lw, 4096), min(lh, 4096))
+            self._check_readable(vendor)
         except ImageError:
             self.close()
             raise
+
+    def _check_readable(self, vendor: str) -> None:
+        # OpenSlide reports a corrupt tile only when it is decoded: read the coarsest level
+        # (cheap) so that a file broken from the start is refused at open time.
+        lw, lh, _ = self.levels[-1]
+        self._read(len(self.levels) - 1, 0, 0, min(lw, 4096), min(lh, 4096))
+        if vendor != "dicom":
+            return
+        # A DICOM level is a file of its own, written last-frame-last: reading each level's
+        # last frame finds a truncated instance; without the ...\NONE (not resampled) level
+        # OpenSlide would present a downsampled level as full resolution.
+        kind = self._slide.properties.get("dicom.ImageType[3]")
+        if kind != "NONE":
+            raise ImageError(f"{self.path.name}: the series has no full-resolution level "
+                             f"(its largest level is {kind or 'of unknown type'}); the base "
+                             "level file is missing")
+        for level, (lw, lh, _) in enumerate(self.levels[:-1]):
+            try:
+                self._read(level, lw - 1, lh - 1, lw, lh)
+            except ImageError as exc:
+                raise ImageError(f"{self.path.name}: level {level} ({lw}x{lh}) cannot be read to "
+                                 f"its last frame (a truncated instance file?): "
+                                 f"{str(exc).split(': ', 1)[-1]}") from None
 
     def _read(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         ds = self.levels[level][2]
@@ -498,6 +579,16 @@ def _codec_name(compression: Any) -> str:
     return getattr(compression, "name", None) or f"compression {int(compression)}"
 
 
+def pyramid_levels(rgb: np.ndarray, min_level_side: int = 512) -> list[np.ndarray]:
+    """``rgb`` and its halvings (area-averaged) until the longer side is below ``min_level_side``."""
+    levels = [rgb]
+    while max(levels[-1].shape[:2]) >= 2 * min_level_side:
+        prev = levels[-1]
+        levels.append(cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2),
+                                 interpolation=cv2.INTER_AREA))
+    return levels
+
+
 def write_pyramid(
     path: str | os.PathLike[str],
     rgb: np.ndarray,
@@ -519,11 +610,7 @@ def write_pyramid(
 
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ImageError(f"write_pyramid needs RGB uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
-    levels = [rgb]
-    while max(levels[-1].shape[:2]) >= 2 * min_level_side:
-        prev = levels[-1]
-        levels.append(cv2.resize(prev, (prev.shape[1] // 2, prev.shape[0] // 2),
-                                 interpolation=cv2.INTER_AREA))
+    levels = pyramid_levels(rgb, min_level_side)
     ppcm = 1e4 / float(um_per_px)
     opts: dict[str, Any] = dict(tile=(tile, tile), photometric="rgb",
                                 compression=None if compression == "none" else compression,
