@@ -5,17 +5,21 @@
 are lost, e.g. on network shares). A pass:
 
 1. lists candidate files (configured extensions; hidden, partial and quarantined files are
-   left alone), refusing names with ``..`` and symlinks that lead outside the folder;
+   left alone), refusing names with ``..`` and symlinks that lead outside the folder; a
+   subfolder holding ``.dcm`` files is one candidate, a DICOM WSI series (one instance file
+   per pyramid level), and the same refusals apply to each of its files;
 2. waits until a file is complete: its size and mtime unchanged for ``stable_seconds``, or
    the scanner's completion marker present (``<file><marker>``, ``<slide folder><marker>`` or
-   ``<slide folder>/<marker>``);
+   ``<slide folder>/<marker>``); a series is complete when every file in its folder is;
 3. groups complete files into slides (one file per slide, one subfolder per slide, or a
    filename regex with a ``slide`` group);
 4. records each file by content hash (sha256) in the store's ``scanned_files`` table, so a
-   restart or a re-delivered copy is never processed twice;
+   restart or a re-delivered copy is never processed twice (a series' hash covers its
+   instance files' names and bytes);
 5. opens and plans every file (drivers.wsi_fields.plan_file); a file that cannot be opened or
    decoded, or has no pixel size, is moved to the folder's quarantine subfolder with
-   ``<name>.error.txt`` saying why, and recorded; the other files of the slide go on;
+   ``<name>.error.txt`` saying why, and recorded; the other files of the slide go on (a
+   broken series moves as a whole folder);
 6. queues one slide per group in the store with its frozen field plan and calls
    ``submit(slide_id)``; the daemon (daemon/service.py), which counts queued slides, rebuilds
    the FieldSource with ``drivers.wsi_fields.source_from_plan``.
@@ -43,6 +47,7 @@ from pydantic import Field, field_validator, model_validator
 from sqlalchemy import select
 
 from daemon.models import ScannedFile, Slide, utcnow
+from drivers.slide_image import DICOM_SUFFIX, dicom_series_files
 from drivers.wsi_fields import PlannedFile, SlidePlan, WsiParams, plan_file
 from pipeline.detect import DetectParams
 from pipeline.errors import ImageError, MarrowError
@@ -157,11 +162,15 @@ class _Seen:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's content (an MRXS index also covers its data folder listing)."""
+    """Hex sha256 of a file's content (an MRXS index also covers its data folder listing; a
+    DICOM series folder is the names, sizes and bytes of its instance files)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
+    if path.is_dir():
+        for p in dicom_series_files(path):
+            h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+            _hash_bytes(h, p)
+        return h.hexdigest()
+    _hash_bytes(h, path)
     if path.suffix.lower() == ".mrxs":
         data = path.with_suffix("")
         if data.is_dir():
@@ -169,6 +178,12 @@ def sha256_file(path: Path) -> str:
                 if p.is_file():
                     h.update(f"{p.name}:{p.stat().st_size}".encode())
     return h.hexdigest()
+
+
+def _hash_bytes(h: "hashlib._Hash", path: Path) -> None:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
 
 
 class FolderWatcher:
@@ -317,24 +332,24 @@ class FolderWatcher:
                                                kind="refused"))
                 continue
             try:
-                st = path.stat()
+                size, mtime = _content_stat(path)
             except OSError:
                 continue  # vanished between listing and stat
-            if (path, st.st_size, st.st_mtime_ns) in self._settled:
+            if (path, size, mtime) in self._settled:
                 continue
             if known is None:
                 known = self._recorded(root)
             rec = known.get(path)
-            if rec is not None and rec[0] == st.st_size and st.st_mtime < rec[1]:
+            if rec is not None and rec[0] == size and mtime / 1e9 < rec[1]:
                 # Recorded (done, queued or quarantined) and not written since: no need to hash
                 # it again, which matters for a folder holding an archive of large slides.
-                self._settled.add((path, st.st_size, st.st_mtime_ns))
+                self._settled.add((path, size, mtime))
                 continue
             key = self._slide_key(folder, root, path)
             if key is None:
                 continue
             groups.setdefault(key, []).append(path)
-            complete = self._complete(folder, root, path, st, now)
+            complete = self._complete(folder, root, path, size, mtime, now)
             ready[key] = ready.get(key, True) and complete
         for gone in [p for p in self._seen if p.is_relative_to(root) and p not in present]:
             del self._seen[gone]  # deleted or moved away before it settled
@@ -360,7 +375,8 @@ class FolderWatcher:
         return out
 
     def _candidates(self, root: Path) -> Iterable[Path]:
-        exts = self.params.extensions
+        exts = tuple(x for x in self.params.extensions if x != DICOM_SUFFIX)
+        series = DICOM_SUFFIX in self.params.extensions
         real_root = root.resolve()
         quarantine = self.params.quarantine_dir
         stack = [(root, 0)]
@@ -370,6 +386,12 @@ class FolderWatcher:
                 entries = sorted(os.scandir(d), key=lambda e: e.name)
             except OSError:
                 continue
+            if series and any(e.name.lower().endswith(DICOM_SUFFIX) for e in entries):
+                if depth > 0:
+                    yield d  # a DICOM series: the folder is the slide's one candidate
+                    continue
+                self._warn_once(f"{d}#dicom", f"{d}: .dcm files directly in the watch folder are "
+                                              "ignored: a DICOM series needs a folder of its own")
             for e in entries:
                 name = e.name
                 if name.startswith((".", "~")) or name.endswith((".part", ".tmp", ".partial")):
@@ -387,8 +409,18 @@ class FolderWatcher:
                 if any(name.lower().endswith(x) for x in exts):
                     yield Path(e.path)
 
+    @classmethod
+    def _unsafe(cls, path: Path, root: Path, real_root: Path) -> str | None:
+        if path.is_dir() and not path.is_symlink():
+            for part in [path, *dicom_series_files(path)]:
+                why = cls._unsafe_file(part, root, real_root)
+                if why:
+                    return why if part == path else f"{part.name}: {why}"
+            return None
+        return cls._unsafe_file(path, root, real_root)
+
     @staticmethod
-    def _unsafe(path: Path, root: Path, real_root: Path) -> str | None:
+    def _unsafe_file(path: Path, root: Path, real_root: Path) -> str | None:
         rel = path.relative_to(root)
         if any(".." in part for part in rel.parts):
             return "name contains '..'"
@@ -410,13 +442,10 @@ class FolderWatcher:
             return m.group("slide").strip()
         return str(rel)
 
-    def _complete(self, folder: WatchFolder, root: Path, path: Path, st: os.stat_result,
+    def _complete(self, folder: WatchFolder, root: Path, path: Path, size: int, mtime: int,
                   now: float) -> bool:
         if folder.marker:
             return any(m.exists() for m in self._markers(folder, root, path))
-        size, mtime = st.st_size, st.st_mtime_ns
-        if path.suffix.lower() == ".mrxs":
-            size, mtime = _with_data_dir(path, size, mtime)
         seen = self._seen.get(path)
         if seen is None or (seen.size, seen.mtime_ns) != (size, mtime):
             self._seen[path] = _Seen(size, mtime, now)
@@ -430,6 +459,8 @@ class FolderWatcher:
         marker = folder.marker or ""
         rel = path.relative_to(root)
         out = [path.with_name(path.name + marker)]
+        if path.is_dir():
+            out.append(path / marker)
         if folder.grouping == "subfolder" and len(rel.parts) > 1:
             sub = root / rel.parts[0]
             out += [sub.with_name(sub.name + marker), sub / marker]
@@ -447,14 +478,14 @@ class FolderWatcher:
         planned: list[PlannedFile] = []
         for path in paths:
             try:
-                st = path.stat()
-                sha = self._sha(path, st)
+                size, mtime = _content_stat(path)
+                sha = self._sha(path, size, mtime)
             except OSError as exc:
                 log.warning("%s: cannot read (%s); will retry", path, exc.strerror)
                 continue
             row = self._row(sha)
             if row is not None and row.state in ("done", "processing"):
-                self._settled.add((path, st.st_size, st.st_mtime_ns))
+                self._settled.add((path, size, mtime))
                 if Path(row.path) != path:
                     events.append(WatchEvent("duplicate", str(path), row.slide_id,
                                              f"same content as {row.path}, already {row.state}"))
@@ -463,7 +494,7 @@ class FolderWatcher:
                 events.append(self._quarantine(folder, root, path, row.error or "quarantined before",
                                                sha))
                 continue
-            self._record(sha, path, st.st_size, "pending")
+            self._record(sha, path, size, "pending")
             try:
                 planned.append(plan_file(path, sha, folder.um_per_px, self.params.wsi,
                                          self.detect, folder.area_um))
@@ -476,8 +507,7 @@ class FolderWatcher:
         plan = SlidePlan(tuple(planned))
         slide_id = self._queue_slide(folder, key, plan)
         for pf in planned:
-            st = Path(pf.path).stat()
-            self._settled.add((Path(pf.path), st.st_size, st.st_mtime_ns))
+            self._settled.add((Path(pf.path), *_content_stat(Path(pf.path))))
         events.append(WatchEvent("slide", str(root / key), slide_id,
                                  f"{len(planned)} file(s), {plan.n_fields} field(s) planned"))
         self.submit(slide_id)
@@ -517,12 +547,12 @@ class FolderWatcher:
                     row.state, row.slide_id, row.updated_at = "processing", slide_id, utcnow()
         return slide_id
 
-    def _sha(self, path: Path, st: os.stat_result) -> str:
+    def _sha(self, path: Path, size: int, mtime: int) -> str:
         cached = self._hashes.get(path)
-        if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
+        if cached and cached[:2] == (size, mtime):
             return cached[2]
         sha = sha256_file(path)
-        self._hashes[path] = (st.st_size, st.st_mtime_ns, sha)
+        self._hashes[path] = (size, mtime, sha)
         return sha
 
     def _row(self, sha: str) -> ScannedFile | None:
@@ -543,7 +573,8 @@ class FolderWatcher:
                     sha: str | None, kind: str = "quarantined") -> WatchEvent:
         """Move ``path`` into the quarantine folder beside ``<name>.error.txt``; record it.
         An MRXS index takes its data folder along, renamed to match, so the pair stays whole
-        and the folder is not left in the watch folder to be mistaken for a slide."""
+        and the folder is not left in the watch folder to be mistaken for a slide; a DICOM
+        series moves as its whole folder."""
         qdir = root / self.params.quarantine_dir
         rel = path.relative_to(root)
         base = "__".join(rel.parts).replace("..", "__")
@@ -554,7 +585,7 @@ class FolderWatcher:
             k += 1
         size = 0
         try:
-            size = path.lstat().st_size
+            size = path.lstat().st_size if path.is_symlink() else _content_stat(path)[0]
             qdir.mkdir(exist_ok=True)
             os.replace(path, dest)
             data = path.with_suffix("")
@@ -625,15 +656,25 @@ class FolderWatcher:
             log.warning(msg)
 
 
-def _with_data_dir(path: Path, size: int, mtime: int) -> tuple[int, int]:
-    """An MRXS slide is its index file plus a data folder: both must have settled."""
-    data = path.with_suffix("")
-    if data.is_dir():
-        for p in data.iterdir():
-            try:
-                st = p.stat()
-            except OSError:
-                continue
+def _content_stat(path: Path) -> tuple[int, int]:
+    """(bytes, newest mtime in ns) of what a candidate consists of, the figures that must
+    settle: a file; an MRXS index plus its data folder; a DICOM series folder with every file
+    in it (partial and hidden ones too: a scanner still writing one is not finished)."""
+    st = path.stat()
+    size, mtime = st.st_size, st.st_mtime_ns
+    if path.is_dir():
+        size = 0
+        members = path.iterdir()
+    elif path.suffix.lower() == ".mrxs" and path.with_suffix("").is_dir():
+        members = path.with_suffix("").iterdir()
+    else:
+        return size, mtime
+    for p in members:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if not p.is_dir():
             size += st.st_size
-            mtime = max(mtime, st.st_mtime_ns)
+        mtime = max(mtime, st.st_mtime_ns)
     return size, mtime

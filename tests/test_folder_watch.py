@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,42 @@ def scan_until_idle(w: FolderWatcher, passes: int = 40, pause: float = 0.1) -> l
     return out
 
 
+def write_slowly(target: Path, data: bytes, chunks: int = 12, pause: float = 0.1) -> None:
+    """Write ``data`` to ``target`` in ``chunks`` pieces, ``pause`` s apart, as a scanner does."""
+    step = len(data) // chunks + 1
+    with open(target, "wb") as fh:
+        for i in range(0, len(data), step):
+            fh.write(data[i:i + step])
+            fh.flush()
+            time.sleep(pause)
+
+
+def watch_while_writing(w: FolderWatcher, events: list, write: Callable[[], None],
+                        timeout: float = 30.0) -> bool:
+    """Run ``w`` while ``write()`` delivers a slide in another thread, until ``w`` queues a slide,
+    then a little longer (more passes, in which nothing further may happen). Returns whether
+    ``write`` had finished by the time the slide was queued."""
+    done: list[bool] = []
+
+    def deliver() -> None:
+        write()
+        done.append(True)
+
+    writer = threading.Thread(target=deliver)
+    w.start()
+    try:
+        writer.start()
+        deadline = time.monotonic() + timeout
+        while not any(e.kind == "slide" for e in events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        finished_first = bool(done)
+        time.sleep(1.5)
+    finally:
+        writer.join()
+        w.stop()
+    return finished_first
+
+
 def rows(store) -> list[ScannedFile]:
     with store.session() as s:
         return list(s.scalars(select(ScannedFile).order_by(ScannedFile.id)))
@@ -88,30 +125,7 @@ def test_slow_copy_is_processed_once_after_it_completes(config, store, inbox, py
     events: list = []
     w = watcher(config, store, params, events)
     target = inbox / "slow.tif"
-    done_at: list[float] = []
-
-    def copy_slowly() -> None:
-        step = len(pyramid_bytes) // 12 + 1
-        with open(target, "wb") as fh:
-            for i in range(0, len(pyramid_bytes), step):
-                fh.write(pyramid_bytes[i:i + step])
-                fh.flush()
-                time.sleep(0.1)
-        done_at.append(time.monotonic())
-
-    writer = threading.Thread(target=copy_slowly)
-    w.start()
-    try:
-        writer.start()
-        deadline = time.monotonic() + 30
-        while not any(e.kind == "slide" for e in events) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        queued_at = time.monotonic()
-        time.sleep(1.5)  # more passes: nothing further may happen
-    finally:
-        writer.join()
-        w.stop()
-    assert done_at and queued_at > done_at[0]
+    assert watch_while_writing(w, events, lambda: write_slowly(target, pyramid_bytes))
     assert [e.kind for e in events] == ["slide"], events
     (slide,) = slides(store)
     plan_file = slide.plan["files"][0]
