@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
@@ -168,8 +169,6 @@ def read_points(truth_path: Path, um_per_px: float) -> list[Sample]:
 
     Raises DatasetError when the JSON or its image is missing, or when the JSON's
     ``um_per_px`` differs from the source's by more than 1%."""
-    import json
-
     image = truth_path.with_suffix(".tif")
     try:
         truth = json.loads(truth_path.read_text(encoding="utf-8"))
