@@ -53,6 +53,14 @@ def _diff_dict(d: Differential) -> dict[str, Any]:
     }
 
 
+def _prescan_text(pre: dict[str, Any] | None) -> str:
+    if not pre:
+        return ""
+    why = "".join(f", {n} {_esc(r)}" for r, n in pre["left_out_by_reason"].items())
+    return (f" · pre-scan at {_esc(pre['objective'])} kept {pre['kept']} of {pre['planned']} "
+            f"fields{why}")
+
+
 def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]:
     """Everything a lab report says about one slide, as plain JSON-ready data.
 
@@ -108,6 +116,9 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             "history": [{"username": r.username, "action": r.action, "at": _iso(r.at),
                          "note": r.note} for r in reviews],
         }
+    pre = (slide.plan or {}).get("prescan")
+    prescan = None if not pre else {k: pre[k] for k in (
+        "objective", "um_per_px", "planned", "kept", "left_out_by_reason")}
     return {
         "report_version": 1,
         "generated_at": _iso(datetime.now(timezone.utc)),
@@ -120,6 +131,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             "finished_at": _iso(slide.finished_at), "instrument": slide.worker,
             "fields": int(n_fields), "fields_skipped": int(n_skipped),
             "cells_needing_review": int(needs_review),
+            "prescan": prescan,
         },
         "basis": "reviewed" if signed else "machine",
         "differential": _diff_dict(final),
@@ -170,7 +182,8 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         Paragraph(
             f"Status <b>{sl['status']}</b> · basis: {rep['basis']} counts · "
             f"{d['total']} leukocytes counted (target {sl['target']}) · taxonomy "
-            f"{_esc(sl['taxonomy'])} · {sl['fields']} fields ({sl['fields_skipped']} skipped)",
+            f"{_esc(sl['taxonomy'])} · {sl['fields']} fields ({sl['fields_skipped']} skipped)"
+            + _prescan_text(sl["prescan"]),
             st["Normal"]),
         Paragraph(f"Started {sl['started_at'] or '-'} · finished {sl['finished_at'] or '-'} · "
                   f"instrument {_esc(sl['instrument'] or '-')} · report generated "

@@ -490,12 +490,12 @@ class Service:
                     f"slide {slide.name!r} was planned at {p['um_per_px']} µm/px but the "
                     f"microscope now gives {scope.um_per_px} µm/px; resubmit it")
             return FieldPlan(tuple(tuple(xy) for xy in p["positions"]), tuple(p["fov_um"]),
-                             tuple(tuple(xy) for xy in p["area"]))
-        plan = scope.plan(self.cfg.acquisition.area_um)
+                             tuple(tuple(xy) for xy in p["area"]), p.get("prescan"))
+        plan = scope.plan(self.cfg.acquisition.area_um, self.cfg.detect)
         self.store.set_plan(slide.id, {
             "driver": "stage", "version": PLAN_VERSION, "um_per_px": scope.um_per_px,
             "positions": [list(xy) for xy in plan.positions], "fov_um": list(plan.fov_um),
-            "area": [list(xy) for xy in plan.area],
+            "area": [list(xy) for xy in plan.area], "prescan": plan.prescan,
         }, scope.um_per_px)
         return plan
 

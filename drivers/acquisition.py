@@ -32,6 +32,15 @@ class AcquisitionError(MarrowError):
     """A microscope or slide that cannot be acquired (bad config, bad area, repeated faults)."""
 
 
+class PrescanParams(Params):
+    """The ``acquisition.prescan:`` config section (drivers/prescan.py)."""
+
+    enabled: bool = Field(description="judge the counting area at low magnification first")
+    config_group: str = Field(min_length=1, description="Micro-Manager group that switches objectives")
+    objective: str = Field(min_length=1, description="the group's preset for the pre-scan objective")
+    counting_objective: str = Field(min_length=1, description="the group's preset to count with")
+
+
 class AcquisitionParams(Params):
     """The ``acquisition:`` config section (defaults in config/default.yaml)."""
 
@@ -51,6 +60,7 @@ class AcquisitionParams(Params):
     backoff_s: float = Field(ge=0, description="first retry delay; doubles on each retry")
     autofocus: AutofocusParams
     quality: QualityParams
+    prescan: PrescanParams
     virtual: VirtualParams
 
 

@@ -34,7 +34,7 @@ from pymmcore_plus import CMMCorePlus
 from pymmcore_plus.mda import MDAEngine
 from pymmcore_plus.mda._engine import ImagePayload
 
-from drivers.acquisition import AcquisitionError, AcquisitionParams, FieldResult
+from drivers.acquisition import AcquisitionError, AcquisitionParams, FieldResult, PrescanParams
 from drivers.autofocus import find_focus
 from drivers.plan import Area, FieldPlan, plan_fields
 from drivers.virtual import SlideView, VirtualMicroscope, build_virtual_microscope
@@ -181,9 +181,16 @@ class Microscope:
     def z_limits_um(self) -> tuple[float, float] | None:
         return self.virtual.z.limits_um if self.virtual is not None else None
 
-    def plan(self, area: Area | None) -> FieldPlan:
+    @property
+    def camera_size(self) -> tuple[int, int]:
+        """The camera image (width, height) in pixels at the current ROI."""
+        *_, w, h = self.core.getROI()
+        return int(w), int(h)
+
+    def plan(self, area: Area | None, detect: DetectParams | None = None) -> FieldPlan:
         """Fields covering ``area`` (stage µm; None = the whole stage range), checked against
-        the stage limits before anything moves."""
+        the stage limits before anything moves; with ``params.prescan`` enabled, only those
+        the low-magnification pre-scan (drivers/prescan.py, using ``detect``) finds fit."""
         if area is None:
             if self.stage_limits_um is None:
                 raise AcquisitionError(
@@ -191,7 +198,54 @@ class Microscope:
                 )
             x0, y0, x1, y1 = self.stage_limits_um
             area = ((x0, y0), (x1, y1))
-        return plan_fields(area, *self.fov_um, stage_limits_um=self.stage_limits_um)
+        plan = plan_fields(area, *self.fov_um, stage_limits_um=self.stage_limits_um)
+        if not self.params.prescan.enabled:
+            return plan
+        if detect is None:
+            raise ValueError("the pre-scan needs the detector's parameters")
+        from drivers.prescan import prescan
+
+        return prescan(self, plan, self.params.prescan, self.params.quality, detect)
+
+    # -- objectives (pre-scan) -----------------------------------------------------------
+
+    def check_objectives(self, params: PrescanParams) -> None:
+        """AcquisitionError unless the config group and both its presets are defined."""
+        group = params.config_group
+        if not self.core.isGroupDefined(group):
+            raise AcquisitionError(
+                f"the pre-scan needs a Micro-Manager config group {group!r} that switches "
+                "objectives; the config has none"
+            )
+        for preset in (params.objective, params.counting_objective):
+            if not self.core.isConfigDefined(group, preset):
+                raise AcquisitionError(
+                    f"config group {group!r} has no preset {preset!r} "
+                    f"(it has {', '.join(self.core.getAvailableConfigs(group)) or 'none'})"
+                )
+
+    def pixel_size_now(self) -> float:
+        """The core's pixel size (µm/px) for the objective in place; 0 when it defines none."""
+        if self.virtual is not None:
+            self.virtual.sync_pixel_size()
+        return float(self.core.getPixelSizeUm())
+
+    def use_objective(self, params: PrescanParams, counting: bool = False) -> float:
+        """Switch to the pre-scan (or counting) objective; return its pixel size (µm/px)."""
+        group = params.config_group
+        preset = params.counting_objective if counting else params.objective
+
+        def switch() -> None:
+            self.core.setConfig(group, preset)
+            self.core.waitForConfig(group, preset)
+
+        self._retry(f"objective change to {preset!r}", switch)
+        px = self.pixel_size_now()
+        if not px > 0:
+            raise AcquisitionError(
+                f"the Micro-Manager config defines no pixel size for objective preset {preset!r}"
+            )
+        return px
 
     # -- hardware with retries -----------------------------------------------------------
 

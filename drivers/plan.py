@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import useq
 from shapely.geometry import Polygon, box
@@ -26,11 +27,13 @@ Area = Sequence[Sequence[float]]
 
 @dataclass(frozen=True)
 class FieldPlan:
-    """Field centres in visiting order (stage µm) and the field of view they were made for."""
+    """Field centres in visiting order (stage µm) and the field of view they were made for;
+    ``prescan`` is the low-magnification pre-scan's summary when one chose the fields."""
 
     positions: tuple[tuple[float, float], ...]
     fov_um: tuple[float, float]
     area: tuple[tuple[float, float], ...]
+    prescan: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.positions)

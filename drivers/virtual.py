@@ -9,7 +9,10 @@ Gaussian of sigma ``blur_um_per_um * |z - z_focus|`` µm. Noise and faults (fail
 stage timeouts) can be injected at configured rates, with a seeded generator.
 
 The camera's pixel size equals the slide's (µm/px), set through a Micro-Manager pixel-size
-config, so the driver above reads it like on any real system.
+config, so the driver above reads it like on any real system. A nosepiece (state device,
+switched through the ``Objective`` config group like a real turret) holds the 100x counting
+objective and a 10x pre-scan objective; at 10x the camera sees ten times the area, read from
+a coarser pyramid level of the slide.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ try:  # pymmcore-plus is a hard dependency; the import is only slow, not optiona
         ShutterDevice,
         SimpleCameraDevice,
         StageDevice,
+        StateDevice,
         UniMMCore,
         XYStageDevice,
     )
@@ -66,11 +70,23 @@ class SlideView(Protocol):
     def read_region(self, x: int, y: int, w: int, h: int) -> np.ndarray: ...
 
 
+class LeveledSlideView(SlideView, Protocol):
+    """A slide with a pyramid (SlideImage): the 10x objective reads a coarser level."""
+
+    levels: tuple[tuple[int, int, float], ...]
+
+    def read_level_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray: ...
+
+
 GLASS_RGB = (242, 240, 244)
 """Empty glass under bright-field illumination: what the camera sees off the smear."""
 
-CAMERA, XY_STAGE, Z_STAGE, LAMP = "VCamera", "VXYStage", "VZStage", "VLamp"
+CAMERA, XY_STAGE, Z_STAGE, LAMP, NOSEPIECE = "VCamera", "VXYStage", "VZStage", "VLamp", "VNosepiece"
 PIXEL_CONFIG = "Virtual100x"
+OBJECTIVE_GROUP = "Objective"
+OBJECTIVES = {"100x": (1.0, 1.0), "10x": (10.0, 0.2)}
+"""Nosepiece labels: (slide pixels one camera pixel spans, defocus blur relative to 100x).
+Blur per µm of defocus scales with the numerical aperture: 10x NA 0.25 against 100x NA 1.25."""
 
 
 class DeviceFault(RuntimeError):
@@ -194,6 +210,30 @@ class VirtualLamp(ShutterDevice):
         self._open = bool(open)
 
 
+class VirtualNosepiece(StateDevice):
+    """Objective turret: state 0 the 100x counting objective, state 1 the 10x pre-scan one."""
+
+    def __init__(self) -> None:
+        super().__init__(dict(enumerate(OBJECTIVES)))
+        self._state = 0
+
+    def get_state(self) -> int:
+        return self._state
+
+    def set_state(self, position: int) -> None:
+        self._state = int(position)
+
+    @property
+    def zoom_out(self) -> float:
+        """Slide pixels per camera pixel through the objective in place."""
+        return list(OBJECTIVES.values())[self._state][0]
+
+    @property
+    def blur_factor(self) -> float:
+        """Defocus blur of the objective in place, relative to the 100x objective."""
+        return list(OBJECTIVES.values())[self._state][1]
+
+
 class VirtualCamera(SimpleCameraDevice):
     """RGB camera rendering the slide's field of view at the stage position.
 
@@ -211,8 +251,10 @@ class VirtualCamera(SimpleCameraDevice):
         plane: FocalPlane,
         params: VirtualParams,
         faults: _Faults,
+        nosepiece: VirtualNosepiece | None = None,
     ) -> None:
         super().__init__()
+        self._nosepiece = nosepiece
         self._slide, self._um_per_px = slide, um_per_px
         self._xy, self._z, self._lamp, self._plane = xy, z, lamp, plane
         self._params, self._faults = params, faults
@@ -251,11 +293,17 @@ class VirtualCamera(SimpleCameraDevice):
             return np.zeros((h, w, 3), np.uint8)
         x_um, y_um = self._xy.get_position_um()
         dz = self._z.get_position_um() - self._plane.z_at(x_um, y_um)
-        sigma_px = p.blur_um_per_um * abs(dz) / self._um_per_px
+        nose = self._nosepiece
+        zoom, blur = (nose.zoom_out, nose.blur_factor) if nose is not None else (1.0, 1.0)
+        px_um = self._um_per_px * zoom
+        sigma_px = p.blur_um_per_um * blur * abs(dz) / px_um
         margin = int(np.ceil(3 * sigma_px)) if sigma_px >= 0.3 else 0
-        cx, cy = x_um / self._um_per_px, y_um / self._um_per_px
+        cx, cy = x_um / px_um, y_um / px_um
         x0, y0 = int(round(cx - w / 2)) - margin, int(round(cy - h / 2)) - margin
-        img = self._read_clipped(x0, y0, w + 2 * margin, h + 2 * margin)
+        if zoom == 1.0:
+            img = self._read_clipped(x0, y0, w + 2 * margin, h + 2 * margin)
+        else:
+            img = self._read_zoomed_out(x0, y0, w + 2 * margin, h + 2 * margin, zoom)
         if margin:
             img = _gaussian(img, sigma_px)[margin : margin + h, margin : margin + w]
         gain = self._exposure / p.exposure_ms
@@ -279,6 +327,27 @@ class VirtualCamera(SimpleCameraDevice):
                 ax0, ay0, ax1 - ax0, ay1 - ay0
             )
         return out
+
+
+    def _read_zoomed_out(self, x0: int, y0: int, w: int, h: int, zoom: float) -> np.ndarray:
+        """``w × h`` camera pixels each spanning ``zoom`` slide pixels, top-left ``(x0, y0)``
+        in camera pixels: read from the coarsest pyramid level still as fine, then shrunk."""
+        levels = getattr(self._slide, "levels", ((self._slide.width, self._slide.height, 1.0),))
+        level = max((i for i, lv in enumerate(levels) if lv[2] <= zoom * 1.001), default=0)
+        ds = levels[level][2]
+        f = zoom / ds  # level pixels per camera pixel
+        lx, ly = int(round(x0 * f)), int(round(y0 * f))
+        lw, lh = max(1, int(round(w * f))), max(1, int(round(h * f)))
+        if level == 0:
+            region = self._read_clipped(lx, ly, lw, lh)
+        else:
+            region = np.ascontiguousarray(self._slide.read_level_region(level, lx, ly, lw, lh))
+            # A pyramid level pads outside the slide with white; the camera sees glass there.
+            lvw, lvh = levels[level][:2]
+            outside = np.ones((lh, lw), bool)
+            outside[max(0, -ly):max(0, min(lh, lvh - ly)), max(0, -lx):max(0, min(lw, lvw - lx))] = False
+            region[outside] = GLASS_RGB
+        return cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def _gaussian(img: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -310,9 +379,15 @@ class VirtualMicroscope:
     xy: VirtualXYStage
     z: VirtualZStage
     lamp: VirtualLamp
+    nosepiece: VirtualNosepiece
     plane: FocalPlane
     faults: _Faults
     um_per_px: float
+
+    def sync_pixel_size(self) -> None:
+        """Set the core's pixel size for the objective in place (a real system's pixel-size
+        configs follow the turret by themselves; a Python device's cannot)."""
+        self.core.setPixelSizeUm(PIXEL_CONFIG, self.um_per_px * self.nosepiece.zoom_out)
 
     @property
     def stage_limits_um(self) -> tuple[float, float, float, float]:
@@ -338,12 +413,16 @@ def build_virtual_microscope(
     start_z = plane.z_at(*xy.get_position_um()) + 3.0
     z = VirtualZStage(params.z_limits_um, start_z, faults)
     lamp = VirtualLamp()
-    camera = VirtualCamera(slide, um_per_px, xy, z, lamp, plane, params, faults)
+    nosepiece = VirtualNosepiece()
+    camera = VirtualCamera(slide, um_per_px, xy, z, lamp, plane, params, faults, nosepiece)
     # Any folder silences UniMMCore's "no Micro-Manager installation" lookup.
     core = UniMMCore(mm_path=tempfile.gettempdir())
-    for label, dev in ((XY_STAGE, xy), (Z_STAGE, z), (LAMP, lamp), (CAMERA, camera)):
+    devices = ((XY_STAGE, xy), (Z_STAGE, z), (LAMP, lamp), (NOSEPIECE, nosepiece), (CAMERA, camera))
+    for label, dev in devices:
         core.loadPyDevice(label, dev)
     core.initializeAllDevices()
+    for objective in OBJECTIVES:
+        core.defineConfig(OBJECTIVE_GROUP, objective, NOSEPIECE, "Label", objective)
     core.setCameraDevice(CAMERA)
     core.setXYStageDevice(XY_STAGE)
     core.setFocusDevice(Z_STAGE)
@@ -357,4 +436,4 @@ def build_virtual_microscope(
     core.definePixelSizeConfig(PIXEL_CONFIG)
     core.setPixelSizeUm(PIXEL_CONFIG, um_per_px)
     core.setPixelSizeConfig(PIXEL_CONFIG)
-    return VirtualMicroscope(core, camera, xy, z, lamp, plane, faults, um_per_px)
+    return VirtualMicroscope(core, camera, xy, z, lamp, nosepiece, plane, faults, um_per_px)

@@ -60,6 +60,11 @@ def acquire(
     area: Annotated[
         str | None, typer.Option(help="counting area in stage µm: x0,y0,x1,y1 or x,y;x,y;...")
     ] = None,
+    prescan: Annotated[
+        bool | None,
+        typer.Option("--prescan/--no-prescan",
+                     help="judge the fields at low magnification first (default: config)"),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="lab config file (YAML)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print a JSON object only")] = False,
 ) -> None:
@@ -74,11 +79,22 @@ def acquire(
     if n_target <= 0:
         raise AcquisitionError(f"--target must be a positive number of cells, got {n_target}")
     counting_area = parse_area(area) if area is not None else params.area_um
+    if prescan is not None:
+        params = params.model_copy(
+            update={"prescan": params.prescan.model_copy(update={"enabled": prescan})})
     scope = open_microscope(
         params, mm_config=mm_config, virtual_slide=virtual_slide, um_per_px=um_per_px
     )
     try:
-        plan = scope.plan(counting_area)
+        plan = scope.plan(counting_area, cfg.detect)
+        if plan.prescan is not None and not json_out:
+            ps = plan.prescan
+            err_console.print(
+                f"pre-scan at {ps['objective']} ({ps['um_per_px']:g} µm/px, {ps['snaps']} snaps): "
+                f"{ps['kept']} of {ps['planned']} fields kept"
+                + "".join(f", {n} {why}" for why, n in ps["left_out_by_reason"].items()),
+                highlight=False,
+            )
         from pipeline.analyze import analyze_field
         from pipeline.classify import load_classifier
 
@@ -117,6 +133,7 @@ def acquire(
             "counted": sum(counts_all.values()),
             "um_per_px": scope.um_per_px,
             "fields_planned": len(plan),
+            "prescan": plan.prescan,
             "fields": [field_summary(f) for f in fields],
             "stopped_because": stopped,
         }))
