@@ -133,6 +133,8 @@ def classifier_split_paths(cfg: Any, part: str = "test") -> set[str]:
 
     samples = []
     for i, src in enumerate(cfg.train.sources):
+        if src.train_only:
+            continue  # never in val or test, and the others' split does not depend on them
         samples += read_source(src, REPO_ROOT, cfg.train.seed + i)
     index = label_index(cfg.classes.names)
     labels = np.array([index[x.label] for x in samples], dtype=np.int64)

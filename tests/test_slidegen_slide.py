@@ -182,3 +182,17 @@ def test_a_slide_of_training_cells_trains_as_points_and_never_reaches_the_test_s
 
     with pytest.raises(DatasetError, match="0.1 µm/px|µm/px"):
         read_source(src.model_copy(update={"um_per_px": 0.1}), REPO_ROOT, 0)
+
+
+def test_the_split_for_training_slides_needs_no_training_slide_yet(config, tmp_path):
+    """config/field_cells.yaml names the slides that make-slide --split train is about to
+    build: their train_only sources never shape the split, so they need not exist yet."""
+    from daemon.config import REPO_ROOT, load_config
+
+    cells = load_config(REPO_ROOT / "config" / "field_cells.yaml")
+    missing = cells.train.sources[-1].model_copy(update={"path": tmp_path / "none.json"})
+    cells = cells.model_copy(update={"train": cells.train.model_copy(
+        update={"sources": (*cells.train.sources, missing)})})
+    assert any(s.train_only for s in cells.train.sources)
+    for part in ("train", "val", "test"):
+        assert classifier_split_paths(cells, part) == classifier_split_paths(config, part), part

@@ -78,6 +78,19 @@ def main() -> None:
         images = [f.image for f in fields if f.image is not None]
         sc.close()
 
+        # 1b. the 10x pre-scan of the same area, judged against the 100x gate's verdicts above
+        s = open_slide(path)
+        sc = Microscope.from_virtual_slide(s, s.um_per_px, params.model_copy(update={
+            "prescan": params.prescan.model_copy(update={"enabled": True})}))
+        t0 = time.perf_counter()
+        pre = sc.plan(None, cfg.detect)
+        dt = time.perf_counter() - t0
+        kept = set(pre.positions)
+        agree = sum((p in kept) == (f.skipped_reason is None) for p, f in zip(plan.positions, fields))
+        print(f"   pre-scan: {pre.prescan['snaps']} snaps in {dt:.2f} s, kept {len(kept)} of "
+              f"{len(plan)} fields, agrees with the 100x gate on {agree}/{len(plan)}")
+        sc.close()
+
         ckpt = cfg.resolve(cfg.classifier.checkpoint)
         if not ckpt.is_file():
             print(f"   analysis figures skipped: no checkpoint at {ckpt}")
