@@ -178,16 +178,21 @@ def demo_cmd(
     config: Optional[Path] = ConfigOpt,
     target: int = typer.Option(500, "--target", help="Cells to count."),
     seed: int = typer.Option(0, "--seed", help="Virtual slide seed."),
+    prescan: bool = typer.Option(True, "--prescan/--no-prescan",
+                                 help="Pre-scan the slide at 10x before counting at 100x."),
 ) -> None:
-    """The main job on the virtual microscope: build a slide, run the daemon on it, count
-    TARGET cells with progress, print the differential; the result waits for review."""
+    """The main job on the virtual microscope: build a slide, pre-scan it, run the daemon on
+    it, count TARGET cells with progress, print the differential; the result waits for review."""
     from daemon.config import load_config
     from daemon.report import build_report
     from daemon.service import Event, Service, setup_logging, submit_slide
 
     cfg = load_config(config)
-    cfg = cfg.model_copy(update={"service": cfg.service.model_copy(
-        update={"metrics_port": 0, "instrument": "demo"})})
+    acq = cfg.acquisition
+    cfg = cfg.model_copy(update={
+        "service": cfg.service.model_copy(update={"metrics_port": 0, "instrument": "demo"}),
+        "acquisition": acq.model_copy(update={
+            "prescan": acq.prescan.model_copy(update={"enabled": prescan})})})
     setup_logging("text", "warning")
     slide_path = build_demo_slide(cfg, seed)
     with _store(cfg) as store:
@@ -218,6 +223,11 @@ def demo_cmd(
     for f in rep["flags"]:
         console.print(f"flag: {f}", highlight=False)
     s = rep["slide"]
+    if s["prescan"]:
+        p = s["prescan"]
+        console.print(f"pre-scan at {p['objective']}: {p['kept']} of {p['planned']} fields kept"
+                      + "".join(f", {n} left out {why}" for why, n in
+                                p["left_out_by_reason"].items()), highlight=False)
     console.print(
         f"slide {s['name']} is {s['status']} ({s['fields']} fields, stopped: "
         f"{s['stopped_because']}). Review it with `marrowcount review`; report with "
