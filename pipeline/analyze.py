@@ -11,7 +11,9 @@
    batch, and the cell is decided from the mean of its original and shifted probabilities.
    The first and the final decision are both kept;
 4. **duplicate suppression**: two cells closer than ``duplicate_distance_um`` (lobed classes:
-   neutrophils, eosinophils; ``duplicate_distance_other_um`` for other classes) whose labels are
+   neutrophils, eosinophils; ``duplicate_distance_same_um`` per class for two cells both called
+   a large class whose nucleus may be split, e.g. monocyte; ``duplicate_distance_other_um`` for
+   other classes) whose labels are
    the same or form a configured pair (band/segmented neutrophil), and which look alike
    (cosine similarity of their probability vectors, each pair's classes pooled,
    ≥ ``duplicate_similarity``) or whose boxes
@@ -60,6 +62,9 @@ class AnalyzeParams(Params):
         ge=0, description="centres closer than this may be one cell, for lobed classes")
     duplicate_distance_other_um: float = Field(
         ge=0, description="the same for every other class (round cells touch at ~7-9 um)")
+    duplicate_distance_same_um: dict[str, float] = Field(
+        description="per class, for two cells both called it: centres closer than this may be "
+        "one cell (a large cell whose nucleus the detector splits, e.g. a monocyte's folds)")
     duplicate_pairs: tuple[tuple[str, str], ...] = Field(
         description="different labels that may still be one cell (band/segmented neutrophil)")
     duplicate_similarity: float = Field(ge=-1, le=1,
@@ -221,8 +226,9 @@ def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
             pooled[:, ib] = 0
     unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-9)
     cos = unit @ unit.T
+    same_class = params.duplicate_distance_same_um
     reach = max(params.duplicate_distance_um, params.duplicate_distance_other_um,
-                params.lobe_distance_um)
+                params.lobe_distance_um, *same_class.values())
     cand = [(d_um[i, j], i, j) for i in range(n) for j in range(i + 1, n) if d_um[i, j] < reach]
     lobed = set(params.lobed_classes)
     out: dict[int, tuple[int, str]] = {}
@@ -243,11 +249,15 @@ def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
             continue
         if NON_LEUKOCYTE in (labels[i], labels[j]):
             continue
-        limit = (params.duplicate_distance_um if labels[i] in lobed and labels[j] in lobed
-                 else params.duplicate_distance_other_um)
+        same = labels[i] == labels[j]
+        if labels[i] in lobed and labels[j] in lobed:
+            limit = params.duplicate_distance_um
+        elif same and labels[i] in same_class:
+            limit = same_class[labels[i]]
+        else:
+            limit = params.duplicate_distance_other_um
         if d >= limit:
             continue
-        same = labels[i] == labels[j]
         if not same and frozenset((labels[i], labels[j])) not in pairs:
             continue
         ov = _overlap(boxes[i], boxes[j])

@@ -180,6 +180,25 @@ def test_lobed_classes_reach_further_than_round_cells(config):
             assert "same class" in dups[1][1]
 
 
+def test_a_split_monocyte_is_one_cell_two_touching_ones_are_two(config):
+    """Two monocyte calls 8 µm apart are one monocyte whose folded nucleus was found in two
+    parts; 12 µm apart they are two touching monocytes. Two lymphocytes 8 µm apart are two
+    small round cells touching."""
+    from pipeline.analyze import find_duplicates
+
+    classes = tuple(config.classes.names)
+    um = 0.13
+    for label, apart_um, suppressed in (("monocyte", 8.0, True), ("monocyte", 12.0, False),
+                                        ("lymphocyte", 8.0, False)):
+        pts = np.array([[100.0, 100.0], [100.0 + apart_um / um, 100.0]])
+        boxes = [(40, 40, 160, 160), (int(40 + apart_um / um), 40, int(160 + apart_um / um), 160)]
+        probs = np.full((2, len(classes)), 0.01, np.float32)
+        probs[:, classes.index(label)] = 0.9
+        dups = find_duplicates(pts, boxes, np.array([60.0, 55.0]), classes, probs,
+                               probs.max(1), um, config.analysis)
+        assert bool(dups) == suppressed, (label, apart_um, dups)
+
+
 def test_non_leukocyte_call_on_a_large_nucleus_goes_to_review(classifier, config):
     """A "not a leukocyte" call on a nucleus of review_non_leukocyte_um2 or more goes to
     review instead of vanishing from the count; most real platelets (PBC) stay below it and

@@ -143,8 +143,8 @@ def virtual_slide_differential() -> None:
         dw, dl = got.get(c, 0.0) - whole.get(c, 0.0), got.get(c, 0.0) - local.get(c, 0.0)
         worst_w, worst_l = max(worst_w, abs(dw)), max(worst_l, abs(dl))
         print(f"     {c:22s} counted {got.get(c, 0):5.1f}%  truth(slide) {whole.get(c, 0):5.1f}%"
-              f"  truth(counted fields) {local.get(c, 0):5.1f}%  diff {dl:+5.1f} pp")
-    print(f"   worst class error: {worst_l:.1f} pp vs counted-field truth, {worst_w:.1f} pp vs "
+              f"  truth(counted fields) {local.get(c, 0):5.1f}%  diff {dl:+6.2f} pp")
+    print(f"   worst class error: {worst_l:.2f} pp vs counted-field truth, {worst_w:.2f} pp vs "
           f"whole-slide truth (acceptance: within 3 pp)")
 
 
