@@ -39,6 +39,8 @@ class PrescanParams(Params):
     config_group: str = Field(min_length=1, description="Micro-Manager group that switches objectives")
     objective: str = Field(min_length=1, description="the group's preset for the pre-scan objective")
     counting_objective: str = Field(min_length=1, description="the group's preset to count with")
+    rank_area_fields: int = Field(
+        ge=1, description="kept fields are visited by areas this many fields square, best first")
 
 
 class AcquisitionParams(Params):

@@ -6,8 +6,11 @@ objective (a preset of a Micro-Manager config group), snaps the counting area in
 planned fields, and runs the same quality gate as the counting pass (``pipeline.quality``)
 on each field's footprint in those snaps, without its sharpness test (sharpness at low power
 says nothing about focus at 100x). Fields the gate would skip leave the plan with their
-reason; the rest keep their serpentine order. The counting objective is put back, and its
-pixel size checked, before anything is counted.
+reason. The kept fields are then ranked by area: squares of ``rank_area_fields`` × that many
+fields, best first (most countable fields, then the most nucleated cells per field: the
+cellular trails a marrow count is made in), serpentine within each area so the stage does
+not jump about. The counting objective is put back, and its pixel size checked, before
+anything is counted.
 
 Z stays where it is during the pre-scan: a 10x objective's depth of field (about 8 µm)
 spans a smear's tilt over one snap. On a system that oils the slide for 100x, the pre-scan
@@ -76,6 +79,7 @@ def prescan(
             )
         gate = quality.model_copy(update={"min_sharpness": 0.0})
         reasons: dict[int, str | None] = {}
+        nucleated: dict[int, int] = {}
         blocks = field_blocks(plan.positions, plan.fov_um, per_snap)
         for key in _serpentine(blocks):
             members = blocks[key]
@@ -90,7 +94,8 @@ def prescan(
                 top = int(round(cam_h / 2 + (y - fh / 2 - cy) / low_px))
                 w, h = int(round(fw / low_px)), int(round(fh / low_px))
                 crop = snap[max(0, top): top + h, max(0, left): left + w]
-                reasons[i] = assess_field(crop, low_px, gate, detect).reason
+                q = assess_field(crop, low_px, gate, detect)
+                reasons[i], nucleated[i] = q.reason, q.nucleated
     finally:
         back = scope.use_objective(params, counting=True)
     if abs(back - count_px) > 1e-6 * count_px:
@@ -98,7 +103,9 @@ def prescan(
             f"after the pre-scan the counting objective {params.counting_objective!r} gives "
             f"{back:g} µm/px, not the {count_px:g} µm/px it had before"
         )
-    kept = tuple(p for i, p in enumerate(plan.positions) if reasons[i] is None)
+    order = ranked(plan, [i for i in range(len(plan)) if reasons[i] is None], nucleated,
+                   params.rank_area_fields)
+    kept = tuple(plan.positions[i] for i in order)
     left_out = [
         {"x": round(plan.positions[i][0], 2), "y": round(plan.positions[i][1], 2),
          "reason": f"pre-scan {reasons[i]}"}
@@ -113,6 +120,7 @@ def prescan(
         "left_out_by_reason": dict(Counter(r["reason"].split(":")[0].removeprefix("pre-scan ")
                                            for r in left_out)),
         "left_out": left_out,
+        "rank_area_fields": params.rank_area_fields,
     }
     if not kept:
         raise AcquisitionError(
@@ -120,6 +128,23 @@ def prescan(
             f"({', '.join(f'{k} {n}' for k, n in summary['left_out_by_reason'].items())})"
         )
     return FieldPlan(kept, plan.fov_um, plan.area, summary)
+
+
+def ranked(plan: FieldPlan, kept: list[int], nucleated: dict[int, int], area_fields: int
+           ) -> list[int]:
+    """Plan indices ``kept`` in visiting order: areas of ``area_fields`` × ``area_fields``
+    fields, best first (most kept fields, then the highest median nucleated count), each
+    area's fields in plan order (serpentine). Ties keep plan order."""
+    areas = field_blocks(plan.positions, plan.fov_um, (area_fields, area_fields))
+    keep = set(kept)
+    scored = []
+    for members in areas.values():
+        mine = [i for i in members if i in keep]
+        if mine:
+            score = (len(mine), float(np.median([nucleated[i] for i in mine])))
+            scored.append((score, min(mine), sorted(mine)))
+    scored.sort(key=lambda t: (-t[0][0], -t[0][1], t[1]))
+    return [i for *_, mine in scored for i in mine]
 
 
 def _serpentine(blocks: dict[tuple[int, int], list[int]]) -> list[tuple[int, int]]:

@@ -141,3 +141,20 @@ def test_the_daemon_stores_the_prescan_and_the_report_tells_it(marrow_slide, tmp
         if svc is not None:
             svc.close()
         store.close()
+
+
+def test_kept_fields_are_visited_by_area_best_first():
+    """A 6 × 2 grid in 3 × 3-field areas: the right-hand area keeps all its fields, the left
+    one loses two, so the right one is visited first, each area in plan (serpentine) order;
+    with one-field areas the most cellular field comes first."""
+    from drivers.prescan import ranked
+
+    plan = plan_fields(((0, 0), (6 * 180.0, 2 * 135.0)), 180.0, 135.0)
+    assert len(plan) == 12
+    left = [i for i, (x, _) in enumerate(plan.positions) if x < 3 * 180]
+    kept = [i for i in range(12) if i not in left[:2]]
+    nucleated = {i: 20 + i for i in range(12)}
+    order = ranked(plan, kept, nucleated, 3)
+    right = [i for i in kept if i not in left]
+    assert order == sorted(right) + sorted(set(left[2:]))
+    assert ranked(plan, kept, nucleated, 1) == sorted(kept, key=lambda i: -nucleated[i])

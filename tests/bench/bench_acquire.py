@@ -49,6 +49,8 @@ def main() -> None:
         import json
 
         print("   acceptance:", json.dumps(acceptance(Path(accept)), indent=1))
+        print("   acceptance after a pre-scan:",
+              json.dumps(acceptance(Path(accept), prescan=True), indent=1))
     with tempfile.TemporaryDirectory() as tmp:
         path = _slide(Path(tmp))
         params = cfg.acquisition.model_copy(
@@ -126,8 +128,9 @@ def main() -> None:
         sc.close()
 
 
-def acceptance(path: Path, target: int | None = None) -> dict:
-    """Count ``path`` to the target on the virtual microscope; counts vs. truth per class."""
+def acceptance(path: Path, target: int | None = None, prescan: bool = False) -> dict:
+    """Count ``path`` to the target on the virtual microscope (``prescan``: after a 10x
+    pre-scan); counts vs. truth per class over the fields visited."""
     import json
 
     from daemon.config import load_config
@@ -140,13 +143,15 @@ def acceptance(path: Path, target: int | None = None) -> dict:
     cfg = load_config()
     truth = json.loads(path.with_suffix(".json").read_text())
     n = target or cfg.acquisition.target
-    scope = open_microscope(cfg.acquisition, virtual_slide=path)
+    params = cfg.acquisition.model_copy(update={
+        "prescan": cfg.acquisition.prescan.model_copy(update={"enabled": prescan})})
+    scope = open_microscope(params, virtual_slide=path)
     clf = load_classifier(cfg.resolve(cfg.classifier.checkpoint), cfg.classes,
                           params=cfg.classifier)
     fields: list = []
     t0 = time.perf_counter()
     stopped = count_slide(
-        MicroscopeFieldSource(scope, scope.plan(None), cfg.acquisition, cfg.detect),
+        MicroscopeFieldSource(scope, scope.plan(None, cfg.detect), params, cfg.detect),
         lambda rgb, px: analyze_field(rgb, px, clf, cfg.detect, cfg.analysis), n,
         on_field=fields.append)
     seconds = time.perf_counter() - t0
