@@ -116,27 +116,51 @@ def dicom_series_files(folder: Path) -> list[Path]:
             and e.is_file()]
 
 
-def _dicom_series_start(folder: Path) -> Path:
-    """The instance file to open ``folder``'s series by, once every ``.dcm`` file in it is
-    known to be an instance of one series that OpenSlide reads.
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+"""VL Whole Slide Microscopy Image Storage."""
 
-    OpenSlide itself silently skips files of the folder it cannot read, so a truncated or
-    foreign file would leave a level out instead of failing the slide.
+
+def _dicom_series_start(folder: Path) -> Path:
+    """The instance file to open ``folder``'s whole-slide series by, once every ``.dcm`` file
+    in it is known to be a whole-slide instance and all the pyramid (VOLUME) images to be
+    one series that OpenSlide reads.
+
+    Scanners often write the slide label and the overview photograph as series of their own
+    beside the pyramid: those series (no VOLUME image) are left to themselves. OpenSlide
+    silently skips files of the folder it cannot read, so each pyramid file is opened on its
+    own first: a truncated or foreign file fails the slide instead of losing a level.
     """
     import openslide
+    import pydicom
 
     files = dicom_series_files(folder)
-    series: set[str] = set()
+    volume: dict[str, list[Path]] = {}
     for f in files:
         try:
-            with openslide.OpenSlide(str(f)) as one:
-                series.add(one.properties.get("dicom.SeriesInstanceUID", ""))
+            ds = pydicom.dcmread(f, stop_before_pixels=True,
+                                 specific_tags=["SOPClassUID", "SeriesInstanceUID", "ImageType"])
+            sop, uid = str(ds.get("SOPClassUID", "")), str(ds.get("SeriesInstanceUID", ""))
+            if sop != WSI_SOP_CLASS or not uid:
+                raise ValueError(f"SOP class {sop or 'missing'}, series {uid or 'missing'}")
+        except Exception as exc:  # noqa: BLE001  (InvalidDicomError, EOF, bad element)
+            raise ImageError(f"{folder.name}: {f.name}: {_dicom_file_problem(f, exc)}") from None
+        kind = list(ds.get("ImageType") or [])
+        if len(kind) > 2 and str(kind[2]).upper() == "VOLUME":
+            volume.setdefault(uid, []).append(f)
+    if not volume:
+        raise ImageError(f"{folder.name}: none of its {len(files)} DICOM files is a pyramid "
+                         "(VOLUME) image: only labels or overviews")
+    if len(volume) > 1:
+        raise ImageError(f"{folder.name}: holds {len(volume)} DICOM series of pyramid images; "
+                         "a slide's folder must hold one")
+    (pyramid,) = volume.values()
+    for f in pyramid:
+        try:
+            with openslide.OpenSlide(str(f)):
+                pass
         except Exception as exc:  # noqa: BLE001  (OpenSlideError or unsupported-format)
             raise ImageError(f"{folder.name}: {f.name}: {_dicom_file_problem(f, exc)}") from None
-    if len(series) > 1:
-        raise ImageError(f"{folder.name}: holds {len(series)} DICOM series; a slide's folder "
-                         "must hold one")
-    return files[0]
+    return pyramid[0]
 
 
 def _dicom_file_problem(f: Path, exc: BaseException) -> str:

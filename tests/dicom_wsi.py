@@ -24,9 +24,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from drivers.slide_image import BACKGROUND, pyramid_levels
+from drivers.slide_image import BACKGROUND, WSI_SOP_CLASS, pyramid_levels
 
-WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 BASE_TYPE = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
 RESAMPLED_TYPE = ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
 JPEG_QUALITY = 90
@@ -47,6 +46,16 @@ def write_dicom_wsi(folder: Path, rgb: np.ndarray, um_per_px: float, *, tile: in
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_dicom_associated(path: Path, rgb: np.ndarray, kind: str, um_per_px: float) -> Path:
+    """Write ``rgb`` as a one-instance series of its own with ImageType ...\\``kind``\\NONE
+    (``LABEL`` or ``OVERVIEW``), as scanners write the label and overview photographs."""
+    ds = _instance(rgb, um_per_px, 256, True, _series_uids(),
+                   ["ORIGINAL", "PRIMARY", kind, "NONE"], 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def tiles_of(level: np.ndarray, tile: int) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ import pytest
 from drivers.slide_image import OpenSlideImage, open_slide
 from pipeline.errors import ImageError
 from tests.conftest import BCCD_UM_PER_PX
-from tests.dicom_wsi import write_dicom_wsi
+from tests.dicom_wsi import write_dicom_associated, write_dicom_wsi
 from tests.slide_fixtures import bccd_mosaic
 
 LEVELS = [(2560, 1440), (1280, 720), (640, 360)]
@@ -90,7 +90,7 @@ def test_broken_series_folders_get_one_line_reasons(series, tmp_path):
         cut_header: "level1.dcm: DICOM, but not a whole-slide image instance",
         not_dicom: "level2.dcm: not a DICOM file",
         no_base: "no full-resolution level (its largest level is RESAMPLED)",
-        two: "holds 2 DICOM series",
+        two: "holds 2 DICOM series of pyramid images",
         empty: "a folder with no .dcm series in it",
     }
     for folder, reason in expected.items():
@@ -102,3 +102,33 @@ def test_broken_series_folders_get_one_line_reasons(series, tmp_path):
     (empty / "level2.dcm").write_bytes((series / "level2.dcm").read_bytes()[:400])
     with pytest.raises(ImageError, match=r"^level2\.dcm: cannot open dicom slide: libdicom IO"):
         open_slide(empty / "level2.dcm")
+
+
+def test_label_and_overview_series_beside_the_pyramid_are_left_aside(series, mosaic, tmp_path):
+    """Scanners write the label and the overview photograph as series of their own in the
+    slide's folder: the slide is the pyramid series; a folder of only those, or with a DICOM
+    object that is no whole-slide image at all, is refused with its reason."""
+    import pydicom
+
+    folder = broken_copy(series, tmp_path, "with_label")
+    overview = cv2.resize(mosaic, (640, 360), interpolation=cv2.INTER_AREA)
+    write_dicom_associated(folder / "overview.dcm", overview, "OVERVIEW", BCCD_UM_PER_PX * 4)
+    write_dicom_associated(folder / "label.dcm", mosaic[:256, :512], "LABEL", 0.02)
+    with open_slide(folder) as s, open_slide(series) as plain:
+        assert (s.width, s.height) == (plain.width, plain.height) == LEVELS[0]
+        assert s.um_per_px == pytest.approx(BCCD_UM_PER_PX, rel=1e-3)
+        assert np.array_equal(s.read_region(300, 200, 640, 480),
+                              plain.read_region(300, 200, 640, 480))
+
+    only = tmp_path / "only_label"
+    write_dicom_associated(only / "label.dcm", mosaic[:256, :512], "LABEL", 0.02)
+    write_dicom_associated(only / "overview.dcm", overview, "OVERVIEW", BCCD_UM_PER_PX * 4)
+    with pytest.raises(ImageError, match=r"^only_label: none of its 2 DICOM files is a pyramid"):
+        open_slide(only)
+
+    foreign = broken_copy(series, tmp_path, "with_report")
+    ds = pydicom.dcmread(series / "level2.dcm")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.save_as(foreign / "report.dcm")
+    with pytest.raises(ImageError, match=r"^with_report: report\.dcm: DICOM, but not a whole-"):
+        open_slide(foreign)
