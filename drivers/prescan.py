@@ -67,8 +67,8 @@ def prescan(
     """
     scope.check_objectives(params)
     count_px = scope.pixel_size_now()
-    low_px = scope.use_objective(params)
     try:
+        low_px = scope.use_objective(params)
         cam_w, cam_h = scope.camera_size
         fw, fh = plan.fov_um
         per_snap = (int(cam_w * low_px // fw), int(cam_h * low_px // fh))
