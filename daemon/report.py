@@ -53,12 +53,10 @@ def _diff_dict(d: Differential) -> dict[str, Any]:
     }
 
 
-def _prescan_text(pre: dict[str, Any] | None) -> str:
-    if not pre:
-        return ""
-    why = "".join(f", {n} {_esc(r)}" for r, n in pre["left_out_by_reason"].items())
-    return (f" · pre-scan at {_esc(pre['objective'])} kept {pre['kept']} of {pre['planned']} "
-            f"fields{why}")
+def prescan_text(pre: dict[str, Any]) -> str:
+    """One line on a pre-scan summary (``FieldPlan.prescan`` or a report's ``prescan``)."""
+    why = "".join(f", {n} {r}" for r, n in pre["left_out_by_reason"].items())
+    return f"pre-scan at {pre['objective']} kept {pre['kept']} of {pre['planned']} fields{why}"
 
 
 def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]:
@@ -183,7 +181,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
             f"Status <b>{sl['status']}</b> · basis: {rep['basis']} counts · "
             f"{d['total']} leukocytes counted (target {sl['target']}) · taxonomy "
             f"{_esc(sl['taxonomy'])} · {sl['fields']} fields ({sl['fields_skipped']} skipped)"
-            + _prescan_text(sl["prescan"]),
+            + (f" · {_esc(prescan_text(sl['prescan']))}" if sl["prescan"] else ""),
             st["Normal"]),
         Paragraph(f"Started {sl['started_at'] or '-'} · finished {sl['finished_at'] or '-'} · "
                   f"instrument {_esc(sl['instrument'] or '-')} · report generated "

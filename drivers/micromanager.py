@@ -174,7 +174,7 @@ class Microscope:
     @property
     def fov_um(self) -> tuple[float, float]:
         """Field of view (width, height) in µm at the current ROI and pixel size."""
-        *_, w, h = self.core.getROI()
+        w, h = self.camera_size
         return w * self.um_per_px, h * self.um_per_px
 
     @property

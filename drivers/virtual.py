@@ -70,14 +70,6 @@ class SlideView(Protocol):
     def read_region(self, x: int, y: int, w: int, h: int) -> np.ndarray: ...
 
 
-class LeveledSlideView(SlideView, Protocol):
-    """A slide with a pyramid (SlideImage): the 10x objective reads a coarser level."""
-
-    levels: tuple[tuple[int, int, float], ...]
-
-    def read_level_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray: ...
-
-
 GLASS_RGB = (242, 240, 244)
 """Empty glass under bright-field illumination: what the camera sees off the smear."""
 
@@ -314,39 +306,37 @@ class VirtualCamera(SimpleCameraDevice):
             img = np.clip(f, 0, 255).astype(np.uint8)
         return img
 
-    def _read_clipped(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        """Slide pixels in [x0, x0+w) × [y0, y0+h); glass where the window leaves the slide."""
-        sw, sh = self._slide.width, self._slide.height
+    def _read_clipped(self, x0: int, y0: int, w: int, h: int, level: int = 0) -> np.ndarray:
+        """Pixels of pyramid ``level`` (0: full resolution) in [x0, x0+w) × [y0, y0+h); glass
+        where the window leaves the slide."""
+        if level == 0:
+            sw, sh = self._slide.width, self._slide.height
+
+            def read(x: int, y: int, rw: int, rh: int) -> np.ndarray:
+                return self._slide.read_region(x, y, rw, rh)
+        else:
+            sw, sh = self._slide.levels[level][:2]
+
+            def read(x: int, y: int, rw: int, rh: int) -> np.ndarray:
+                return self._slide.read_level_region(level, x, y, rw, rh)
         ax0, ay0, ax1, ay1 = max(x0, 0), max(y0, 0), min(x0 + w, sw), min(y0 + h, sh)
         if ax0 == x0 and ay0 == y0 and ax1 == x0 + w and ay1 == y0 + h:
-            return np.ascontiguousarray(self._slide.read_region(x0, y0, w, h))
+            return np.ascontiguousarray(read(x0, y0, w, h))
         out = np.empty((h, w, 3), np.uint8)
         out[:] = GLASS_RGB
         if ax1 > ax0 and ay1 > ay0:
-            out[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = self._slide.read_region(
-                ax0, ay0, ax1 - ax0, ay1 - ay0
-            )
+            out[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = read(ax0, ay0, ax1 - ax0, ay1 - ay0)
         return out
-
 
     def _read_zoomed_out(self, x0: int, y0: int, w: int, h: int, zoom: float) -> np.ndarray:
         """``w × h`` camera pixels each spanning ``zoom`` slide pixels, top-left ``(x0, y0)``
-        in camera pixels: read from the coarsest pyramid level still as fine, then shrunk."""
+        in camera pixels: read from the coarsest pyramid level still as fine, then shrunk.
+        A slide without a pyramid (no ``levels``) is read at full resolution."""
         levels = getattr(self._slide, "levels", ((self._slide.width, self._slide.height, 1.0),))
         level = max((i for i, lv in enumerate(levels) if lv[2] <= zoom * 1.001), default=0)
-        ds = levels[level][2]
-        f = zoom / ds  # level pixels per camera pixel
-        lx, ly = int(round(x0 * f)), int(round(y0 * f))
-        lw, lh = max(1, int(round(w * f))), max(1, int(round(h * f)))
-        if level == 0:
-            region = self._read_clipped(lx, ly, lw, lh)
-        else:
-            region = np.ascontiguousarray(self._slide.read_level_region(level, lx, ly, lw, lh))
-            # A pyramid level pads outside the slide with white; the camera sees glass there.
-            lvw, lvh = levels[level][:2]
-            outside = np.ones((lh, lw), bool)
-            outside[max(0, -ly):max(0, min(lh, lvh - ly)), max(0, -lx):max(0, min(lw, lvw - lx))] = False
-            region[outside] = GLASS_RGB
+        f = zoom / levels[level][2]  # level pixels per camera pixel
+        region = self._read_clipped(int(round(x0 * f)), int(round(y0 * f)),
+                                    max(1, int(round(w * f))), max(1, int(round(h * f))), level)
         return cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA)
 
 

@@ -88,13 +88,9 @@ def acquire(
     try:
         plan = scope.plan(counting_area, cfg.detect)
         if plan.prescan is not None and not json_out:
-            ps = plan.prescan
-            err_console.print(
-                f"pre-scan at {ps['objective']} ({ps['um_per_px']:g} µm/px, {ps['snaps']} snaps): "
-                f"{ps['kept']} of {ps['planned']} fields kept"
-                + "".join(f", {n} {why}" for why, n in ps["left_out_by_reason"].items()),
-                highlight=False,
-            )
+            from daemon.report import prescan_text
+
+            err_console.print(prescan_text(plan.prescan), highlight=False)
         from pipeline.analyze import analyze_field
         from pipeline.classify import load_classifier
 

@@ -184,7 +184,7 @@ def demo_cmd(
     """The main job on the virtual microscope: build a slide, pre-scan it, run the daemon on
     it, count TARGET cells with progress, print the differential; the result waits for review."""
     from daemon.config import load_config
-    from daemon.report import build_report
+    from daemon.report import build_report, prescan_text
     from daemon.service import Event, Service, setup_logging, submit_slide
 
     cfg = load_config(config)
@@ -224,10 +224,7 @@ def demo_cmd(
         console.print(f"flag: {f}", highlight=False)
     s = rep["slide"]
     if s["prescan"]:
-        p = s["prescan"]
-        console.print(f"pre-scan at {p['objective']}: {p['kept']} of {p['planned']} fields kept"
-                      + "".join(f", {n} left out {why}" for why, n in
-                                p["left_out_by_reason"].items()), highlight=False)
+        console.print(prescan_text(s["prescan"]), highlight=False)
     console.print(
         f"slide {s['name']} is {s['status']} ({s['fields']} fields, stopped: "
         f"{s['stopped_because']}). Review it with `marrowcount review`; report with "

@@ -58,9 +58,9 @@ def main() -> None:
                 update={"tilt_x_um_per_mm": 8.0, "tilt_y_um_per_mm": -5.0})}
         )
 
-        def scope() -> Microscope:
+        def scope(p=params) -> Microscope:  # noqa: ANN001
             s = open_slide(path)
-            return Microscope.from_virtual_slide(s, s.um_per_px, params)
+            return Microscope.from_virtual_slide(s, s.um_per_px, p)
 
         # 1. acquisition alone: move, autofocus, snap, quality gate
         sc = scope()
@@ -81,8 +81,7 @@ def main() -> None:
         sc.close()
 
         # 1b. the 10x pre-scan of the same area, judged against the 100x gate's verdicts above
-        s = open_slide(path)
-        sc = Microscope.from_virtual_slide(s, s.um_per_px, params.model_copy(update={
+        sc = scope(params.model_copy(update={
             "prescan": params.prescan.model_copy(update={"enabled": True})}))
         t0 = time.perf_counter()
         pre = sc.plan(None, cfg.detect)
