@@ -124,8 +124,12 @@ def crop_at(
     )
 
 
+def rgb_to_yuv_u8(rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 ``(..., 3)`` to YUV uint8 (BT.601, Y in [0, 255], U/V centred on 128)."""
+    flat = rgb.reshape(-1, rgb.shape[-2], 3)
+    return cv2.cvtColor(np.ascontiguousarray(flat), cv2.COLOR_RGB2YUV).reshape(rgb.shape)
+
+
 def rgb_to_yuv(rgb: np.ndarray) -> np.ndarray:
     """RGB uint8 ``(..., 3)`` to YUV float32 (BT.601, Y in [0, 255], U/V centred on 128)."""
-    flat = rgb.reshape(-1, rgb.shape[-2], 3)
-    yuv = cv2.cvtColor(np.ascontiguousarray(flat), cv2.COLOR_RGB2YUV)
-    return yuv.reshape(rgb.shape).astype(np.float32)
+    return rgb_to_yuv_u8(rgb).astype(np.float32)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.imaging import rgb_to_yuv
+from pipeline.imaging import rgb_to_yuv_u8
 
 ARCH_ID = "vgg16bn-v1"
 """Stored in every checkpoint; a checkpoint with another id is refused."""
@@ -105,7 +105,9 @@ def build(num_classes: int, width: float, fc: int, conv_dropout: float = 0.3,
 def to_input(crops: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     """RGB uint8 crops ``(N, 96, 96, 3)`` to the normalised YUV float32 tensor
     ``(N, 3, 96, 96)`` the model takes (channels_last memory format)."""
-    yuv = rgb_to_yuv(crops)
-    yuv -= mean.astype(np.float32)
-    yuv /= std.astype(np.float32)
-    return torch.from_numpy(yuv).permute(0, 3, 1, 2)
+    yuv = rgb_to_yuv_u8(crops)
+    # Normalised in torch on the NHWC storage, which is already channels_last: one pass,
+    # no copy (numpy took three, ~40% of a field's pre-processing).
+    x = torch.from_numpy(yuv).permute(0, 3, 1, 2).float()
+    x.sub_(torch.from_numpy(mean.astype(np.float32)).view(1, 3, 1, 1))
+    return x.div_(torch.from_numpy(std.astype(np.float32)).view(1, 3, 1, 1))
