@@ -10,6 +10,7 @@ trained class.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,10 +23,12 @@ from pipeline.errors import CheckpointError, ImageError
 from pipeline.imaging import CROP_SIZE
 from pipeline.model import ARCH_ID, VGG, build, fuse_for_inference, to_input
 from pipeline.params import Params
+from pipeline.quantize import calibrate_int8, int8_body, int8_supported
 from pipeline.stain import StainReference, reinhard
 from pipeline.taxonomy import Taxonomy
 
 UnknownMethod = Literal["mahalanobis", "msp", "energy"]
+Precision = Literal["int8", "bf16"]
 
 
 class ClassifierParams(Params):
@@ -37,6 +40,9 @@ class ClassifierParams(Params):
     flag_unknown: bool
     unknown_method: UnknownMethod
     """Score that flags unknown cells; chosen by the leave-one-class-out measurement."""
+    precision: Precision
+    """int8: the convolutions run on the checkpoint's int8 state (about twice as fast on CPU);
+    a checkpoint without one, or a CPU build without the x86 int8 engine, runs bf16."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # int8 state is stored as torch quantized tensors, which torch marks deprecated
+            # (pipeline.quantize); torch is pinned, so the warning only adds noise.
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict):
@@ -107,7 +117,8 @@ class Classifier:
 
     def __init__(self, ckpt: dict[str, Any], path: Path, *, dual_stage: bool = True,
                  local_pairs: tuple[tuple[str, str], ...] = (), flag_unknown: bool = True,
-                 batch_size: int = 64, unknown_method: UnknownMethod | None = None) -> None:
+                 batch_size: int = 64, unknown_method: UnknownMethod | None = None,
+                 precision: Precision = "int8") -> None:
         try:
             self.classes: tuple[str, ...] = tuple(ckpt["classes"])
             self.um_per_px = float(ckpt["um_per_px"])
@@ -139,12 +150,34 @@ class Classifier:
                                       float(d["temperature"]),
                                       # checkpoints written before the offset existed: none
                                       float(d.get("offset", 0.0)), shared))
+        self.precision: Precision = "bf16"
+        """The precision in use; ``precision_note`` says why when int8 was asked and not used."""
+        self.precision_note = ""
+        if precision == "int8":
+            self._use_int8(ckpt.get("int8"))
+
+    def _use_int8(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            self.precision_note = "checkpoint has no int8 state (add it: marrowcount quantize)"
+            return
+        if not int8_supported():
+            self.precision_note = "this torch build has no x86 int8 engine"
+            return
+        try:
+            bodies = [(self.model, state["global"])] + [
+                (loc.model, state["local"][pair_key(self.classes[loc.a], self.classes[loc.b])])
+                for loc in self.locals if not loc.shares_body]
+            for model, sd in bodies:
+                model.body = int8_body(model.body, sd)
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.path}: int8 state does not fit the model: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        self.precision = "int8"
 
     def _prep(self, crops: np.ndarray) -> torch.Tensor:
         if self.stain_reference is not None:
             crops = np.stack([reinhard(c, self.stain_reference) for c in crops])
-        x = to_input(crops, self.mean, self.std)
-        return x.contiguous(memory_format=torch.channels_last)
+        return to_input(crops, self.mean, self.std)
 
     @torch.inference_mode()
     def _run(self, model: VGG, x: torch.Tensor | None, body: torch.Tensor | None = None
@@ -152,7 +185,8 @@ class Classifier:
         """Logits and penultimate features (fp32), and the body's output: ``body`` given,
         the body is not run (a local model that shares the global body)."""
         # bf16 + channels_last with batch norm folded into the convolutions (at load) is the
-        # fastest CPU path at every batch size from 1 up, measured in tests/bench.
+        # fastest float CPU path at every batch size from 1 up, measured in tests/bench; an
+        # int8 body (precision int8) takes the float input and ignores autocast.
         with torch.autocast("cpu", dtype=torch.bfloat16):
             b = model.body(x) if body is None else body
             f = model.neck(b)
@@ -231,6 +265,24 @@ class Classifier:
         return -torch.softmax(logits / self.temperature, 1).max(1).values
 
 
+def pair_key(a: str, b: str) -> str:
+    return f"{a}/{b}"
+
+
+def with_int8(ckpt: dict[str, Any], crops: np.ndarray, path: str | Path = "checkpoint"
+              ) -> dict[str, Any]:
+    """``ckpt`` plus the int8 state of its global body and of every local model with a body of
+    its own, calibrated on ``crops``: RGB uint8 ``(N, 96, 96, 3)`` training cells at the
+    working scale (a few hundred suffice). The float weights are kept unchanged."""
+    clf = Classifier(ckpt, Path(path), precision="bf16")
+    batches = [clf._prep(crops[i:i + 64]) for i in range(0, len(crops), 64)]
+    local = {pair_key(clf.classes[loc.a], clf.classes[loc.b]): calibrate_int8(loc.model.body,
+                                                                              batches)
+             for loc in clf.locals if not loc.shares_body}
+    return {**ckpt, "int8": {"global": calibrate_int8(clf.model.body, batches),
+                             "local": local, "calibration_cells": int(len(crops))}}
+
+
 def routed_to_pair(scores: torch.Tensor, a: int, b: int) -> torch.Tensor:
     """Bool ``(N,)``: rows whose two highest ``scores`` ``(N, K)`` (logits or probabilities)
     are classes ``a`` and ``b``, in either order — the cells a local model decides."""
@@ -262,4 +314,5 @@ def load_classifier(path: str | Path, taxonomy: Taxonomy | None = None, *,
         return Classifier(ckpt, path, unknown_method=unknown_method)
     return Classifier(ckpt, path, dual_stage=params.dual_stage, local_pairs=params.local_pairs,
                       flag_unknown=params.flag_unknown, batch_size=params.batch_size,
-                      unknown_method=unknown_method or params.unknown_method)
+                      unknown_method=unknown_method or params.unknown_method,
+                      precision=params.precision)

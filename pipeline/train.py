@@ -12,7 +12,9 @@ checkpoint dict (``save_checkpoint`` writes it) plus the split and metrics. Step
 4. one local 2-way model per configured pair, fine-tuned from the global model: only its
    fully connected layers, on the global model's frozen convolutional body (no second
    network pass per routed cell at inference), unless the pair is in ``local_own_body``;
-5. temperature scaling fitted on validation; unknown-cell detector parameters.
+5. temperature scaling fitted on validation; unknown-cell detector parameters;
+6. the int8 state of each network body, calibrated on ``INT8_CALIBRATION_CELLS`` training
+   cells (``int8_calibration_crops``), so the classifier runs int8 on a CPU.
 
 A crop labelled ``ANY_LEUKOCYTE`` (integer label K) is a white cell of unknown type. Its loss
 is ``-log`` of the summed probability of the counted classes: it pulls the cell away from
@@ -36,7 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from pipeline.augment import AugmentParams, augment
-from pipeline.classify import mahalanobis, routed_to_pair
+from pipeline.classify import mahalanobis, routed_to_pair, with_int8
 from pipeline.datasets import (ANY_LEUKOCYTE, CropSet, SourceParams, centre, epoch_indices,
                                recrop, split, stratified_folds)
 from pipeline.errors import CheckpointError
@@ -106,6 +108,17 @@ class TrainResult:
     history: list[EpochReport] = field(default_factory=list)
 
 
+INT8_CALIBRATION_CELLS = 512
+
+
+def int8_calibration_crops(data: CropSet, train_idx: np.ndarray, seed: int,
+                           n: int = INT8_CALIBRATION_CELLS) -> np.ndarray:
+    """Centre crops ``(n, 96, 96, 3)`` uint8 of ``n`` training cells drawn with ``seed``, in
+    index order: the int8 calibration sample, the same on every run."""
+    pick = np.random.default_rng(seed).choice(train_idx, min(n, len(train_idx)), replace=False)
+    return centre(data.crops[np.sort(pick)])
+
+
 def _batches(idx: np.ndarray, size: int) -> list[np.ndarray]:
     return [idx[i:i + size] for i in range(0, len(idx), size)]
 
@@ -147,7 +160,7 @@ def predict_logits(model: VGG, crops: np.ndarray, mean: np.ndarray, std: np.ndar
     model.eval()
     out = []
     for i in range(0, len(crops), batch):
-        xb = to_input(crops[i:i + batch], mean, std).contiguous(memory_format=torch.channels_last)
+        xb = to_input(crops[i:i + batch], mean, std)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = model.features(xb) if features else model(xb)
         out.append(y.float())
@@ -417,7 +430,9 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
         locals_.append({"pair": [a, b], "state": state, "shares_body": shared,
                         "temperature": lt,
                         "offset": offset})
-    return TrainResult(package(model, known["train"], locals_), sp, history)
+    ckpt = with_int8(package(model, known["train"], locals_),
+                     int8_calibration_crops(data, known["train"], p.seed))
+    return TrainResult(ckpt, sp, history)
 
 
 def fit_pair_offset(local_logits: np.ndarray, labels: np.ndarray, limit: float = 2.0) -> float:

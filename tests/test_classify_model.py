@@ -154,6 +154,48 @@ def test_shipped_model_scores_above_floor(shipped, fixed_sample):
     assert acc > 0.75, acc
 
 
+def test_shipped_model_runs_int8_and_agrees_with_bf16(shipped, fixed_sample):
+    """The shipped checkpoint carries int8 state; on real cells the int8 classifier makes the
+    float model's calls and stays a calibrated distribution."""
+    from pipeline.classify import Classifier, read_checkpoint
+
+    assert shipped.precision == "int8", shipped.precision_note
+    assert isinstance(shipped.model.body[1], torch.ao.nn.intrinsic.quantized.ConvReLU2d)
+    bf16 = Classifier(read_checkpoint(SHIPPED), SHIPPED, precision="bf16")
+    assert bf16.precision == "bf16"
+    a, b = shipped.classify(fixed_sample.crops), bf16.classify(fixed_sample.crops)
+    agree = float((a.probs.argmax(1) == b.probs.argmax(1)).mean())
+    assert agree >= 0.97, agree
+    assert float(np.abs(a.probs - b.probs).mean()) < 0.01
+    np.testing.assert_allclose(a.probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_training_writes_int8_state_and_old_checkpoints_run_bf16(tiny, tmp_path):
+    """A trained checkpoint loads int8; one without int8 state (written before it existed)
+    runs bf16 and says how to add it; int8 state of another model is refused by name."""
+    from pipeline.classify import Classifier, read_checkpoint, with_int8
+
+    res, path, data, classes = tiny
+    ck = read_checkpoint(path)
+    assert ck["int8"]["calibration_cells"] == len(res.split["train"])
+    clf = load_classifier(path)
+    assert clf.precision == "int8" and clf.precision_note == ""
+    crops = centre(data.crops)
+    ref = Classifier(ck, path, precision="bf16").classify(crops).probs.argmax(1)
+    assert float((clf.classify(crops).probs.argmax(1) == ref).mean()) >= 0.9
+    old = {k: v for k, v in ck.items() if k != "int8"}
+    torch.save(old, tmp_path / "old.pt")
+    legacy = load_classifier(tmp_path / "old.pt")
+    assert legacy.precision == "bf16" and "marrowcount quantize" in legacy.precision_note
+    # What `marrowcount quantize` does to such a checkpoint: int8 again, same calls.
+    again = Classifier(with_int8(old, crops[:40]), path)
+    assert again.precision == "int8"
+    assert float((again.classify(crops).probs.argmax(1) == ref).mean()) >= 0.9
+    wrong = {**ck, "int8": {**ck["int8"], "global": read_checkpoint(SHIPPED)["int8"]["global"]}}
+    with pytest.raises(CheckpointError, match="int8 state does not fit"):
+        Classifier(wrong, path)
+
+
 def test_folding_batch_norm_keeps_the_shipped_models_outputs(fixed_sample):
     """The loaded (BN-folded) model gives the stored model's logits on real cells."""
     from pipeline.classify import _model

@@ -28,7 +28,7 @@ def _save_atomic(ckpt: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_checkpoint(ckpt, tmp)
     tmp.replace(path)
-    console.print(f"snapshot written to {path}", highlight=False)
+    console.print(f"checkpoint written to {path}", highlight=False)
 
 
 @app.command("train")
@@ -229,3 +229,39 @@ def eval_unknown_cmd(
         print(json.dumps(result))
     else:
         console.print_json(json.dumps(result))
+
+
+@app.command("quantize")
+def quantize_cmd(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Default: classifier.checkpoint.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="The config it was trained with (its sources give the training cells).")]
+    = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write here; default: in place.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option()] = None,
+) -> None:
+    """Add int8 state to a checkpoint, calibrated on its training cells, so the classifier
+    runs int8 (classifier.precision). `train` does this itself; this is for older checkpoints.
+    The float weights are unchanged."""
+    from daemon.config import REPO_ROOT
+    from pipeline.classify import Classifier, read_checkpoint, with_int8
+    from pipeline.datasets import load_sources, split
+    from pipeline.train import int8_calibration_crops
+
+    cfg = _config(config)
+    src = checkpoint or cfg.resolve(cfg.classifier.checkpoint)
+    ckpt = read_checkpoint(src)
+    p = cfg.train
+    data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
+                           cache_dir=cache_dir)
+    train = split(data.labels, p.seed, p.val_fraction, data.train_only)["train"]
+    train = train[data.labels[train] < len(cfg.classes.names)]
+    crops = int8_calibration_crops(data, train, p.seed)
+    ckpt = with_int8(ckpt, crops, src)
+    dest = out or src
+    _save_atomic(ckpt, dest)
+    clf = Classifier(ckpt, dest)
+    agree = float((clf.classify(crops).probs.argmax(1) == Classifier(
+        ckpt, dest, precision="bf16").classify(crops).probs.argmax(1)).mean())
+    console.print(f"int8 state from {len(crops)} training cells; int8 and bf16 agree on "
+                  f"{agree:.1%} of them", highlight=False)

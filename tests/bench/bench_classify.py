@@ -1,6 +1,9 @@
 """Classifier speed: model load (cold process and warm), per-cell time at batch 32 and 1 for
-the inference variants (fp32 eager, bf16 + channels_last, TorchScript freeze), and the full
-``Classifier.classify`` call (pre-processing, dual stage and unknown score included)."""
+the inference variants (fp32 eager, bf16 + channels_last, TorchScript freeze, int8), and the
+full ``Classifier.classify`` call (pre-processing, dual stage and unknown score included) at
+each configurable precision.
+
+Targets (issue 3): <= 2 ms per cell at batch 32, <= 10 ms at batch 1, load <= 0.3 s."""
 
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ def _time(fn, n: int) -> float:
 
 
 def main() -> None:
-    from pipeline.classify import load_classifier
+    from pipeline.classify import Classifier, load_classifier, read_checkpoint
 
     torch.set_num_threads(2)
     out = subprocess.run([sys.executable, "-c", COLD], cwd=REPO, capture_output=True, text=True,
@@ -50,10 +53,12 @@ def main() -> None:
     t0 = time.perf_counter()
     clf = load_classifier(CKPT)
     print(f"   warm load_classifier: {(time.perf_counter() - t0) * 1e3:.0f} ms "
-          f"({CKPT.stat().st_size / 1e6:.1f} MB, width {clf.model.body[0].out_channels / 64:g})")
+          f"({CKPT.stat().st_size / 1e6:.1f} MB, precision {clf.precision} "
+          f"{clf.precision_note})")
+    clfs = {"int8": clf, "bf16": Classifier(read_checkpoint(CKPT), CKPT, precision="bf16")}
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (32, 96, 96, 3), dtype=np.uint8)
-    model = clf.model
+    model = clfs["bf16"].model
     for bs in (32, 1):
         x = clf._prep(crops[:bs])
         variants = {}
@@ -76,11 +81,20 @@ def main() -> None:
                 frozen(x)
 
         variants["torchscript freeze fp32"] = jit
+
+        def int8(x=x):
+            with torch.inference_mode():
+                clf.model(x)
+
+        if clf.precision == "int8":
+            variants["int8 (x86 engine)"] = int8
         for name, fn in variants.items():
             per = _time(fn, max(3, 64 // bs)) / bs
             print(f"   batch {bs:2d} {name:24s} {per * 1e3:6.2f} ms/cell")
-        per = _time(lambda: clf.classify(crops[:bs]), max(3, 64 // bs)) / bs
-        print(f"   batch {bs:2d} {'Classifier.classify':24s} {per * 1e3:6.2f} ms/cell (full call)")
+        for name, c in clfs.items():
+            per = _time(lambda c=c: c.classify(crops[:bs]), max(3, 64 // bs)) / bs
+            print(f"   batch {bs:2d} {'Classifier.classify ' + name:24s} {per * 1e3:6.2f} ms/cell "
+                  f"(full call)")
 
 
 if __name__ == "__main__":
