@@ -1,5 +1,7 @@
 """Acquisition speed on the virtual microscope: fields/s, Z moves per field, autofocus error,
-and fields/s with analysis running alongside (stop-at-N path) at marrow density.
+and fields/s with analysis running alongside (stop-at-N path) at marrow density: with the
+virtual microscope (which renders on the same 2 cores) and with a hardware-paced camera
+delivering 10 fields/s (target: analysis keeps up).
 
 Builds a 3 × 3-field virtual marrow slide (``marrowcount make-slide``, seeded) in a temporary
 folder, or uses ``MARROWCOUNT_BENCH_SLIDE`` (a slide file) when set.
@@ -104,14 +106,17 @@ def main() -> None:
 
         # 2. analysis alone on the acquired fields
         analyze(images[0], fields[0].um_per_px)  # warm-up
-        t0 = time.perf_counter()
-        results = [analyze(im, fields[0].um_per_px) for im in images]
-        dt = time.perf_counter() - t0
+        runs = []
+        for _ in range(3):  # median of 3 passes: one pass swings with the machine's load
+            t0, c0 = time.perf_counter(), time.process_time()
+            results = [analyze(im, fields[0].um_per_px) for im in images]
+            runs.append((time.perf_counter() - t0, time.process_time() - c0))
+        dt, cpu = sorted(runs)[1]
         cells = sum(len(r) for r in results)
         guided = sum(c.guided for r in results for c in r)
         print(f"   analysis alone: {len(images) / dt:.2f} fields/s, {cells / dt:.0f} cells/s "
               f"({cells / len(images):.0f} detections/field, {guided / max(cells, 1):.0%} "
-              "guided)")
+              f"guided); from CPU time {2 * len(images) / cpu:.2f} fields/s on 2 free cores")
 
         # 3. both together: count_slide analyses while the MDA thread acquires ahead
         sc = scope()
@@ -123,8 +128,56 @@ def main() -> None:
         n = sum(f.n_counted for f in done)
         print(f"   acquisition with analysis alongside: {len(done) / dt:.2f} fields/s, "
               f"{n / dt:.0f} counted cells/s ({stopped}; {n} cells)")
-        print(f"   (target >= 10 fields/s: analysis {'keeps up' if len(done) / dt >= 10 else 'is the bottleneck'})")
         sc.close()
+        # On these 2 cores the virtual microscope's rendering and autofocus snaps compete
+        # with analysis for CPU; a real camera and stage spend their time in hardware.
+        # 4. analysis alongside a camera that delivers 10 fields/s without using the CPU:
+        # the acquired fields replayed on a timer, as a hardware-paced source would.
+        replay = _Replay([f for f in fields if f.skipped_reason is None] * 8, rate=10.0)
+        finished: list[float] = []
+        count_slide(replay, analyze, 10_000,
+                    on_field=lambda f: finished.append(time.perf_counter()))
+        lag = np.array([end - arrived for end, arrived in zip(finished, replay.delivered_at)])
+        q = len(lag) // 4
+        first, last = np.median(lag[:q]), np.median(lag[-q:])
+        print(f"   analysis alongside a 10 fields/s camera (acquired fields replayed, "
+              f"{len(lag)} fields): a field is analysed {1000 * first:.0f} ms after it arrives "
+              f"in the first quarter, {1000 * last:.0f} ms in the last (median); largest "
+              f"backlog {replay.max_backlog} fields")
+        # Falling behind shows as a lag that grows with every field.
+        keeps_up = last <= first + 0.1
+        print(f"   (target >= 10 fields/s: analysis {'keeps up' if keeps_up else 'falls behind'})")
+
+
+class _Replay:
+    """A FieldSource that delivers given fields at ``rate`` per second from its own thread,
+    sleeping in between (hardware time: no CPU), and notes the largest queue of fields
+    waiting for analysis."""
+
+    def __init__(self, fields: list, rate: float) -> None:
+        self._fields, self._period, self.max_backlog = fields, 1.0 / rate, 0
+        self.delivered_at: list[float] = []
+
+    def fields(self, start_index: int = 0):  # noqa: ANN201
+        import dataclasses
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue()
+
+        def feed() -> None:
+            t = time.perf_counter()
+            for i, f in enumerate(self._fields[start_index:], start_index):
+                t += self._period
+                time.sleep(max(0.0, t - time.perf_counter()))
+                self.delivered_at.append(time.perf_counter())
+                q.put(dataclasses.replace(f, index=i))
+                self.max_backlog = max(self.max_backlog, q.qsize())
+            q.put(None)
+
+        threading.Thread(target=feed, daemon=True).start()
+        while (f := q.get()) is not None:
+            yield f
 
 
 def acceptance(path: Path, target: int | None = None, prescan: bool = False) -> dict:
