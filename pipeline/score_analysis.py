@@ -1,9 +1,10 @@
 """Score per-field analysis against a virtual slide's ground truth.
 
-A true cell is a leukocyte of the truth file whose whole disc (centre ± radius) lies inside
-the field; cells cut by the field edge are *ignored* (the detector leaves them out by the
-seed's border rule), and detections on them are neither right nor false. A detection belongs
-to the true cell whose disc holds its centre (the nearest one when discs touch).
+A true cell is a leukocyte of the truth file whose whole extent (its box in the truth: the
+composited cell, lobes included; a disc of its radius when there is no box) lies inside the
+field; cells cut by the field edge are *ignored* (the detector leaves them out by the seed's
+border rule), and detections on them are neither right nor false. A detection belongs to the
+true cell whose equal-area disc holds its centre (the nearest one when discs touch).
 
 Per true cell, from **all** detections (the seed's four categories): ``correct`` (exactly
 one), ``missing`` (none), ``multiple`` (more than one); ``false`` counts detections on no
@@ -118,32 +119,42 @@ class AnalysisScore:
         }
 
 
+def _extent(c: dict[str, Any], um: float, win: FieldWindow) -> tuple[float, float, float, float]:
+    """A truth cell's extent in field px: its box (the whole sprite, lobes included) when the
+    truth has one, else its disc. A lobed neutrophil reaches well beyond its equal-area disc."""
+    if "box" in c:
+        x0, y0, x1, y1 = c["box"]
+        return x0 - win.x, y0 - win.y, x1 - win.x, y1 - win.y
+    r = c["r_um"] / um
+    x, y = c["x"] - win.x, c["y"] - win.y
+    return x - r, y - r, x + r, y + r
+
+
 def true_cells_in(truth: dict[str, Any], win: FieldWindow) -> tuple[list[dict], int]:
     """Truth leukocytes wholly inside ``win`` (centres in field px), and how many the edge cuts."""
     um = float(truth["um_per_px"])
     inside, cut = [], 0
     for c in truth["cells"]:
-        r = c["r_um"] / um
-        x, y = c["x"] - win.x, c["y"] - win.y
-        if x + r <= 0 or y + r <= 0 or x - r >= win.w or y - r >= win.h:
+        x0, y0, x1, y1 = _extent(c, um, win)
+        if x1 <= 0 or y1 <= 0 or x0 >= win.w or y0 >= win.h:
             continue
-        if x - r < 0 or y - r < 0 or x + r > win.w or y + r > win.h:
+        if x0 < 0 or y0 < 0 or x1 > win.w or y1 > win.h:
             cut += 1
             continue
-        inside.append({**c, "fx": x, "fy": y, "r_px": r})
+        inside.append({**c, "fx": c["x"] - win.x, "fy": c["y"] - win.y, "r_px": c["r_um"] / um})
     return inside, cut
 
 
-def _edge_cells(truth: dict[str, Any], win: FieldWindow) -> list[tuple[float, float, float]]:
+def _edge_cells(truth: dict[str, Any], win: FieldWindow) -> list[tuple[float, float, float, float]]:
+    """Extents (field px) of the truth cells the field edge cuts."""
     um = float(truth["um_per_px"])
     out = []
     for c in truth["cells"]:
-        r = c["r_um"] / um
-        x, y = c["x"] - win.x, c["y"] - win.y
-        cut = x - r < 0 or y - r < 0 or x + r > win.w or y + r > win.h
-        touches = not (x + r <= 0 or y + r <= 0 or x - r >= win.w or y - r >= win.h)
+        x0, y0, x1, y1 = _extent(c, um, win)
+        cut = x0 < 0 or y0 < 0 or x1 > win.w or y1 > win.h
+        touches = not (x1 <= 0 or y1 <= 0 or x0 >= win.w or y0 >= win.h)
         if cut and touches:
-            out.append((x, y, r))
+            out.append((x0, y0, x1, y1))
     return out
 
 
@@ -171,7 +182,7 @@ def score_field(truth: dict[str, Any], win: FieldWindow, cells: Sequence[CellRes
             if inside.size:
                 j = int(inside[np.argmin(d[inside])])
         owner[cell.index] = j
-        on_edge = j is None and any(np.hypot(ex - x, ey - y) <= er for ex, ey, er in edge)
+        on_edge = j is None and any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in edge)
         if on_edge:
             continue
         acc.detections += 1

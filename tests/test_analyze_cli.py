@@ -98,3 +98,27 @@ def test_eval_analyze_prints_where_each_true_class_went(small_slide):
     truth = json.loads(js.read_text())
     shown = {c for c in {x["class"] for x in truth["cells"]} if f"│ {c} " in res.output}
     assert shown, res.output
+
+
+def test_a_cell_whose_lobes_cross_the_field_edge_is_cut_not_missed(small_slide):
+    """A truth cell counts as inside a field only when its whole composited extent (its box:
+    lobes included) is; the equal-area disc of a lobed neutrophil is smaller than the cell."""
+    from pipeline.score_analysis import FieldWindow, _edge_cells, true_cells_in
+
+    truth = read_truth(small_slide[1])
+    um = truth["um_per_px"]
+    # The real cell reaching furthest left of its disc.
+    cell = max(truth["cells"], key=lambda c: c["x"] - c["r_um"] / um - c["box"][0])
+    reach = cell["x"] - cell["r_um"] / um - cell["box"][0]
+    assert reach > 2, reach
+    # A field whose left edge passes between the cell's box and its disc.
+    left = int(cell["box"][0] + reach / 2)
+    win = FieldWindow(left, max(0, cell["box"][1] - 50), 1388, 1040)
+    inside, cut = true_cells_in(truth, win)
+    assert cell["id"] not in {c["id"] for c in inside}
+    assert cut >= 1
+    x0, y0, x1, y1 = (v - o for v, o in zip(cell["box"], (win.x, win.y, win.x, win.y)))
+    assert (x0, y0, x1, y1) in _edge_cells(truth, win)
+    # A field that holds its whole box holds the cell.
+    whole = FieldWindow(cell["box"][0] - 1, max(0, cell["box"][1] - 50), 1388, 1040)
+    assert cell["id"] in {c["id"] for c in true_cells_in(truth, whole)[0]}
