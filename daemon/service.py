@@ -438,7 +438,11 @@ class Service:
             self._classifier.warm_up()
             log.info("model loaded", extra={"data": {
                 "checkpoint": str(path), "seconds": round(loaded - t0, 2),
-                "warm_up_seconds": round(time.monotonic() - loaded, 2)}})
+                "warm_up_seconds": round(time.monotonic() - loaded, 2),
+                "precision": self._classifier.precision}})
+            if self._classifier.precision_note:
+                log.warning("classifier runs %s, not %s: %s", self._classifier.precision,
+                            cfg.classifier.precision, self._classifier.precision_note)
         clf = self._classifier
 
         def analyze(rgb: Any, um_per_px: float) -> Any:
