@@ -201,7 +201,8 @@ class Service:
         from drivers.folder import FolderWatcher
 
         def on_watch(ev: Any) -> None:
-            level = logging.INFO if ev.kind in ("slide", "done", "duplicate") else logging.WARNING
+            level = (logging.INFO if ev.kind in ("slide", "done", "duplicate", "grouped")
+                     else logging.WARNING)
             log.log(level, "watch: %s %s", ev.kind, ev.path, extra={"data": {
                 "path": ev.path, "slide": ev.slide_id, "reason": ev.reason}})
 

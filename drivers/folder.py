@@ -7,7 +7,9 @@ are lost, e.g. on network shares). A pass:
 1. lists candidate files (configured extensions; hidden, partial and quarantined files are
    left alone), refusing names with ``..`` and symlinks that lead outside the folder; a
    subfolder holding ``.dcm`` files is one candidate, a DICOM WSI series (one instance file
-   per pyramid level), and the same refusals apply to each of its files;
+   per pyramid level), and the same refusals apply to each of its files; ``.dcm`` files
+   loose in the watch folder itself are first moved into one new folder per slide (by study
+   and container identifier) once all of them have settled;
 2. waits until a file is complete: its size and mtime unchanged for ``stable_seconds``, or
    the scanner's completion marker present (``<file><marker>``, ``<slide folder><marker>`` or
    ``<slide folder>/<marker>``); a series is complete when every file in its folder is;
@@ -47,7 +49,7 @@ from pydantic import Field, field_validator, model_validator
 from sqlalchemy import select
 
 from daemon.models import ScannedFile, Slide, utcnow
-from drivers.slide_image import DICOM_SUFFIX, dicom_series_files
+from drivers.slide_image import DICOM_SUFFIX, dicom_series_files, dicom_slide_key
 from drivers.wsi_fields import PlannedFile, SlidePlan, WsiParams, plan_file
 from pipeline.detect import DetectParams
 from pipeline.errors import ImageError, MarrowError
@@ -146,7 +148,8 @@ class WatchParams(Params):
 @dataclass(frozen=True)
 class WatchEvent:
     """What a pass did with a file or slide; ``kind`` is one of
-    "slide" (queued), "quarantined", "refused", "duplicate", "done"."""
+    "slide" (queued), "quarantined", "refused", "duplicate", "done", "grouped" (loose DICOM
+    files moved into a folder of their own)."""
 
     kind: str
     path: str
@@ -315,7 +318,7 @@ class FolderWatcher:
         return events
 
     def _scan_folder(self, folder: WatchFolder, root: Path) -> list[WatchEvent]:
-        events: list[WatchEvent] = []
+        events: list[WatchEvent] = self._group_loose_dicom(folder, root)
         real_root = root.resolve()
         groups: dict[str, list[Path]] = {}
         ready: dict[str, bool] = {}
@@ -324,17 +327,10 @@ class FolderWatcher:
         present: set[Path] = set()
         for path in self._candidates(root):
             present.add(path)
-            if path in self._stuck:
+            stat = self._admitted(folder, root, real_root, path, events)
+            if stat is None:
                 continue
-            unsafe = self._unsafe(path, root, real_root)
-            if unsafe:
-                events.append(self._quarantine(folder, root, path, f"refused: {unsafe}", None,
-                                               kind="refused"))
-                continue
-            try:
-                size, mtime = _content_stat(path)
-            except OSError:
-                continue  # vanished between listing and stat
+            size, mtime = stat
             if (path, size, mtime) in self._settled:
                 continue
             if known is None:
@@ -351,7 +347,9 @@ class FolderWatcher:
             groups.setdefault(key, []).append(path)
             complete = self._complete(folder, root, path, size, mtime, now)
             ready[key] = ready.get(key, True) and complete
-        for gone in [p for p in self._seen if p.is_relative_to(root) and p not in present]:
+        loose = set(dicom_series_files(root))  # settling towards _group_loose_dicom
+        for gone in [p for p in self._seen
+                     if p.is_relative_to(root) and p not in present and p not in loose]:
             del self._seen[gone]  # deleted or moved away before it settled
         for key in sorted(groups):
             if self._stop.is_set() and self._thread is not None:
@@ -359,6 +357,77 @@ class FolderWatcher:
             if ready[key]:
                 events += self._process_group(folder, root, key, sorted(groups[key]))
         return events
+
+    def _group_loose_dicom(self, folder: WatchFolder, root: Path) -> list[WatchEvent]:
+        """DICOM instance files written loose into the watch folder (a DICOM store that
+        writes one flat folder): once every one has settled and no partial file is being
+        written beside them, each slide's files (same study and container identifier: its
+        pyramid, label and overview series) move into a new folder of their own, named after
+        the container, which the next passes take as a series. A file that is not a
+        whole-slide instance is quarantined with the reason."""
+        if DICOM_SUFFIX not in self.params.extensions:
+            return []
+        files = dicom_series_files(root)
+        if not files:
+            return []
+        events: list[WatchEvent] = []
+        real_root = root.resolve()
+        now = time.monotonic()
+        settled = True
+        safe = []
+        for f in files:
+            stat = self._admitted(folder, root, real_root, f, events)
+            if stat is None:  # refused or vanished just now: look at the folder again first
+                settled = settled and f in self._stuck
+                continue
+            settled = self._complete(folder, root, f, *stat, now) and settled
+            safe.append(f)
+        partial = any(p.name.endswith((".part", ".tmp", ".partial")) for p in root.iterdir())
+        if not settled or partial or not safe:
+            return events
+        by_slide: dict[tuple[str, str], list[Path]] = {}
+        for f in safe:
+            try:
+                by_slide.setdefault(dicom_slide_key(f), []).append(f)
+            except ImageError as exc:
+                events.append(self._quarantine(folder, root, f, str(exc), None))
+        for (_, container), group in sorted(by_slide.items()):
+            base = re.sub(r"[^A-Za-z0-9._-]+", "_", container).strip("._-") or "slide"
+            if base == self.params.quarantine_dir:
+                base += "_slide"
+            dest, k = root / base, 1
+            while dest.exists() or dest.is_symlink():  # a slide of that name came before
+                k += 1
+                dest = root / f"{base}~{k}"
+            try:
+                dest.mkdir()
+                for f in group:
+                    os.rename(f, dest / f.name)
+                    self._seen.pop(f, None)
+            except OSError as exc:
+                self._stuck.update(group)
+                log.error("cannot group loose DICOM files of slide %s into %s/ (%s); they are "
+                          "left where they are", container, dest.name, exc.strerror)
+                continue
+            events.append(WatchEvent("grouped", str(dest), None,
+                                     f"{len(group)} loose DICOM file(s) of slide {container}"))
+        return events
+
+    def _admitted(self, folder: WatchFolder, root: Path, real_root: Path, path: Path,
+                  events: list[WatchEvent]) -> tuple[int, int] | None:
+        """``(size, mtime)`` of a listed path that may be looked at; None when it is stuck
+        (could not be moved before), refused for its path (quarantined, event added) or gone."""
+        if path in self._stuck:
+            return None
+        unsafe = self._unsafe(path, root, real_root)
+        if unsafe:
+            events.append(self._quarantine(folder, root, path, f"refused: {unsafe}", None,
+                                           kind="refused"))
+            return None
+        try:
+            return _content_stat(path)
+        except OSError:
+            return None  # vanished between listing and stat
 
     def _recorded(self, root: Path) -> dict[Path, tuple[int, float]]:
         """Files under ``root`` already decided in the store: path -> (size, recorded at, s)."""
@@ -386,12 +455,11 @@ class FolderWatcher:
                 entries = sorted(os.scandir(d), key=lambda e: e.name)
             except OSError:
                 continue
-            if series and any(e.name.lower().endswith(DICOM_SUFFIX) for e in entries):
-                if depth > 0:
-                    yield d  # a DICOM series: the folder is the slide's one candidate
-                    continue
-                self._warn_once(f"{d}#dicom", f"{d}: .dcm files directly in the watch folder are "
-                                              "ignored: a DICOM series needs a folder of its own")
+            if depth > 0 and series and any(e.name.lower().endswith(DICOM_SUFFIX) for e in entries):
+                yield d  # a DICOM series: the folder is the slide's one candidate
+                continue
+            # .dcm files loose in the watch folder itself are grouped into folders first
+            # (_group_loose_dicom); they are never candidates of their own.
             for e in entries:
                 name = e.name
                 if name.startswith((".", "~")) or name.endswith((".part", ".tmp", ".partial")):

@@ -163,6 +163,26 @@ def _dicom_series_start(folder: Path) -> Path:
     return pyramid[0]
 
 
+def dicom_slide_key(path: Path) -> tuple[str, str]:
+    """``(StudyInstanceUID, ContainerIdentifier)`` of a whole-slide DICOM instance file: the
+    slide it shows. A slide's pyramid, label and overview series all carry both (the
+    container identifier is the slide's barcode, type 1 in the WSI IOD); the series UID
+    stands in when a file lacks it. Raises ImageError when ``path`` is not a readable
+    whole-slide instance."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+            "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "ContainerIdentifier"])
+        sop, study = str(ds.get("SOPClassUID", "")), str(ds.get("StudyInstanceUID", ""))
+        slide = str(ds.get("ContainerIdentifier", "") or ds.get("SeriesInstanceUID", ""))
+        if sop != WSI_SOP_CLASS or not slide:
+            raise ValueError(f"SOP class {sop or 'missing'}, container {slide or 'missing'}")
+    except Exception as exc:  # noqa: BLE001  (InvalidDicomError, EOF, bad element)
+        raise ImageError(f"{path.name}: {_dicom_file_problem(path, exc)}") from None
+    return study, slide
+
+
 def _dicom_file_problem(f: Path, exc: BaseException) -> str:
     try:
         with open(f, "rb") as fh:

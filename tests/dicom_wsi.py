@@ -48,11 +48,20 @@ def write_dicom_wsi(folder: Path, rgb: np.ndarray, um_per_px: float, *, tile: in
     return paths
 
 
-def write_dicom_associated(path: Path, rgb: np.ndarray, kind: str, um_per_px: float) -> Path:
+def write_dicom_associated(path: Path, rgb: np.ndarray, kind: str, um_per_px: float,
+                           slide_of: Path | None = None) -> Path:
     """Write ``rgb`` as a one-instance series of its own with ImageType ...\\``kind``\\NONE
-    (``LABEL`` or ``OVERVIEW``), as scanners write the label and overview photographs."""
-    ds = _instance(rgb, um_per_px, 256, True, _series_uids(),
-                   ["ORIGINAL", "PRIMARY", kind, "NONE"], 1)
+    (``LABEL`` or ``OVERVIEW``), as scanners write the label and overview photographs;
+    ``slide_of``: an instance file of the slide's pyramid, whose study, frame of reference and
+    container it shares (a new series all the same)."""
+    uids = _series_uids()
+    if slide_of is not None:
+        import pydicom
+
+        ds = pydicom.dcmread(slide_of, stop_before_pixels=True)
+        uids.update({k: str(ds[k].value) for k in
+                     ("StudyInstanceUID", "FrameOfReferenceUID", "ContainerIdentifier")})
+    ds = _instance(rgb, um_per_px, 256, True, uids, ["ORIGINAL", "PRIMARY", kind, "NONE"], 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -14,7 +14,7 @@ import pytest
 from drivers.slide_image import open_slide, write_pyramid
 from drivers.wsi_fields import source_from_plan
 from tests.conftest import BCCD_UM_PER_PX
-from tests.dicom_wsi import write_dicom_wsi
+from tests.dicom_wsi import write_dicom_associated, write_dicom_wsi
 from tests.slide_fixtures import bccd_mosaic
 from tests.test_folder_watch import (  # noqa: F401  (inbox and store are fixtures)
     inbox,
@@ -150,3 +150,47 @@ def test_series_folders_follow_the_path_rules_and_the_marker(config, store, inbo
     evs = w.scan_once()
     assert [(e.kind, Path(e.path).name) for e in evs] == [("slide", "marked")]
     assert (inbox / "level0.dcm").exists() and [s.name for s in slides(store)] == ["marked"]
+
+
+def test_loose_instance_files_of_two_slides_are_grouped_into_a_folder_each(config, store, inbox,
+                                                                          series, tmp_path):
+    """A DICOM store writing every instance file of every slide into the watch folder itself:
+    once all have settled, each slide's files (its pyramid and its label, by study and
+    container) move into a folder named after the container and are counted there, once; a
+    file that is no whole-slide image is quarantined with the reason."""
+    import pydicom
+
+    other = write_dicom_wsi(tmp_path / "other", bccd_mosaic(3, 2), BCCD_UM_PER_PX)
+    label = write_dicom_associated(tmp_path / "label.dcm", bccd_mosaic(1, 1)[:256, :512],
+                                   "LABEL", 0.02, slide_of=series / "level0.dcm")
+    for i, f in enumerate(sorted(series.glob("*.dcm"))):
+        shutil.copy(f, inbox / f"A{i}.dcm")
+    shutil.copy(label, inbox / "A-label.dcm")
+    for i, f in enumerate(other):
+        shutil.copy(f, inbox / f"B{i}.dcm")
+    report = pydicom.dcmread(series / "level2.dcm")
+    report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # a structured report, not an image
+    report.save_as(inbox / "report.dcm")
+    (inbox / "late.dcm.part").write_bytes(b"still being written")
+    params = dicom_params(config, inbox, stable_seconds=0.0)
+    w = watcher(config, store, params)
+    assert scan_until_idle(w, passes=4) == []  # a partial file is being written beside them
+    (inbox / "late.dcm.part").unlink()
+    evs = scan_until_idle(w)
+    containers = {str(pydicom.dcmread(p, stop_before_pixels=True).ContainerIdentifier): p.parent
+                  for p in (series / "level0.dcm", other[0])}
+    grouped = {Path(e.path).name: e.reason for e in evs if e.kind == "grouped"}
+    assert set(grouped) == set(containers)
+    a = inbox / next(c for c, d in containers.items() if d == series)
+    assert sorted(p.name for p in a.iterdir()) == ["A-label.dcm", "A0.dcm", "A1.dcm", "A2.dcm"]
+    assert not list(inbox.glob("*.dcm"))
+    quarantined = [e for e in evs if e.kind == "quarantined"]
+    assert [Path(e.path).name for e in quarantined] == ["report.dcm"]
+    assert "not a whole-slide image instance" in quarantined[0].reason
+    queued = sorted(Path(e.path).name for e in evs if e.kind == "slide")
+    assert queued == sorted(containers)
+    done = {s.name: s for s in slides(store)}
+    assert set(done) == set(containers)
+    with open_slide(a) as s:
+        assert (s.width, s.height) == (WIDTH, HEIGHT)
+    assert scan_until_idle(w, passes=4) == []  # nothing twice

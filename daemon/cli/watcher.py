@@ -67,7 +67,8 @@ def watch(
             console.print(text, highlight=False)
 
     def on_watch(ev: WatchEvent) -> None:
-        style = {"slide": "green", "done": "green", "duplicate": "yellow"}.get(ev.kind, "red")
+        style = {"slide": "green", "done": "green", "duplicate": "yellow",
+                 "grouped": "cyan"}.get(ev.kind, "red")
         say(ev.kind, f"[{style}]{ev.kind}[/] {ev.path}" + (f" — {ev.reason}" if ev.reason else ""),
             path=ev.path, slide_id=ev.slide_id, reason=ev.reason)
 
