@@ -561,3 +561,14 @@ train:
     assert r.exit_code == 0, r.output
     (row,) = json.loads(r.stdout)
     assert set(row["probabilities"]) == set(ck["classes"])
+    # The trained checkpoint runs int8; `quantize` gives one without int8 state (written
+    # before it existed) the same state back from the lab's training cells.
+    assert 0 < ck["int8"]["calibration_cells"] < 60 - 10  # training cells only
+    old = tmp_path / "old.pt"
+    torch.save({k: v for k, v in ck.items() if k != "int8"}, old)
+    r = runner.invoke(app, ["quantize", "--config", str(lab), "--checkpoint", str(old)])
+    assert r.exit_code == 0, r.output
+    assert "int8 state from" in r.output and "agree on" in r.output
+    again = torch.load(old, weights_only=True)
+    assert set(again["int8"]) == {"global", "local", "calibration_cells"}
+    assert load_classifier(old).precision == "int8"
