@@ -9,7 +9,8 @@ are lost, e.g. on network shares). A pass:
    subfolder holding ``.dcm`` files is one candidate, a DICOM WSI series (one instance file
    per pyramid level), and the same refusals apply to each of its files; ``.dcm`` files
    loose in the watch folder itself are first moved into one new folder per slide (by study
-   and container identifier) once all of them have settled;
+   and container identifier) once all of them have settled, and so are, inside it, the files
+   of a series folder that turns out to hold several slides (grouping ``file``);
 2. waits until a file is complete: its size and mtime unchanged for ``stable_seconds``, or
    the scanner's completion marker present (``<file><marker>``, ``<slide folder><marker>`` or
    ``<slide folder>/<marker>``); a series is complete when every file in its folder is;
@@ -354,8 +355,14 @@ class FolderWatcher:
         for key in sorted(groups):
             if self._stop.is_set() and self._thread is not None:
                 break
-            if ready[key]:
-                events += self._process_group(folder, root, key, sorted(groups[key]))
+            if not ready[key]:
+                continue
+            if folder.grouping == "file" and groups[key][0].is_dir():
+                split = self._split_batch_folder(groups[key][0])
+                if split:
+                    events += split
+                    continue
+            events += self._process_group(folder, root, key, sorted(groups[key]))
         return events
 
     def _group_loose_dicom(self, folder: WatchFolder, root: Path) -> list[WatchEvent]:
@@ -391,14 +398,36 @@ class FolderWatcher:
                 by_slide.setdefault(dicom_slide_key(f), []).append(f)
             except ImageError as exc:
                 events.append(self._quarantine(folder, root, f, str(exc), None))
+        return events + self._move_by_slide(root, by_slide, "loose")
+
+    def _split_batch_folder(self, path: Path) -> list[WatchEvent]:
+        """A settled series folder holding several slides' files (a scanner's batch export):
+        each slide's files move into a folder of their own inside it, taken as series by the
+        next passes. [] when it holds one slide, or a file that is no whole-slide instance
+        (then it is processed, and quarantined, as one series with the reason)."""
+        by_slide: dict[tuple[str, str], list[Path]] = {}
+        try:
+            for f in dicom_series_files(path):
+                by_slide.setdefault(dicom_slide_key(f), []).append(f)
+        except ImageError:
+            return []
+        if len({container for _, container in by_slide}) < 2:
+            return []
+        return self._move_by_slide(path, by_slide, "batch")
+
+    def _move_by_slide(self, parent: Path, by_slide: dict[tuple[str, str], list[Path]],
+                       kind: str) -> list[WatchEvent]:
+        """Move each slide's files into a new folder in ``parent`` named after its container
+        identifier; one "grouped" event per folder."""
+        events = []
         for (_, container), group in sorted(by_slide.items()):
             base = re.sub(r"[^A-Za-z0-9._-]+", "_", container).strip("._-") or "slide"
             if base == self.params.quarantine_dir:
                 base += "_slide"
-            dest, k = root / base, 1
+            dest, k = parent / base, 1
             while dest.exists() or dest.is_symlink():  # a slide of that name came before
                 k += 1
-                dest = root / f"{base}~{k}"
+                dest = parent / f"{base}~{k}"
             try:
                 dest.mkdir()
                 for f in group:
@@ -406,11 +435,11 @@ class FolderWatcher:
                     self._seen.pop(f, None)
             except OSError as exc:
                 self._stuck.update(group)
-                log.error("cannot group loose DICOM files of slide %s into %s/ (%s); they are "
-                          "left where they are", container, dest.name, exc.strerror)
+                log.error("cannot group %s DICOM files of slide %s into %s/ (%s); they are "
+                          "left where they are", kind, container, dest.name, exc.strerror)
                 continue
             events.append(WatchEvent("grouped", str(dest), None,
-                                     f"{len(group)} loose DICOM file(s) of slide {container}"))
+                                     f"{len(group)} {kind} DICOM file(s) of slide {container}"))
         return events
 
     def _admitted(self, folder: WatchFolder, root: Path, real_root: Path, path: Path,

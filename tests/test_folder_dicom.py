@@ -194,3 +194,37 @@ def test_loose_instance_files_of_two_slides_are_grouped_into_a_folder_each(confi
     with open_slide(a) as s:
         assert (s.width, s.height) == (WIDTH, HEIGHT)
     assert scan_until_idle(w, passes=4) == []  # nothing twice
+
+
+def test_a_batch_folder_holding_two_slides_is_split_into_one_folder_each(config, store, inbox,
+                                                                        series, tmp_path):
+    """A scanner's batch export (one folder, every instance file of two slides): each slide
+    gets a folder of its own inside it and is counted on its own; a rescan (two pyramids of
+    one container) stays one folder and is quarantined with the reason."""
+    import pydicom
+
+    other = write_dicom_wsi(tmp_path / "other", bccd_mosaic(3, 2), BCCD_UM_PER_PX)
+    batch = inbox / "batch-0412"
+    batch.mkdir()
+    for f in sorted(series.glob("*.dcm")):
+        shutil.copy(f, batch / f"A-{f.name}")
+    for f in other:
+        shutil.copy(f, batch / f"B-{f.name}")
+    rescan = inbox / "rescan"
+    shutil.copytree(series, rescan)
+    again = write_dicom_wsi(tmp_path / "again", bccd_mosaic(3, 2), BCCD_UM_PER_PX)
+    for f in again:
+        ds = pydicom.dcmread(f)
+        ds.ContainerIdentifier = pydicom.dcmread(series / "level0.dcm").ContainerIdentifier
+        ds.StudyInstanceUID = pydicom.dcmread(series / "level0.dcm").StudyInstanceUID
+        ds.save_as(rescan / f"again-{f.name}")
+    w = watcher(config, store, dicom_params(config, inbox, stable_seconds=0.0))
+    evs = scan_until_idle(w)
+    grouped = sorted(Path(e.path).relative_to(inbox).parts[0] for e in evs if e.kind == "grouped")
+    assert grouped == ["batch-0412", "batch-0412"]
+    assert not list(batch.glob("*.dcm"))
+    queued = sorted(Path(e.path).parent.name for e in evs if e.kind == "slide")
+    assert queued == ["batch-0412", "batch-0412"]
+    assert len(slides(store)) == 2
+    (bad,) = [e for e in evs if e.kind == "quarantined"]
+    assert Path(bad.path).name == "rescan" and "holds 2 DICOM series" in bad.reason
