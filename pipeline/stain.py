@@ -26,7 +26,9 @@ def lab_stats(rgb: np.ndarray) -> StainReference:
     """Reference statistics of one RGB uint8 image ``(H, W, 3)`` or a batch ``(N, H, W, 3)``."""
     lab = cv2.cvtColor(np.ascontiguousarray(rgb.reshape(-1, 1, 3)), cv2.COLOR_RGB2LAB)
     lab = lab.reshape(-1, 3).astype(np.float64)
-    return StainReference(tuple(lab.mean(0)), tuple(np.maximum(lab.std(0), 1e-6)))
+    # Plain floats: the reference is stored in checkpoints, which load weights-only.
+    return StainReference(tuple(float(v) for v in lab.mean(0)),
+                          tuple(float(v) for v in np.maximum(lab.std(0), 1e-6)))
 
 
 def reinhard(rgb: np.ndarray, ref: StainReference) -> np.ndarray:

@@ -296,6 +296,29 @@ def test_stain_normalisation_is_identity_on_the_reference(fixed_sample):
     np.testing.assert_allclose(got.mean, ref.mean, atol=3.0)
 
 
+def test_a_model_trained_with_stain_normalisation_loads_and_normalises(tiny, tmp_path):
+    """train.stain_normalization reinhard: the checkpoint stores the training crops' L*a*b*
+    reference as plain numbers (it loads weights-only) and the classifier applies it."""
+    from pipeline.train import TrainParams
+
+    res, _, data, classes = tiny
+    p = TrainParams.model_validate(res.checkpoint["params"]).model_copy(
+        update={"epochs": 1, "stain_normalization": "reinhard"})
+    out = train_classifier(data, classes, p, taxonomy="tiny", data_hash="test", threads=1)
+    path = tmp_path / "stain.pt"
+    save_checkpoint(out.checkpoint, path)
+    clf = load_classifier(path)
+    want = lab_stats(centre(data.crops[out.split["train"][:2000]]))
+    np.testing.assert_allclose(clf.stain_reference.mean, want.mean)
+    np.testing.assert_allclose(clf.stain_reference.std, want.std)
+    from pipeline.model import to_input
+
+    crop = centre(data.crops[:1])
+    normalised = to_input(reinhard(crop[0], want)[None], clf.mean, clf.std)
+    assert torch.equal(clf._prep(crop), normalised)
+    assert not torch.equal(clf._prep(crop), to_input(crop, clf.mean, clf.std))
+
+
 def test_unknown_class_in_folder_tree_and_empty_folder(tmp_path, config):
     root = tmp_path / "tree"
     for lab, paths in (("lymphocyte", 2), ("plasma_cell", 1)):
