@@ -42,6 +42,8 @@ TRUTH_VERSION = 1
 LEUKOCYTE_LAYER = "leukocyte"
 DETACHABLE = ("band_neutrophil", "segmented_neutrophil")
 """Classes whose nucleus may be drawn with a detached lobe."""
+LOBED = (*DETACHABLE, "eosinophil", "basophil")
+"""Classes whose nucleus comes in lobes: several nuclear pieces are one cell."""
 
 
 class SlideGenError(MarrowError):
@@ -68,6 +70,9 @@ class SlideGenParams(Params):
     detached_lobe_fraction: float = Field(
         ge=0, le=1, description="share of band/segmented neutrophils drawn with a lobe pushed off")
     lobe_shift_um: float = Field(ge=0, description="how far a detached lobe is pushed out")
+    second_cell_um: float = Field(
+        ge=0, description="a crop of a one-nucleus class whose cut-out holds a second large "
+        "nucleus this far from the first shows two cells under one label: left out; 0 = kept")
     size_jitter: float = Field(ge=0, lt=0.5, description="relative cell size jitter")
     stain_variation: float = Field(ge=0, lt=0.5, description="relative optical-density drift")
     illumination_variation: float = Field(ge=0, lt=0.5, description="relative brightness drift")
@@ -235,6 +240,21 @@ def segment_leukocyte(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     cell = cv2.resize(fg * 255, (w, h), interpolation=cv2.INTER_LINEAR) > 127
     nucleus = cv2.resize(seed.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_LINEAR)
     return cell, (nucleus > 127) & cell
+
+
+def second_nucleus_um(nucleus: np.ndarray, um_per_px: float, min_um2: float = 15.0,
+                      min_share: float = 0.3) -> float:
+    """Distance (µm) between the centres of the two largest pieces of a bool nucleus mask when
+    the second is a nucleus in its own right (at least ``min_um2`` and ``min_share`` of the
+    largest); 0 when there is one nucleus."""
+    n, _, stats, cen = cv2.connectedComponentsWithStats(nucleus.astype(np.uint8))
+    order = np.argsort(-stats[1:, 4]) + 1
+    if n < 3:
+        return 0.0
+    a, b = order[:2]
+    if stats[b, 4] * um_per_px**2 < min_um2 or stats[b, 4] < min_share * stats[a, 4]:
+        return 0.0
+    return float(np.hypot(*(cen[a] - cen[b]))) * um_per_px
 
 
 def detach_lobes(rgb: np.ndarray, cell: np.ndarray, nucleus: np.ndarray, shift_px: float,
@@ -464,8 +484,11 @@ class _Pools:
             held = [r for r in rows if str((pbc_dir / r["path"]).resolve()) in heldout
                     or r["label"] == "platelet"]
         self.by_class: dict[str, list[str]] = {}
+        self.lobed: set[str] = set()
         for r in held:
             self.by_class.setdefault(r["label"], []).append(r["path"])
+            if r["label"] in LOBED:
+                self.lobed.add(r["path"])
         missing = [c for c, s in params.class_mix.items() if s > 0 and c not in self.by_class]
         if missing:
             raise SlideGenError(f"slidegen.class_mix: no PBC cells labelled {missing}")
@@ -503,6 +526,10 @@ class _Pools:
                 self._cache[key] = None
                 return None
             cell, nucleus = seg
+            if (path not in self.lobed and self.p.second_cell_um > 0
+                    and second_nucleus_um(nucleus, self.p.source_um_per_px) >= self.p.second_cell_um):
+                self._cache[key] = None  # a neighbour came along: the truth would say one cell
+                return None
             if detached:
                 got = detach_lobes(rgb, cell, nucleus,
                                    self.p.lobe_shift_um / self.p.source_um_per_px)

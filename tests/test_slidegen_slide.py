@@ -15,6 +15,7 @@ from drivers.slidegen import (
     heldout_rows,
     read_manifest,
     read_truth,
+    second_nucleus_um,
     segment_leukocyte,
     write_slide,
 )
@@ -134,6 +135,20 @@ def test_segmentation_keeps_cytoplasm_of_real_neutrophils():
         assert cell.sum() < 0.5 * cell.size
         ratios.append(cell.sum() / nucleus.sum())
     assert np.median(ratios) > 2.0
+
+
+def test_crops_showing_a_second_cell_are_recognised():
+    """Some PBC crops of one-nucleus classes cut out a neighbour too (a lymphocyte beside
+    another white cell): the truth would call that one cell, so slidegen leaves such crops
+    out (slidegen.second_cell_um); single cells pass."""
+    two = ["images/lymphocyte/LY_914453.jpg", "images/monocyte/MO_900927.jpg",
+           "images/promyelocyte/PMY_426871.jpg"]
+    for rel in two:
+        _, nucleus = segment_leukocyte(read_rgb(PBC / rel))
+        assert second_nucleus_um(nucleus, 0.1) >= 9.0, rel
+    singles = [r["path"] for r in read_manifest(PBC) if r["label"] == "lymphocyte"][:20]
+    dist = [second_nucleus_um(segment_leukocyte(read_rgb(PBC / p))[1], 0.1) for p in singles]
+    assert sum(d >= 7.0 for d in dist) <= 1, dist
 
 
 def test_a_slide_of_training_cells_trains_as_points_and_never_reaches_the_test_split(
