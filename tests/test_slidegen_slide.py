@@ -112,6 +112,10 @@ def test_cells_come_only_from_the_classifier_test_split(config, small):
     s = build_slide(small.model_copy(update={"width_px": 700, "height_px": 600}), 3, held)
     used = {str((PBC / c["source"]).resolve()) for c in s.truth["cells"]}
     assert used and used <= held
+    # `make-slide --split val` (choosing analysis settings): validation cells only.
+    val = {p for p in classifier_split_paths(config, "val") if p.startswith(pbc)}
+    want = {str(Path(samples[i].path).resolve()) for i in sp["val"]}
+    assert val and val == {p for p in want if p.startswith(pbc)} and not val & held
 
 
 def test_hash_split_is_stratified_and_stable():

@@ -128,8 +128,9 @@ def make_slide_cmd(
     split: str = typer.Option("classifier", "--split",
                               help="Which cells: 'classifier' (the model's own test split), "
                                    "'hash' (slidegen.heldout_every, no training config needed), "
-                                   "or 'train' (the classifier's training part only: a slide to "
-                                   "train on, never to evaluate with)."),
+                                   "'train' (the classifier's training part only: a slide to "
+                                   "train on, never to evaluate with) or 'val' (its validation "
+                                   "part: a slide to choose analysis settings on)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Build a virtual marrow slide from held-out real cells, with its ground truth (or, with
@@ -142,11 +143,12 @@ def make_slide_cmd(
     params = cfg.slidegen.model_copy(update=update) if update else cfg.slidegen
     if um_per_px is not None:
         check_scale(um_per_px, "--um-per-px")
-    if split not in ("classifier", "hash", "train"):
-        raise MarrowError(f"--split must be 'classifier', 'hash' or 'train', got {split!r}")
+    if split not in ("classifier", "hash", "train", "val"):
+        raise MarrowError(
+            f"--split must be 'classifier', 'hash', 'train' or 'val', got {split!r}")
     heldout, note = None, None
-    if split in ("classifier", "train"):
-        part = "test" if split == "classifier" else "train"
+    if split in ("classifier", "train", "val"):
+        part = "test" if split == "classifier" else split
         heldout = classifier_split_paths(cfg, part)
         note = (f"classifier {part} split: pipeline.datasets.split(seed={cfg.train.seed}) over "
                 f"train.sources")
