@@ -19,8 +19,9 @@
    ≥ ``duplicate_similarity``) or whose boxes
    overlap (intersection over the smaller box ≥ ``duplicate_overlap``), are one cell — most
    often the detached lobes of one neutrophil or eosinophil (``lobed_classes``). A lobe-sized
-   nucleus (≤ ``lobe_max_um2``) within ``lobe_distance_um`` of a cell of a lobed class is
-   taken as its lobe whatever it was called. The more confident one is kept; the other stays
+   nucleus (≤ ``lobe_max_um2``, or ≤ ``lobe_uncertain_max_um2`` when its own call stays below
+   ``guidance_threshold``) within ``lobe_distance_um`` of a cell of a lobed class is taken as
+   its lobe whatever it was called. The more confident one is kept; the other stays
    in the output with ``duplicate_of`` and ``duplicate_reason`` set and is not counted;
 5. cells whose final confidence stays below ``review_threshold``, or that the classifier finds
    unlike every trained class, are flagged ``needs_review`` (never forced into a class); so
@@ -75,6 +76,10 @@ class AnalyzeParams(Params):
         ge=0, description="a nucleus this small beside a lobed-class cell (neutrophil) is one of "
         "its lobes whatever its own call; 0 = off")
     lobe_distance_um: float = Field(ge=0, description="reach of that lobe rule")
+    lobe_uncertain_max_um2: float = Field(
+        ge=0, description="a nucleus up to this size beside a lobed-class cell is its lobe too "
+        "when its own call stays below guidance_threshold (a real cell of that size there is "
+        "called with confidence); 0 = off")
     review_non_leukocyte_um2: float = Field(
         ge=0, description="a non-leukocyte call on a nucleus this large goes to review: debris "
         "and platelets are smaller, a white cell from an unfamiliar stain often is not; 0 = off")
@@ -238,8 +243,10 @@ def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
         # A lobe-sized nucleus beside a lobed cell: the lobed cell is kept.
         lobe = None
         for a, b in ((i, j), (j, i)) if d < params.lobe_distance_um else ():
-            if (labels[a] in lobed and areas_um2[b] <= params.lobe_max_um2
-                    and areas_um2[b] < areas_um2[a]):
+            small = areas_um2[b] <= params.lobe_max_um2 or (
+                areas_um2[b] <= params.lobe_uncertain_max_um2
+                and conf[b] < params.guidance_threshold)
+            if labels[a] in lobed and small and areas_um2[b] < areas_um2[a]:
                 lobe = (a, b)
                 break
         if lobe is not None:

@@ -199,6 +199,32 @@ def test_a_split_monocyte_is_one_cell_two_touching_ones_are_two(config):
         assert bool(dups) == suppressed, (label, apart_um, dups)
 
 
+def test_an_uncertain_lobe_beside_a_neutrophil_is_its_lobe_a_confident_cell_is_not(config):
+    """A 25 µm² nucleus 9 µm from a segmented neutrophil, called erythroblast: with the call
+    uncertain it is one of the neutrophil's lobes (a detached lobe is often called a small
+    round cell); called with confidence it is an erythroblast beside it and both count."""
+    from pipeline.analyze import find_duplicates
+
+    classes = tuple(config.classes.names)
+    um = 0.13
+    p = config.analysis
+    assert p.lobe_max_um2 < 25.0 <= p.lobe_uncertain_max_um2
+    pts = np.array([[100.0, 100.0], [100.0 + 9.0 / um, 100.0]])
+    boxes = [(60, 60, 140, 140), (150, 80, 200, 120)]
+    for conf_small, suppressed in ((0.4, True), (0.95, False)):
+        k = len(classes)
+        probs = np.full((2, k), (1.0 - 0.9) / (k - 1), np.float32)
+        probs[1] = (1.0 - conf_small) / (k - 1)  # the rest spread, below the top call
+        probs[0, classes.index("segmented_neutrophil")] = 0.9
+        probs[1, classes.index("erythroblast")] = conf_small
+        conf = probs.max(1)
+        assert [classes[i] for i in probs.argmax(1)] == ["segmented_neutrophil", "erythroblast"]
+        dups = find_duplicates(pts, boxes, np.array([38.0, 25.0]), classes, probs, conf, um, p)
+        assert (1 in dups) == suppressed, (conf_small, dups)
+        if suppressed:
+            assert dups[1][0] == 0 and "lobe-sized" in dups[1][1]
+
+
 def test_non_leukocyte_call_on_a_large_nucleus_goes_to_review(classifier, config):
     """A "not a leukocyte" call on a nucleus of review_non_leukocyte_um2 or more goes to
     review instead of vanishing from the count; most real platelets (PBC) stay below it and
