@@ -131,19 +131,15 @@ def _dicom_series_start(folder: Path) -> Path:
     own first: a truncated or foreign file fails the slide instead of losing a level.
     """
     import openslide
-    import pydicom
 
     files = dicom_series_files(folder)
     volume: dict[str, list[Path]] = {}
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True,
-                                 specific_tags=["SOPClassUID", "SeriesInstanceUID", "ImageType"])
-            sop, uid = str(ds.get("SOPClassUID", "")), str(ds.get("SeriesInstanceUID", ""))
-            if sop != WSI_SOP_CLASS or not uid:
-                raise ValueError(f"SOP class {sop or 'missing'}, series {uid or 'missing'}")
-        except Exception as exc:  # noqa: BLE001  (InvalidDicomError, EOF, bad element)
-            raise ImageError(f"{folder.name}: {f.name}: {_dicom_file_problem(f, exc)}") from None
+            ds = _wsi_header(f, "SeriesInstanceUID", "ImageType")
+        except ImageError as exc:
+            raise ImageError(f"{folder.name}: {exc}") from None
+        uid = str(ds.SeriesInstanceUID)
         kind = list(ds.get("ImageType") or [])
         if len(kind) > 2 and str(kind[2]).upper() == "VOLUME":
             volume.setdefault(uid, []).append(f)
@@ -169,18 +165,25 @@ def dicom_slide_key(path: Path) -> tuple[str, str]:
     container identifier is the slide's barcode, type 1 in the WSI IOD); the series UID
     stands in when a file lacks it. Raises ImageError when ``path`` is not a readable
     whole-slide instance."""
+    ds = _wsi_header(path, "SeriesInstanceUID", "StudyInstanceUID", "ContainerIdentifier")
+    return str(ds.get("StudyInstanceUID", "")), str(ds.get("ContainerIdentifier", "")
+                                                    or ds.SeriesInstanceUID)
+
+
+def _wsi_header(path: Path, *tags: str) -> Any:
+    """The ``tags`` of a whole-slide DICOM instance file (pydicom Dataset, pixels not read);
+    a series UID is required. Raises ImageError "<name>: <why>" when ``path`` is not a
+    readable whole-slide instance."""
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
-            "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "ContainerIdentifier"])
-        sop, study = str(ds.get("SOPClassUID", "")), str(ds.get("StudyInstanceUID", ""))
-        slide = str(ds.get("ContainerIdentifier", "") or ds.get("SeriesInstanceUID", ""))
-        if sop != WSI_SOP_CLASS or not slide:
-            raise ValueError(f"SOP class {sop or 'missing'}, container {slide or 'missing'}")
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", *tags])
+        sop, uid = str(ds.get("SOPClassUID", "")), str(ds.get("SeriesInstanceUID", ""))
+        if sop != WSI_SOP_CLASS or not uid:
+            raise ValueError(f"SOP class {sop or 'missing'}, series {uid or 'missing'}")
     except Exception as exc:  # noqa: BLE001  (InvalidDicomError, EOF, bad element)
         raise ImageError(f"{path.name}: {_dicom_file_problem(path, exc)}") from None
-    return study, slide
+    return ds
 
 
 def _dicom_file_problem(f: Path, exc: BaseException) -> str:
