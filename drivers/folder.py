@@ -62,6 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("marrowcount.watch")
 
 HASH_CHUNK = 4 * 2**20
+PARTIAL_SUFFIXES = (".part", ".tmp", ".partial")
+"""Names a file has while a scanner or copy is still writing it."""
 
 
 class WatchError(MarrowError):
@@ -389,7 +391,7 @@ class FolderWatcher:
                 continue
             settled = self._complete(folder, root, f, *stat, now) and settled
             safe.append(f)
-        partial = any(p.name.endswith((".part", ".tmp", ".partial")) for p in root.iterdir())
+        partial = any(p.name.endswith(PARTIAL_SUFFIXES) for p in root.iterdir())
         if not settled or partial or not safe:
             return events
         by_slide: dict[tuple[str, str], list[Path]] = {}
@@ -491,7 +493,7 @@ class FolderWatcher:
             # (_group_loose_dicom); they are never candidates of their own.
             for e in entries:
                 name = e.name
-                if name.startswith((".", "~")) or name.endswith((".part", ".tmp", ".partial")):
+                if name.startswith((".", "~")) or name.endswith(PARTIAL_SUFFIXES):
                     continue
                 if depth == 0 and name == quarantine:
                     continue
