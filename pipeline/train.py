@@ -111,11 +111,14 @@ class TrainResult:
 INT8_CALIBRATION_CELLS = 512
 
 
-def int8_calibration_crops(data: CropSet, train_idx: np.ndarray, seed: int,
+def int8_calibration_crops(data: CropSet, k: int, p: TrainParams,
                            n: int = INT8_CALIBRATION_CELLS) -> np.ndarray:
-    """Centre crops ``(n, 96, 96, 3)`` uint8 of ``n`` training cells drawn with ``seed``, in
-    index order: the int8 calibration sample, the same on every run."""
-    pick = np.random.default_rng(seed).choice(train_idx, min(n, len(train_idx)), replace=False)
+    """Centre crops ``(n, 96, 96, 3)`` uint8 of ``n`` cells of the training split (of ``k``
+    classes; untyped white cells left out) drawn with ``p.seed``, in index order: the int8
+    calibration sample, the same on every run and for ``marrowcount quantize``."""
+    train = split(data.labels, p.seed, p.val_fraction, data.train_only)["train"]
+    train = train[data.labels[train] < k]
+    pick = np.random.default_rng(p.seed).choice(train, min(n, len(train)), replace=False)
     return centre(data.crops[np.sort(pick)])
 
 
@@ -430,8 +433,7 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
         locals_.append({"pair": [a, b], "state": state, "shares_body": shared,
                         "temperature": lt,
                         "offset": offset})
-    ckpt = with_int8(package(model, known["train"], locals_),
-                     int8_calibration_crops(data, known["train"], p.seed))
+    ckpt = with_int8(package(model, known["train"], locals_), int8_calibration_crops(data, k, p))
     return TrainResult(ckpt, sp, history)
 
 

@@ -245,7 +245,7 @@ def quantize_cmd(
     The float weights are unchanged."""
     from daemon.config import REPO_ROOT
     from pipeline.classify import Classifier, read_checkpoint, with_int8
-    from pipeline.datasets import load_sources, split
+    from pipeline.datasets import load_sources
     from pipeline.train import int8_calibration_crops
 
     cfg = _config(config)
@@ -254,9 +254,7 @@ def quantize_cmd(
     p = cfg.train
     data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
                            cache_dir=cache_dir)
-    train = split(data.labels, p.seed, p.val_fraction, data.train_only)["train"]
-    train = train[data.labels[train] < len(cfg.classes.names)]
-    crops = int8_calibration_crops(data, train, p.seed)
+    crops = int8_calibration_crops(data, len(cfg.classes.names), p)
     ckpt = with_int8(ckpt, crops, src)
     dest = out or src
     _save_atomic(ckpt, dest)
