@@ -211,11 +211,7 @@ def segment_leukocyte(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     h, w = rgb.shape[:2]
     small = cv2.resize(rgb, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
     hh, ww = small.shape[:2]
-    s = small.astype(np.int16)
-    blue = np.clip(s[..., 2] - s[..., 1], 0, 255).astype(np.uint8)
-    _, nuc = cv2.threshold(blue, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    nuc = cv2.morphologyEx(nuc, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    n, lab, stats, cen = cv2.connectedComponentsWithStats(nuc)
+    n, lab, stats, cen = cv2.connectedComponentsWithStats(_stained_nuclei(small))
     d = np.hypot(cen[:, 0] - ww / 2, cen[:, 1] - hh / 2)
     central = [i for i in range(1, n) if d[i] < ww * 0.3 and stats[i, 4] > 20]
     if not central:
@@ -240,6 +236,23 @@ def segment_leukocyte(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     cell = cv2.resize(fg * 255, (w, h), interpolation=cv2.INTER_LINEAR) > 127
     nucleus = cv2.resize(seed.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_LINEAR)
     return cell, (nucleus > 127) & cell
+
+
+def _stained_nuclei(rgb: np.ndarray) -> np.ndarray:
+    """uint8 mask (0/255) of nucleus-stained pixels: blue minus green above Otsu, opened."""
+    s = rgb.astype(np.int16)
+    blue = np.clip(s[..., 2] - s[..., 1], 0, 255).astype(np.uint8)
+    _, nuc = cv2.threshold(blue, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return cv2.morphologyEx(nuc, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+
+
+def nuclei_in_cell(rgb: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """Bool mask of every stained nucleus inside the bool ``cell`` mask of crop ``rgb``
+    (H, W, 3), not only the central one: a neighbour touching the cell comes out with it."""
+    h, w = rgb.shape[:2]
+    small = cv2.resize(rgb, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    nuc = cv2.resize(_stained_nuclei(small), (w, h), interpolation=cv2.INTER_LINEAR)
+    return (nuc > 127) & cell
 
 
 def second_nucleus_um(nucleus: np.ndarray, um_per_px: float, min_um2: float = 15.0,
@@ -527,7 +540,8 @@ class _Pools:
                 return None
             cell, nucleus = seg
             if (path not in self.lobed and self.p.second_cell_um > 0
-                    and second_nucleus_um(nucleus, self.p.source_um_per_px) >= self.p.second_cell_um):
+                    and second_nucleus_um(nuclei_in_cell(rgb, cell), self.p.source_um_per_px)
+                    >= self.p.second_cell_um):
                 self._cache[key] = None  # a neighbour came along: the truth would say one cell
                 return None
             if detached:
