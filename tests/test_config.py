@@ -59,3 +59,16 @@ def test_local_pairs_must_be_classes_of_the_taxonomy(tmp_path):
         load_config(p)
     p.write_text("taxonomy: seed10\ntrain:\n  local_pairs: [[myeloblast, promyelocyte]]\n")
     assert load_config(p).train.local_pairs == (("myeloblast", "promyelocyte"),)
+
+
+@pytest.mark.parametrize("name", ["loco_basophil", "loco_monocyte"])
+def test_leave_one_class_out_recipes_leave_their_class_out(name):
+    """The committed leave-one-class-out recipes validate, and the class each measures is
+    neither in its taxonomy nor read from any source."""
+    from daemon.config import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "config" / f"{name}.yaml")
+    unseen = name.removeprefix("loco_")
+    assert unseen not in cfg.classes.names
+    pbc = [s for s in cfg.train.sources if s.kind == "manifest"]
+    assert pbc and all(unseen in s.exclude for s in pbc)
