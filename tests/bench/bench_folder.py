@@ -3,11 +3,12 @@ classifier exists) the differential of a virtual slide dropped into a watched fo
 
 ``python -m tests.bench folder`` prints them. The virtual slide (seed 7, or
 ``MARROWCOUNT_BENCH_SEED``) is built once with slidegen and cached under var/bench/ (ignored
-by git).
+by git), named by seed and by a digest of the generator's code and parameters.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -94,7 +95,14 @@ def virtual_slide_differential() -> None:
         return
     # Another slide of the same recipe: MARROWCOUNT_BENCH_SEED (each is cached once built).
     seed = int(os.environ.get("MARROWCOUNT_BENCH_SEED", "7"))
-    tif, truth_path = CACHE / f"virtual-{seed}.tif", CACHE / f"virtual-{seed}.json"
+    # Keyed by the generator's code and parameters too, so a changed recipe is never scored
+    # on a slide the old one built.
+    import drivers.slidegen
+
+    recipe = hashlib.sha1(Path(drivers.slidegen.__file__).read_bytes()
+                          + cfg.slidegen.model_dump_json().encode()).hexdigest()[:10]
+    tif = CACHE / f"virtual-{seed}-{recipe}.tif"
+    truth_path = tif.with_suffix(".json")
     if not tif.is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
