@@ -65,6 +65,8 @@ def test_field_viewer_draws_detections_and_adds_a_missed_cell(page: Page, live, 
     expect(page).to_have_url(re.compile(rf"/fields/\d+\?cell={cid}$"))
     img = page.locator("#fieldview img")
     expect(img).to_be_visible()
+    # Visible is laid out, not yet decoded: on a loaded machine the pixels come later.
+    page.wait_for_function("document.querySelector('#fieldview img').complete")
     assert page.evaluate("document.querySelector('#fieldview img').naturalWidth") == 640
     boxes = page.locator("#overlay g.det")
     assert boxes.count() >= 1
