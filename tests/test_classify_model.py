@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import augment
+from pipeline.augment import augment, dihedral
 from pipeline.classify import load_classifier
 from pipeline.datasets import (ANY_LEUKOCYTE, CACHE_SIZE, DatasetError, Sample, centre,
                                check_labels, label_index, load_crops, read_folder_tree,
@@ -285,6 +285,18 @@ def test_augmentation_is_deterministic_under_a_seed(fixed_sample, config):
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
     assert not np.array_equal(a, crops)
+
+
+def test_dihedral_views_are_the_quarter_turns_of_a_cell_and_of_its_mirror_image(fixed_sample):
+    """Codes 0-3 turn a real crop by that many quarter turns counter-clockwise, 4-7 also mirror
+    it left-right; the 8 views are distinct, and a turn by 4 is the cell itself."""
+    cell = fixed_sample.crops[3]
+    views = dihedral(np.repeat(cell[None], 8, 0), np.arange(8))
+    for t in range(8):
+        want = np.rot90(cell, t % 4)
+        assert np.array_equal(views[t], want[:, ::-1] if t >= 4 else want), t
+    assert len({v.tobytes() for v in views}) == 8
+    assert np.array_equal(dihedral(views[1:2], np.array([3])), cell[None])
 
 
 def test_stain_normalisation_is_identity_on_the_reference(fixed_sample):
