@@ -7,8 +7,10 @@
 2. **classify** every crop in one batch;
 3. **probability guidance**: a cell whose confidence is below ``guidance_threshold`` is
    re-cropped from the *field* at ``guidance_crops`` centres shifted by ``guidance_shift_um``
-   (evenly around a circle); all re-crops of all such cells go through the classifier in one
-   batch, and the cell is decided from the mean of its original and shifted probabilities.
+   (evenly around a circle), each also turned or flipped (``guidance_dihedral``: a cell has no
+   orientation, and on real crops the turned views correct far more uncertain calls than
+   shifts alone); all re-crops of all such cells go through the classifier in one
+   batch, and the cell is decided from the mean of its original and re-cropped probabilities.
    The first and the final decision are both kept;
 4. **duplicate suppression**: two cells closer than ``duplicate_distance_um`` (lobed classes:
    neutrophils, eosinophils; ``duplicate_distance_same_um`` per class for two cells both called
@@ -39,6 +41,7 @@ from typing import Protocol
 import numpy as np
 from pydantic import Field, model_validator
 
+from pipeline.augment import dihedral
 from pipeline.detect import DetectParams, detect
 from pipeline.imaging import CROP_SIZE, as_rgb, check_scale, crop_at
 from pipeline.params import Params
@@ -53,6 +56,9 @@ class AnalyzeParams(Params):
     guidance_threshold: float = Field(gt=0, le=1, description="guide below this confidence")
     guidance_crops: int = Field(ge=1, le=64, description="shifted re-crops per guided cell")
     guidance_shift_um: float = Field(gt=0, description="distance of each re-crop's centre")
+    guidance_dihedral: bool = Field(
+        description="also turn or flip each re-crop (re-crop m by the m-th of the 7 "
+        "non-identity dihedral transforms): a cell on a smear has no orientation")
     review_threshold: float = Field(ge=0, le=1,
                                     description="final confidence below this: needs review")
     suppress_duplicates: bool
@@ -158,10 +164,17 @@ def shifted_centres(x: float, y: float, shift_px: float, k: int) -> list[tuple[f
     return [(x + shift_px * float(np.cos(a)), y + shift_px * float(np.sin(a))) for a in ang]
 
 
+def guidance_transforms(k: int) -> np.ndarray:
+    """Dihedral transform (``pipeline.augment.dihedral`` code 1..7) of each of ``k`` re-crops:
+    the identity is the cell's own first crop, so the re-crops cycle through the other seven."""
+    return np.arange(k) % 7 + 1
+
+
 def _guide(rgb: np.ndarray, um_per_px: float, classifier: ClassifierLike, pts: np.ndarray,
            probs: np.ndarray, conf: np.ndarray, unknown: np.ndarray,
            params: AnalyzeParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Average each uncertain cell's probabilities over shifted re-crops from the field.
+    """Average each uncertain cell's probabilities over shifted (and, with
+    ``guidance_dihedral``, turned or flipped) re-crops from the field.
 
     ``pts`` float (N, 2) centres. Returns (probs, conf, unknown, guided) after guidance."""
     guided = np.zeros(len(pts), bool)
@@ -176,6 +189,8 @@ def _guide(rgb: np.ndarray, um_per_px: float, classifier: ClassifierLike, pts: n
     for j, i in enumerate(todo):
         for m, c in enumerate(shifted_centres(pts[i, 0], pts[i, 1], shift_px, k)):
             crops[j * k + m] = crop_at(rgb, um_per_px, c, classifier.um_per_px)
+    if params.guidance_dihedral:
+        crops = dihedral(crops, np.tile(guidance_transforms(k), todo.size))
     res = classifier.classify(crops)
     p_views = np.asarray(res.probs, np.float32).reshape(todo.size, k, -1)
     u_views = np.asarray(res.unknown, bool).reshape(todo.size, k)

@@ -82,14 +82,19 @@ def test_field_of_only_red_cells_counts_no_leukocyte(classifier, config):
         assert not [c for c in cells if c.counted], [(c.label, c.confidence) for c in cells]
 
 
+@pytest.mark.parametrize("turned", [True, False])
 def test_guidance_changes_a_borderline_call_by_the_mean_of_shifted_field_crops(
-        classifier, config, slide):
+        classifier, config, slide, turned):
     """With every cell guided, some cell's call changes; its final probabilities are exactly the
-    mean over its own crop and K crops re-cut from the field at shifted centres."""
+    mean over its own crop and K crops re-cut from the field at shifted centres (each turned or
+    flipped with guidance_dihedral)."""
+    from pipeline.analyze import guidance_transforms
+    from pipeline.augment import dihedral
+
     um = slide.um_per_px
     k, shift = 6, 1.5
     guided = _run(slide.rgb, um, classifier, config, guidance_threshold=1.0, guidance_crops=k,
-                  guidance_shift_um=shift, review_threshold=0.5)
+                  guidance_shift_um=shift, guidance_dihedral=turned, review_threshold=0.5)
     plain = _run(slide.rgb, um, classifier, config, guidance=False)
     assert len(guided) == len(plain) > 20
     assert all(not c.guided and c.label == c.first_label for c in plain)
@@ -97,9 +102,11 @@ def test_guidance_changes_a_borderline_call_by_the_mean_of_shifted_field_crops(
     assert changed, "no call changed although every cell was re-cropped"
     c = changed[0]
     assert plain[c.index].label == c.first_label  # without guidance the first call stands
-    views = [c.crop] + [crop_at(slide.rgb, um, xy, classifier.um_per_px)
-                        for xy in shifted_centres(c.x, c.y, shift / um, k)]
-    mean = classifier.classify(np.stack(views)).probs.mean(0)
+    recrops = np.stack([crop_at(slide.rgb, um, xy, classifier.um_per_px)
+                        for xy in shifted_centres(c.x, c.y, shift / um, k)])
+    if turned:
+        recrops = dihedral(recrops, guidance_transforms(k))
+    mean = classifier.classify(np.concatenate([c.crop[None], recrops])).probs.mean(0)
     assert classifier.classes[int(mean.argmax())] == c.label
     np.testing.assert_allclose([c.probabilities[n] for n in classifier.classes], mean, atol=2e-3)
 
