@@ -85,8 +85,8 @@ def virtual_slide_differential() -> None:
     """Count a virtual slide (slidegen) dropped into a watched folder; compare with its truth."""
     from daemon.config import load_config
     from daemon.service import Service
+    from drivers import slidegen
     from drivers.folder import FolderWatcher, WatchParams
-    from drivers.slidegen import build_slide, read_truth, write_slide
 
     cfg = load_config()
     ckpt = cfg.resolve(cfg.classifier.checkpoint)
@@ -97,18 +97,17 @@ def virtual_slide_differential() -> None:
     seed = int(os.environ.get("MARROWCOUNT_BENCH_SEED", "7"))
     # Keyed by the generator's code and parameters too, so a changed recipe is never scored
     # on a slide the old one built.
-    import drivers.slidegen
-
-    recipe = hashlib.sha1(Path(drivers.slidegen.__file__).read_bytes()
+    recipe = hashlib.sha1(Path(slidegen.__file__).read_bytes()
                           + cfg.slidegen.model_dump_json().encode()).hexdigest()[:10]
     tif = CACHE / f"virtual-{seed}-{recipe}.tif"
     truth_path = tif.with_suffix(".json")
     if not tif.is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        write_slide(build_slide(cfg.slidegen, seed), tif, truth_path, cfg.slidegen)
+        slidegen.write_slide(slidegen.build_slide(cfg.slidegen, seed), tif, truth_path,
+                             cfg.slidegen)
         print(f"   built virtual slide seed {seed} in {time.perf_counter() - t0:.0f} s")
-    truth = read_truth(truth_path)
+    truth = slidegen.read_truth(truth_path)
     target = cfg.acquisition.target
     with tempfile.TemporaryDirectory() as tmp:
         inbox = Path(tmp) / "scanner"
