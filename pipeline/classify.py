@@ -27,7 +27,11 @@ from pipeline.quantize import calibrate_int8, int8_body, int8_supported
 from pipeline.stain import StainReference, reinhard
 from pipeline.taxonomy import Taxonomy
 
-UnknownMethod = Literal["mahalanobis", "msp", "energy"]
+UnknownMethod = Literal["mahalanobis", "msp", "energy", "dice"]
+
+DICE_KEEP = 0.1
+"""Share of the output layer's weights the ``dice`` unknown score keeps: those that carry
+most of the known cells' mean activation (DICE, Sun & Li 2022, its default sparsity 0.9)."""
 Precision = Literal["int8", "bf16"]
 
 
@@ -50,7 +54,8 @@ class Classification:
     """Per-crop results. ``probs`` float32 ``(N, K)`` (rows sum to 1, dual stage applied,
     temperature-calibrated); ``global_probs`` the same before the local models;
     ``confidence`` float32 (N) calibrated top probability, lowered for unknown cells;
-    ``unknown`` bool (N); ``unknown_score`` float32 (N), larger = less like any class."""
+    ``unknown`` bool (N); ``unknown_score`` float32 (N), larger = less like any class (0 when
+    unknown cells are not flagged)."""
 
     probs: np.ndarray
     global_probs: np.ndarray
@@ -137,6 +142,10 @@ class Classifier:
         self.batch_size = batch_size
         self.flag_unknown = flag_unknown
         self.unknown_method: UnknownMethod = unknown_method or self.unknown_params["method"]
+        if flag_unknown and f"{self.unknown_method}_threshold" not in self.unknown_params:
+            raise CheckpointError(
+                f"{path}: no {self.unknown_method!r} unknown-cell detector in this checkpoint; "
+                f"add it with `marrowcount fit-unknown` or set classifier.unknown_method")
         pairs = [tuple(p) for p in local_pairs] or list(stored)
         self.locals: list[_Local] = []
         for pair in pairs if dual_stage else []:
@@ -233,17 +242,16 @@ class Classifier:
                     p[rows, loc.a] = mass * q[:, 0]
                     p[rows, loc.b] = mass * q[:, 1]
             probs[i:i + len(x)] = p.numpy()
-            score[i:i + len(x)] = self._unknown_score(logits, feats).numpy()
+            if self.flag_unknown:
+                score[i:i + len(x)] = self._unknown_score(logits, feats).numpy()
         probs /= probs.sum(1, keepdims=True)
         conf = probs.max(1)
-        thr = float(self.unknown_params[f"{self.unknown_method}_threshold"])
-        if self.unknown_method == "msp":
-            unknown = score > -thr
-        else:
-            unknown = score > thr
         if not self.flag_unknown:
-            unknown = np.zeros(n, bool)
-        elif self.unknown_method == "mahalanobis":
+            return Classification(probs, gprobs, conf.astype(np.float32), np.zeros(n, bool),
+                                  score)
+        thr = float(self.unknown_params[f"{self.unknown_method}_threshold"])
+        unknown = score > (-thr if self.unknown_method == "msp" else thr)
+        if self.unknown_method == "mahalanobis":
             conf = np.where(unknown, conf * np.minimum(1.0, thr / np.maximum(score, 1e-9)), conf)
         else:
             conf = np.where(unknown, conf * 0.5, conf)
@@ -261,7 +269,10 @@ class Classifier:
         if self.unknown_method == "mahalanobis":
             return mahalanobis(feats, u["centroids"], u["precision"])
         if self.unknown_method == "energy":
-            return -self.temperature * torch.logsumexp(logits / self.temperature, 1)
+            return energy(logits, self.temperature)
+        if self.unknown_method == "dice":
+            return energy(feats @ u["dice_weight"].float().T + self.model.head.bias.detach().float(),
+                          self.temperature)
         return -torch.softmax(logits / self.temperature, 1).max(1).values
 
 
@@ -288,6 +299,21 @@ def routed_to_pair(scores: torch.Tensor, a: int, b: int) -> torch.Tensor:
     are classes ``a`` and ``b``, in either order — the cells a local model decides."""
     top2 = torch.topk(scores, 2, dim=1).indices
     return (((top2[:, 0] == a) & (top2[:, 1] == b)) | ((top2[:, 0] == b) & (top2[:, 1] == a)))
+
+
+def energy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Energy score ``(N,)`` of logits ``(N, K)``: ``-T logsumexp(logits / T)``; larger = less
+    like any class."""
+    return -temperature * torch.logsumexp(logits / temperature, 1)
+
+
+def dice_weight(head_weight: torch.Tensor, mean_feature: torch.Tensor) -> torch.Tensor:
+    """The output layer's weights ``(K, D)`` with all but the ``DICE_KEEP`` share zeroed: those
+    whose product with the known cells' mean penultimate activation ``(D,)`` is largest."""
+    contrib = head_weight.float() * mean_feature.float()[None]
+    keep = max(1, round(DICE_KEEP * contrib.numel()))
+    cut = torch.topk(contrib.flatten(), keep).values[-1]
+    return torch.where(contrib >= cut, head_weight.float(), torch.zeros(()))
 
 
 def mahalanobis(feat: torch.Tensor, centroids: torch.Tensor, precision: torch.Tensor

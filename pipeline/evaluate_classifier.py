@@ -280,10 +280,16 @@ def unknown_rates(clf: Any, known: np.ndarray, unseen: np.ndarray) -> dict[str, 
     """Per unknown-cell method: share of ``unseen`` crops (a class the model never saw) that
     are flagged, and share of ``known`` crops falsely flagged, at the checkpoint's thresholds
     (fitted on validation cells of the known classes)."""
+    from typing import get_args
+
+    from pipeline.classify import UnknownMethod
+
     out = {}
     keep = clf.unknown_method
     try:
-        for method in ("mahalanobis", "msp", "energy"):
+        for method in get_args(UnknownMethod):
+            if f"{method}_threshold" not in clf.unknown_params:
+                continue
             clf.unknown_method = method
             out[method] = {"flagged_unseen": float(clf.classify(unseen).unknown.mean()),
                            "false_flags_known": float(clf.classify(known).unknown.mean())}

@@ -38,7 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from pipeline.augment import AugmentParams, augment
-from pipeline.classify import mahalanobis, routed_to_pair, with_int8
+from pipeline.classify import dice_weight, energy, mahalanobis, routed_to_pair, with_int8
 from pipeline.datasets import (ANY_LEUKOCYTE, CropSet, SourceParams, centre, epoch_indices,
                                recrop, split, stratified_folds)
 from pipeline.errors import CheckpointError
@@ -284,10 +284,11 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _unknown_params(model: VGG, cen: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
                     val_idx: np.ndarray, mean: np.ndarray, std: np.ndarray, k: int,
                     temperature: float, val_logits: torch.Tensor, rate: float) -> dict[str, Any]:
-    """Unknown-cell detector: centroids/precision from ``train_idx`` features; thresholds so
-    that ``rate`` of the validation cells are flagged by each score."""
-    stats = unknown_stats(predict_logits(model, cen[train_idx], mean, std, features=True),
-                          labels[train_idx], k)
+    """Unknown-cell detector: centroids/precision and the DICE weights from ``train_idx``
+    features; thresholds so that ``rate`` of the validation cells are flagged by each score."""
+    train_feat = predict_logits(model, cen[train_idx], mean, std, features=True)
+    stats = unknown_stats(train_feat, labels[train_idx], k)
+    dice = dice_weight(model.head.weight.detach(), train_feat.mean(0))
     val_feat = predict_logits(model, cen[val_idx], mean, std, features=True)
     val_probs = torch.softmax(val_logits / temperature, 1)
     q = 1.0 - rate
@@ -296,10 +297,35 @@ def _unknown_params(model: VGG, cen: np.ndarray, labels: np.ndarray, train_idx: 
         "mahalanobis_threshold": float(np.quantile(
             mahalanobis(val_feat, stats["centroids"], stats["precision"]).numpy(), q)),
         "msp_threshold": float(np.quantile(val_probs.max(1).values.numpy(), 1.0 - q)),
-        "energy_threshold": float(np.quantile(
-            (-temperature * torch.logsumexp(val_logits / temperature, 1)).numpy(), q)),
+        "energy_threshold": float(np.quantile(energy(val_logits, temperature).numpy(), q)),
+        "dice_threshold": float(np.quantile(energy(
+            val_feat @ dice.T + model.head.bias.detach().float(), temperature).numpy(), q)),
+        "dice_weight": dice.half(),
         **stats,
     }
+
+
+def refit_unknown(ckpt: dict[str, Any], data: CropSet, p: TrainParams) -> dict[str, Any]:
+    """``ckpt`` with its unknown-cell detector fitted anew on ``data`` (the sources it was
+    trained on, split as in training) at ``p.unknown_false_flag_rate``; weights unchanged."""
+    classes = list(ckpt["classes"])
+    k = len(classes)
+    model = build(k, float(ckpt["width"]), int(ckpt["fc"]), 0.0, 0.0)
+    _load_weights(model, ckpt["state"], keep_head=True)
+    sp = split(data.labels, p.seed, p.val_fraction, data.train_only)
+    known = {name: idx[data.labels[idx] < k] for name, idx in sp.items()}
+    ref = ckpt.get("stain_reference")
+    cen = centre(data.crops)
+    if ref is not None:
+        stain_ref = StainReference(tuple(ref["mean"]), tuple(ref["std"]))
+        cen = np.stack([reinhard(c, stain_ref) for c in cen])
+    mean = np.asarray(ckpt["yuv_mean"], np.float64)
+    std = np.asarray(ckpt["yuv_std"], np.float64)
+    temperature = float(ckpt["temperature"])
+    val_logits = predict_logits(model, cen[known["val"]], mean, std)
+    unknown = _unknown_params(model, cen, data.labels, known["train"], known["val"], mean, std,
+                              k, temperature, val_logits, p.unknown_false_flag_rate)
+    return {**ckpt, "unknown": unknown}
 
 
 def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,

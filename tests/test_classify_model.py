@@ -607,3 +607,36 @@ train:
     again = torch.load(old, weights_only=True)
     assert set(again["int8"]) == {"global", "local", "calibration_cells"}
     assert load_classifier(old).precision == "int8"
+
+
+def test_fit_unknown_refits_every_detector_at_the_configured_rate(tiny):
+    """``marrowcount fit-unknown``: the weights stay; each method's threshold flags the
+    configured share of the known validation cells; DICE keeps its share of the output
+    weights; a checkpoint without a DICE detector is refused by name, not scored wrongly."""
+    from pipeline.classify import DICE_KEEP, Classifier, read_checkpoint
+    from pipeline.train import TrainParams, refit_unknown
+
+    res, path, data, classes = tiny
+    rate = 0.25
+    p = TrainParams.model_validate(res.checkpoint["params"]).model_copy(
+        update={"unknown_false_flag_rate": rate})
+    old = read_checkpoint(path)
+    new = refit_unknown(old, data, p)
+    for key, value in old["state"].items():
+        assert torch.equal(new["state"][key], value), key
+    w = new["unknown"]["dice_weight"]
+    assert w.shape == old["state"]["head.weight"].shape
+    assert int((w != 0).sum()) == round(DICE_KEEP * w.numel())
+    val = res.split["val"]
+    crops = centre(data.crops[val[data.labels[val] < len(classes)]])
+    assert len(crops) >= 16
+    for method in ("mahalanobis", "msp", "energy", "dice"):
+        share = Classifier(new, path, unknown_method=method, precision="bf16").classify(
+            crops).unknown.mean()
+        assert abs(share - rate) <= 0.1, (method, share)
+    legacy = {**old, "unknown": {k: v for k, v in old["unknown"].items()
+                                 if not k.startswith("dice")}}
+    with pytest.raises(CheckpointError, match="fit-unknown"):
+        Classifier(legacy, path, unknown_method="dice")
+    assert not Classifier(legacy, path, unknown_method="dice", flag_unknown=False).classify(
+        crops).unknown.any()

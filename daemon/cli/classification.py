@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -231,6 +231,48 @@ def eval_unknown_cmd(
         console.print_json(json.dumps(result))
 
 
+def _checkpoint_and_sources(checkpoint: Optional[Path], config: Optional[Path],
+                            cache_dir: Optional[Path]) -> tuple[Any, Path, dict, Any]:
+    """The config, the checkpoint's path and contents, and the crops of the configured
+    training sources (for commands that add to a trained checkpoint)."""
+    from daemon.config import REPO_ROOT
+    from pipeline.classify import read_checkpoint
+    from pipeline.datasets import load_sources
+
+    cfg = _config(config)
+    src = checkpoint or cfg.resolve(cfg.classifier.checkpoint)
+    ckpt = read_checkpoint(src)
+    p = cfg.train
+    data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
+                           cache_dir=cache_dir)
+    return cfg, src, ckpt, data
+
+
+@app.command("fit-unknown")
+def fit_unknown_cmd(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Default: classifier.checkpoint.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="The config it was trained with (its sources and split).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write here; default: in place.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option()] = None,
+) -> None:
+    """Fit the unknown-cell detector anew (every method, thresholds at
+    train.unknown_false_flag_rate of the validation cells) on the sources a checkpoint was
+    trained on. `train` does this itself; this is for older checkpoints or another rate.
+    The weights are unchanged."""
+    from pipeline.train import refit_unknown
+
+    cfg, src, ckpt, data = _checkpoint_and_sources(checkpoint, config, cache_dir)
+    p = cfg.train
+    ckpt = refit_unknown(ckpt, data, p)
+    _save_atomic(ckpt, out or src)
+    u = ckpt["unknown"]
+    console.print("thresholds at {:.1%} of validation cells: ".format(p.unknown_false_flag_rate)
+                  + ", ".join(f"{m} {u[f'{m}_threshold']:.3f}"
+                              for m in ("mahalanobis", "msp", "energy", "dice")),
+                  highlight=False)
+
+
 @app.command("quantize")
 def quantize_cmd(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Default: classifier.checkpoint.")] = None,
@@ -243,18 +285,11 @@ def quantize_cmd(
     """Add int8 state to a checkpoint, calibrated on its training cells, so the classifier
     runs int8 (classifier.precision). `train` does this itself; this is for older checkpoints.
     The float weights are unchanged."""
-    from daemon.config import REPO_ROOT
-    from pipeline.classify import Classifier, read_checkpoint, with_int8
-    from pipeline.datasets import load_sources
+    from pipeline.classify import Classifier, with_int8
     from pipeline.train import int8_calibration_crops
 
-    cfg = _config(config)
-    src = checkpoint or cfg.resolve(cfg.classifier.checkpoint)
-    ckpt = read_checkpoint(src)
-    p = cfg.train
-    data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
-                           cache_dir=cache_dir)
-    crops = int8_calibration_crops(data, len(cfg.classes.names), p)
+    cfg, src, ckpt, data = _checkpoint_and_sources(checkpoint, config, cache_dir)
+    crops = int8_calibration_crops(data, len(cfg.classes.names), cfg.train)
     ckpt = with_int8(ckpt, crops, src)
     dest = out or src
     _save_atomic(ckpt, dest)
