@@ -260,6 +260,9 @@ def fit_unknown_cmd(
     train.unknown_false_flag_rate of the validation cells) on the sources a checkpoint was
     trained on. `train` does this itself; this is for older checkpoints or another rate.
     The weights are unchanged."""
+    from typing import get_args
+
+    from pipeline.classify import UnknownMethod
     from pipeline.train import refit_unknown
 
     cfg, src, ckpt, data = _checkpoint_and_sources(checkpoint, config, cache_dir)
@@ -269,7 +272,7 @@ def fit_unknown_cmd(
     u = ckpt["unknown"]
     console.print("thresholds at {:.1%} of validation cells: ".format(p.unknown_false_flag_rate)
                   + ", ".join(f"{m} {u[f'{m}_threshold']:.3f}"
-                              for m in ("mahalanobis", "msp", "energy", "dice")),
+                              for m in get_args(UnknownMethod)),
                   highlight=False)
 
 
