@@ -271,8 +271,8 @@ class Classifier:
         if self.unknown_method == "energy":
             return energy(logits, self.temperature)
         if self.unknown_method == "dice":
-            return energy(feats @ u["dice_weight"].float().T + self.model.head.bias.detach().float(),
-                          self.temperature)
+            bias = self.model.head.bias.detach().float()
+            return energy(feats @ u["dice_weight"].float().T + bias, self.temperature)
         return -torch.softmax(logits / self.temperature, 1).max(1).values
 
 
