@@ -607,6 +607,23 @@ train:
     again = torch.load(old, weights_only=True)
     assert set(again["int8"]) == {"global", "local", "calibration_cells"}
     assert load_classifier(old).precision == "int8"
+    # A checkpoint from before the DICE detector: the configured method is refused by name
+    # until `fit-unknown` adds it from the lab's own cells, weights untouched.
+    legacy = {**again, "unknown": {k: v for k, v in again["unknown"].items()
+                                   if not k.startswith("dice")}}
+    torch.save(legacy, old)
+    r = runner.invoke(app, ["classify", str(one), "--um-per-px", "0.1", "--json",
+                            "--config", str(lab), "--checkpoint", str(old)])
+    # (the `marrowcount` entry point prints a CheckpointError as one line and exits 2)
+    assert isinstance(r.exception, CheckpointError) and "fit-unknown" in str(r.exception)
+    r = runner.invoke(app, ["fit-unknown", "--config", str(lab), "--checkpoint", str(old)])
+    assert r.exit_code == 0, r.output
+    assert "dice" in r.output
+    fitted = torch.load(old, weights_only=True)
+    assert all(torch.equal(fitted["state"][k], v) for k, v in legacy["state"].items())
+    r = runner.invoke(app, ["classify", str(one), "--um-per-px", "0.1", "--json",
+                            "--config", str(lab), "--checkpoint", str(old)])
+    assert r.exit_code == 0, r.output
 
 
 def test_fit_unknown_refits_every_detector_at_the_configured_rate(tiny):
