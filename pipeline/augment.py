@@ -70,7 +70,6 @@ def dihedral(crops: np.ndarray, k: np.ndarray) -> np.ndarray:
     return out
 
 
-
 def _shrink(crop: np.ndarray, frac: float) -> np.ndarray:
     s = crop.shape[0]
     k = max(8, int(round(s * frac)))

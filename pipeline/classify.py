@@ -132,7 +132,9 @@ class Classifier:
             self.temperature = float(ckpt["temperature"])
             self.model = _model(ckpt, ckpt["state"], len(self.classes), path)
             stored = {tuple(d["pair"]): d for d in ckpt["local"]}
-            self.unknown_params = ckpt["unknown"]
+            # fp16 in the file (DICE weights); scored in fp32 on every batch.
+            self.unknown_params = {k: v.float() if torch.is_tensor(v) else v
+                                   for k, v in ckpt["unknown"].items()}
             ref = ckpt.get("stain_reference")
         except KeyError as exc:
             raise CheckpointError(f"{path}: checkpoint lacks {exc}") from None
@@ -272,7 +274,7 @@ class Classifier:
             return energy(logits, self.temperature)
         if self.unknown_method == "dice":
             bias = self.model.head.bias.detach().float()
-            return energy(feats @ u["dice_weight"].float().T + bias, self.temperature)
+            return energy(feats @ u["dice_weight"].T + bias, self.temperature)
         return -torch.softmax(logits / self.temperature, 1).max(1).values
 
 

@@ -305,6 +305,23 @@ def _unknown_params(model: VGG, cen: np.ndarray, labels: np.ndarray, train_idx: 
     }
 
 
+def _known(sp: dict[str, np.ndarray], labels: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Each split without its white cells of unknown type (label ``k``): they train but are
+    never scored, as their label has no class."""
+    return {name: idx[labels[idx] < k] for name, idx in sp.items()}
+
+
+def _stored_reference(ckpt: dict[str, Any]) -> StainReference | None:
+    ref = ckpt.get("stain_reference")
+    return None if ref is None else StainReference(tuple(ref["mean"]), tuple(ref["std"]))
+
+
+def _centred(data: CropSet, stain_ref: StainReference | None) -> np.ndarray:
+    """Centre crops ``(N, 96, 96, 3)`` of ``data``, stain-normalised when there is a reference."""
+    cen = centre(data.crops)
+    return cen if stain_ref is None else np.stack([reinhard(c, stain_ref) for c in cen])
+
+
 def refit_unknown(ckpt: dict[str, Any], data: CropSet, p: TrainParams) -> dict[str, Any]:
     """``ckpt`` with its unknown-cell detector fitted anew on ``data`` (the sources it was
     trained on, split as in training) at ``p.unknown_false_flag_rate``; weights unchanged."""
@@ -312,13 +329,8 @@ def refit_unknown(ckpt: dict[str, Any], data: CropSet, p: TrainParams) -> dict[s
     k = len(classes)
     model = build(k, float(ckpt["width"]), int(ckpt["fc"]), 0.0, 0.0)
     _load_weights(model, ckpt["state"], keep_head=True)
-    sp = split(data.labels, p.seed, p.val_fraction, data.train_only)
-    known = {name: idx[data.labels[idx] < k] for name, idx in sp.items()}
-    ref = ckpt.get("stain_reference")
-    cen = centre(data.crops)
-    if ref is not None:
-        stain_ref = StainReference(tuple(ref["mean"]), tuple(ref["std"]))
-        cen = np.stack([reinhard(c, stain_ref) for c in cen])
+    known = _known(split(data.labels, p.seed, p.val_fraction, data.train_only), data.labels, k)
+    cen = _centred(data, _stored_reference(ckpt))
     mean = np.asarray(ckpt["yuv_mean"], np.float64)
     std = np.asarray(ckpt["yuv_std"], np.float64)
     temperature = float(ckpt["temperature"])
@@ -362,21 +374,14 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
     any_of = np.isin(classes, list(counted))
     sp = split(data.labels, p.seed, p.val_fraction, data.train_only)
     labels = data.labels
-    # White cells of unknown type train but are never scored: their label has no class.
-    known = {name: idx[labels[idx] < k] for name, idx in sp.items()}
+    known = _known(sp, labels, k)
     # An initial body was trained on its own normalisation: keep it, never re-derive it.
     if init is not None:
         _check_init(init, p)
-    ref = None if init is None else init.get("stain_reference")
-    if ref is not None:
-        stain_ref = StainReference(tuple(ref["mean"]), tuple(ref["std"]))
-    elif p.stain_normalization == "reinhard":
+    stain_ref = None if init is None else _stored_reference(init)
+    if stain_ref is None and p.stain_normalization == "reinhard":
         stain_ref = lab_stats(centre(data.crops[sp["train"][:2000]]))
-    else:
-        stain_ref = None
-    cen = centre(data.crops)
-    if stain_ref is not None:
-        cen = np.stack([reinhard(c, stain_ref) for c in cen])
+    cen = _centred(data, stain_ref)
     if init is not None:
         mean = np.asarray(init["yuv_mean"], np.float64)
         std = np.asarray(init["yuv_std"], np.float64)
