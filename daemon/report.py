@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from daemon.models import Cell, Field, Review
+from daemon.provenance import method_text
 from daemon.store import Store
 from pipeline.stats import Differential, differential
 
@@ -59,6 +61,20 @@ def prescan_text(pre: dict[str, Any]) -> str:
     return f"pre-scan at {pre['objective']} kept {pre['kept']} of {pre['planned']} fields{why}"
 
 
+def slide_methods(s: Session, slide_id: int) -> list[dict[str, Any]]:
+    """Each distinct method (``daemon.provenance``) that analysed a slide's fields, with how
+    many fields it analysed, in order of first use; fields from before methods were recorded
+    count as one method without parts."""
+    seen: dict[str, dict[str, Any]] = {}
+    for m in s.scalars(select(Field.method).where(Field.slide_id == slide_id,
+                                                   Field.skipped_reason.is_(None))
+                       .order_by(Field.index)):
+        m = m or {}
+        key = json.dumps(m, sort_keys=True)
+        seen.setdefault(key, {**m, "fields": 0})["fields"] += 1
+    return list(seen.values())
+
+
 def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]:
     """Everything a lab report says about one slide, as plain JSON-ready data.
 
@@ -81,6 +97,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             Cell.duplicate_of.is_(None))) or 0
         reviews = list(s.scalars(select(Review).where(Review.slide_id == slide.id)
                                  .order_by(Review.at, Review.id)))
+        methods = slide_methods(s, slide.id)
     signed = slide.status == "signed"
     final_counts = store.reviewed_counts(slide.id) if signed else machine
     final = differential(final_counts, taxonomy, cfg.stats) if signed else machine_diff
@@ -99,6 +116,10 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         flags.append(f"preliminary: slide is still {slide.status}")
     elif slide.status == "awaiting_review":
         flags.append("preliminary: not yet reviewed and signed")
+    if len(methods) > 1:
+        flags.append(f"counted with {len(methods)} methods (the model or its settings changed "
+                     "during the count): " + "; ".join(
+                         f"{m['fields']} fields by {method_text(m)}" for m in methods))
     if final.blast_pct is None:
         flags.append(f"taxonomy {taxonomy.name!r} has no blast class: blast % not reported")
 
@@ -118,7 +139,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     prescan = None if not pre else {k: pre[k] for k in (
         "objective", "um_per_px", "planned", "kept", "left_out_by_reason")}
     return {
-        "report_version": 1,
+        "report_version": 2,
         "generated_at": _iso(datetime.now(timezone.utc)),
         "slide": {
             "id": slide.id, "name": slide.name, "source": slide.source,
@@ -131,6 +152,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             "cells_needing_review": int(needs_review),
             "prescan": prescan,
         },
+        "methods": methods,
         "basis": "reviewed" if signed else "machine",
         "differential": _diff_dict(final),
         "machine_differential": _diff_dict(machine_diff),
@@ -140,7 +162,8 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
 
 
 def report_csv(rep: dict[str, Any]) -> str:
-    """One row per class, then TOTAL, M:E and BLAST rows; the machine count beside each."""
+    """One row per class, then TOTAL, M:E and BLAST rows, with the machine count beside each;
+    then the cells not counted, and one METHOD row per method that analysed fields."""
     d, m = rep["differential"], rep["machine_differential"]
     machine_n = {c["name"]: c["n"] for c in m["classes"]}
     buf = io.StringIO()
@@ -161,6 +184,9 @@ def report_csv(rep: dict[str, Any]) -> str:
                     d["blast_pct"], *d["blast_ci_pct"], "%", m["blast_n"], basis])
     for name, n in sorted(d["not_counted"].items()):
         w.writerow([s, name, "not counted", "", n, "", "", "", "cells", "", basis])
+    for meth in rep["methods"]:
+        w.writerow([s, "METHOD", method_text(meth), "", meth["fields"], "", "", "", "fields", "",
+                    basis])
     return buf.getvalue()
 
 
@@ -236,6 +262,10 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
                                 ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
                                 ("ALIGN", (1, 0), (-1, -1), "RIGHT")]))
         story.append(tb)
+    story.append(Paragraph("Method", st["Heading3"]))
+    for m in rep["methods"] or [{"fields": 0}]:
+        story.append(Paragraph(f"• {_esc(method_text(m))}: {m['fields']} fields analysed",
+                               st["Normal"]))
     story.append(Spacer(1, 6 * mm))
     story.append(Paragraph(
         "Intervals are exact (Clopper–Pearson). Percentages are of all counted nucleated cells; "

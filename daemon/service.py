@@ -144,7 +144,7 @@ class Service:
         self._wake = threading.Event()  # set by a stop request or a newly queued slide
         self._reload = False
         self._classifier: Any = None
-        self._classifier_path: Path | None = None
+        self._classifier_key: tuple[Any, ...] = ()
         self._paused_until: dict[int, float] = {}
         self._only: int | None = None
 
@@ -299,7 +299,7 @@ class Service:
                                  "target": slide.target, "source": slide.source}})
         self._emit("slide_started", slide, prog.counted, resumed=resumed)
         try:
-            analyze = self._analyzer()
+            analyze, method = self._analyzer()
             source, close = self._open_source(slide, prog.n_fields)
         except MarrowError as exc:
             self._fail(slide, str(exc))
@@ -316,7 +316,7 @@ class Service:
 
         def on_field(f: Any) -> None:
             nonlocal counted
-            if self._commit(slide, f):
+            if self._commit(slide, f, None if f.skipped_reason else method):
                 counted += f.n_counted
             if stale_error[0]:  # the failure noted earlier is over
                 self._note(slide.id, None)
@@ -388,14 +388,14 @@ class Service:
         self._emit("slide_finished", slide, self.store.progress(slide.id).counted,
                    stopped_because="failed", error=reason)
 
-    def _commit(self, slide: Any, f: Any) -> bool:
+    def _commit(self, slide: Any, f: Any, method: dict[str, str] | None) -> bool:
         """Commit a field, retrying with back-off when its files or rows cannot be written.
         Nothing of a failed attempt is kept; after the last retry FieldCommitError."""
         p = self.cfg.service
         delay = p.commit_backoff_s
         for attempt in range(p.commit_retries + 1):
             try:
-                ok = self.store.commit_field(slide.id, f)
+                ok = self.store.commit_field(slide.id, f, method)
                 if attempt:
                     self._note(slide.id, None)
                 return ok
@@ -425,16 +425,26 @@ class Service:
 
     # -- parts ----------------------------------------------------------------------------
 
-    def _analyzer(self) -> Callable[[Any, float], Any]:
+    def _analyzer(self) -> tuple[Callable[[Any, float], Any], dict[str, str]]:
+        """The field analysis for the next slide and the method it stands for. The model is
+        loaded again when its file, the classifier settings or the taxonomy changed (a new
+        checkpoint copied over the old one, then SIGHUP)."""
+        from daemon.provenance import analysis_method
         from pipeline.analyze import analyze_field
         from pipeline.classify import load_classifier
 
         cfg = self.cfg
         path = cfg.resolve(cfg.classifier.checkpoint)
-        if self._classifier is None or self._classifier_path != path:
+        try:
+            st = path.stat()
+            identity: tuple[Any, ...] = (path, st.st_size, st.st_mtime_ns)
+        except OSError:
+            identity = (path,)  # load_classifier says what is wrong with it
+        key = (*identity, cfg.classifier.model_dump_json(), tuple(cfg.classes.names))
+        if self._classifier is None or self._classifier_key != key:
             t0 = time.monotonic()
             self._classifier = load_classifier(path, cfg.classes, params=cfg.classifier)
-            self._classifier_path = path
+            self._classifier_key = key
             loaded = time.monotonic()
             self._classifier.warm_up()
             log.info("model loaded", extra={"data": {
@@ -449,7 +459,7 @@ class Service:
         def analyze(rgb: Any, um_per_px: float) -> Any:
             return analyze_field(rgb, um_per_px, clf, cfg.detect, cfg.analysis)
 
-        return analyze
+        return analyze, analysis_method(cfg, path, clf.precision)
 
     def _open_source(self, slide: Any, n_committed: int) -> tuple[Any, Callable[[], None]]:
         """The slide's FieldSource and a function that releases it. A new slide's field plan

@@ -362,8 +362,10 @@ class Store:
 
     # -- fields ---------------------------------------------------------------------------
 
-    def commit_field(self, slide_id: int, fld: "FieldResult") -> bool:
+    def commit_field(self, slide_id: int, fld: "FieldResult",
+                     method: dict[str, str] | None = None) -> bool:
         """Store one field with its cells, crops and the slide's running counts, atomically.
+        ``method``: what analysed it (``daemon.provenance.analysis_method``), kept with it.
 
         Returns False (and changes nothing) if the slide already has a field with this index.
         Raises OSError (e.g. ENOSPC) if its files cannot be written; nothing is then kept.
@@ -377,7 +379,7 @@ class Store:
         try:
             stage.mkdir()
             files = self._write_field_files(stage, fld)
-            committed = self._insert_field(slide_id, fld, rel, files)
+            committed = self._insert_field(slide_id, fld, rel, files, method)
             if committed:
                 _move_into_place(stage, self.data_dir / rel)
             return committed
@@ -414,7 +416,8 @@ class Store:
         return {key: name for key, (name, _) in jobs.items()}
 
     def _insert_field(
-        self, slide_id: int, fld: "FieldResult", rel: Path, files: dict[str, str]
+        self, slide_id: int, fld: "FieldResult", rel: Path, files: dict[str, str],
+        method: dict[str, str] | None,
     ) -> bool:
         counts: dict[str, int] = {}
         for c in fld.cells:
@@ -437,6 +440,7 @@ class Store:
                     width=None if w is None else int(w),
                     height=None if h is None else int(h),
                     n_counted=int(fld.n_counted),
+                    method=method,
                 )
                 s.add(row)
                 s.flush()

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 
 from daemon.models import Cell, Count, Field, Slide
 from daemon.store import Store, StoreError, write_file
@@ -164,7 +164,50 @@ def test_sqlite_wal_foreign_keys_and_full_sync(tmp_path):
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: power cuts
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0003"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == _head()
+
+
+def _alembic(conn):
+    from alembic.config import Config as AlembicConfig
+
+    from daemon.store import MIGRATIONS
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
+def _head() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic(None)).get_current_head()
+
+
+def test_store_from_before_methods_were_recorded_migrates_with_its_fields(tmp_path, config):
+    from alembic import command
+
+    from daemon.report import build_report
+
+    url, data = f"sqlite:///{tmp_path / 'old.db'}", tmp_path / "data"
+    with Store(url, data) as store:
+        sid = store.create_slide("BM-old", "virtual", "slide.tif", 500, "pbc11")
+        for i in range(2):
+            store.commit_field(sid, make_field(i))
+        counts = store.counts(sid)
+        with store.engine.begin() as conn:  # back to the schema the previous release wrote
+            command.downgrade(_alembic(conn), "0003")
+            assert "method" not in {c["name"] for c in inspect(conn).get_columns("fields")}
+    method = {"software": "0.1.0", "model": "default.pt", "model_sha256": "0123456789abcdef",
+              "precision": "int8", "taxonomy": "pbc11", "settings": "abcdef012345"}
+    with Store(url, data) as store:
+        assert [f.method for f in store.fields(sid)] == [None, None]
+        assert store.counts(sid) == counts
+        store.commit_field(sid, make_field(2), method)
+        rep = build_report(store, sid, config)
+    assert [m["fields"] for m in rep["methods"]] == [2, 1]
+    assert rep["methods"][1] == {**method, "fields": 1}
+    assert any("not recorded" in f for f in rep["flags"] if f.startswith("counted with 2"))
 
 
 def test_not_a_sqlite_file_is_refused_and_kept(tmp_path):

@@ -30,6 +30,8 @@ from pydantic import BaseModel, Field as PydField
 from sqlalchemy import func, select
 
 from daemon.models import AuditEvent, Cell, Field, Review, Slide, User
+from daemon.provenance import method_text
+from daemon.report import slide_methods
 from daemon.review import actions
 from daemon.review.actions import Reviewer, ReviewError
 from daemon.review.auth import (
@@ -323,8 +325,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 .where(Field.slide_id == slide_id).order_by(Field.index)).all()
             reviews = list(s.scalars(select(Review).where(Review.slide_id == slide_id)
                                      .order_by(Review.id)))
+            methods = [(method_text(m), m["fields"]) for m in slide_methods(s, slide_id)]
             ctx = table_context(s, slide, tax)
-        return page(request, "slide.html", who, tax=tax, sections=_sections(cells, tax),
+        return page(request, "slide.html", who, methods=methods, tax=tax, sections=_sections(cells, tax),
                     keymap={c.key: c.name for c in tax.classes},
                     labels={c.name: c.label for c in tax.classes},
                     n_cells=len(cells), fields=fields, reviews=reviews,

@@ -1,0 +1,71 @@
+"""Which software, classifier model and settings counted a field.
+
+The service stores this with every analysed field, so a report names the method behind its
+machine count (ISO 15189 asks a lab to know which examination procedure and version gave
+each result), and a slide counted partly under another model or other settings, after a
+restart with a new config, says so instead of mixing them silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+SETTINGS_SECTIONS = ("detect", "analysis")
+"""Config sections that change which cells are found and how they are called, besides the
+classifier's own settings."""
+
+
+def software_version() -> str:
+    try:
+        return version("marrowcount")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+@lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per (path, size, modification time)."""
+    st = path.stat()
+    return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def analysis_method(cfg: Any, checkpoint: Path, precision: str) -> dict[str, str]:
+    """The method a field is counted with, as plain data: software version, checkpoint file
+    name and SHA-256 (16 hex digits), the precision the classifier runs at (``int8`` can fall
+    back to ``bf16``), the taxonomy, and a fingerprint (12 hex digits) of the settings that
+    change a cell's detection or call."""
+    classifier = cfg.classifier.model_dump(mode="json", exclude={"checkpoint", "batch_size"})
+    settings = {"taxonomy": cfg.taxonomy, "classifier": classifier,
+                **{k: getattr(cfg, k).model_dump(mode="json") for k in SETTINGS_SECTIONS}}
+    blob = json.dumps(settings, sort_keys=True).encode()
+    return {
+        "software": software_version(),
+        "model": checkpoint.name,
+        "model_sha256": file_sha256(checkpoint)[:16],
+        "precision": precision,
+        "taxonomy": cfg.taxonomy,
+        "settings": hashlib.sha256(blob).hexdigest()[:12],
+    }
+
+
+def method_text(m: dict[str, Any]) -> str:
+    """One line for a report: ``marrowcount 0.1.0 · model default.pt (sha256 1a2b…) int8 ·
+    taxonomy pbc11 · settings 3c4d…``."""
+    if "model_sha256" not in m:
+        return "not recorded (counted before marrowcount recorded its method)"
+    return (f"marrowcount {m.get('software', '?')} · model {m.get('model', '?')} "
+            f"(sha256 {m.get('model_sha256', '?')}) {m.get('precision', '?')} · taxonomy "
+            f"{m.get('taxonomy', '?')} · settings {m.get('settings', '?')}")

@@ -1,0 +1,115 @@
+"""The method behind a count: every analysed field records the software, the model file's
+SHA-256, the precision and a fingerprint of the settings, and a slide resumed after its model
+file was replaced is reported as counted with two methods, in JSON, CSV, PDF and the review
+page's data."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import shutil
+
+import torch
+from fastapi.testclient import TestClient
+from pypdf import PdfReader
+
+from daemon.config import load_config
+from daemon.report import build_report, report_csv, write_report
+from daemon.review.app import create_app
+from daemon.service import Service, submit_slide
+from daemon.store import Store
+from tests.conftest import REPO
+from tests.daemon_fixtures import bccd_slide_file, daemon_config
+from tests.review_slide import TECH, add_users, login
+
+SHIPPED = REPO / "pipeline" / "models" / "default.pt"
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _count(config, stop_after_first_field: bool) -> None:
+    holder: list[Service] = []
+
+    def on_event(e) -> None:
+        if stop_after_first_field and e.kind == "field":
+            holder[0].request_stop()
+
+    svc = Service(load_config(config), config, on_event=on_event)
+    holder.append(svc)
+    try:
+        svc.run(exit_when_idle=True)
+    finally:
+        svc.close()
+
+
+def test_slide_resumed_under_a_replaced_model_reports_both_methods(tmp_path):
+    slide = bccd_slide_file(tmp_path, cols=3, rows=1)
+    model = tmp_path / "model.pt"
+    shutil.copyfile(SHIPPED, model)
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'm.db'}",
+                           extra={"classifier": {"checkpoint": str(model)}})
+    cfg = load_config(config)
+    with Store.from_params(cfg.store, cfg.resolve) as store:
+        sid = submit_slide(store, cfg, slide, name="BM-method")
+    first_sha = _sha(model)
+
+    _count(config, stop_after_first_field=True)  # SIGTERM's path: the slide stays acquiring
+    # A lab copies a recalibrated model over the old file while the slide waits.
+    ckpt = torch.load(model, map_location="cpu", weights_only=True)
+    ckpt["temperature"] = float(ckpt["temperature"]) * 1.5
+    torch.save(ckpt, model)
+    second_sha = _sha(model)
+    assert second_sha != first_sha
+    _count(config, stop_after_first_field=False)
+
+    with Store.from_params(cfg.store, cfg.resolve) as store:
+        fields = store.fields(sid)
+        assert [f.index for f in fields] == [0, 1, 2]
+        assert store.slide(sid).status == "awaiting_review"
+        shas = [f.method["model_sha256"] for f in fields]
+        assert shas == [first_sha, second_sha, second_sha]
+        assert {f.method["precision"] for f in fields} <= {"int8", "bf16"}
+        assert len({f.method["settings"] for f in fields}) == 1  # the settings did not change
+        rep = build_report(store, sid, cfg)
+        methods = rep["methods"]
+        assert [(m["model_sha256"], m["fields"]) for m in methods] == [(first_sha, 1),
+                                                                       (second_sha, 2)]
+        assert all(m["model"] == "model.pt" and m["taxonomy"] == cfg.taxonomy for m in methods)
+        flag = next(f for f in rep["flags"] if f.startswith("counted with 2 methods"))
+        assert first_sha in flag and second_sha in flag
+        rows = [r for r in csv.DictReader(io.StringIO(report_csv(rep)))
+                if r["quantity"] == "METHOD"]
+        assert [int(r["n"]) for r in rows] == [1, 2] and second_sha in rows[1]["label"]
+        pdf = tmp_path / "m.pdf"
+        write_report(store, sid, cfg, "pdf", pdf)
+        text = "".join(p.extract_text() for p in PdfReader(pdf).pages).replace("\n", " ")
+        assert first_sha in text and second_sha in text
+
+        add_users(store)
+        client = TestClient(create_app(cfg, store))
+        login(client, TECH)
+        page = client.get(f"/slides/{sid}")
+        assert page.status_code == 200
+        shown = [line for line in page.text.splitlines() if 'class="meta method warn"' in line]
+        assert len(shown) == 2 and first_sha in shown[0] and second_sha in shown[1]
+
+
+def test_changed_settings_change_the_fingerprint_not_the_model(tmp_path, config):
+    from daemon.provenance import analysis_method
+
+    a = analysis_method(config, SHIPPED, "int8")
+    assert a["model_sha256"] == _sha(SHIPPED) and a["model"] == "default.pt"
+    guided = config.model_copy(update={"analysis": config.analysis.model_copy(
+        update={"guidance_threshold": config.analysis.guidance_threshold - 0.1})})
+    b = analysis_method(guided, SHIPPED, "int8")
+    assert b["settings"] != a["settings"] and b["model_sha256"] == a["model_sha256"]
+    # Where the checkpoint lives and how many crops go per batch change no call.
+    moved = tmp_path / "elsewhere.pt"
+    shutil.copyfile(SHIPPED, moved)
+    batched = config.model_copy(update={"classifier": config.classifier.model_copy(
+        update={"checkpoint": moved, "batch_size": 7})})
+    c = analysis_method(batched, moved, "int8")
+    assert c["settings"] == a["settings"] and c["model_sha256"] == a["model_sha256"]
