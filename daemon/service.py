@@ -388,7 +388,7 @@ class Service:
         self._emit("slide_finished", slide, self.store.progress(slide.id).counted,
                    stopped_because="failed", error=reason)
 
-    def _commit(self, slide: Any, f: Any, method: dict[str, str] | None) -> bool:
+    def _commit(self, slide: Any, f: Any, method: dict[str, Any] | None) -> bool:
         """Commit a field, retrying with back-off when its files or rows cannot be written.
         Nothing of a failed attempt is kept; after the last retry FieldCommitError."""
         p = self.cfg.service
@@ -425,7 +425,7 @@ class Service:
 
     # -- parts ----------------------------------------------------------------------------
 
-    def _analyzer(self) -> tuple[Callable[[Any, float], Any], dict[str, str]]:
+    def _analyzer(self) -> tuple[Callable[[Any, float], Any], dict[str, Any]]:
         """The field analysis for the next slide and the method it stands for. The model is
         loaded again when its file, the classifier settings or the taxonomy changed (a new
         checkpoint copied over the old one, then SIGHUP)."""
@@ -459,7 +459,7 @@ class Service:
         def analyze(rgb: Any, um_per_px: float) -> Any:
             return analyze_field(rgb, um_per_px, clf, cfg.detect, cfg.analysis)
 
-        return analyze, analysis_method(cfg, path, clf.precision)
+        return analyze, analysis_method(cfg, path, clf.precision, clf.um_per_px)
 
     def _open_source(self, slide: Any, n_committed: int) -> tuple[Any, Callable[[], None]]:
         """The slide's FieldSource and a function that releases it. A new slide's field plan

@@ -363,7 +363,7 @@ class Store:
     # -- fields ---------------------------------------------------------------------------
 
     def commit_field(self, slide_id: int, fld: "FieldResult",
-                     method: dict[str, str] | None = None) -> bool:
+                     method: dict[str, Any] | None = None) -> bool:
         """Store one field with its cells, crops and the slide's running counts, atomically.
         ``method``: what analysed it (``daemon.provenance.analysis_method``), kept with it.
 
@@ -417,7 +417,7 @@ class Store:
 
     def _insert_field(
         self, slide_id: int, fld: "FieldResult", rel: Path, files: dict[str, str],
-        method: dict[str, str] | None,
+        method: dict[str, Any] | None,
     ) -> bool:
         counts: dict[str, int] = {}
         for c in fld.cells:

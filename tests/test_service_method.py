@@ -72,6 +72,7 @@ def test_slide_resumed_under_a_replaced_model_reports_both_methods(tmp_path):
         shas = [f.method["model_sha256"] for f in fields]
         assert shas == [first_sha, second_sha, second_sha]
         assert {f.method["precision"] for f in fields} <= {"int8", "bf16"}
+        assert {f.method["crop_um_per_px"] for f in fields} == {0.2}  # the checkpoint's scale
         assert len({f.method["settings"] for f in fields}) == 1  # the settings did not change
         rep = build_report(store, sid, cfg)
         methods = rep["methods"]
@@ -100,16 +101,16 @@ def test_slide_resumed_under_a_replaced_model_reports_both_methods(tmp_path):
 def test_changed_settings_change_the_fingerprint_not_the_model(tmp_path, config):
     from daemon.provenance import analysis_method
 
-    a = analysis_method(config, SHIPPED, "int8")
+    a = analysis_method(config, SHIPPED, "int8", 0.2)
     assert a["model_sha256"] == _sha(SHIPPED) and a["model"] == "default.pt"
     guided = config.model_copy(update={"analysis": config.analysis.model_copy(
         update={"guidance_threshold": config.analysis.guidance_threshold - 0.1})})
-    b = analysis_method(guided, SHIPPED, "int8")
+    b = analysis_method(guided, SHIPPED, "int8", 0.2)
     assert b["settings"] != a["settings"] and b["model_sha256"] == a["model_sha256"]
     # Where the checkpoint lives and how many crops go per batch change no call.
     moved = tmp_path / "elsewhere.pt"
     shutil.copyfile(SHIPPED, moved)
     batched = config.model_copy(update={"classifier": config.classifier.model_copy(
         update={"checkpoint": moved, "batch_size": 7})})
-    c = analysis_method(batched, moved, "int8")
+    c = analysis_method(batched, moved, "int8", 0.2)
     assert c["settings"] == a["settings"] and c["model_sha256"] == a["model_sha256"]

@@ -199,7 +199,8 @@ def test_store_from_before_methods_were_recorded_migrates_with_its_fields(tmp_pa
             command.downgrade(_alembic(conn), "0003")
             assert "method" not in {c["name"] for c in inspect(conn).get_columns("fields")}
     method = {"software": "0.1.0", "model": "default.pt", "model_sha256": "0123456789abcdef",
-              "precision": "int8", "taxonomy": "pbc11", "settings": "abcdef012345"}
+              "precision": "int8", "crop_um_per_px": 0.2, "taxonomy": "pbc11",
+              "settings": "abcdef012345"}
     with Store(url, data) as store:
         assert [f.method for f in store.fields(sid)] == [None, None]
         assert store.counts(sid) == counts
