@@ -69,13 +69,19 @@ def count_slide(store, cfg, name: str, fields: list, *, status: str = "awaiting_
     """
     import dataclasses
 
+    from daemon.provenance import analysis_method
+    from pipeline.classify import read_checkpoint
+
+    path = cfg.resolve(cfg.classifier.checkpoint)
+    method = analysis_method(cfg, path, cfg.classifier.precision,
+                             float(read_checkpoint(path)["um_per_px"]))
     sid = store.create_slide(name, "folder", str(BCCD), target or cfg.acquisition.target,
                              cfg.taxonomy, um_per_px=BCCD_UM_PER_PX)
     store.set_status(sid, "acquiring")
     index = n_cells = 0
     while (n_cells < min_cells) if min_cells else (index < len(fields)):
         fld = fields[index % len(fields)]
-        store.commit_field(sid, dataclasses.replace(fld, index=index))
+        store.commit_field(sid, dataclasses.replace(fld, index=index), method)
         n_cells += len(fld.cells)
         index += 1
         if not any(f.cells for f in fields):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import getpass
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
 from daemon.cli.app import app, console, err_console
 from pipeline.errors import MarrowError
@@ -152,3 +154,112 @@ def user_list(
                 console.print(f"{u.username}\t{u.role}{state}", highlight=False)
     finally:
         store.close()
+
+
+SlideOption = Annotated[list[str], typer.Option(
+    "--slide", help="A signed slide by name (repeatable; default: every signed slide).")]
+SinceOption = Annotated[Optional[datetime], typer.Option(
+    "--since", formats=["%Y-%m-%d"], help="Only slides signed on or after this date (UTC).")]
+
+
+def _signed_cells(config: Optional[Path], db: Optional[str], data_dir: Optional[Path],
+                  slide: list[str], since: Optional[datetime]):
+    from daemon.reviewed import reviewed_cells, signed_slides
+
+    cfg, store = _store(config, db, data_dir)
+    try:
+        after = None if since is None else since.replace(tzinfo=timezone.utc)
+        cells = reviewed_cells(store, signed_slides(store, cfg.taxonomy, slide, after))
+    except BaseException:
+        store.close()
+        raise
+    return cfg, store, cells
+
+
+@app.command("agreement")
+def agreement_cmd(
+    slide: SlideOption = [],  # noqa: B006 (typer reads the default, never mutates it)
+    since: SinceOption = None,
+    png: Annotated[Optional[Path], typer.Option(
+        "--png", help="Save the confusion matrix (reviewer × machine) as a PNG.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """How often reviewers kept the machine's call on signed slides: agreement, Cohen's kappa,
+    per-class sensitivity and precision, and how much review moved each slide's differential.
+    Your own slides are the measure of the model on your stain and scanner."""
+    import json
+
+    from daemon.reviewed import agreement
+
+    cfg, store, cells = _signed_cells(config, db, data_dir, slide, since)
+    store.close()
+    res = agreement(cells, cfg.classes)
+    if png is not None:
+        import numpy as np
+
+        from pipeline.evaluate_classifier import save_confusion_png
+
+        save_confusion_png({f"reviewer × machine ({res['agreement']:.1%} agree)":
+                            np.array(res["confusion"])}, res["classes"], png)
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    console.print(f"{res['cells']} cells on {len(res['slides'])} signed slides: machine and "
+                  f"reviewer agree on {res['agreement']:.1%} (Cohen's kappa "
+                  f"{res['kappa']:.3f}); {res['missed']} cells added by reviewers (missed), "
+                  f"{res['excluded']} left out as smudge or duplicate", highlight=False)
+    t = Table("reviewer's class", "n", "sensitivity", "precision", "F1",
+              title="Machine against reviewer, per class")
+    for name, v in res["per_class"].items():
+        t.add_row(name, str(v["n"]), f"{v['recall']:.3f}", f"{v['precision']:.3f}",
+                  f"{v['f1']:.3f}")
+    console.print(t)
+    s = Table("slide", "cells", "calls changed", "counted (machine → reviewed)",
+              "largest share change", title="What review changed")
+    for name, v in res["slides"].items():
+        s.add_row(name, str(v["cells"]), str(v["changed"]),
+                  f"{v['machine_counted']} → {v['reviewed_counted']}",
+                  f"{v['largest_share_change_pp']:.1f} pp ({v['largest_share_change_class']})")
+    console.print(s)
+
+
+@app.command("export-reviewed")
+def export_reviewed_cmd(
+    out: Annotated[Path, typer.Argument(help="New (or empty) folder for the class tree.")],
+    slide: SlideOption = [],  # noqa: B006
+    since: SinceOption = None,
+    um_per_px: Annotated[Optional[float], typer.Option(
+        "--um-per-px", help="Pixel size of the exported images (default: the configured "
+        "classifier's working scale).")] = None,
+    size: Annotated[int, typer.Option(
+        "--size", min=32, max=1024, help="Side of each exported image in pixels (wider than "
+        "the 96 px crop, so training's shifted re-crops see real pixels).")] = 128,
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Write the cells of signed slides as a folder-per-class tree with the reviewers' final
+    classes, ready to be a `folder` source of `marrowcount train`."""
+    from daemon.reviewed import export_reviewed
+
+    cfg, store, cells = _signed_cells(config, db, data_dir, slide, since)
+    try:
+        if um_per_px is None:
+            from pipeline.classify import read_checkpoint
+
+            um_per_px = float(read_checkpoint(cfg.resolve(cfg.classifier.checkpoint))["um_per_px"])
+        res = export_reviewed(store, cells, out, cfg.classes, um_per_px, size)
+    finally:
+        store.close()
+    console.print(f"{res['written']} cells of {res['slides']} signed slides written to {out} "
+                  f"({', '.join(f'{k} {v}' for k, v in res['per_class'].items())})",
+                  highlight=False)
+    for why, n in res["skipped"].items():
+        console.print(f"  skipped {n}: {why}", highlight=False)
+    console.print("Train on them with this source in your lab config (train.sources):\n"
+                  f"  - {{kind: folder, path: {out.resolve()}, um_per_px: {um_per_px:g}, "
+                  "exclude: [], rename: {}, max_per_label: 0, background_per_image: 0, "
+                  "train_only: false}", highlight=False, soft_wrap=True)

@@ -1,0 +1,153 @@
+"""A lab's own signed slides put to work: how often reviewers kept the machine's call
+(`marrowcount agreement`) and the reviewed cells exported as a training folder
+(`marrowcount export-reviewed`), on a slide counted by the real pipeline and then reviewed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import xml.etree.ElementTree as ET
+from collections import Counter
+
+import pytest
+import yaml
+from PIL import Image
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from daemon.cli import app
+from daemon.models import Cell, Field
+from daemon.review import actions
+from daemon.reviewed import NONE, ReviewedError, agreement, reviewed_cells, signed_slides
+from pipeline.datasets import check_labels, read_folder_tree
+from tests.conftest import BCCD
+from tests.review_slide import (  # noqa: F401  (fixtures)
+    SLIDE_NAME,
+    TECH,
+    pipeline_fields,
+    review_env,
+    review_template,
+)
+
+WHO = actions.Reviewer(TECH[0], "technician")
+
+
+def _review_and_sign(env) -> dict:
+    """Two calls changed, one cell excluded as not a leukocyte, one as a smudge, one added
+    where BCCD marks a white cell; then signed. Returns what was done."""
+    taxonomies = {env.cfg.taxonomy: env.cfg.classes}
+    with env.store.session() as s:
+        cells = list(s.scalars(select(Cell).where(Cell.slide_id == env.slide_id,
+                                                  Cell.duplicate_of.is_(None))
+                               .order_by(Cell.id)))
+        counted = [c for c in cells if c.label != "non_leukocyte"]
+        assert len(counted) >= 4, "the pipeline found too few leukocytes on the test fields"
+        a, b, c, d = counted[:4]
+        target = next(n for n in env.cfg.classes.counted if n not in {a.label, b.label})
+        done = {"n": len(cells), "reclassified": [(a.label, target), (b.label, target)],
+                "not_leukocyte": c.label, "smudge": d.label}
+        actions.reclassify(s, env.slide_id, [a.id, b.id], target, WHO, taxonomies)
+        actions.exclude(s, env.slide_id, [c.id], "not_leukocyte", WHO)
+        actions.exclude(s, env.slide_id, [d.id], "smudge", WHO)
+        fld = s.scalars(select(Field).where(Field.slide_id == env.slide_id)
+                        .order_by(Field.index)).first()
+        xml = BCCD / "Annotations" / (fld.tile.rsplit(".", 1)[0] + ".xml")
+        box = next(o.find("bndbox") for o in ET.parse(xml).getroot().iter("object")
+                   if o.findtext("name") == "WBC")
+        x = (float(box.findtext("xmin")) + float(box.findtext("xmax"))) / 2
+        y = (float(box.findtext("ymin")) + float(box.findtext("ymax"))) / 2
+        actions.add_cell(s, env.slide_id, fld.id, x, y, "lymphocyte", WHO, taxonomies,
+                         env.store.data_dir, 0.2)
+        actions.sign(s, env.slide_id, WHO)
+    return done
+
+
+def _lab_yaml(env) -> str:
+    path = env.root / "lab.yaml"
+    path.write_text(yaml.safe_dump({"store": {"url": env.url,
+                                              "data_dir": str(env.store.data_dir)}}))
+    return str(path)
+
+
+def test_agreement_counts_each_review_decision(review_env):
+    env = review_env
+    with pytest.raises(ReviewedError, match="not signed"):
+        signed_slides(env.store, env.cfg.taxonomy, [SLIDE_NAME])
+    done = _review_and_sign(env)
+    cells = reviewed_cells(env.store, signed_slides(env.store, env.cfg.taxonomy))
+    res = agreement(cells, env.cfg.classes)
+    space = res["classes"]
+    cm = res["confusion"]
+    assert res["cells"] == done["n"] + 1  # the added cell
+    assert res["missed"] == 1 and cm[space.index("lymphocyte")][space.index(NONE)] == 1
+    assert res["excluded"] == 1 and sum(cm[space.index(NONE)]) == 1
+    changed = 2 + (done["not_leukocyte"] != "non_leukocyte") + 1 + 1
+    assert res["agreement"] == pytest.approx((res["cells"] - changed) / res["cells"], abs=1e-4)
+    for old, new in done["reclassified"]:
+        assert cm[space.index(new)][space.index(old)] >= 1
+    slide = res["slides"][SLIDE_NAME]
+    assert slide["changed"] == changed and slide["cells"] == res["cells"]
+    reviewed = env.store.reviewed_counts(env.slide_id)
+    assert slide["reviewed_counted"] == sum(n for k, n in reviewed.items()
+                                            if k in env.cfg.classes.counted)
+    assert 0 < res["kappa"] <= res["agreement"]
+    # Sensitivity of the reviewer's lymphocytes: the added one was missed by the machine.
+    lym = res["per_class"]["lymphocyte"]
+    assert lym["n"] == sum(row == "lymphocyte" for row in (c.final for c in cells))
+    assert lym["recall"] < 1.0
+
+    runner = CliRunner()
+    png = env.root / "agreement.png"
+    r = runner.invoke(app, ["agreement", "--json", "--png", str(png), "--config", _lab_yaml(env)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == json.loads(json.dumps(res)) and png.stat().st_size > 1000
+
+
+def test_export_writes_a_training_folder_of_the_reviewers_classes(review_env):
+    env = review_env
+    done = _review_and_sign(env)
+    with env.store.session() as s:  # one field's image lost: its cells come from their crops
+        lost = s.scalars(select(Field).where(Field.slide_id == env.slide_id,
+                                             Field.n_counted > 0).order_by(Field.index)).all()[-1]
+        lost_index = lost.index
+        env.store.path(lost.image_path).unlink()
+    out = env.root / "export"
+    runner = CliRunner()
+    r = runner.invoke(app, ["export-reviewed", str(out), "--config", _lab_yaml(env)])
+    assert r.exit_code == 0, r.output
+    assert "kind: folder" in r.output and "um_per_px: 0.2" in r.output
+
+    final = Counter()
+    for c in reviewed_cells(env.store, signed_slides(env.store, env.cfg.taxonomy)):
+        if c.final is not None:
+            final[c.final] += 1
+    samples = read_folder_tree(out, 0.2)
+    check_labels(samples, env.cfg.classes.names)  # a valid `folder` training source
+    assert Counter(s.label for s in samples) == final
+    assert sum(final.values()) == done["n"] + 1 - 1  # the added cell in, the smudge out
+    rows = list(csv.DictReader(open(out / "cells.csv", encoding="utf-8")))
+    assert len(rows) == len(samples)
+    assert {r["cut_from"] for r in rows if int(r["field"]) == lost_index} == {"crop"}
+    assert {r["cut_from"] for r in rows if int(r["field"]) != lost_index} == {"field"}
+    assert sum(r["machine_label"] == NONE and r["label"] == "lymphocyte" for r in rows) == 1
+    if done["not_leukocyte"] != "non_leukocyte":
+        assert sum(r["label"] == "non_leukocyte" and r["machine_label"] == done["not_leukocyte"]
+                   for r in rows) >= 1
+    assert all(Image.open(out / r["file"]).size == (128, 128) for r in rows)
+
+    # The exported images are the cells themselves: the shipped model, on their centre
+    # crops, mostly makes the call it made in the field where the reviewer kept it.
+    from pipeline.classify import load_classifier
+    from pipeline.evaluate_classifier import crops_from_files
+
+    kept = [r for r in rows if r["label"] == r["machine_label"]]
+    crops, ok, errors = crops_from_files([out / r["file"] for r in kept], 0.2, 0.2)
+    assert not errors
+    clf = load_classifier(env.cfg.resolve(env.cfg.classifier.checkpoint), env.cfg.classes,
+                          params=env.cfg.classifier)
+    same = sum(lab == r["label"] for lab, r in zip(clf.classify(crops).labels(clf.classes), kept))
+    assert same >= 0.8 * len(kept)
+
+    # Never into a folder that holds something: an export does not mix with an older one.
+    r = runner.invoke(app, ["export-reviewed", str(out), "--config", _lab_yaml(env)])
+    assert r.exit_code != 0 and "not an empty folder" in str(r.exception)
