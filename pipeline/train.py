@@ -39,8 +39,8 @@ from torch import nn
 
 from pipeline.augment import AugmentParams, augment
 from pipeline.classify import dice_weight, energy, mahalanobis, routed_to_pair, with_int8
-from pipeline.datasets import (ANY_LEUKOCYTE, CropSet, SourceParams, centre, epoch_indices,
-                               recrop, split, stratified_folds)
+from pipeline.datasets import (ANY_LEUKOCYTE, CropSet, DatasetError, SourceParams, centre,
+                               epoch_indices, recrop, split, stratified_folds)
 from pipeline.errors import CheckpointError
 from pipeline.imaging import CROP_SIZE, rgb_to_yuv
 from pipeline.model import ARCH_ID, VGG, build, to_input
@@ -311,6 +311,34 @@ def _known(sp: dict[str, np.ndarray], labels: np.ndarray, k: int) -> dict[str, n
     return {name: idx[labels[idx] < k] for name, idx in sp.items()}
 
 
+def _check_splits(known: dict[str, np.ndarray], labels: np.ndarray, classes: Sequence[str],
+                  pairs: Sequence[tuple[str, str]]) -> None:
+    """Every class needs training cells (its output row and unknown-cell statistics are fitted
+    on them), and both classes of every local pair validation cells (the pair's temperature
+    and offset are fitted on them). Raises DatasetError naming what is missing."""
+    k = len(classes)
+    n_train = np.bincount(labels[known["train"]], minlength=k)
+    n_val = np.bincount(labels[known["val"]], minlength=k)
+    problems = []
+    empty = [c for c, n in zip(classes, n_train) if n == 0]
+    if empty:
+        problems.append(f"no training cells of {', '.join(empty)}")
+    if not len(known["val"]):
+        problems.append("no validation cells")
+    bare = [f"{a}/{b}" for a, b in pairs
+            if min(n_val[classes.index(a)], n_val[classes.index(b)]) == 0]
+    if bare:
+        problems.append(f"the local pair(s) {', '.join(bare)} lack validation cells of a class")
+    if problems:
+        have = np.bincount(labels[labels < k], minlength=k)
+        raise DatasetError(
+            "cannot train: " + "; ".join(problems) + " (cells per class: "
+            + ", ".join(f"{c} {n}" for c, n in zip(classes, have)) + "). A class reaches every "
+            "split from about 12 cells (a sixth is held out for test, a tenth of the rest for "
+            "validation); add cells, or keep the shipped sources beside your own "
+            "(train.sources) when fine-tuning")
+
+
 def _stored_reference(ckpt: dict[str, Any]) -> StainReference | None:
     ref = ckpt.get("stain_reference")
     return None if ref is None else StainReference(tuple(ref["mean"]), tuple(ref["std"]))
@@ -375,6 +403,7 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
     sp = split(data.labels, p.seed, p.val_fraction, data.train_only)
     labels = data.labels
     known = _known(sp, labels, k)
+    _check_splits(known, labels, classes, p.local_pairs)
     # An initial body was trained on its own normalisation: keep it, never re-derive it.
     if init is not None:
         _check_init(init, p)

@@ -626,6 +626,32 @@ train:
     assert r.exit_code == 0, r.output
 
 
+def test_too_few_cells_of_a_class_or_pair_is_refused_by_name(config):
+    """A lab's first small export: a class without training cells, or a local pair without
+    validation cells, is named before any training (it would fit NaN statistics)."""
+    from pipeline.datasets import DatasetError
+
+    classes = ["eosinophil", "lymphocyte", "band_neutrophil", "segmented_neutrophil"]
+    per = {"eosinophil": 12, "lymphocyte": 12, "band_neutrophil": 1, "segmented_neutrophil": 12}
+    samples = [s for c, n in per.items() for s in _samples([c], n)]
+    data = load_crops(samples, classes, config.train.um_per_px, threads=1)
+    p = config.train.model_copy(update={
+        "epochs": 1, "width": 0.125, "fc": 32, "val_fraction": 0.2,
+        "local_pairs": (("band_neutrophil", "segmented_neutrophil"),), "local_own_body": ()})
+    with pytest.raises(DatasetError) as err:
+        train_classifier(data, classes, p, taxonomy="t", data_hash="x", threads=1)
+    msg = str(err.value)
+    # The lone band cell lands in one split only: training or validation lacks it.
+    assert "band_neutrophil 1" in msg and "about 12 cells" in msg
+    assert ("no training cells of band_neutrophil" in msg
+            or "band_neutrophil/segmented_neutrophil lack validation cells" in msg)
+    without = [s for s in samples if s.label != "lymphocyte"]
+    data = load_crops(without, classes, config.train.um_per_px, threads=1)
+    with pytest.raises(DatasetError, match="no training cells of lymphocyte"):
+        train_classifier(data, classes, p.model_copy(update={"local_pairs": ()}),
+                         taxonomy="t", data_hash="x", threads=1)
+
+
 def test_fit_unknown_refits_every_detector_at_the_configured_rate(tiny):
     """``marrowcount fit-unknown``: the weights stay; each method's threshold flags the
     configured share of the known validation cells; DICE keeps its share of the output
