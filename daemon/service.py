@@ -300,6 +300,12 @@ class Service:
         self._emit("slide_started", slide, prog.counted, resumed=resumed)
         try:
             analyze, method = self._analyzer()
+        except MarrowError as exc:
+            # A damaged or mismatched model file (a new checkpoint half copied, then SIGHUP)
+            # stops every slide alike: this one waits, unfailed, until the file is fixed.
+            self._pause(slide, prog.counted, f"model not loaded: {exc}")
+            return
+        try:
             source, close = self._open_source(slide, prog.n_fields)
         except MarrowError as exc:
             self._fail(slide, str(exc))
@@ -341,11 +347,7 @@ class Service:
                 should_stop=lambda: self._stop.is_set() or bool(adaptive),
             )
         except FieldCommitError as exc:
-            pause = self.cfg.service.retry_slide_after_s
-            self._paused_until[slide.id] = time.monotonic() + pause
-            self.store.note_error(slide.id, f"{exc}; retrying in {pause:g} s")
-            log.error("slide paused: %s", exc, extra={"data": ctx})
-            self._emit("slide_paused", slide, counted, reason=str(exc))
+            self._pause(slide, counted, str(exc))
             return
         except MarrowError as exc:
             self._fail(slide, str(exc))
@@ -378,6 +380,15 @@ class Service:
         self.metrics.slides.labels(outcome=because).inc()
         log.info("slide counted", extra={"data": {**ctx, "stopped_because": because}})
         self._emit("slide_finished", slide, counted, stopped_because=because)
+
+    def _pause(self, slide: Any, counted: int, reason: str) -> None:
+        """Leave the slide where it is and retry it after ``service.retry_slide_after_s``."""
+        pause = self.cfg.service.retry_slide_after_s
+        self._paused_until[slide.id] = time.monotonic() + pause
+        self._note(slide.id, f"{reason}; retrying in {pause:g} s")
+        log.error("slide paused: %s", reason, extra={"data": {"slide": slide.id,
+                                                              "name": slide.name}})
+        self._emit("slide_paused", slide, counted, reason=reason)
 
     def _fail(self, slide: Any, reason: str) -> None:
         self.store.set_status(slide.id, "failed", error=reason[:2000], stopped_because="failed")

@@ -114,3 +114,43 @@ def test_changed_settings_change_the_fingerprint_not_the_model(tmp_path, config)
         update={"checkpoint": moved, "batch_size": 7})})
     c = analysis_method(batched, moved, "int8", 0.2)
     assert c["settings"] == a["settings"] and c["model_sha256"] == a["model_sha256"]
+
+
+def test_a_damaged_model_file_pauses_slides_until_it_is_fixed(tmp_path):
+    """A new checkpoint half copied over the old one: the next slide waits, unfailed, with the
+    reason noted, and is counted once the file is whole again."""
+    slide = bccd_slide_file(tmp_path, cols=3, rows=1)
+    model = tmp_path / "model.pt"
+    shutil.copyfile(SHIPPED, model)
+    good = model.read_bytes()
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'p.db'}", retry_slide_after_s=0.2,
+                           extra={"classifier": {"checkpoint": str(model)}})
+    cfg = load_config(config)
+    with Store.from_params(cfg.store, cfg.resolve) as store:
+        first = submit_slide(store, cfg, slide, name="BM-A")
+        second = submit_slide(store, cfg, slide, name="BM-B")
+    paused: list[str] = []
+
+    def on_event(e) -> None:
+        if e.kind == "slide_finished" and e.name == "BM-A":
+            model.write_bytes(good[: len(good) // 2])  # the copy broke off half way
+        if e.kind == "slide_paused":
+            paused.append(f"{e.name}: {e.data['reason']}")
+            with Store.from_params(cfg.store, cfg.resolve) as store:
+                note = store.slide(second).error
+            assert note and "model not loaded" in note and "retrying" in note
+            model.write_bytes(good)
+
+    svc = Service(cfg, config, on_event=on_event)
+    try:
+        svc.run(exit_when_idle=True)
+    finally:
+        svc.close()
+    assert len(paused) == 1 and paused[0].startswith("BM-B: model not loaded")
+    assert "not a readable checkpoint" in paused[0]
+    with Store.from_params(cfg.store, cfg.resolve) as store:
+        for sid in (first, second):
+            sl = store.slide(sid)
+            assert (sl.status, sl.error) == ("awaiting_review", None)
+            assert [f.index for f in store.fields(sid)] == [0, 1, 2]
+            assert {f.method["model_sha256"] for f in store.fields(sid)} == {_sha(SHIPPED)}
