@@ -60,6 +60,9 @@ class ServiceParams(Params):
         ge=0, description="after the last retry: pause the slide this long, then resume it")
     log_format: Literal["json", "text"]
     log_level: Literal["debug", "info", "warning", "error"]
+    webhook_url: str = Field(description="POST slide events here as JSON; '' = off")
+    webhook_events: tuple[Literal["slide_started", "slide_finished", "slide_paused"], ...] = Field(
+        description="which events go to webhook_url")
 
 
 class ServiceError(MarrowError):
@@ -145,6 +148,7 @@ class Service:
         self._reload = False
         self._classifier: Any = None
         self._classifier_key: tuple[Any, ...] = ()
+        self._webhook: Any = None
         self._paused_until: dict[int, float] = {}
         self._only: int | None = None
 
@@ -169,6 +173,9 @@ class Service:
         return fh
 
     def close(self) -> None:
+        if self._webhook is not None:
+            self._webhook.close()
+            self._webhook = None
         self.metrics.close()
         self.store.close()
         if self._lock_fh is not None:
@@ -433,6 +440,21 @@ class Service:
             self.on_event(Event(kind, slide.id, slide.name, counted, slide.target, data))  # type: ignore[arg-type]
         except Exception:  # a display callback must never stop counting
             log.exception("progress callback failed")
+        p = self.cfg.service
+        if self._webhook is not None and self._webhook.url != p.webhook_url:
+            self._webhook.close(wait_s=2.0)  # the URL changed with a config reload
+            self._webhook = None
+        if p.webhook_url and kind in p.webhook_events:
+            from daemon.webhook import Webhook, event_text
+
+            if self._webhook is None:
+                self._webhook = Webhook(p.webhook_url)
+            self._webhook.post({
+                "event": kind, "text": event_text(kind, slide.name, counted, slide.target,
+                                                  self.instrument, data),
+                "slide": slide.name, "slide_id": slide.id, "instrument": self.instrument,
+                "counted": counted, "target": slide.target,
+                "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **data})
 
     # -- parts ----------------------------------------------------------------------------
 

@@ -8,7 +8,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
+import logging
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 from fastapi.testclient import TestClient
@@ -154,3 +158,64 @@ def test_a_damaged_model_file_pauses_slides_until_it_is_fixed(tmp_path):
             assert (sl.status, sl.error) == ("awaiting_review", None)
             assert [f.index for f in store.fields(sid)] == [0, 1, 2]
             assert {f.method["model_sha256"] for f in store.fields(sid)} == {_sha(SHIPPED)}
+
+
+class _Inbox(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_slide_events_reach_a_webhook_and_a_dead_one_stops_nothing(tmp_path, caplog):
+    slide = bccd_slide_file(tmp_path, cols=3, rows=1)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Inbox)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hooks/lab?token=s3cret"
+        config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", webhook_url=url)
+        cfg = load_config(config)
+        with Store.from_params(cfg.store, cfg.resolve) as store:
+            sid = submit_slide(store, cfg, slide, name="BM-hook")
+        svc = Service(cfg, config)
+        try:
+            svc.run(exit_when_idle=True)
+        finally:
+            svc.close()  # sends what is queued
+        with Store.from_params(cfg.store, cfg.resolve) as store:
+            counted = store.progress(sid).counted
+    finally:
+        server.shutdown()
+    (msg,) = _Inbox.received  # slide_started is not in the default webhook_events
+    assert (msg["event"], msg["slide"], msg["stopped_because"]) == (
+        "slide_finished", "BM-hook", "area_exhausted")
+    assert msg["counted"] == counted and msg["target"] == 1000
+    assert msg["text"] == (f"BM-hook: counting area used up at {counted} of 1000 cells on "
+                           "test-scope; awaiting review (target not reached)")
+
+    # Nobody listening: the slide is counted all the same, the message dropped with a warning.
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    port = ThreadingHTTPServer(("127.0.0.1", 0), _Inbox)
+    url = f"http://127.0.0.1:{port.server_port}/hook"
+    port.server_close()
+    config = daemon_config(dead, f"sqlite:///{dead / 'd.db'}", webhook_url=url)
+    cfg = load_config(config)
+    with Store.from_params(cfg.store, cfg.resolve) as store:
+        sid = submit_slide(store, cfg, slide, name="BM-dead")
+    svc = Service(cfg, config)
+    with caplog.at_level(logging.WARNING, logger="marrowcount.webhook"):
+        try:
+            svc.run(exit_when_idle=True)
+        finally:
+            svc.close()
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "marrowcount.webhook"]
+    assert "message dropped" in warning and "/hook" not in warning.replace("/…", "")
+    with Store.from_params(cfg.store, cfg.resolve) as store:
+        assert store.slide(sid).status == "awaiting_review"
