@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -18,12 +19,14 @@ from typer.testing import CliRunner
 from daemon.cli import app
 from daemon.models import Cell, Field
 from daemon.review import actions
+from daemon.review.app import create_app
 from daemon.reviewed import NONE, ReviewedError, agreement, reviewed_cells, signed_slides
 from pipeline.datasets import check_labels, read_folder_tree
 from tests.conftest import BCCD
 from tests.review_slide import (  # noqa: F401  (fixtures)
     SLIDE_NAME,
     TECH,
+    login,
     pipeline_fields,
     review_env,
     review_template,
@@ -73,6 +76,9 @@ def test_agreement_counts_each_review_decision(review_env):
     env = review_env
     with pytest.raises(ReviewedError, match="not signed"):
         signed_slides(env.store, env.cfg.taxonomy, [SLIDE_NAME])
+    client = TestClient(create_app(env.cfg, env.store))
+    login(client, TECH)
+    assert "no signed slides of taxonomy" in client.get("/agreement").text
     done = _review_and_sign(env)
     cells = reviewed_cells(env.store, signed_slides(env.store, env.cfg.taxonomy))
     res = agreement(cells, env.cfg.classes)
@@ -95,6 +101,14 @@ def test_agreement_counts_each_review_decision(review_env):
     lym = res["per_class"]["lymphocyte"]
     assert lym["n"] == sum(row == "lymphocyte" for row in (c.final for c in cells))
     assert lym["recall"] < 1.0
+
+    client = TestClient(create_app(env.cfg, env.store))
+    login(client, TECH)
+    page = client.get("/agreement").text
+    assert f"agree on <strong>{100 * res['agreement']:.1f}%</strong>" in page
+    assert f"<td>{SLIDE_NAME}</td><td>{res['cells']}</td><td>{changed}</td>" in page
+    assert "no signed slides" in client.get("/agreement?since=2999-01-01").text
+    assert client.get("/agreement?since=yesterday").status_code == 400
 
     runner = CliRunner()
     png = env.root / "agreement.png"

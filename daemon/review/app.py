@@ -439,6 +439,27 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                                     .order_by(AuditEvent.id)))
         return page(request, "audit.html", who, slide=slide, events=events)
 
+    @app.get("/agreement", response_class=HTMLResponse)
+    def agreement_page(request: Request, since: str = "", who: Viewer = Depends(viewer)
+                       ) -> Response:
+        """The machine against the reviewers on signed slides (`marrowcount agreement`)."""
+        from daemon.reviewed import ReviewedError, agreement, reviewed_cells, signed_slides
+
+        try:
+            after = (datetime.strptime(since, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+                     if since else None)
+        except ValueError:
+            raise actions.ReviewError(f"since {since!r} is not a date (YYYY-MM-DD)") from None
+        try:
+            res = agreement(reviewed_cells(store, signed_slides(store, cfg.taxonomy, (), after)),
+                            cfg.classes)
+        except ReviewedError as exc:
+            res, empty = None, str(exc)
+        else:
+            empty = ""
+        return page(request, "agreement.html", who, res=res, empty=empty, since=since,
+                    taxonomy=cfg.taxonomy)
+
     @app.get("/slides/{slide_id}/report.{fmt}")
     def report(slide_id: int, fmt: str, who: Viewer = Depends(viewer)) -> Response:
         from daemon import report as reports
