@@ -75,6 +75,20 @@ def slide_methods(s: Session, slide_id: int) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
+def pixel_size_check(store: Store, slide_id: int, cfg: Any) -> dict[str, Any] | None:
+    """The slide's stated pixel size against its measured fields' red cells (the daemon
+    measures the first ``calibrate.check_fields``); None when no field was measured."""
+    from pipeline.calibrate import check_stated_scale
+
+    pooled, fields, stated = store.red_cells(slide_id)
+    if not fields or stated is None:
+        return None
+    est, off = check_stated_scale(pooled, stated, cfg.calibrate)
+    return {"stated_um_per_px": stated,
+            "estimate_um_per_px": None if est.um_per_px is None else round(est.um_per_px, 4),
+            "red_cells": est.n_cells, "fields": fields, "disagrees": off}
+
+
 def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]:
     """Everything a lab report says about one slide, as plain JSON-ready data.
 
@@ -120,6 +134,13 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         flags.append(f"counted with {len(methods)} methods (the model or its settings changed "
                      "during the count): " + "; ".join(
                          f"{m['fields']} fields by {method_text(m)}" for m in methods))
+    pixel = pixel_size_check(store, slide.id, cfg)
+    if pixel and pixel["disagrees"]:
+        est, stated = pixel["estimate_um_per_px"], pixel["stated_um_per_px"]
+        flags.append(f"pixel size check: red cells measure {est:.3g} µm/px against the stated "
+                     f"{stated:.3g} ({100 * (stated / est - 1):+.0f}%): every size in µm and "
+                     "the classifier's crops are off; check the scanner's or objective's "
+                     "calibration")
     if final.blast_pct is None:
         flags.append(f"taxonomy {taxonomy.name!r} has no blast class: blast % not reported")
 
@@ -151,6 +172,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             "fields": int(n_fields), "fields_skipped": int(n_skipped),
             "cells_needing_review": int(needs_review),
             "prescan": prescan,
+            "pixel_size_check": pixel,
         },
         "methods": methods,
         "basis": "reviewed" if signed else "machine",
@@ -212,6 +234,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         Paragraph(f"Started {sl['started_at'] or '-'} · finished {sl['finished_at'] or '-'} · "
                   f"instrument {_esc(sl['instrument'] or '-')} · report generated "
                   f"{rep['generated_at']}", st["Normal"]),
+        Paragraph(pixel_text(sl["pixel_size_check"]), st["Normal"]),
         Spacer(1, 4 * mm),
     ]
     m_n = {c["name"]: c["n"] for c in rep["machine_differential"]["classes"]}
@@ -298,6 +321,19 @@ def write_report(store: Store, slide_ref: int | str, cfg: Any, fmt: str,
         tmp.replace(out)
         return rep, out, None
     return rep, None, text
+
+
+def pixel_text(pixel: dict[str, Any] | None) -> str:
+    """One line on the pixel-size check (``pixel_size_check``)."""
+    if pixel is None:
+        return "Pixel size: not checked"
+    if pixel["estimate_um_per_px"] is None:
+        return (f"Pixel size {pixel['stated_um_per_px']:.4g} µm/px: too few isolated red cells "
+                f"in {pixel['fields']} fields to check it")
+    verdict = "DISAGREES" if pixel["disagrees"] else "agrees"
+    return (f"Pixel size {pixel['stated_um_per_px']:.4g} µm/px {verdict} with "
+            f"{pixel['estimate_um_per_px']:.4g} from {pixel['red_cells']} red cells in "
+            f"{pixel['fields']} fields")
 
 
 def _esc(text: str) -> str:

@@ -33,12 +33,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
-from daemon.store import Store, StoreError
+from daemon.store import RED_CELLS, Store, StoreError
 from pipeline.errors import ConfigError, MarrowError
 from pipeline.params import Params
 
@@ -324,11 +325,21 @@ class Service:
         counted = prog.counted
         adaptive: list[str] = []
         t0 = time.monotonic()
+        red_cells, n_measured, first_stated = self.store.red_cells(slide.id)
+        to_check = n_measured < self.cfg.calibrate.check_fields  # a resumed slide was checked
+        stated: list[float] = [] if first_stated is None else [first_stated]
 
         stale_error = [slide.error]
 
         def on_field(f: Any) -> None:
-            nonlocal counted
+            nonlocal counted, n_measured
+            if f.image is not None and n_measured < self.cfg.calibrate.check_fields:
+                f = self._measure_red_cells(f)
+                red_cells.extend(f.quality[RED_CELLS])
+                stated.append(f.um_per_px)
+                n_measured += 1
+                if n_measured == self.cfg.calibrate.check_fields:
+                    self._check_scale(slide, red_cells, stated[0], n_measured)
             if self._commit(slide, f, None if f.skipped_reason else method):
                 counted += f.n_counted
             if stale_error[0]:  # the failure noted earlier is over
@@ -365,6 +376,9 @@ class Service:
             return
         finally:
             close()
+        if (to_check and stated and n_measured < self.cfg.calibrate.check_fields
+                and (result in ("target_reached", "area_exhausted") or adaptive)):
+            self._check_scale(slide, red_cells, stated[0], n_measured)  # a slide of few fields
         self._finish(slide, result, counted, adaptive[0] if adaptive else None,
                      time.monotonic() - t0)
 
@@ -387,6 +401,30 @@ class Service:
         self.metrics.slides.labels(outcome=because).inc()
         log.info("slide counted", extra={"data": {**ctx, "stopped_because": because}})
         self._emit("slide_finished", slide, counted, stopped_because=because)
+
+    def _measure_red_cells(self, f: Any) -> Any:
+        """The field with its red-cell diameters (µm through its stated pixel size) added to
+        its quality record, where the report and a resumed slide find them."""
+        import dataclasses
+
+        from pipeline.calibrate import rbc_diameters
+
+        d = rbc_diameters(f.image, self.cfg.calibrate) * f.um_per_px
+        return dataclasses.replace(f, quality={**f.quality, RED_CELLS: np.round(d, 2).tolist()})
+
+    def _check_scale(self, slide: Any, red_cells: list[float], stated: float, fields: int) -> None:
+        from pipeline.calibrate import check_stated_scale
+
+        est, off = check_stated_scale(red_cells, stated, self.cfg.calibrate)
+        data = {"slide": slide.id, "name": slide.name, "stated_um_per_px": stated,
+                "estimate_um_per_px": est.um_per_px, "red_cells": est.n_cells, "fields": fields}
+        if off:
+            self.metrics.error("pixel_size")
+            log.warning("pixel size of %s: stated %.4g µm/px, but its red cells measure %.4g "
+                        "(%d cells in %d fields); every size in µm is off", slide.name, stated,
+                        est.um_per_px, est.n_cells, fields, extra={"data": data})
+        else:
+            log.info("pixel size checked", extra={"data": data})
 
     def _pause(self, slide: Any, counted: int, reason: str) -> None:
         """Leave the slide where it is and retry it after ``service.retry_slide_after_s``."""

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("marrowcount.store")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+RED_CELLS = "red_cells_um"
+"""``Field.quality`` key of the pixel-size check: the field's isolated red-cell diameters in
+µm, measured through the stated pixel size (``pipeline.calibrate.check_stated_scale``)."""
 SQLITE_MAGIC = b"SQLite format 3\x00"
 STAGING = ".staging"
 
@@ -525,6 +528,23 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(Field).where(Field.slide_id == slide_id)
                                   .order_by(Field.index)))
+
+    def red_cells(self, slide_id: int) -> tuple[list[float], int, float | None]:
+        """The pixel-size check's measurements so far: red-cell diameters (µm through the
+        stated pixel size) pooled over the slide's measured fields, how many fields were
+        measured, and their stated pixel size (the first measured field's)."""
+        pooled: list[float] = []
+        n = 0
+        stated = None
+        with self.session() as s:
+            for quality, um in s.execute(select(Field.quality, Field.um_per_px)
+                                         .where(Field.slide_id == slide_id)
+                                         .order_by(Field.index)):
+                if quality and RED_CELLS in quality:
+                    pooled += [float(d) for d in quality[RED_CELLS]]
+                    n += 1
+                    stated = float(um) if stated is None else stated
+        return pooled, n, stated
 
     def cells(self, slide_id: int) -> list[Cell]:
         with self.session() as s:

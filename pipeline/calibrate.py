@@ -43,6 +43,9 @@ class CalibrateParams(Params):
     """Components with more purple nucleus than this fraction are leukocytes."""
     min_cells: int = Field(ge=1)
     """Fewer isolated red cells than this give no estimate."""
+    check_fields: int = Field(ge=0)
+    """Incoming fields of each slide whose red cells are measured for the pixel-size check
+    (the daemon; 0 = no check)."""
     tolerance: float = Field(gt=0, lt=1)
     """A stated pixel size further than this fraction from the estimate disagrees."""
 
@@ -118,24 +121,46 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | holes
 
 
-def estimate_pixel_size(
-    images: Sequence[np.ndarray], params: CalibrateParams
-) -> PixelSizeEstimate:
-    """Estimate µm/px from the pooled isolated red cells of images taken at one scale."""
-    diam = np.concatenate([rbc_diameters(im, params) for im in images] or [np.zeros(0)])
-    if len(diam) < params.min_cells:
-        return PixelSizeEstimate(None, None, len(diam))
+def robust_diameter(diam: np.ndarray, min_cells: int) -> tuple[float | None, int]:
+    """Median red-cell diameter (the units of ``diam``) and how many cells it rests on;
+    None when fewer than ``min_cells`` remain."""
+    diam = np.asarray(diam, np.float64)
+    if len(diam) < min_cells:
+        return None, len(diam)
     # Area-weighted median first: small round fragments (rim pieces, platelets) are many but
     # small, whole red cells dominate by area. Then the plain median of cells near it.
     order = np.argsort(diam)
     weight = np.cumsum(diam[order] ** 2)
     med = float(diam[order][np.searchsorted(weight, weight[-1] / 2.0)])
     kept = diam[(diam > 0.8 * med) & (diam < 1.25 * med)]
-    if len(kept) < params.min_cells:
-        return PixelSizeEstimate(None, None, len(kept))
-    med = float(np.median(kept))
-    diam = kept
-    return PixelSizeEstimate(params.rbc_diameter_um / med, med, len(diam))
+    if len(kept) < min_cells:
+        return None, len(kept)
+    return float(np.median(kept)), len(kept)
+
+
+def estimate_pixel_size(
+    images: Sequence[np.ndarray], params: CalibrateParams
+) -> PixelSizeEstimate:
+    """Estimate µm/px from the pooled isolated red cells of images taken at one scale."""
+    diam = np.concatenate([rbc_diameters(im, params) for im in images] or [np.zeros(0)])
+    med, n = robust_diameter(diam, params.min_cells)
+    return PixelSizeEstimate(None if med is None else params.rbc_diameter_um / med, med, n)
+
+
+def check_stated_scale(diameters_um: Sequence[float], stated_um_per_px: float,
+                       params: CalibrateParams) -> tuple[PixelSizeEstimate, bool]:
+    """The check on incoming fields: red-cell diameters pooled over fields, each measured in
+    µm *through the stated pixel size*, against a normal red cell.
+
+    Returns the estimate for a field at ``stated_um_per_px`` (``um_per_px`` None when too few
+    cells) and whether the stated value is further than ``params.tolerance`` from it.
+    """
+    stated = check_scale(stated_um_per_px, "stated_um_per_px")
+    med, n = robust_diameter(np.asarray(diameters_um, np.float64), params.min_cells)
+    if med is None:
+        return PixelSizeEstimate(None, None, n), False
+    est = stated * params.rbc_diameter_um / med
+    return PixelSizeEstimate(est, med / stated, n), disagrees(stated, est, params.tolerance)
 
 
 def check_pixel_size(

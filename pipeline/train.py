@@ -42,7 +42,7 @@ from pipeline.classify import dice_weight, energy, mahalanobis, routed_to_pair, 
 from pipeline.datasets import (ANY_LEUKOCYTE, CropSet, DatasetError, SourceParams, centre,
                                epoch_indices, recrop, split, stratified_folds)
 from pipeline.errors import CheckpointError
-from pipeline.imaging import CROP_SIZE, rgb_to_yuv
+from pipeline.imaging import rgb_to_yuv
 from pipeline.model import ARCH_ID, VGG, build, to_input
 from pipeline.params import Params
 from pipeline.stain import StainReference, lab_stats, reinhard

@@ -176,6 +176,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -293,3 +294,37 @@ def referenced_files(store) -> set[str]:
         out = {p for p in s.scalars(select(Cell.crop_path)) if p}
         out |= {p for p in s.scalars(select(Field.image_path)) if p}
     return out
+
+
+def submit(config: Path, *slides: tuple[Path, str]) -> tuple[Any, list[int]]:
+    """Queue each ``(slide file, name)`` in the store of lab config ``config``; returns the
+    loaded config and the slide ids."""
+    from daemon.config import load_config
+    from daemon.service import submit_slide
+    from daemon.store import Store
+
+    cfg = load_config(config)
+    with Store.from_params(cfg.store, cfg.resolve) as store:
+        return cfg, [submit_slide(store, cfg, path, name=name) for path, name in slides]
+
+
+def run_in_process(config: Path, on_event=None, *, stop_after_first_field: bool = False) -> None:
+    """Run the daemon of ``config`` in this process until its queue is empty (or, with
+    ``stop_after_first_field``, stop as SIGTERM does once a field is committed)."""
+    from daemon.config import load_config
+    from daemon.service import Service
+
+    holder: list[Any] = []
+
+    def events(e) -> None:
+        if stop_after_first_field and e.kind == "field":
+            holder[0].request_stop()
+        if on_event is not None:
+            on_event(e)
+
+    svc = Service(load_config(config), config, on_event=events)
+    holder.append(svc)
+    try:
+        svc.run(exit_when_idle=True)
+    finally:
+        svc.close()

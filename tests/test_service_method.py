@@ -18,13 +18,11 @@ import torch
 from fastapi.testclient import TestClient
 from pypdf import PdfReader
 
-from daemon.config import load_config
 from daemon.report import build_report, report_csv, write_report
 from daemon.review.app import create_app
-from daemon.service import Service, submit_slide
 from daemon.store import Store
 from tests.conftest import REPO
-from tests.daemon_fixtures import bccd_slide_file, daemon_config
+from tests.daemon_fixtures import bccd_slide_file, daemon_config, run_in_process, submit
 from tests.review_slide import TECH, add_users, login
 
 SHIPPED = REPO / "pipeline" / "models" / "default.pt"
@@ -34,40 +32,23 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _count(config, stop_after_first_field: bool) -> None:
-    holder: list[Service] = []
-
-    def on_event(e) -> None:
-        if stop_after_first_field and e.kind == "field":
-            holder[0].request_stop()
-
-    svc = Service(load_config(config), config, on_event=on_event)
-    holder.append(svc)
-    try:
-        svc.run(exit_when_idle=True)
-    finally:
-        svc.close()
-
-
 def test_slide_resumed_under_a_replaced_model_reports_both_methods(tmp_path):
     slide = bccd_slide_file(tmp_path, cols=3, rows=1)
     model = tmp_path / "model.pt"
     shutil.copyfile(SHIPPED, model)
     config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'm.db'}",
                            extra={"classifier": {"checkpoint": str(model)}})
-    cfg = load_config(config)
-    with Store.from_params(cfg.store, cfg.resolve) as store:
-        sid = submit_slide(store, cfg, slide, name="BM-method")
+    cfg, (sid,) = submit(config, (slide, "BM-method"))
     first_sha = _sha(model)
 
-    _count(config, stop_after_first_field=True)  # SIGTERM's path: the slide stays acquiring
+    run_in_process(config, stop_after_first_field=True)  # SIGTERM's path: still acquiring
     # A lab copies a recalibrated model over the old file while the slide waits.
     ckpt = torch.load(model, map_location="cpu", weights_only=True)
     ckpt["temperature"] = float(ckpt["temperature"]) * 1.5
     torch.save(ckpt, model)
     second_sha = _sha(model)
     assert second_sha != first_sha
-    _count(config, stop_after_first_field=False)
+    run_in_process(config)
 
     with Store.from_params(cfg.store, cfg.resolve) as store:
         fields = store.fields(sid)
@@ -129,10 +110,7 @@ def test_a_damaged_model_file_pauses_slides_until_it_is_fixed(tmp_path):
     good = model.read_bytes()
     config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'p.db'}", retry_slide_after_s=0.2,
                            extra={"classifier": {"checkpoint": str(model)}})
-    cfg = load_config(config)
-    with Store.from_params(cfg.store, cfg.resolve) as store:
-        first = submit_slide(store, cfg, slide, name="BM-A")
-        second = submit_slide(store, cfg, slide, name="BM-B")
+    cfg, (first, second) = submit(config, (slide, "BM-A"), (slide, "BM-B"))
     paused: list[str] = []
 
     def on_event(e) -> None:
@@ -145,11 +123,7 @@ def test_a_damaged_model_file_pauses_slides_until_it_is_fixed(tmp_path):
             assert note and "model not loaded" in note and "retrying" in note
             model.write_bytes(good)
 
-    svc = Service(cfg, config, on_event=on_event)
-    try:
-        svc.run(exit_when_idle=True)
-    finally:
-        svc.close()
+    run_in_process(config, on_event)
     assert len(paused) == 1 and paused[0].startswith("BM-B: model not loaded")
     assert "not a readable checkpoint" in paused[0]
     with Store.from_params(cfg.store, cfg.resolve) as store:
@@ -180,14 +154,8 @@ def test_slide_events_reach_a_webhook_and_a_dead_one_stops_nothing(tmp_path, cap
     try:
         url = f"http://127.0.0.1:{server.server_port}/hooks/lab?token=s3cret"
         config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", webhook_url=url)
-        cfg = load_config(config)
-        with Store.from_params(cfg.store, cfg.resolve) as store:
-            sid = submit_slide(store, cfg, slide, name="BM-hook")
-        svc = Service(cfg, config)
-        try:
-            svc.run(exit_when_idle=True)
-        finally:
-            svc.close()  # sends what is queued
+        cfg, (sid,) = submit(config, (slide, "BM-hook"))
+        run_in_process(config)  # closing the service sends what is queued
         with Store.from_params(cfg.store, cfg.resolve) as store:
             counted = store.progress(sid).counted
     finally:
@@ -206,15 +174,9 @@ def test_slide_events_reach_a_webhook_and_a_dead_one_stops_nothing(tmp_path, cap
     url = f"http://127.0.0.1:{port.server_port}/hook"
     port.server_close()
     config = daemon_config(dead, f"sqlite:///{dead / 'd.db'}", webhook_url=url)
-    cfg = load_config(config)
-    with Store.from_params(cfg.store, cfg.resolve) as store:
-        sid = submit_slide(store, cfg, slide, name="BM-dead")
-    svc = Service(cfg, config)
+    cfg, (sid,) = submit(config, (slide, "BM-dead"))
     with caplog.at_level(logging.WARNING, logger="marrowcount.webhook"):
-        try:
-            svc.run(exit_when_idle=True)
-        finally:
-            svc.close()
+        run_in_process(config)
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "marrowcount.webhook"]
     assert "message dropped" in warning and "/hook" not in warning.replace("/…", "")
     with Store.from_params(cfg.store, cfg.resolve) as store:

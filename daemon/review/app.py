@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 
 from daemon.models import AuditEvent, Cell, Field, Review, Slide, User
 from daemon.provenance import method_text
-from daemon.report import slide_methods
+from daemon.report import pixel_size_check, pixel_text, slide_methods
 from daemon.review import actions
 from daemon.review.actions import Reviewer, ReviewError
 from daemon.review.auth import (
@@ -327,7 +327,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                                      .order_by(Review.id)))
             methods = [(method_text(m), m["fields"]) for m in slide_methods(s, slide_id)]
             ctx = table_context(s, slide, tax)
-        return page(request, "slide.html", who, methods=methods, tax=tax, sections=_sections(cells, tax),
+        pixel = pixel_size_check(store, slide_id, cfg)
+        return page(request, "slide.html", who, methods=methods,
+                    pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "", tax=tax, sections=_sections(cells, tax),
                     keymap={c.key: c.name for c in tax.classes},
                     labels={c.name: c.label for c in tax.classes},
                     n_cells=len(cells), fields=fields, reviews=reviews,
