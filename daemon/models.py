@@ -87,7 +87,8 @@ class Field(Base):
     height: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     n_counted: Mapped[int] = mapped_column(Integer, default=0)
     # Software, model and settings that analysed the field (daemon.provenance); None when skipped.
-    method: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    method: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON(none_as_null=True),
+                                                              nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     slide: Mapped[Slide] = relationship(back_populates="fields")

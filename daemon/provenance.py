@@ -42,20 +42,21 @@ def file_sha256(path: Path) -> str:
     return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
-def analysis_method(cfg: Any, checkpoint: Path, precision: str,
+def analysis_method(cfg: Any, model: str, model_sha256: str, precision: str,
                     crop_um_per_px: float) -> dict[str, Any]:
     """The method a field is counted with, as plain data: software version, checkpoint file
-    name and SHA-256 (16 hex digits), the precision the classifier runs at (``int8`` can fall
-    back to ``bf16``), the scale its stored crops are cut at, the taxonomy, and a fingerprint
-    (12 hex digits) of the settings that change a cell's detection or call."""
+    name and SHA-256 (of the bytes loaded; 16 hex digits kept), the precision the classifier
+    runs at (``int8`` can fall back to ``bf16``), the scale its stored crops are cut at, the
+    taxonomy, and a fingerprint (12 hex digits) of the settings that change a cell's detection
+    or call."""
     classifier = cfg.classifier.model_dump(mode="json", exclude={"checkpoint", "batch_size"})
     settings = {"taxonomy": cfg.taxonomy, "classifier": classifier,
                 **{k: getattr(cfg, k).model_dump(mode="json") for k in SETTINGS_SECTIONS}}
     blob = json.dumps(settings, sort_keys=True).encode()
     return {
         "software": software_version(),
-        "model": checkpoint.name,
-        "model_sha256": file_sha256(checkpoint)[:16],
+        "model": model,
+        "model_sha256": model_sha256[:16],
         "precision": precision,
         "crop_um_per_px": float(crop_um_per_px),
         "taxonomy": cfg.taxonomy,

@@ -26,6 +26,7 @@ import numpy as np
 from sqlalchemy import select
 
 from daemon.models import Cell, Field, Slide
+from daemon.review.actions import final_label
 from daemon.store import Store
 from pipeline.errors import ImageError, MarrowError
 from pipeline.evaluate_classifier import confusion, metrics
@@ -108,7 +109,7 @@ def reviewed_cells(store: Store, slides: Sequence[Slide]) -> list[ReviewedCell]:
                 if cell.excluded:
                     final = NON_LEUKOCYTE if cell.exclude_reason == "not_leukocyte" else None
                 else:
-                    final = cell.reviewed_label or cell.label
+                    final = final_label(cell)
                 crop_scale = (fld.method or {}).get("crop_um_per_px")
                 out.append(ReviewedCell(
                     slide=slide.name, field_index=fld.index, cell_id=cell.id, index=cell.index,
@@ -133,11 +134,13 @@ def agreement(cells: Sequence[ReviewedCell], taxonomy: Taxonomy) -> dict[str, An
     names = list(taxonomy.names)
     space = names + [NONE]
     idx = {c: i for i, c in enumerate(space)}
-    unknown = sorted({c.machine for c in cells} - set(space))
+    # "Not a leukocyte" has no class of its own in a taxonomy without non_leukocyte.
+    finals = [NONE if c.final is None or (c.final == NON_LEUKOCYTE and c.final not in idx)
+              else c.final for c in cells]
+    unknown = sorted(({c.machine for c in cells} | set(finals)) - set(space))
     if unknown:
-        raise ReviewedError(f"machine calls {unknown} are not classes of taxonomy "
-                            f"{taxonomy.name!r}")
-    y_true = np.array([idx[c.final or NONE] for c in cells], np.int64)
+        raise ReviewedError(f"calls {unknown} are not classes of taxonomy {taxonomy.name!r}")
+    y_true = np.array([idx[f] for f in finals], np.int64)
     y_pred = np.array([idx[c.machine] for c in cells], np.int64)
     cm = confusion(y_true, y_pred, len(space))
     m = metrics(cm, space)
@@ -146,9 +149,11 @@ def agreement(cells: Sequence[ReviewedCell], taxonomy: Taxonomy) -> dict[str, An
     observed = float(np.trace(cm)) / max(total, 1)
     kappa = (observed - expected) / (1 - expected) if expected < 1 else 1.0
     counted = set(taxonomy.counted)
+    by_slide: dict[str, list[ReviewedCell]] = {}
+    for c in cells:
+        by_slide.setdefault(c.slide, []).append(c)
     slides = {}
-    for name in dict.fromkeys(c.slide for c in cells):
-        mine = [c for c in cells if c.slide == name]
+    for name, mine in by_slide.items():
         before = Counter(c.machine for c in mine if c.machine in counted)
         after = Counter(c.final for c in mine if c.final in counted)
         nb, na = max(sum(before.values()), 1), max(sum(after.values()), 1)
@@ -193,15 +198,16 @@ def export_reviewed(store: Store, cells: Sequence[ReviewedCell], out: Path, taxo
     written: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
     rows = []
-    images: dict[str, np.ndarray | None] = {}
+    last: dict[str, np.ndarray | None] = {}  # cells come field by field: one image at a time
 
     def image(rel: str) -> np.ndarray | None:
-        if rel not in images:
+        if rel not in last:
+            last.clear()
             try:
-                images[rel] = read_rgb(store.path(rel))
+                last[rel] = read_rgb(store.path(rel))
             except ImageError:
-                images[rel] = None
-        return images[rel]
+                last[rel] = None
+        return last[rel]
 
     for c in cells:
         if c.final is None:
@@ -220,7 +226,9 @@ def export_reviewed(store: Store, cells: Sequence[ReviewedCell], out: Path, taxo
         if rgb is None:
             skipped["no readable field image or crop of known scale"] += 1
             continue
-        rel = Path(c.final) / f"{_file_safe(c.slide)}-f{c.field_index:05d}-c{c.index:04d}.png"
+        # The cell id keeps two slide names that file-safe alike ("BM/1", "BM_1") apart.
+        rel = Path(c.final) / (f"{_file_safe(c.slide)}-f{c.field_index:05d}-c{c.index:04d}"
+                               f"-{c.cell_id}.png")
         (out / c.final).mkdir(exist_ok=True)
         Image.fromarray(rgb).save(out / rel)
         written[c.final] += 1

@@ -124,6 +124,16 @@ def submit_slide(
     return sid
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """Size and modification time of a file (None when it cannot be seen): a file copied over
+    another changes at least one of them."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 # -- the service ---------------------------------------------------------------------------
 
 
@@ -149,6 +159,9 @@ class Service:
         self._reload = False
         self._classifier: Any = None
         self._classifier_key: tuple[Any, ...] = ()
+        self._model_sha = ""
+        self._model_error: str | None = None
+        """Why the model last failed to load; no new slide is claimed until it loads again."""
         self._webhook: Any = None
         self._paused_until: dict[int, float] = {}
         self._only: int | None = None
@@ -289,6 +302,8 @@ class Service:
             if (s.worker in (None, self.instrument) and s.id not in self._paused_until
                     and self._only in (None, s.id)):
                 return s
+        if self._model_error:
+            return None  # a broken model would only pause every queued slide in turn
         if self._only is not None:
             return self.store.claim(self._only, self.instrument)
         return self.store.claim_next(self.instrument)
@@ -310,9 +325,15 @@ class Service:
             analyze, method = self._analyzer()
         except MarrowError as exc:
             # A damaged or mismatched model file (a new checkpoint half copied, then SIGHUP)
-            # stops every slide alike: this one waits, unfailed, until the file is fixed.
-            self._pause(slide, prog.counted, f"model not loaded: {exc}")
+            # stops every slide alike: this one waits, unfailed, and no other is claimed
+            # until the file is fixed; people are told once, not at every retry.
+            reason = f"model not loaded: {exc}"
+            first, self._model_error = reason != self._model_error, reason
+            self._pause(slide, prog.counted, reason, alert=first)
             return
+        if self._model_error:
+            log.info("model loaded again; counting goes on")
+            self._model_error = None
         try:
             source, close = self._open_source(slide, prog.n_fields)
         except MarrowError as exc:
@@ -333,15 +354,17 @@ class Service:
 
         def on_field(f: Any) -> None:
             nonlocal counted, n_measured
-            if f.image is not None and n_measured < self.cfg.calibrate.check_fields:
+            measure = f.image is not None and n_measured < self.cfg.calibrate.check_fields
+            if measure:
                 f = self._measure_red_cells(f)
-                red_cells.extend(f.quality[RED_CELLS])
-                stated.append(f.um_per_px)
-                n_measured += 1
-                if n_measured == self.cfg.calibrate.check_fields:
-                    self._check_scale(slide, red_cells, stated[0], n_measured)
             if self._commit(slide, f, None if f.skipped_reason else method):
                 counted += f.n_counted
+                if measure and RED_CELLS in f.quality:
+                    red_cells.extend(f.quality[RED_CELLS])
+                    stated.append(f.um_per_px)
+                    n_measured += 1
+                    if n_measured == self.cfg.calibrate.check_fields:
+                        self._check_scale(slide, red_cells, stated[0], n_measured)
             if stale_error[0]:  # the failure noted earlier is over
                 self._note(slide.id, None)
                 stale_error[0] = None
@@ -409,7 +432,11 @@ class Service:
 
         from pipeline.calibrate import rbc_diameters
 
-        d = rbc_diameters(f.image, self.cfg.calibrate) * f.um_per_px
+        try:
+            d = rbc_diameters(f.image, self.cfg.calibrate) * f.um_per_px
+        except Exception as exc:  # a check that only warns must never fail a slide
+            log.warning("red cells of field %d not measured: %s", f.index, exc)
+            return f
         return dataclasses.replace(f, quality={**f.quality, RED_CELLS: np.round(d, 2).tolist()})
 
     def _check_scale(self, slide: Any, red_cells: list[float], stated: float, fields: int) -> None:
@@ -426,14 +453,15 @@ class Service:
         else:
             log.info("pixel size checked", extra={"data": data})
 
-    def _pause(self, slide: Any, counted: int, reason: str) -> None:
-        """Leave the slide where it is and retry it after ``service.retry_slide_after_s``."""
+    def _pause(self, slide: Any, counted: int, reason: str, alert: bool = True) -> None:
+        """Leave the slide where it is and retry it after ``service.retry_slide_after_s``;
+        ``alert``: log it as an error and send it to the webhook (not for a repeat)."""
         pause = self.cfg.service.retry_slide_after_s
         self._paused_until[slide.id] = time.monotonic() + pause
         self._note(slide.id, f"{reason}; retrying in {pause:g} s")
-        log.error("slide paused: %s", reason, extra={"data": {"slide": slide.id,
-                                                              "name": slide.name}})
-        self._emit("slide_paused", slide, counted, reason=reason)
+        log.log(logging.ERROR if alert else logging.INFO, "slide paused: %s", reason,
+                extra={"data": {"slide": slide.id, "name": slide.name}})
+        self._emit("slide_paused", slide, counted, notify=alert, reason=reason)
 
     def _fail(self, slide: Any, reason: str) -> None:
         self.store.set_status(slide.id, "failed", error=reason[:2000], stopped_because="failed")
@@ -473,16 +501,18 @@ class Service:
         except SQLAlchemyError:  # the database may be on the full disk too
             pass
 
-    def _emit(self, kind: str, slide: Any, counted: int, **data: Any) -> None:
+    def _emit(self, kind: str, slide: Any, counted: int, notify: bool = True,
+              **data: Any) -> None:
         try:
             self.on_event(Event(kind, slide.id, slide.name, counted, slide.target, data))  # type: ignore[arg-type]
         except Exception:  # a display callback must never stop counting
             log.exception("progress callback failed")
         p = self.cfg.service
         if self._webhook is not None and self._webhook.url != p.webhook_url:
-            self._webhook.close(wait_s=2.0)  # the URL changed with a config reload
+            # The URL changed with a config reload: the old one drains on its own thread.
+            threading.Thread(target=self._webhook.close, daemon=True).start()
             self._webhook = None
-        if p.webhook_url and kind in p.webhook_events:
+        if notify and p.webhook_url and kind in p.webhook_events:
             from daemon.webhook import Webhook, event_text
 
             if self._webhook is None:
@@ -499,38 +529,43 @@ class Service:
     def _analyzer(self) -> tuple[Callable[[Any, float], Any], dict[str, Any]]:
         """The field analysis for the next slide and the method it stands for. The model is
         loaded again when its file, the classifier settings or the taxonomy changed (a new
-        checkpoint copied over the old one, then SIGHUP)."""
-        from daemon.provenance import analysis_method
+        checkpoint copied over the old one, then SIGHUP). Raises a MarrowError when it
+        cannot be loaded."""
+        from daemon.provenance import analysis_method, file_sha256
         from pipeline.analyze import analyze_field
         from pipeline.classify import load_classifier
+        from pipeline.errors import CheckpointError
 
         cfg = self.cfg
         path = cfg.resolve(cfg.classifier.checkpoint)
-        try:
-            st = path.stat()
-            identity: tuple[Any, ...] = (path, st.st_size, st.st_mtime_ns)
-        except OSError:
-            identity = (path,)  # load_classifier says what is wrong with it
-        key = (*identity, cfg.classifier.model_dump_json(), tuple(cfg.classes.names))
+        identity = _file_identity(path)
+        key = (path, identity, cfg.classifier.model_dump_json(), tuple(cfg.classes.names))
         if self._classifier is None or self._classifier_key != key:
             t0 = time.monotonic()
-            self._classifier = load_classifier(path, cfg.classes, params=cfg.classifier)
-            self._classifier_key = key
+            try:
+                sha = file_sha256(path) if identity else ""  # missing: load_classifier says so
+            except OSError as exc:
+                raise CheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
+            clf = load_classifier(path, cfg.classes, params=cfg.classifier)
+            if _file_identity(path) != identity:
+                raise CheckpointError(f"{path}: the file changed while it was loaded")
+            self._classifier, self._classifier_key, self._model_sha = clf, key, sha
             loaded = time.monotonic()
-            self._classifier.warm_up()
+            clf.warm_up()
             log.info("model loaded", extra={"data": {
-                "checkpoint": str(path), "seconds": round(loaded - t0, 2),
+                "checkpoint": str(path), "sha256": sha[:16], "seconds": round(loaded - t0, 2),
                 "warm_up_seconds": round(time.monotonic() - loaded, 2),
-                "precision": self._classifier.precision}})
-            if self._classifier.precision_note:
-                log.warning("classifier runs %s, not %s: %s", self._classifier.precision,
-                            cfg.classifier.precision, self._classifier.precision_note)
+                "precision": clf.precision}})
+            if clf.precision_note:
+                log.warning("classifier runs %s, not %s: %s", clf.precision,
+                            cfg.classifier.precision, clf.precision_note)
         clf = self._classifier
 
         def analyze(rgb: Any, um_per_px: float) -> Any:
             return analyze_field(rgb, um_per_px, clf, cfg.detect, cfg.analysis)
 
-        return analyze, analysis_method(cfg, path, clf.precision, clf.um_per_px)
+        return analyze, analysis_method(cfg, path.name, self._model_sha, clf.precision,
+                                        clf.um_per_px)
 
     def _open_source(self, slide: Any, n_committed: int) -> tuple[Any, Callable[[], None]]:
         """The slide's FieldSource and a function that releases it. A new slide's field plan

@@ -13,7 +13,6 @@ import json
 import logging
 import queue
 import threading
-import urllib.error
 import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
@@ -74,7 +73,10 @@ class Webhook:
 
     def close(self, wait_s: float = 10.0) -> None:
         """Send what is queued, stop retrying after ``wait_s``, and stop the thread."""
-        self._queue.put(_STOP)
+        try:
+            self._queue.put(_STOP, timeout=wait_s)
+        except queue.Full:  # a long outage filled the queue: give up on its messages
+            pass
         self._thread.join(wait_s)
         self._closing.set()
         self._thread.join(self.timeout_s + 1.0)
@@ -84,7 +86,11 @@ class Webhook:
             message = self._queue.get()
             if message is _STOP:
                 return
-            self._send(message)
+            try:
+                self._send(message)
+            except Exception:  # e.g. a message that is not JSON: drop it, keep the thread
+                self.dropped += 1
+                log.exception("webhook message dropped")
 
     def _send(self, message: dict[str, Any]) -> None:
         body = json.dumps(message).encode()
@@ -97,8 +103,8 @@ class Webhook:
                     resp.read()
                 self.sent += 1
                 return
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                why = getattr(exc, "reason", None) or exc
+            except Exception as exc:  # any reply or transport failure: never end the thread
+                why = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
                 if attempt == self.retries or self._closing.wait(delay):
                     self.dropped += 1
                     log.warning("webhook %s failed %d time(s) (%s); message dropped",

@@ -66,7 +66,8 @@ def rbc_diameters(rgb: np.ndarray, params: CalibrateParams) -> np.ndarray:
     h, w = rgb.shape[:2]
     f = min(1.0, params.max_side_px / max(h, w))
     if f < 1.0:
-        rgb = cv2.resize(rgb, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
+        rgb = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))),
+                         interpolation=cv2.INTER_AREA)
     lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
     # Background: the median colour of the brightest third of the field (glass is brightest);
     # statistics from every third pixel are as good and much cheaper.

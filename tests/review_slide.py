@@ -69,11 +69,11 @@ def count_slide(store, cfg, name: str, fields: list, *, status: str = "awaiting_
     """
     import dataclasses
 
-    from daemon.provenance import analysis_method
+    from daemon.provenance import analysis_method, file_sha256
     from pipeline.classify import read_checkpoint
 
     path = cfg.resolve(cfg.classifier.checkpoint)
-    method = analysis_method(cfg, path, cfg.classifier.precision,
+    method = analysis_method(cfg, path.name, file_sha256(path), cfg.classifier.precision,
                              float(read_checkpoint(path)["um_per_px"]))
     sid = store.create_slide(name, "folder", str(BCCD), target or cfg.acquisition.target,
                              cfg.taxonomy, um_per_px=BCCD_UM_PER_PX)

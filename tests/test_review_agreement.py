@@ -8,6 +8,7 @@ import csv
 import json
 import xml.etree.ElementTree as ET
 from collections import Counter
+from datetime import datetime, timezone
 
 import pytest
 import yaml
@@ -115,6 +116,11 @@ def test_agreement_counts_each_review_decision(review_env):
     r = runner.invoke(app, ["agreement", "--json", "--png", str(png), "--config", _lab_yaml(env)])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == json.loads(json.dumps(res)) and png.stat().st_size > 1000
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")  # signed just now, in UTC
+    r = runner.invoke(app, ["agreement", "--json", "--since", today, "--config", _lab_yaml(env)])
+    assert r.exit_code == 0 and json.loads(r.stdout)["cells"] == res["cells"]
+    r = runner.invoke(app, ["agreement", "--since", "2999-01-01", "--config", _lab_yaml(env)])
+    assert isinstance(r.exception, ReviewedError) and "signed since 2999-01-01" in str(r.exception)
 
 
 def test_export_writes_a_training_folder_of_the_reviewers_classes(review_env):

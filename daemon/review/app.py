@@ -329,7 +329,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             ctx = table_context(s, slide, tax)
         pixel = pixel_size_check(store, slide_id, cfg)
         return page(request, "slide.html", who, methods=methods,
-                    pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "", tax=tax, sections=_sections(cells, tax),
+                    pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
+                    tax=tax, sections=_sections(cells, tax),
                     keymap={c.key: c.name for c in tax.classes},
                     labels={c.name: c.label for c in tax.classes},
                     n_cells=len(cells), fields=fields, reviews=reviews,
