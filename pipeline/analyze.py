@@ -23,7 +23,8 @@
    often the detached lobes of one neutrophil or eosinophil (``lobed_classes``). A lobe-sized
    nucleus (≤ ``lobe_max_um2``, or ≤ ``lobe_uncertain_max_um2`` when its own call stays below
    ``guidance_threshold``) within ``lobe_distance_um`` of a cell of a lobed class is taken as
-   its lobe whatever it was called. The more confident one is kept; the other stays
+   its lobe whatever it was called; two lobed-class calls whose nuclei are both at least
+   ``two_nuclei_min_um2`` are two touching cells. The more confident one is kept; the other stays
    in the output with ``duplicate_of`` and ``duplicate_reason`` set and is not counted;
 5. cells whose final confidence stays below ``review_threshold``, or that the classifier finds
    unlike every trained class, are flagged ``needs_review`` (never forced into a class); so
@@ -86,6 +87,10 @@ class AnalyzeParams(Params):
         ge=0, description="a nucleus up to this size beside a lobed-class cell is its lobe too "
         "when its own call stays below guidance_threshold (a real cell of that size there is "
         "called with confidence); 0 = off")
+    two_nuclei_min_um2: float = Field(
+        ge=0, description="two lobed-class calls whose nuclei are both at least this large are "
+        "two touching cells, whatever their distance (a cell's lobes or halves are smaller); "
+        "0 = off")
     review_non_leukocyte_um2: float = Field(
         ge=0, description="a non-leukocyte call on a nucleus this large goes to review: debris "
         "and platelets are smaller, a white cell from an unfamiliar stain often is not; 0 = off")
@@ -273,6 +278,8 @@ def find_duplicates(pts: np.ndarray, boxes: list[tuple[int, int, int, int]],
             continue
         same = labels[i] == labels[j]
         if labels[i] in lobed and labels[j] in lobed:
+            if min(areas_um2[i], areas_um2[j]) >= params.two_nuclei_min_um2 > 0:
+                continue  # each is a whole nucleus: two touching cells, not one cell's lobes
             limit = params.duplicate_distance_um
         elif same and labels[i] in same_class:
             limit = same_class[labels[i]]

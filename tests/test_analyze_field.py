@@ -206,6 +206,29 @@ def test_a_split_monocyte_is_one_cell_two_touching_ones_are_two(config):
         assert bool(dups) == suppressed, (label, apart_um, dups)
 
 
+def test_two_whole_neutrophil_nuclei_are_two_cells_a_split_off_part_is_not(config):
+    """Two segmented-neutrophil calls 10 µm apart: nuclei of 45 and 40 µm² are two touching
+    neutrophils (on the validation slides, every pair the old rule merged wrongly had both
+    nuclei of 35 µm² or more, every true split at least one under 33); 45 and 25 µm² are one
+    neutrophil and a part of it the detector split off."""
+    from pipeline.analyze import find_duplicates
+
+    classes = tuple(config.classes.names)
+    um = 0.13
+    assert 25.0 < config.analysis.two_nuclei_min_um2 <= 40.0
+    pts = np.array([[100.0, 100.0], [100.0 + 10.0 / um, 100.0]])
+    boxes = [(50, 50, 150, 150), (127, 50, 227, 150)]
+    probs = np.full((2, len(classes)), 0.01, np.float32)
+    probs[:, classes.index("segmented_neutrophil")] = 0.9
+    for areas, suppressed in (((45.0, 40.0), False), ((45.0, 25.0), True)):
+        dups = find_duplicates(pts, boxes, np.array(areas), classes, probs, probs.max(1), um,
+                               config.analysis)
+        assert bool(dups) == suppressed, (areas, dups)
+    off = config.analysis.model_copy(update={"two_nuclei_min_um2": 0.0})
+    assert find_duplicates(pts, boxes, np.array([45.0, 40.0]), classes, probs, probs.max(1), um,
+                           off)
+
+
 def test_an_uncertain_lobe_beside_a_neutrophil_is_its_lobe_a_confident_cell_is_not(config):
     """A 25 µm² nucleus 9 µm from a segmented neutrophil, called erythroblast: with the call
     uncertain it is one of the neutrophil's lobes (a detached lobe is often called a small
