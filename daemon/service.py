@@ -62,7 +62,8 @@ class ServiceParams(Params):
     log_format: Literal["json", "text"]
     log_level: Literal["debug", "info", "warning", "error"]
     webhook_url: str = Field(description="POST slide events here as JSON; '' = off")
-    webhook_events: tuple[Literal["slide_started", "slide_finished", "slide_paused"], ...] = Field(
+    webhook_events: tuple[Literal["slide_started", "slide_finished", "slide_paused",
+                                  "pixel_size"], ...] = Field(
         description="which events go to webhook_url")
 
 
@@ -78,7 +79,8 @@ class FieldCommitError(MarrowError):
 class Event:
     """Progress for a caller (the demo's progress bar): ``kind`` and plain data."""
 
-    kind: Literal["slide_started", "field", "slide_finished", "slide_paused", "idle"]
+    kind: Literal["slide_started", "field", "slide_finished", "slide_paused", "pixel_size",
+                  "idle"]
     slide_id: int
     name: str
     counted: int
@@ -364,7 +366,7 @@ class Service:
                     stated.append(f.um_per_px)
                     n_measured += 1
                     if n_measured == self.cfg.calibrate.check_fields:
-                        self._check_scale(slide, red_cells, stated[0], n_measured)
+                        self._check_scale(slide, red_cells, stated[0], n_measured, counted)
             if stale_error[0]:  # the failure noted earlier is over
                 self._note(slide.id, None)
                 stale_error[0] = None
@@ -401,7 +403,8 @@ class Service:
             close()
         if (to_check and stated and n_measured < self.cfg.calibrate.check_fields
                 and (result in ("target_reached", "area_exhausted") or adaptive)):
-            self._check_scale(slide, red_cells, stated[0], n_measured)  # a slide of few fields
+            # A slide of fewer fields than calibrate.check_fields.
+            self._check_scale(slide, red_cells, stated[0], n_measured, counted)
         self._finish(slide, result, counted, adaptive[0] if adaptive else None,
                      time.monotonic() - t0)
 
@@ -439,17 +442,20 @@ class Service:
             return f
         return dataclasses.replace(f, quality={**f.quality, RED_CELLS: np.round(d, 2).tolist()})
 
-    def _check_scale(self, slide: Any, red_cells: list[float], stated: float, fields: int) -> None:
+    def _check_scale(self, slide: Any, red_cells: list[float], stated: float, fields: int,
+                     counted: int) -> None:
         from pipeline.calibrate import check_stated_scale
 
         est, off = check_stated_scale(red_cells, stated, self.cfg.calibrate)
-        data = {"slide": slide.id, "name": slide.name, "stated_um_per_px": stated,
-                "estimate_um_per_px": est.um_per_px, "red_cells": est.n_cells, "fields": fields}
+        found = {"stated_um_per_px": stated, "estimate_um_per_px": est.um_per_px,
+                 "red_cells": est.n_cells, "fields": fields}
+        data = {"slide": slide.id, "name": slide.name, **found}
         if off:
             self.metrics.error("pixel_size")
             log.warning("pixel size of %s: stated %.4g µm/px, but its red cells measure %.4g "
                         "(%d cells in %d fields); every size in µm is off", slide.name, stated,
                         est.um_per_px, est.n_cells, fields, extra={"data": data})
+            self._emit("pixel_size", slide, counted, **found)
         else:
             log.info("pixel size checked", extra={"data": data})
 

@@ -328,3 +328,27 @@ def run_in_process(config: Path, on_event=None, *, stop_after_first_field: bool 
         svc.run(exit_when_idle=True)
     finally:
         svc.close()
+
+
+def webhook_inbox() -> tuple[Any, list[dict]]:
+    """A local HTTP server in a thread that keeps every JSON body POSTed to it; shut it down
+    with ``server.shutdown()``."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+
+    class Inbox(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Inbox)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, received

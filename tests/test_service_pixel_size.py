@@ -15,7 +15,8 @@ from daemon.review.app import create_app
 from daemon.store import RED_CELLS, Store
 from drivers.slide_image import write_pyramid
 from tests.conftest import BCCD_UM_PER_PX
-from tests.daemon_fixtures import bccd_slide_file, daemon_config, run_in_process, submit
+from tests.daemon_fixtures import (bccd_slide_file, daemon_config, run_in_process, submit,
+                                   webhook_inbox)
 from tests.review_slide import TECH, add_users, login
 from tests.slide_fixtures import bccd_mosaic
 
@@ -25,11 +26,19 @@ def test_a_slide_stated_at_the_wrong_pixel_size_is_flagged(tmp_path, caplog):
     right = bccd_slide_file(tmp_path, cols=3, rows=1, start=250)
     wrong = tmp_path / "wrong.tif"  # the same real fields, stated at twice their pixel size
     write_pyramid(wrong, bccd_mosaic(3, 1, 250), 2 * BCCD_UM_PER_PX)
-    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'px.db'}")
-    cfg, (ok, off) = submit(config, (right, "BM-right"), (wrong, "BM-wrong"))
-    assert cfg.calibrate.check_fields > 3  # so the check also runs on a slide of 3 fields
-    with caplog.at_level(logging.INFO, logger="marrowcount.service"):
-        run_in_process(config)
+    server, received = webhook_inbox()
+    try:
+        config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'px.db'}",
+                               webhook_url=f"http://127.0.0.1:{server.server_port}/hook")
+        cfg, (ok, off) = submit(config, (right, "BM-right"), (wrong, "BM-wrong"))
+        assert cfg.calibrate.check_fields > 3  # so the check also runs on a slide of 3 fields
+        with caplog.at_level(logging.INFO, logger="marrowcount.service"):
+            run_in_process(config)
+    finally:
+        server.shutdown()
+    (alert,) = [m for m in received if m["event"] == "pixel_size"]
+    assert alert["slide"] == "BM-wrong" and alert["text"].startswith(
+        "BM-wrong: pixel size stated 0.144 µm/px on test-scope, but its red cells measure 0.0")
     warnings = [r.getMessage() for r in caplog.records if "pixel size of" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("pixel size of BM-wrong: stated 0.144")
 
@@ -42,6 +51,9 @@ def test_a_slide_stated_at_the_wrong_pixel_size_is_flagged(tmp_path, caplog):
         login(client, TECH)
         assert 'id="pixel-size"' not in client.get(f"/slides/{ok}").text
         assert 'id="pixel-size"' in client.get(f"/slides/{off}").text
+        queue = {r["name"]: r["flags"] for r in client.get("/api/queue").json()["slides"]}
+    assert not any("pixel size" in f for f in queue["BM-right"])
+    assert any(f.startswith("pixel size off +") for f in queue["BM-wrong"])
     g, b = good["slide"]["pixel_size_check"], bad["slide"]["pixel_size_check"]
     assert g["disagrees"] is False and g["fields"] == 3
     assert g["estimate_um_per_px"] == pytest.approx(BCCD_UM_PER_PX, rel=0.1)

@@ -3,7 +3,6 @@ line of text; an endpoint that is down or answers garbage delays and stops nothi
 
 from __future__ import annotations
 
-import json
 import logging
 import socketserver
 import threading
@@ -11,30 +10,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from daemon.store import Store
 from daemon.webhook import Webhook
-from tests.daemon_fixtures import bccd_slide_file, daemon_config, run_in_process, submit
-
-
-def _inbox() -> tuple[ThreadingHTTPServer, list[dict]]:
-    received: list[dict] = []
-
-    class Inbox(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append(json.loads(body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Inbox)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, received
+from tests.daemon_fixtures import (bccd_slide_file, daemon_config, run_in_process, submit,
+                                   webhook_inbox)
 
 
 def test_a_finished_slide_is_posted_with_a_line_of_text(tmp_path):
     slide = bccd_slide_file(tmp_path, cols=3, rows=1)
-    server, received = _inbox()
+    server, received = webhook_inbox()
     try:
         url = f"http://127.0.0.1:{server.server_port}/hooks/lab?token=s3cret"
         config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", webhook_url=url)

@@ -277,6 +277,10 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 flags.append(f"target not reached ({total}/{sl.target})")
             if tax is None:
                 flags.append(f"unknown taxonomy {sl.taxonomy}")
+            pixel = pixel_size_check(store, sl.id, cfg)
+            if pixel and pixel["disagrees"]:
+                off = pixel["stated_um_per_px"] / pixel["estimate_um_per_px"] - 1
+                flags.append(f"pixel size off {100 * off:+.0f}%")
             rows.append({"slide": sl, "total": total, "flags": flags,
                          "since": sl.signed_at if sl.status == "signed"
                          else sl.finished_at or sl.started_at or sl.created_at})
