@@ -12,6 +12,7 @@ import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
@@ -75,18 +76,24 @@ def slide_methods(s: Session, slide_id: int) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def pixel_size_check(store: Store, slide_id: int, cfg: Any) -> dict[str, Any] | None:
-    """The slide's stated pixel size against its measured fields' red cells (the daemon
-    measures the first ``calibrate.check_fields``); None when no field was measured."""
+def pixel_size_checks(store: Store, slide_ids: Sequence[int], cfg: Any
+                      ) -> dict[int, dict[str, Any] | None]:
+    """Each slide's stated pixel size against its measured fields' red cells (the daemon
+    measures the first ``calibrate.check_fields``); None for a slide with no field measured.
+    ``off_pct``: how far the stated size is from the estimate, in percent."""
     from pipeline.calibrate import check_stated_scale
 
-    pooled, fields, stated = store.red_cells(slide_id)
-    if not fields or stated is None:
-        return None
-    est, off = check_stated_scale(pooled, stated, cfg.calibrate)
-    return {"stated_um_per_px": stated,
-            "estimate_um_per_px": None if est.um_per_px is None else round(est.um_per_px, 4),
-            "red_cells": est.n_cells, "fields": fields, "disagrees": off}
+    out: dict[int, dict[str, Any] | None] = {}
+    for sid, (pooled, fields, stated) in store.red_cells(slide_ids).items():
+        if not fields or stated is None:
+            out[sid] = None
+            continue
+        est, off = check_stated_scale(pooled, stated, cfg.calibrate)
+        um = None if est.um_per_px is None else round(est.um_per_px, 4)
+        out[sid] = {"stated_um_per_px": stated, "estimate_um_per_px": um,
+                    "off_pct": None if um is None else 100 * (stated / um - 1),
+                    "red_cells": est.n_cells, "fields": fields, "disagrees": off}
+    return out
 
 
 def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]:
@@ -134,13 +141,12 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         flags.append(f"counted with {len(methods)} methods (the model or its settings changed "
                      "during the count): " + "; ".join(
                          f"{m['fields']} fields by {method_text(m)}" for m in methods))
-    pixel = pixel_size_check(store, slide.id, cfg)
+    pixel = pixel_size_checks(store, [slide.id], cfg)[slide.id]
     if pixel and pixel["disagrees"]:
-        est, stated = pixel["estimate_um_per_px"], pixel["stated_um_per_px"]
-        flags.append(f"pixel size check: red cells measure {est:.3g} µm/px against the stated "
-                     f"{stated:.3g} ({100 * (stated / est - 1):+.0f}%): every size in µm and "
-                     "the classifier's crops are off; check the scanner's or objective's "
-                     "calibration")
+        flags.append(f"pixel size check: red cells measure {pixel['estimate_um_per_px']:.3g} "
+                     f"µm/px against the stated {pixel['stated_um_per_px']:.3g} "
+                     f"({pixel['off_pct']:+.0f}%): every size in µm and the classifier's "
+                     "crops are off; check the scanner's or objective's calibration")
     if final.blast_pct is None:
         flags.append(f"taxonomy {taxonomy.name!r} has no blast class: blast % not reported")
 
@@ -324,7 +330,7 @@ def write_report(store: Store, slide_ref: int | str, cfg: Any, fmt: str,
 
 
 def pixel_text(pixel: dict[str, Any] | None) -> str:
-    """One line on the pixel-size check (``pixel_size_check``)."""
+    """One line on a slide's pixel-size check (``pixel_size_checks``)."""
     if pixel is None:
         return "Pixel size: not checked"
     if pixel["estimate_um_per_px"] is None:

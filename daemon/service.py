@@ -348,9 +348,8 @@ class Service:
         counted = prog.counted
         adaptive: list[str] = []
         t0 = time.monotonic()
-        red_cells, n_measured, first_stated = self.store.red_cells(slide.id)
+        n_measured = self.store.red_cells([slide.id])[slide.id][1]
         to_check = n_measured < self.cfg.calibrate.check_fields  # a resumed slide was checked
-        stated: list[float] = [] if first_stated is None else [first_stated]
 
         stale_error = [slide.error]
 
@@ -362,11 +361,9 @@ class Service:
             if self._commit(slide, f, None if f.skipped_reason else method):
                 counted += f.n_counted
                 if measure and RED_CELLS in f.quality:
-                    red_cells.extend(f.quality[RED_CELLS])
-                    stated.append(f.um_per_px)
                     n_measured += 1
                     if n_measured == self.cfg.calibrate.check_fields:
-                        self._check_scale(slide, red_cells, stated[0], n_measured, counted)
+                        self._check_scale(slide, counted)
             if stale_error[0]:  # the failure noted earlier is over
                 self._note(slide.id, None)
                 stale_error[0] = None
@@ -401,10 +398,9 @@ class Service:
             return
         finally:
             close()
-        if (to_check and stated and n_measured < self.cfg.calibrate.check_fields
+        if (to_check and 0 < n_measured < self.cfg.calibrate.check_fields
                 and (result in ("target_reached", "area_exhausted") or adaptive)):
-            # A slide of fewer fields than calibrate.check_fields.
-            self._check_scale(slide, red_cells, stated[0], n_measured, counted)
+            self._check_scale(slide, counted)  # a slide of fewer fields than check_fields
         self._finish(slide, result, counted, adaptive[0] if adaptive else None,
                      time.monotonic() - t0)
 
@@ -442,19 +438,19 @@ class Service:
             return f
         return dataclasses.replace(f, quality={**f.quality, RED_CELLS: np.round(d, 2).tolist()})
 
-    def _check_scale(self, slide: Any, red_cells: list[float], stated: float, fields: int,
-                     counted: int) -> None:
-        from pipeline.calibrate import check_stated_scale
+    def _check_scale(self, slide: Any, counted: int) -> None:
+        from daemon.report import pixel_size_checks
 
-        est, off = check_stated_scale(red_cells, stated, self.cfg.calibrate)
-        found = {"stated_um_per_px": stated, "estimate_um_per_px": est.um_per_px,
-                 "red_cells": est.n_cells, "fields": fields}
+        found = pixel_size_checks(self.store, [slide.id], self.cfg)[slide.id]
+        if found is None:
+            return
         data = {"slide": slide.id, "name": slide.name, **found}
-        if off:
+        if found["disagrees"]:
             self.metrics.error("pixel_size")
             log.warning("pixel size of %s: stated %.4g µm/px, but its red cells measure %.4g "
-                        "(%d cells in %d fields); every size in µm is off", slide.name, stated,
-                        est.um_per_px, est.n_cells, fields, extra={"data": data})
+                        "(%d cells in %d fields); every size in µm is off", slide.name,
+                        found["stated_um_per_px"], found["estimate_um_per_px"],
+                        found["red_cells"], found["fields"], extra={"data": data})
             self._emit("pixel_size", slide, counted, **found)
         else:
             log.info("pixel size checked", extra={"data": data})

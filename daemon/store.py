@@ -529,22 +529,24 @@ class Store:
             return list(s.scalars(select(Field).where(Field.slide_id == slide_id)
                                   .order_by(Field.index)))
 
-    def red_cells(self, slide_id: int) -> tuple[list[float], int, float | None]:
-        """The pixel-size check's measurements so far: red-cell diameters (µm through the
-        stated pixel size) pooled over the slide's measured fields, how many fields were
-        measured, and their stated pixel size (the first measured field's)."""
-        pooled: list[float] = []
-        n = 0
-        stated = None
+    def red_cells(self, slide_ids: Sequence[int]
+                  ) -> dict[int, tuple[list[float], int, float | None]]:
+        """The pixel-size check's measurements per slide, in one query: red-cell diameters (µm
+        through the stated pixel size) pooled over the slide's measured fields, how many
+        fields were measured, and their stated pixel size (the first measured field's)."""
+        out: dict[int, tuple[list[float], int, float | None]] = {
+            sid: ([], 0, None) for sid in slide_ids}
+        if not out:
+            return out
         with self.session() as s:
-            for quality, um in s.execute(select(Field.quality, Field.um_per_px)
-                                         .where(Field.slide_id == slide_id)
-                                         .order_by(Field.index)):
+            for sid, quality, um in s.execute(
+                    select(Field.slide_id, Field.quality, Field.um_per_px)
+                    .where(Field.slide_id.in_(list(out))).order_by(Field.slide_id, Field.index)):
                 if quality and RED_CELLS in quality:
+                    pooled, n, stated = out[sid]
                     pooled += [float(d) for d in quality[RED_CELLS]]
-                    n += 1
-                    stated = float(um) if stated is None else stated
-        return pooled, n, stated
+                    out[sid] = (pooled, n + 1, float(um) if stated is None else stated)
+        return out
 
     def cells(self, slide_id: int) -> list[Cell]:
         with self.session() as s:

@@ -37,10 +37,9 @@ def event_text(kind: str, name: str, counted: int, target: int, instrument: str,
                     "(every blast threshold decided); awaiting review")
         return f"{name}: {counted} of {target} cells counted on {instrument}; awaiting review"
     if kind == "pixel_size":
-        stated, est = data["stated_um_per_px"], data["estimate_um_per_px"]
-        return (f"{name}: pixel size stated {stated:.3g} µm/px on {instrument}, but its red cells "
-                f"measure {est:.3g} ({100 * (stated / est - 1):+.0f}%); check the scanner's or "
-                "objective's calibration")
+        return (f"{name}: pixel size stated {data['stated_um_per_px']:.3g} µm/px on "
+                f"{instrument}, but its red cells measure {data['estimate_um_per_px']:.3g} "
+                f"({data['off_pct']:+.0f}%); check the scanner's or objective's calibration")
     if kind == "slide_paused":
         return f"{name} paused at {counted} of {target} cells on {instrument}: {data.get('reason')}"
     return f"{name}: {kind.replace('_', ' ')} at {counted} of {target} cells on {instrument}"

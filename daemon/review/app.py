@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 
 from daemon.models import AuditEvent, Cell, Field, Review, Slide, User
 from daemon.provenance import method_text
-from daemon.report import pixel_size_check, pixel_text, slide_methods
+from daemon.report import pixel_size_checks, pixel_text, slide_methods
 from daemon.review import actions
 from daemon.review.actions import Reviewer, ReviewError
 from daemon.review.auth import (
@@ -263,8 +263,10 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                                     -(_ts(sl.signed_at) or 0) if sl.status == "signed"
                                     else _ts(sl.created_at) or 0))
         signed = [sl for sl in slides if sl.status == "signed"][:SIGNED_SHOWN]
+        shown = [sl for sl in slides if sl.status != "signed"] + signed
+        pixels = pixel_size_checks(store, [sl.id for sl in shown], cfg)
         rows = []
-        for sl in [sl for sl in slides if sl.status != "signed"] + signed:
+        for sl in shown:
             tax = taxonomies.get(sl.taxonomy)
             d = differential(counts[sl.id], tax, cfg.stats) if tax else None
             total = d.total if d else 0
@@ -277,10 +279,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 flags.append(f"target not reached ({total}/{sl.target})")
             if tax is None:
                 flags.append(f"unknown taxonomy {sl.taxonomy}")
-            pixel = pixel_size_check(store, sl.id, cfg)
+            pixel = pixels[sl.id]
             if pixel and pixel["disagrees"]:
-                off = pixel["stated_um_per_px"] / pixel["estimate_um_per_px"] - 1
-                flags.append(f"pixel size off {100 * off:+.0f}%")
+                flags.append(f"pixel size off {pixel['off_pct']:+.0f}%")
             rows.append({"slide": sl, "total": total, "flags": flags,
                          "since": sl.signed_at if sl.status == "signed"
                          else sl.finished_at or sl.started_at or sl.created_at})
@@ -331,7 +332,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                                      .order_by(Review.id)))
             methods = [(method_text(m), m["fields"]) for m in slide_methods(s, slide_id)]
             ctx = table_context(s, slide, tax)
-        pixel = pixel_size_check(store, slide_id, cfg)
+        pixel = pixel_size_checks(store, [slide_id], cfg)[slide_id]
         return page(request, "slide.html", who, methods=methods,
                     pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
                     tax=tax, sections=_sections(cells, tax),
