@@ -20,7 +20,7 @@ from pipeline.classify import ClassifierParams
 from pipeline.detect import DetectParams
 from pipeline.errors import ConfigError
 from pipeline.params import Params
-from pipeline.stats import StatsParams
+from pipeline.stats import ME_RATIO, StatsParams
 from pipeline.taxonomy import CellClass, Taxonomy
 from pipeline.train import TrainParams
 
@@ -56,6 +56,12 @@ class Config(Params):
         if unknown:
             raise ValueError(f"train.local_pairs / local_own_body: {unknown} not in taxonomy "
                              f"{self.taxonomy!r}")
+        # Any taxonomy's class may have an interval: a store holds slides of several.
+        known = {c.name for classes in self.taxonomies.values() for c in classes}
+        stray = sorted(set(self.stats.reference_intervals) - known - {ME_RATIO})
+        if stray:
+            raise ValueError(f"stats.reference_intervals: {stray} is not a class of any "
+                             f"taxonomy ({sorted(known)}) nor {ME_RATIO!r}")
         return self
 
     @property

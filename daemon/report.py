@@ -1,5 +1,6 @@
-"""A slide's lab report: the differential with exact 95% intervals, M:E ratio, blast %, flags,
-who reviewed it and when, and the counts before and after review. JSON, CSV or PDF.
+"""A slide's lab report: the differential with exact 95% intervals, M:E ratio, blast %, each
+against the laboratory's reference interval, flags, who reviewed it and when, and the counts
+before and after review. JSON, CSV or PDF.
 
 ``build_report`` gathers everything into one plain dict (the JSON report); the CSV and PDF
 writers only lay that dict out, so the three never disagree.
@@ -41,19 +42,28 @@ def _diff_dict(d: Differential) -> dict[str, Any]:
         "classes": [
             {"name": r.name, "label": r.label, "lineage": r.lineage, "blast": r.blast, "n": r.n,
              "pct": round(r.pct, 2), "ci_low_pct": round(r.ci_low_pct, 2),
-             "ci_high_pct": round(r.ci_high_pct, 2)}
+             "ci_high_pct": round(r.ci_high_pct, 2),
+             "reference_pct": None if r.reference is None else list(r.reference),
+             "outside": r.outside}
             for r in d.rows
         ],
         "myeloid": d.myeloid,
         "erythroid": d.erythroid,
         "me_ratio": None if d.me_ratio is None else round(d.me_ratio, 3),
         "me_ci": None if d.me_ci is None else [round(v, 3) for v in d.me_ci],
+        "me_reference": None if d.me_reference is None else list(d.me_reference),
+        "me_outside": d.me_outside,
         "blast_n": d.blast_n,
         "blast_pct": None if d.blast_pct is None else round(d.blast_pct, 2),
         "blast_ci_pct": None if d.blast_ci_pct is None else [round(v, 2) for v in d.blast_ci_pct],
         "not_counted": d.not_counted,
         "threshold_flags": [f.message for f in d.flags],
     }
+
+
+def reference_text(interval: Sequence[float] | None, decimals: int) -> str:
+    """A reference interval as printed ("0.0 – 5.0"); "" when the laboratory set none."""
+    return "" if interval is None else f"{interval[0]:.{decimals}f} – {interval[1]:.{decimals}f}"
 
 
 def prescan_text(pre: dict[str, Any]) -> str:
@@ -166,7 +176,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     prescan = None if not pre else {k: pre[k] for k in (
         "objective", "um_per_px", "planned", "kept", "left_out_by_reason")}
     return {
-        "report_version": 2,
+        "report_version": 3,
         "generated_at": _iso(datetime.now(timezone.utc)),
         "slide": {
             "id": slide.id, "name": slide.name, "source": slide.source,
@@ -190,23 +200,30 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
 
 
 def report_csv(rep: dict[str, Any]) -> str:
-    """One row per class, then TOTAL, M:E and BLAST rows, with the machine count beside each;
-    then the cells not counted, and one METHOD row per method that analysed fields."""
+    """One row per class, then TOTAL, M:E and BLAST rows, with the machine count beside each
+    and, where the laboratory set one, the reference interval and L/H; then the cells not
+    counted, and one METHOD row per method that analysed fields."""
     d, m = rep["differential"], rep["machine_differential"]
     machine_n = {c["name"]: c["n"] for c in m["classes"]}
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["slide", "quantity", "label", "lineage", "n", "value", "ci_low", "ci_high",
-                "unit", "machine_n", "basis"])
+                "unit", "machine_n", "basis", "ref_low", "ref_high", "outside"])
     s, basis = rep["slide"]["name"], rep["basis"]
+
+    def ref(interval: list[float] | None, outside: str | None) -> list[Any]:
+        return ["", "", ""] if interval is None else [*interval, outside or ""]
+
     for c in d["classes"]:
         w.writerow([s, c["name"], c["label"], c["lineage"], c["n"], c["pct"], c["ci_low_pct"],
-                    c["ci_high_pct"], "%", machine_n.get(c["name"], 0), basis])
+                    c["ci_high_pct"], "%", machine_n.get(c["name"], 0), basis,
+                    *ref(c["reference_pct"], c["outside"])])
     w.writerow([s, "TOTAL", "counted leukocytes", "", d["total"], "", "", "", "cells",
                 m["total"], basis])
     me_ci = d["me_ci"] or ["", ""]
     w.writerow([s, "M:E", "myeloid : erythroid", "", f"{d['myeloid']}:{d['erythroid']}",
-                "" if d["me_ratio"] is None else d["me_ratio"], *me_ci, "ratio", "", basis])
+                "" if d["me_ratio"] is None else d["me_ratio"], *me_ci, "ratio", "", basis,
+                *ref(d["me_reference"], d["me_outside"])])
     if d["blast_pct"] is not None:
         w.writerow([s, "BLAST", "blasts of all nucleated cells", "", d["blast_n"],
                     d["blast_pct"], *d["blast_ci_pct"], "%", m["blast_n"], basis])
@@ -244,16 +261,22 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         Spacer(1, 4 * mm),
     ]
     m_n = {c["name"]: c["n"] for c in rep["machine_differential"]["classes"]}
-    rows = [["Class", "Lineage", "n", "%", f"{conf} CI (%)", "machine n"]]
+    # The reference columns only where the laboratory set intervals.
+    has_ref = any(c["reference_pct"] for c in d["classes"])
+    ref_head = ["Reference (%)", ""] if has_ref else []
+    rows = [["Class", "Lineage", "n", "%", f"{conf} CI (%)", *ref_head, "machine n"]]
     for c in d["classes"]:
+        ref = [reference_text(c["reference_pct"], 1), c["outside"] or ""] if has_ref else []
         rows.append([c["label"], c["lineage"], c["n"], f"{c['pct']:.1f}",
-                     f"{c['ci_low_pct']:.1f} – {c['ci_high_pct']:.1f}", m_n.get(c["name"], 0)])
+                     f"{c['ci_low_pct']:.1f} – {c['ci_high_pct']:.1f}", *ref,
+                     m_n.get(c["name"], 0)])
     rows.append(["Total", "", d["total"], "100.0" if d["total"] else "0.0", "",
-                 rep["machine_differential"]["total"]])
+                 *["" for _ in ref_head], rep["machine_differential"]["total"]])
     t = Table(rows, repeatRows=1, hAlign="LEFT")
     t.setStyle(TableStyle([
         ("FONTNAME", (0, 0), (-1, 0), "Helvetica-Bold"),
         ("FONTNAME", (0, -1), (-1, -1), "Helvetica-Bold"),
+        *([("FONTNAME", (6, 1), (6, -1), "Helvetica-Bold")] if has_ref else []),
         ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
         ("LINEABOVE", (0, -1), (-1, -1), 0.6, colors.black),
         ("ALIGN", (2, 0), (-1, -1), "RIGHT"),
@@ -262,7 +285,10 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     story += [t, Spacer(1, 4 * mm)]
     me = ("not defined (no erythroid cells)" if d["me_ratio"] is None else
           f"{d['me_ratio']:.2f} ({conf} CI {d['me_ci'][0]:.2f} – {d['me_ci'][1]:.2f}); "
-          f"myeloid {d['myeloid']}, erythroid {d['erythroid']}")
+          f"myeloid {d['myeloid']}, erythroid {d['erythroid']}"
+          + ("" if d["me_reference"] is None else
+             f"; reference {reference_text(d['me_reference'], 2)}"
+             + (f" <b>{d['me_outside']}</b>" if d["me_outside"] else "")))
     story.append(Paragraph(f"<b>M:E ratio</b>: {me}", st["Normal"]))
     blast = ("not reported (no blast class in this taxonomy)" if d["blast_pct"] is None else
              f"{d['blast_pct']:.1f}% ({conf} CI {d['blast_ci_pct'][0]:.1f} – "
@@ -298,7 +324,8 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     story.append(Spacer(1, 6 * mm))
     story.append(Paragraph(
         "Intervals are exact (Clopper–Pearson). Percentages are of all counted nucleated cells; "
-        "non-leukocytes and suppressed duplicates are left out. Produced by marrowcount; a "
+        "non-leukocytes and suppressed duplicates are left out. Reference intervals are the "
+        "laboratory's own; L / H: the value lies below / above it. Produced by marrowcount; a "
         "machine count is preliminary until a qualified reviewer signs it.", st["Italic"]))
     tmp = path.with_name(f".{path.name}.part")
     SimpleDocTemplate(str(tmp), pagesize=A4, title=f"marrowcount report {sl['name']}",

@@ -1,4 +1,5 @@
-"""Differential statistics: exact 95% intervals, M:E ratio, blast %, threshold flags.
+"""Differential statistics: exact 95% intervals, M:E ratio, blast %, threshold flags, and
+each value against the laboratory's reference interval.
 
 ``differential(counts, taxonomy, params)`` turns a slide's counts per class into the numbers
 a lab report gives. Intervals are exact Clopper–Pearson intervals from scipy. Percentages are
@@ -12,11 +13,14 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from scipy.stats import binomtest
 
 from pipeline.params import Params
 from pipeline.taxonomy import Taxonomy
+
+#: The key of ``reference_intervals`` that holds the M:E ratio's interval (a ratio, not a %).
+ME_RATIO = "me_ratio"
 
 
 class StatsParams(Params):
@@ -30,11 +34,29 @@ class StatsParams(Params):
         description="stop a slide before its target once every flagged interval is decisive"
     )
     adaptive_min_cells: int = Field(gt=0, description="never stop adaptively below this count")
+    reference_intervals: dict[str, tuple[float, float]] = Field(
+        description="the laboratory's reference interval per class name (% of counted cells) "
+        "and for 'me_ratio'; a value outside is marked L or H"
+    )
+
+    @model_validator(mode="after")
+    def _ordered_intervals(self) -> "StatsParams":
+        for name, (lo, hi) in self.reference_intervals.items():
+            top = None if name == ME_RATIO else 100.0
+            if not (0 <= lo <= hi) or (top is not None and hi > top):
+                raise ValueError(
+                    f"reference_intervals.{name}: [{lo:g}, {hi:g}] must satisfy 0 <= low <= high"
+                    + (" <= 100 (percent of counted cells)" if top is not None else ""))
+        return self
 
 
 @dataclass(frozen=True)
 class ClassRow:
-    """One class of the differential: ``n`` cells, ``pct`` of counted, exact interval in %."""
+    """One class of the differential: ``n`` cells, ``pct`` of counted, exact interval in %.
+
+    ``reference`` is the laboratory's reference interval in % (None when none is set);
+    ``outside`` is "L" or "H" when ``pct`` lies below or above it, else None.
+    """
 
     name: str
     label: str
@@ -44,6 +66,8 @@ class ClassRow:
     pct: float
     ci_low_pct: float
     ci_high_pct: float
+    reference: tuple[float, float] | None = None
+    outside: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +86,8 @@ class Differential:
     """A slide's differential. ``total`` counted cells; percentages are of ``total``.
 
     ``me_ratio`` is myeloid / erythroid (None when no erythroid cell was counted) with an
-    exact interval from the binomial split M / (M + E). ``blast_pct`` is None when the
+    exact interval from the binomial split M / (M + E), and ``me_reference`` / ``me_outside``
+    as for a class row. ``blast_pct`` is None when the
     taxonomy has no blast class. ``not_counted`` holds classes left out of the differential
     (non-leukocytes, labels outside the taxonomy).
     """
@@ -79,6 +104,8 @@ class Differential:
     blast_ci_pct: tuple[float, float] | None
     flags: tuple[ThresholdFlag, ...]
     not_counted: dict[str, int] = field(default_factory=dict)
+    me_reference: tuple[float, float] | None = None
+    me_outside: str | None = None
 
     @property
     def decisive(self) -> bool:
@@ -114,14 +141,17 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
     not_counted = {name: int(n) for name, n in counts.items() if name not in counted and n}
     conf = params.confidence
 
+    refs = params.reference_intervals
     rows = []
     for cls in taxonomy.classes:
         if not cls.counted:
             continue
         n = int(counts.get(cls.name, 0))
         lo, hi = proportion_ci(n, total, conf)
+        ref = refs.get(cls.name)
         rows.append(ClassRow(cls.name, cls.label, cls.lineage, cls.blast, n,
-                             _pct(n, total), 100 * lo, 100 * hi))
+                             _pct(n, total), 100 * lo, 100 * hi, ref,
+                             outside_reference(_pct(n, total) if total else None, ref, 1)))
 
     myeloid = sum(r.n for r in rows if r.lineage == "myeloid")
     erythroid = sum(r.n for r in rows if r.lineage == "erythroid")
@@ -150,7 +180,21 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
         total=total, confidence=conf, rows=tuple(rows), myeloid=myeloid, erythroid=erythroid,
         me_ratio=me_ratio, me_ci=me_ci, blast_n=blast_n, blast_pct=blast_pct,
         blast_ci_pct=blast_ci, flags=tuple(flags), not_counted=not_counted,
+        me_reference=refs.get(ME_RATIO), me_outside=outside_reference(me_ratio, refs.get(ME_RATIO), 2),
     )
+
+
+def outside_reference(value: float | None, reference: tuple[float, float] | None,
+                      decimals: int) -> str | None:
+    """"L" below the reference interval, "H" above it, None inside it or when either is
+    missing (no cells counted, no interval set). The value is judged as the report prints it
+    (rounded to ``decimals``), so a printed 3.0 is never marked H against an interval 0-3;
+    the bounds belong to the interval."""
+    if value is None or reference is None:
+        return None
+    lo, hi = reference
+    value = round(value, decimals)
+    return "L" if value < lo else "H" if value > hi else None
 
 
 def adaptive_stop_reason(

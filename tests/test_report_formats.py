@@ -124,3 +124,40 @@ def test_report_command_writes_each_format(filled, tmp_path):
     assert res.exit_code == 0 and PdfReader(pdf).pages
     res = runner.invoke(app, ["report", "NOPE", "--config", str(cfg)])
     assert res.exit_code != 0 and "no slide 'NOPE'" in str(res.exception)
+
+
+def test_reference_intervals_in_every_format(filled, config):
+    store, sid, _fields, _url, tmp_path = filled
+    plain = build_report(store, sid, config)
+    assert all(c["reference_pct"] is None and c["outside"] is None
+               for c in plain["differential"]["classes"])
+    assert "ref_low" in report_csv(plain).splitlines()[0]
+    rows = {c["name"]: c for c in plain["differential"]["classes"]}
+    high = max(rows.values(), key=lambda c: c["pct"])  # the commonest class, set above range
+    me = plain["differential"]["me_ratio"]
+    lab = config.model_copy(update={"stats": config.stats.model_copy(update={
+        "reference_intervals": {high["name"]: (0.0, high["pct"] / 2),
+                                "me_ratio": (me * 2, me * 4)}})})
+    rep = build_report(store, sid, lab)
+    d = rep["differential"]
+    got = {c["name"]: c for c in d["classes"]}
+    assert got[high["name"]]["outside"] == "H"
+    assert got[high["name"]]["reference_pct"] == [0.0, high["pct"] / 2]
+    assert d["me_outside"] == "L" and d["me_reference"] == [me * 2, me * 4]
+    assert [c["n"] for c in d["classes"]] == [c["n"] for c in plain["differential"]["classes"]]
+
+    by = {r["quantity"]: r for r in csv.DictReader(io.StringIO(report_csv(rep)))}
+    assert by[high["name"]]["outside"] == "H"
+    assert float(by[high["name"]]["ref_high"]) == pytest.approx(high["pct"] / 2)
+    assert by["M:E"]["outside"] == "L"
+    other = next(n for n in got if n != high["name"])
+    assert by[other]["ref_low"] == by[other]["outside"] == ""
+
+    pdf = tmp_path / "ref.pdf"
+    write_report(store, sid, lab, "pdf", pdf)
+    text = "\n".join(p.extract_text() for p in PdfReader(pdf).pages)
+    assert "Reference (%)" in text and f"0.0 – {high['pct'] / 2:.1f}" in text
+    assert f"reference {me * 2:.2f} – {me * 4:.2f} L" in text
+    plain_pdf = tmp_path / "plain.pdf"
+    write_report(store, sid, config, "pdf", plain_pdf)
+    assert "Reference (%)" not in "\n".join(p.extract_text() for p in PdfReader(plain_pdf).pages)

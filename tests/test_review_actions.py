@@ -283,3 +283,34 @@ def test_blast_calls_flag_intervals_that_straddle_a_threshold(review_env):
     assert sum("straddles" in f for f in row["flags"]) == len(straddled)
     page = client.get(f"/slides/{sid}").text
     assert '<kbd>b</kbd> Myeloblast <span class="n">2</span>' in page
+
+
+def test_reference_intervals_follow_the_review(review_env):
+    env = review_env
+    counted = _counted(env)
+    a = counted[0]
+    n = sum((c.reviewed_label or c.label) == a.label for c in counted)
+    total = len(counted)
+    # The cell's class is within its interval only while it still holds all n cells.
+    lab = env.cfg.model_copy(update={"stats": env.cfg.stats.model_copy(update={
+        "reference_intervals": {a.label: (round(100 * (n - 0.5) / total, 1), 100.0)}})})
+    client = TestClient(create_app(lab, env.store))
+    client.headers["X-CSRF-Token"] = login(client, TECH)
+    page = client.get(f"/slides/{env.slide_id}").text
+    assert "Ref. %" in page and 'class="outside"' not in page
+    row = {r["name"]: r for r in _api(env, client)["differential"]["rows"]}[a.label]
+    assert row["outside"] is None and row["reference"] is not None
+    target = next(x for x in env.cfg.classes.counted if x != a.label)
+    r = client.post(f"/api/slides/{env.slide_id}/reclassify",
+                    json={"cells": [a.id], "label": target})
+    assert r.status_code == 200, r.text
+    html = r.json()["table_html"]
+    cell = html.split(f'data-class="{a.label}"')[1].split("</tr>")[0]
+    assert '<b class="outside"' in cell and ">L</b>" in cell
+    row = {r["name"]: r for r in _api(env, client)["differential"]["rows"]}[a.label]
+    assert row["outside"] == "L"
+    # Without intervals the column is not there at all.
+    plain = TestClient(create_app(env.cfg, env.store))
+    login(plain, TECH)
+    page = plain.get(f"/slides/{env.slide_id}").text
+    assert f'data-class="{a.label}"' in page and "Ref. %" not in page

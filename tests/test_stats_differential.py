@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections import Counter
 
 import pytest
@@ -107,3 +108,42 @@ def test_confidence_level_widens_intervals(config):
     for a, b in zip(d95.rows, d99.rows):
         assert b.ci_low_pct <= a.ci_low_pct and b.ci_high_pct >= a.ci_high_pct
         assert not math.isnan(a.ci_low_pct)
+
+
+def test_reference_intervals_mark_values_below_and_above(config):
+    counts = _pbc_counts(500)
+    plain = differential(counts, config.classes, config.stats)
+    assert all(r.reference is None and r.outside is None for r in plain.rows)
+    assert plain.me_reference is None and plain.me_outside is None
+    eos, lym, mono = (plain.row(n) for n in ("eosinophil", "lymphocyte", "monocyte"))
+    shown = round(mono.pct, 1)  # an interval ending at the printed value holds it
+    refs = {"eosinophil": (0.0, eos.pct - 1), "lymphocyte": (lym.pct + 1, 100.0),
+            "monocyte": (shown - 1, shown), "me_ratio": (0.1, plain.me_ratio / 2)}
+    d = differential(counts, config.classes, _params(config, reference_intervals=refs))
+    assert d.row("eosinophil").outside == "H" and d.row("lymphocyte").outside == "L"
+    assert d.row("monocyte").outside is None and d.row("monocyte").reference == refs["monocyte"]
+    assert d.row("basophil").reference is None and d.row("basophil").outside is None
+    assert d.me_reference == refs["me_ratio"] and d.me_outside == "H"
+    # The same numbers otherwise: intervals only annotate.
+    assert [(r.n, r.pct, r.ci_low_pct) for r in d.rows] == \
+        [(r.n, r.pct, r.ci_low_pct) for r in plain.rows]
+    # Nothing counted: no value, so nothing is outside.
+    empty = differential({"non_leukocyte": 4}, config.classes,
+                         _params(config, reference_intervals=refs))
+    assert all(r.outside is None for r in empty.rows) and empty.me_outside is None
+
+
+@pytest.mark.parametrize("intervals, field", [
+    ({"myeloblastt": [0, 5]}, "stats.reference_intervals: ['myeloblastt'] is not a class"),
+    ({"myeloblast": [5, 1]}, "reference_intervals.myeloblast: [5, 1] must satisfy"),
+    ({"lymphocyte": [10, 120]}, "reference_intervals.lymphocyte: [10, 120] must satisfy"),
+])
+def test_bad_reference_intervals_are_refused_by_name(intervals, field):
+    from daemon.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        load_config(overrides={"stats": {"reference_intervals": intervals}})
+    # Any taxonomy's class is allowed (a store holds slides of several), and M:E above 100.
+    cfg = load_config(overrides={"stats": {"reference_intervals": {
+        "myeloblast": [0, 5], "erythroblast": [15, 35], "me_ratio": [2, 400]}}})
+    assert cfg.stats.reference_intervals["me_ratio"] == (2.0, 400.0)
