@@ -317,6 +317,12 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
                                 ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
                                 ("ALIGN", (1, 0), (-1, -1), "RIGHT")]))
         story.append(tb)
+        # Sign-off comments and reopen reasons belong on the report: an amended report must
+        # say why it was reopened.
+        for h in rv["history"]:
+            story.append(Paragraph(
+                f"• {_esc(h['action'])} by {_esc(h['username'])} at {h['at'] or '-'}"
+                + (f": “{_esc(h['note'])}”" if h["note"] else ""), st["Normal"]))
     story.append(Paragraph("Method", st["Heading3"]))
     for m in rep["methods"] or [{"fields": 0}]:
         story.append(Paragraph(f"• {_esc(method_text(m))}: {m['fields']} fields analysed",

@@ -69,7 +69,8 @@ def test_signed_report_shows_reviewer_and_counts_before_after(filled, config):
     at = datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc)
     with store.session() as s:
         s.add(Review(slide_id=sid, username="tech.anna", action="sign", at=at,
-                     counts_before=before, counts_after=after))
+                     counts_before=before, counts_after=after,
+                     note="dysplastic <neutrophils> & ringed sideroblasts to follow"))
         slide = s.get(Slide, sid)
         slide.status, slide.signed_by, slide.signed_at = "signed", "tech.anna", at
     rep = build_report(store, sid, config)
@@ -92,6 +93,8 @@ def test_signed_report_shows_reviewer_and_counts_before_after(filled, config):
     assert "Promyelocyte" in text and "M:E ratio" in text
     assert f"{rep['differential']['me_ratio']:.2f}" in text
     assert "target not reached" in text
+    assert "sign by tech.anna" in text  # the sign-off comment, escaped, on the report
+    assert "dysplastic <neutrophils> & ringed sideroblasts" in text.replace("\n", " ")
 
 
 def test_csv_rows_match_json(filled, config):
