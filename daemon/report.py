@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from daemon.models import Cell, Field, Review
 from daemon.provenance import method_text
 from daemon.store import Store
+from pipeline.errors import ConfigError
 from pipeline.stats import Differential, differential
 
 FORMATS = ("json", "csv", "pdf")
@@ -110,12 +111,16 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     """Everything a lab report says about one slide, as plain JSON-ready data.
 
     The final differential is the reviewed one once the slide is signed, else the machine's.
-    Raises StoreError for an unknown slide.
+    Raises StoreError for an unknown slide, ConfigError for a slide whose taxonomy the
+    config lacks.
     """
     slide = store.slide(slide_ref)
-    taxonomy = cfg.classes
-    if slide.taxonomy != taxonomy.name and slide.taxonomy in cfg.taxonomies:
-        taxonomy = cfg.model_copy(update={"taxonomy": slide.taxonomy}).classes
+    if slide.taxonomy not in cfg.taxonomies:
+        # Reading its cells under another taxonomy would drop every class it lacks silently.
+        raise ConfigError(f"slide {slide.name!r} was counted under taxonomy {slide.taxonomy!r}, "
+                          f"which this config lacks (it has {sorted(cfg.taxonomies)}): add it "
+                          "under `taxonomies` to report the slide")
+    taxonomy = cfg.model_copy(update={"taxonomy": slide.taxonomy}).classes
     machine = store.counts(slide.id)
     machine_diff = differential(machine, taxonomy, cfg.stats)
     with store.session() as s:

@@ -17,6 +17,7 @@ from daemon.cli import app
 from daemon.models import Cell, Review, Slide
 from daemon.report import build_report, report_csv, write_report
 from daemon.store import Store
+from pipeline.errors import ConfigError
 from pipeline.stats import differential
 from tests.daemon_fixtures import expected_counts, make_field
 
@@ -164,3 +165,17 @@ def test_reference_intervals_in_every_format(filled, config):
     plain_pdf = tmp_path / "plain.pdf"
     write_report(store, sid, config, "pdf", plain_pdf)
     assert "Reference (%)" not in "\n".join(p.extract_text() for p in PdfReader(plain_pdf).pages)
+
+
+def test_a_slide_of_a_taxonomy_the_config_lacks_is_not_reported_under_another(filled, config):
+    store, _sid, fields, _url, _tmp = filled
+    other = store.create_slide("BM-2024-18", "virtual", "slide2.tif", 500, "lab12")
+    store.claim(other, "scope-1")
+    store.commit_field(other, fields[0])
+    with pytest.raises(ConfigError, match="taxonomy 'lab12', which this config lacks"):
+        build_report(store, "BM-2024-18", config)
+    # A slide of a configured taxonomy other than the active one is reported under its own.
+    seed10 = config.model_copy(update={"taxonomy": "seed10"})
+    rep = build_report(store, "BM-2024-17", seed10)
+    assert rep["slide"]["taxonomy"] == "pbc11"
+    assert rep["differential"]["total"] == sum(f.n_counted for f in fields)

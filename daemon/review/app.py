@@ -475,7 +475,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         if fmt not in reports.FORMATS:
             raise actions.NotFound(f"no {fmt} report; ask for pdf, csv or json")
         with store.session() as s:
-            actions.get_slide(s, slide_id)
+            actions.taxonomy_of(actions.get_slide(s, slide_id), taxonomies)
         rep = reports.build_report(store, slide_id, cfg)
         if fmt == "pdf":
             with tempfile.TemporaryDirectory() as tmp:
