@@ -25,8 +25,9 @@ def _service(path) -> configparser.SectionProxy:
     return unit["Service"]
 
 
-def test_both_units_are_shipped():
-    assert [u.name for u in UNITS] == ["marrowcount-review.service", "marrowcount.service"]
+def test_the_units_are_shipped():
+    assert [u.name for u in UNITS] == ["marrowcount-purge.service", "marrowcount-review.service",
+                                       "marrowcount.service"]
 
 
 @pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
@@ -48,3 +49,15 @@ def test_daemon_unit_notifies_and_is_watched():
     assert svc["Type"] == "notify" and int(svc["WatchdogSec"]) > 0
     assert svc["Restart"] == "on-failure" and svc["KillSignal"] == "SIGTERM"
     assert "daemon" in shlex.split(svc["ExecStart"])
+
+
+def test_purge_runs_daily_from_its_timer():
+    timer = configparser.ConfigParser(interpolation=None, strict=True)
+    timer.optionxform = str
+    timer.read(REPO / "systemd" / "marrowcount-purge.timer", encoding="utf-8")
+    assert timer["Timer"]["Unit"] == "marrowcount-purge.service"
+    assert timer["Timer"]["Persistent"] == "true" and timer["Install"]["WantedBy"] == "timers.target"
+    svc = _service(REPO / "systemd" / "marrowcount-purge.service")
+    argv = shlex.split(svc["ExecStart"])
+    assert svc["Type"] == "oneshot" and argv[1] == "purge-images"
+    assert "--dry-run" not in argv and int(argv[argv.index("--older-than-days") + 1]) >= 1

@@ -263,3 +263,43 @@ def export_reviewed_cmd(
                   f"  - {{kind: folder, path: {out.resolve()}, um_per_px: {um_per_px:g}, "
                   "exclude: [], rename: {}, max_per_label: 0, background_per_image: 0, "
                   "train_only: false}", highlight=False, soft_wrap=True)
+
+
+@app.command("purge-images")
+def purge_images_cmd(
+    older_than_days: Annotated[Optional[int], typer.Option(
+        "--older-than-days", min=1, help="Slides signed more than this many days ago.")] = None,
+    signed_before: Annotated[Optional[datetime], typer.Option(
+        "--signed-before", formats=["%Y-%m-%d"],
+        help="Slides signed before this date (UTC).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Only list what would be deleted.")] = False,
+    by: Annotated[Optional[str], typer.Option(
+        "--by", help="Name in the audit trail (default: the system user).")] = None,
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Delete the whole-field images of slides signed long enough ago, keeping every cell's
+    crop, the counts, reviews, reports and audit trail. Run it from a timer to cap disk use."""
+    from datetime import timedelta
+
+    from daemon.retention import purge_field_images
+
+    if (older_than_days is None) == (signed_before is None):
+        raise MarrowError("give exactly one of --older-than-days N or --signed-before DATE")
+    cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)
+              if older_than_days is not None else signed_before.replace(tzinfo=timezone.utc))
+    _cfg, store = _store(config, db, data_dir)
+    try:
+        purged = purge_field_images(store, cutoff, by or getpass.getuser(), dry_run)
+    finally:
+        store.close()
+    verb = "would delete" if dry_run else "deleted"
+    for p in purged:
+        gone = f", {p.missing} already missing" if p.missing else ""
+        console.print(f"{p.slide} (signed {p.signed_at:%Y-%m-%d}): {verb} {p.fields} field "
+                      f"images, {p.bytes / 1e6:.1f} MB{gone}", highlight=False)
+    console.print(f"{len(purged)} slides signed before {cutoff:%Y-%m-%d %H:%M} UTC: {verb} "
+                  f"{sum(p.fields for p in purged)} field images, "
+                  f"{sum(p.bytes for p in purged) / 1e6:.1f} MB", highlight=False)

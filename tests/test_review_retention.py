@@ -1,0 +1,115 @@
+"""Field-image retention on a slide counted by the real pipeline: only old signed slides lose
+their field images; crops, counts, report, export and audit stay; a dry run changes nothing."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from daemon.cli import app
+from daemon.models import AuditEvent, Cell, Field
+from daemon.report import build_report
+from daemon.retention import purge_field_images
+from daemon.review import actions
+from daemon.review.app import create_app
+from daemon.reviewed import export_reviewed, reviewed_cells, signed_slides
+from tests.review_slide import (  # noqa: F401  (fixtures)
+    SUPER,
+    TECH,
+    count_slide,
+    login,
+    pipeline_fields,
+    review_env,
+    review_template,
+)
+
+WHO = actions.Reviewer(TECH[0], "technician")
+
+
+def _images(env, sid):
+    with env.store.session() as s:
+        return [f.image_path for f in s.scalars(select(Field).where(Field.slide_id == sid))]
+
+
+def _crops(env, sid):
+    with env.store.session() as s:
+        return [c.crop_path for c in s.scalars(select(Cell).where(Cell.slide_id == sid))]
+
+
+def test_purge_deletes_only_old_signed_field_images(review_env, pipeline_fields, tmp_path):
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, WHO, "normal differential")
+    waiting = count_slide(env.store, env.cfg, "not yet signed", pipeline_fields[:5])
+    images = [p for p in _images(env, env.slide_id) if p]
+    crops = [p for p in _crops(env, env.slide_id) if p]
+    assert len(images) == len(pipeline_fields) and crops
+    report_before = build_report(env.store, env.slide_id, env.cfg)
+    now = datetime.now(timezone.utc)
+
+    # Signed just now: not older than a day, so nothing goes.
+    assert purge_field_images(env.store, now - timedelta(days=1), "ops") == []
+    dry = purge_field_images(env.store, now + timedelta(minutes=1), "ops", dry_run=True)
+    assert [(p.slide, p.fields, p.missing) for p in dry] == [
+        ("BCCD review slide", len(images), 0)]
+    assert dry[0].bytes == sum(env.store.path(p).stat().st_size for p in images)
+    assert all(env.store.path(p).is_file() for p in images)
+    assert _images(env, env.slide_id) == images
+
+    env.store.path(images[0]).unlink()  # lost before the purge: its row is cleared too
+    done = purge_field_images(env.store, now + timedelta(minutes=1), "ops")
+    assert [(p.fields, p.missing) for p in done] == [(len(images), 1)]
+    assert not any(env.store.path(p).exists() for p in images)
+    assert _images(env, env.slide_id) == [None] * len(images)
+    assert all(env.store.path(p).is_file() for p in crops)  # crops stay
+    # The slide not signed keeps its field images, and a second run finds nothing to do.
+    assert all(env.store.path(p).is_file() for p in _images(env, waiting))
+    assert purge_field_images(env.store, now + timedelta(minutes=1), "ops") == []
+    with env.store.session() as s:
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.action == "purge_field_images")).all()
+        assert [(e.username, e.slide_id, e.before["fields_with_image"]) for e in ev] == [
+            ("ops", env.slide_id, len(images))]
+
+    # The report is unchanged; export falls back to the crops.
+    report_after = build_report(env.store, env.slide_id, env.cfg)
+    assert report_after["differential"] == report_before["differential"]
+    cells = reviewed_cells(env.store, signed_slides(env.store, env.cfg.taxonomy))
+    res = export_reviewed(env.store, cells, tmp_path / "export", env.cfg.classes, 0.2, 128)
+    assert res["written"] > 0
+    assert ",crop\n" in (tmp_path / "export" / "cells.csv").read_text()
+
+    # Reopened, the slide's fields say the image is gone and refuse an added cell.
+    client = TestClient(create_app(env.cfg, env.store))
+    client.headers["X-CSRF-Token"] = login(client, SUPER)
+    with env.store.session() as s:
+        actions.reopen(s, env.slide_id, actions.Reviewer(SUPER[0], "supervisor"), "recount")
+        fid = s.scalar(select(Field.id).where(Field.slide_id == env.slide_id))
+    page = client.get(f"/slides/{env.slide_id}/fields/{fid}").text
+    assert "image was not kept" in page
+    assert client.get(f"/images/fields/{fid}").status_code == 404
+    r = client.post(f"/api/slides/{env.slide_id}/cells",
+                    json={"field_id": fid, "x": 100, "y": 100, "label": "lymphocyte"})
+    assert r.status_code == 400 and "image was not kept" in r.text
+
+
+def test_purge_command_needs_one_cut_off_and_reports_sizes(review_env):
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, WHO, None)
+    args = ["purge-images", "--db", env.url, "--data-dir", str(env.root / "data")]
+    runner = CliRunner()
+    res = runner.invoke(app, args)
+    assert res.exit_code != 0 and "exactly one of --older-than-days" in str(res.exception)
+    tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%d")
+    res = runner.invoke(app, [*args, "--signed-before", tomorrow, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "BCCD review slide" in res.output and "would delete 40 field images" in res.output
+    assert all(_images(env, env.slide_id))
+    res = runner.invoke(app, [*args, "--older-than-days", "30"])
+    assert res.exit_code == 0 and "0 slides signed before" in res.output
+    res = runner.invoke(app, [*args, "--signed-before", tomorrow, "--by", "nightly"])
+    assert res.exit_code == 0 and "deleted 40 field images" in res.output
+    assert not any(_images(env, env.slide_id))
