@@ -41,6 +41,7 @@ from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.store import RED_CELLS, Store, StoreError
 from pipeline.errors import ConfigError, MarrowError
+from pipeline.imaging import check_scale
 from pipeline.params import Params
 
 log = logging.getLogger("marrowcount.service")
@@ -98,9 +99,12 @@ def submit_slide(
     *,
     name: str | None = None,
     target: int | None = None,
+    um_per_px: float | None = None,
 ) -> int:
     """Queue a virtual slide (a slide image file) or a microscope slide (a Micro-Manager
-    ``.cfg``); returns the slide id. Refuses a file that does not exist or cannot be read."""
+    ``.cfg``); returns the slide id. ``um_per_px`` overrides the file's or the microscope's
+    pixel size. Refuses a file that does not exist or cannot be read, and an image file that
+    states no pixel size when none is given (the daemon could never count it)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ServiceError(f"{p}: no such slide file; nothing was queued")
@@ -108,7 +112,9 @@ def submit_slide(
     n = cfg.acquisition.target if target is None else int(target)
     if n <= 0:
         raise ServiceError(f"target must be a positive number of cells, got {n}")
-    um: float | None = None
+    if um_per_px is not None:
+        um_per_px = check_scale(um_per_px, "--um-per-px")
+    um = um_per_px
     if p.suffix.lower() == ".cfg":
         kind = "microscope"
     else:
@@ -117,9 +123,12 @@ def submit_slide(
         kind = "virtual"
         slide = open_slide(p)  # ImageError (one clear line) for a broken or unknown file
         try:
-            um = slide.um_per_px
+            um = um_per_px or slide.um_per_px
         finally:
             slide.close()
+        if not um:
+            raise ServiceError(f"{p}: the file states no pixel size; give --um-per-px "
+                               "(nothing was queued)")
     sid = store.create_slide(name or p.stem, kind, str(p), n, cfg.taxonomy, um_per_px=um)
     log.info("slide submitted", extra={"data": {"slide": sid, "name": name or p.stem,
                                                 "source": kind, "target": n}})

@@ -290,6 +290,19 @@ def find_cells(rgb: np.ndarray, px: float, params: DetectParams) -> list[_Cell]:
     return cells
 
 
+def check_field_scale(um_per_px: float, params: DetectParams, name: str = "um_per_px") -> float:
+    """``um_per_px`` as float, if a field at that pixel size can be searched for leukocytes:
+    no coarser than twice the detector's working scale (ImageError otherwise)."""
+    value = check_scale(um_per_px, name)
+    if value > 2 * params.work_um_per_px:
+        raise ImageError(
+            f"{name} {value:g}: a field at {value:g} µm/px is too coarse to detect leukocytes "
+            f"in (detection works at {params.work_um_per_px:g} µm/px and needs at most "
+            f"{2 * params.work_um_per_px:g}; counting needs a 40–100× objective, ~0.05–0.3 "
+            "µm/px): check the stated pixel size")
+    return value
+
+
 def detect(
     rgb: np.ndarray, um_per_px: float, params: DetectParams, crop_um_per_px: float
 ) -> list[Detection]:
@@ -297,10 +310,11 @@ def detect(
 
     ``rgb``: uint8 ``(H, W, 3)`` at ``um_per_px``. Returns detections ordered top to bottom,
     left to right, each with a 96×96 crop cut from ``rgb`` at ``crop_um_per_px``. Raises
-    ImageError for a grayscale image, a bad scale, or a field smaller than one crop.
+    ImageError for a grayscale image, a bad scale, a field too coarse to resolve a nucleus
+    (over twice ``params.work_um_per_px``), or a field smaller than one crop.
     """
     rgb = as_rgb(rgb)
-    um_per_px = check_scale(um_per_px)
+    um_per_px = check_field_scale(um_per_px, params)
     crop_um_per_px = check_scale(crop_um_per_px, "crop_um_per_px")
     h, w = rgb.shape[:2]
     crop_um = CROP_SIZE * crop_um_per_px
@@ -309,7 +323,6 @@ def detect(
             f"image of {w}×{h} px at {um_per_px:g} µm/px is smaller than one "
             f"{crop_um:.1f} µm crop"
         )
-    # An integer shrink factor near the working scale: area averaging is then exact and fast.
     # Shrink by an integer factor near the working scale: area averaging is then exact and
     # about 3x faster. The last k-1 rows/columns are left out (they are border anyway).
     k = max(1, round(params.work_um_per_px / um_per_px))

@@ -60,11 +60,22 @@ def as_rgb(img: np.ndarray, name: str = "image", *, from_bgr: bool = False) -> n
     return np.ascontiguousarray(img)
 
 
+#: The coarsest pixel size any microscope image can have here: a 2× objective gives ~3 µm/px.
+#: A larger value is a typo (13 for 0.13) or another unit, and enlarging the image to a working
+#: scale would take more memory than the machine has.
+MAX_UM_PER_PX = 5.0
+
+
 def check_scale(um_per_px: float, name: str = "um_per_px") -> float:
-    """Return ``um_per_px`` as float after checking it is a positive finite number."""
+    """Return ``um_per_px`` as float after checking it is a positive finite number no coarser
+    than ``MAX_UM_PER_PX``."""
     value = float(um_per_px)
     if not np.isfinite(value) or value <= 0:
         raise ImageError(f"{name} must be a positive number of µm per pixel, got {um_per_px}")
+    if value > MAX_UM_PER_PX:
+        raise ImageError(f"{name} {um_per_px:g} µm per pixel is coarser than any microscope "
+                         f"image (≤ {MAX_UM_PER_PX:g}; a 100× oil objective gives ~0.05–0.15): "
+                         "a typo or another unit?")
     return value
 
 

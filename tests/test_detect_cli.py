@@ -82,15 +82,21 @@ def test_folder_with_bad_files_reports_each_and_goes_on(tmp_path, cli):
 
 
 def test_bad_pixel_size_and_missing_file_fail_in_one_line(tmp_path, cli):
-    for args in (
-        ("detect", str(jpeg(374)), "--um-per-px", "-0.1"),
-        ("detect", str(tmp_path / "nope.png"), "--um-per-px", "0.1"),
-        ("calibrate", str(tmp_path / "nope.png")),
+    for args, says in (
+        (("detect", str(jpeg(374)), "--um-per-px", "-0.1"), "positive number"),
+        (("detect", str(tmp_path / "nope.png"), "--um-per-px", "0.1"), "nope.png"),
+        (("calibrate", str(tmp_path / "nope.png")), "nope.png"),
+        # 13 for 0.13: refused before any image is enlarged 30-fold (it ran out of memory)
+        (("detect", str(jpeg(374)), "--um-per-px", "13"), "coarser than any microscope image"),
+        # a 10x objective's pixel size: too coarse to find a nucleus in
+        (("detect", str(jpeg(374)), "--um-per-px", "1.3"), "too coarse to detect leukocytes"),
+        (("analyze", str(jpeg(374)), "--um-per-px", "1.3"), "too coarse to detect leukocytes"),
     ):
         code, out, err = cli(*args)
         assert code == 2, args
         lines = [line for line in err.splitlines() if line.strip()]
         assert lines and all(line.startswith("error:") for line in lines), err
+        assert says in " ".join(err.split()), (args, err)
     # The installed console script: exit 2, one line, no traceback.
     r = run("detect", str(jpeg(374)), "--um-per-px", "0")
     assert r.returncode == 2
