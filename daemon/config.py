@@ -114,7 +114,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {key}: {first['msg']}{more}") from None
+        # Every problem at once (up to a screenful), so a lab fixes its file in one go.
+        errors = exc.errors()
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+                 for e in errors[:8]]
+        more = f" (and {len(errors) - 8} more)" if len(errors) > 8 else ""
+        raise ConfigError(f"{source}: {'; '.join(parts)}{more}") from None

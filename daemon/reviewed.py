@@ -74,7 +74,7 @@ def signed_slides(store: Store, taxonomy: str, names: Sequence[str] = (),
             found = {sl.name: sl for sl in s.scalars(select(Slide).where(Slide.name.in_(names)))}
             missing = [n for n in names if n not in found]
             if missing:
-                raise ReviewedError(f"no slide named {missing}")
+                raise ReviewedError(f"no slide named {', '.join(map(repr, missing))}")
             bad = [f"{n} ({found[n].status.replace('_', ' ')})" for n in names
                    if found[n].status != "signed"]
             if bad:

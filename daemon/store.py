@@ -122,7 +122,9 @@ class Store:
     """Open (and migrate) the database at ``url`` with files under ``data_dir``.
 
     Raises StoreError when the database cannot be reached, is not a SQLite file, holds
-    tables that are not a marrowcount store, or is from a newer version.
+    tables that are not a marrowcount store, or is from a newer version. With ``existing``, a
+    SQLite file that is not there is an error too (a command that only reads the store must
+    not leave an empty one behind at a mistyped path).
     """
 
     def __init__(
@@ -133,7 +135,10 @@ class Store:
         save_field_images: bool = True,
         busy_timeout_s: float = 30.0,
         writer: WriteFile = write_file,
+        existing: bool = False,
     ) -> None:
+        if existing:
+            _require_sqlite_file(url)
         self.url = url
         self.data_dir = Path(data_dir)
         self.save_field_images = save_field_images
@@ -157,13 +162,15 @@ class Store:
         self.sweep_staging()
 
     @classmethod
-    def from_params(cls, params: StoreParams, resolve: Callable[[str], Path]) -> "Store":
+    def from_params(cls, params: StoreParams, resolve: Callable[[str], Path],
+                    existing: bool = False) -> "Store":
         """A store from the ``store:`` config section; relative paths go through ``resolve``."""
         return cls(
             resolve_url(params.url, resolve),
             resolve(params.data_dir),
             save_field_images=params.save_field_images,
             busy_timeout_s=params.busy_timeout_s,
+            existing=existing,
         )
 
     def close(self) -> None:
@@ -276,7 +283,8 @@ class Store:
             else:
                 row = s.scalar(select(Slide).where(Slide.name == slide_id_or_name))
             if row is None:
-                raise StoreError(f"no slide {slide_id_or_name!r} in the store")
+                raise StoreError(f"no slide {slide_id_or_name!r} in the store "
+                                 f"{_safe_url(self.url)}")
             return row
 
     def slides(self, statuses: Iterable[str] | None = None) -> list[Slide]:
@@ -567,6 +575,17 @@ def resolve_url(url: str, resolve: Callable[[str], Path]) -> str:
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
         return u.set(database=str(resolve(u.database))).render_as_string(hide_password=False)
     return url
+
+
+def _require_sqlite_file(url: str) -> None:
+    try:
+        u = make_url(url)
+    except Exception:
+        return  # _engine says why
+    db = u.database or ""
+    if u.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).exists():
+        raise StoreError(f"no store at {db}: it is made when the daemon first starts or a "
+                         "slide is first submitted; are --config / store.url (or --db) right?")
 
 
 def _engine(url: str, busy_timeout_s: float) -> Engine:

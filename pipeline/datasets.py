@@ -60,17 +60,20 @@ class DatasetError(MarrowError):
 class SourceParams(Params):
     """One labelled source. ``rename`` maps source labels to taxonomy names; ``exclude``
     lists source labels left out; ``max_per_label`` caps each label (0 = all), drawn from
-    the seed."""
+    the seed.
+
+    Only ``kind``, ``path`` and ``um_per_px`` must be given. The other keys default here, not
+    in config/default.yaml: an item of a list a lab writes cannot take defaults from there."""
 
     kind: Literal["manifest", "folder", "voc", "points"]
     path: Path
     um_per_px: float = Field(gt=0)
-    train_only: bool
+    train_only: bool = False
     """Only ever in the training split, never validated or tested on."""
-    exclude: tuple[str, ...]
-    rename: dict[str, str]
-    max_per_label: int = Field(ge=0)
-    background_per_image: int = Field(ge=0)
+    exclude: tuple[str, ...] = ()
+    rename: dict[str, str] = {}
+    max_per_label: int = Field(0, ge=0)
+    background_per_image: int = Field(0, ge=0)
     """voc only: background patches per image, labelled ``non_leukocyte``."""
 
 

@@ -151,6 +151,11 @@ def image_files(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
+#: A single-cell image narrower than this holds no whole leukocyte (a small lymphocyte is
+#: ~7 µm across).
+MIN_CROP_UM = 6.0
+
+
 def crops_from_files(files: Sequence[Path], um_per_px: float, work_um_per_px: float
                      ) -> tuple[np.ndarray, list[Path], list[tuple[Path, str]]]:
     """Centre crop of each single-cell image at the classifier's scale. Returns the crops
@@ -167,6 +172,12 @@ def crops_from_files(files: Sequence[Path], um_per_px: float, work_um_per_px: fl
             errors.append((f, str(exc)))
             continue
         h, w = rgb.shape[:2]
+        if min(h, w) * um_per_px < MIN_CROP_UM:
+            errors.append((f, f"image of {w}×{h} px at {um_per_px:g} µm/px covers "
+                              f"{min(h, w) * um_per_px:.1f} µm, less than any leukocyte "
+                              f"(≥ {MIN_CROP_UM:g} µm): not a cell crop, or the wrong "
+                              "--um-per-px"))
+            continue
         crops.append(crop_at(rgb, um_per_px, ((w - 1) / 2, (h - 1) / 2), work_um_per_px))
         ok.append(f)
     arr = np.stack(crops) if crops else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)

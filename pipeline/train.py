@@ -41,7 +41,7 @@ from pipeline.augment import AugmentParams, augment
 from pipeline.classify import dice_weight, energy, mahalanobis, routed_to_pair, with_int8
 from pipeline.datasets import (ANY_LEUKOCYTE, CropSet, DatasetError, SourceParams, centre,
                                epoch_indices, recrop, split, stratified_folds)
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.imaging import rgb_to_yuv
 from pipeline.model import ARCH_ID, VGG, build, to_input
 from pipeline.params import Params
@@ -398,7 +398,7 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
     k = len(classes)
     unpaired = sorted({c for pair in p.local_pairs for c in pair} - set(classes))
     if unpaired:
-        raise ValueError(f"train.local_pairs: {unpaired} not among the classes {classes}")
+        raise ConfigError(f"train.local_pairs: {unpaired} not among the classes {classes}")
     any_of = np.isin(classes, list(counted))
     sp = split(data.labels, p.seed, p.val_fraction, data.train_only)
     labels = data.labels
@@ -463,7 +463,7 @@ def train_classifier(data: CropSet, classes: Sequence[str], p: TrainParams, *,
         _fit_loop(model, prep, labels, sp["train"], val_x, val_y, p.epochs, p.per_class, p.lr,
                   p, "global", p.seed, on_epoch, history, max_seconds, after_epoch, any_of)
     elif init is None:
-        raise ValueError("train.epochs 0 keeps an initial model's global weights: give --init")
+        raise ConfigError("train.epochs 0 keeps an initial model's global weights: give --init")
 
     locals_: list[dict[str, Any]] = []
     for a, b in p.local_pairs:
@@ -561,7 +561,7 @@ def cross_validate(data: CropSet, classes: Sequence[str], p: TrainParams, *,
     """``p.cv_folds``-fold cross-validation of the global model over train+val (the test
     split stays untouched). Returns each fold's validation accuracy."""
     if p.cv_folds < 2:
-        raise ValueError("cross-validation needs train.cv_folds >= 2")
+        raise ConfigError("cross-validation needs train.cv_folds >= 2")
     if threads:
         torch.set_num_threads(threads)
     sp = split(data.labels, p.seed, p.val_fraction, data.train_only)

@@ -12,6 +12,7 @@ import pytest
 from pipeline.calibrate import check_pixel_size, estimate_pixel_size, rbc_diameters
 from pipeline.imaging import read_rgb, resample
 from tests.conftest import BCCD, BCCD_UM_PER_PX, PBC, PBC_UM_PER_PX, ZHENG
+from tests.slide_fixtures import bccd_mosaic
 
 ZHENG2_UM_PER_PX = 0.11  # measured from red cells by the data set's curator (README)
 
@@ -47,8 +48,8 @@ def test_estimate_follows_the_scale(config):
 
 
 def test_check_pixel_size_flags_a_wrong_scale(config):
-    # A dense BCCD field with many isolated red cells.
-    rgb = read_rgb(BCCD / "JPEGImages" / "BloodImage_00374.jpg")
+    # Three BCCD fields side by side with 18 whole, isolated red cells (most hold 0-2).
+    rgb = bccd_mosaic(3, 1, 250)
     diam = rbc_diameters(rgb, config.calibrate)
     assert len(diam) >= config.calibrate.min_cells
     est, off = check_pixel_size(rgb, BCCD_UM_PER_PX, config.calibrate)
@@ -58,6 +59,11 @@ def test_check_pixel_size_flags_a_wrong_scale(config):
     # A field without isolated red cells gives no estimate and never a warning.
     blank = np.full((480, 640, 3), 230, np.uint8)
     assert check_pixel_size(blank, 0.1, config.calibrate) == (None, False)
+    # Nor do a few red-cell-like fragments: the first BCCD fields hold 3 (~20 px, where a red
+    # cell is ~100 px), which once read as 0.37 µm/px, "80% off" the true 0.072.
+    few = [read_rgb(p) for p in sorted((BCCD / "JPEGImages").glob("*.jpg"))[:3]]
+    est = estimate_pixel_size(few, config.calibrate)
+    assert 0 < est.n_cells < config.calibrate.min_cells and est.um_per_px is None
 
 
 def test_calibrate_cli(capsys, monkeypatch):

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,7 @@ from pipeline.classify import load_classifier
 from pipeline.datasets import (ANY_LEUKOCYTE, CACHE_SIZE, DatasetError, Sample, centre,
                                check_labels, label_index, load_crops, read_folder_tree,
                                read_source, split)
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.evaluate_classifier import expected_calibration_error
 from pipeline.stain import lab_stats, reinhard
 from pipeline.taxonomy import Taxonomy
@@ -354,12 +355,16 @@ def test_corrupt_crop_is_reported_and_the_rest_classified(tmp_path, config):
     for s in good:
         shutil.copy(s.path, tmp_path / Path(s.path).name)
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    # A 20 px square at 0.1 µm/px is 2 µm: no leukocyte fits, so it is refused, not classified.
+    cv2.imwrite(str(tmp_path / "speck.png"), cv2.imread(good[0].path)[:20, :20])
     r = CliRunner().invoke(app, ["classify", str(tmp_path), "--um-per-px", "0.1", "--json"])
-    assert r.exit_code == 0, r.output
+    # Every image gets its line; the exit status says that some could not be classified.
+    assert r.exit_code != 0 and "2 of 6 image(s) could not be classified" in str(r.exception)
     rows = json.loads(r.stdout)
-    assert len(rows) == 5
-    bad = [x for x in rows if "error" in x]
-    assert len(bad) == 1 and "corrupt.jpg" in bad[0]["image"]
+    assert len(rows) == 6
+    bad = {Path(x["image"]).name: x["error"] for x in rows if "error" in x}
+    assert set(bad) == {"corrupt.jpg", "speck.png"}
+    assert "covers 2.0 µm, less than any leukocyte" in bad["speck.png"]
     ok = [x for x in rows if "label" in x]
     assert len(ok) == 4
     for x in ok:
@@ -510,7 +515,7 @@ def test_zero_epochs_keeps_the_initial_global_model_and_trains_its_local_models(
         assert torch.equal(out.checkpoint["state"][key], value), key
     assert out.checkpoint["yuv_mean"] == list(init["yuv_mean"])
     assert [h.stage for h in out.history] == ["local band_neutrophil/segmented_neutrophil"]
-    with pytest.raises(ValueError, match="--init"):
+    with pytest.raises(ConfigError, match="--init"):
         train_classifier(data, classes, p, taxonomy="tiny", data_hash="test", threads=1)
 
 

@@ -72,3 +72,22 @@ def test_leave_one_class_out_recipes_leave_their_class_out(name):
     assert unseen not in cfg.classes.names
     pbc = [s for s in cfg.train.sources if s.kind == "manifest"]
     assert pbc and all(unseen in s.exclude for s in pbc)
+
+
+def test_every_bad_key_is_named_at_once_and_a_short_source_is_enough(tmp_path):
+    p = tmp_path / "lab.yaml"
+    p.write_text("analysis:\n  guidance_threshold: 1.5\ndetect:\n  work_um_per_pixel: 0.3\n"
+                 "service:\n  poll_seconds: -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    for key in ("analysis.guidance_threshold", "detect.work_um_per_pixel",
+                "service.poll_seconds"):
+        assert key in msg, msg
+    # A lab's folder of crops needs only its kind, path and pixel size.
+    p.write_text("train:\n  sources:\n    - {kind: folder, path: /data/crops, um_per_px: 0.1}\n")
+    src = load_config(p).train.sources[0]
+    assert (src.train_only, src.exclude, src.rename, src.max_per_label) == (False, (), {}, 0)
+    p.write_text("train:\n  sources:\n    - {kind: folder, path: /data/crops}\n")
+    with pytest.raises(ConfigError, match=r"train\.sources\.0\.um_per_px: Field required"):
+        load_config(p)

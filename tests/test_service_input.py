@@ -87,6 +87,31 @@ def test_submit_refuses_missing_and_unreadable_slides(tmp_path):
     assert res.exit_code == 0 and "S1 (queued)" in res.stdout and "0/300" in res.stdout
 
 
+def test_submit_needs_a_pixel_size_the_daemon_can_use(tmp_path):
+    from daemon.store import Store
+
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'q.db'}")
+    jpeg = BCCD / "JPEGImages" / "BloodImage_00000.jpg"  # a plain image: no pixel size in it
+    _fails(["submit", str(jpeg), "--config", str(config)], Exception,
+           "the file states no pixel size; give --um-per-px")
+    _fails(["submit", str(jpeg), "--um-per-px", "72", "--config", str(config)], ImageError,
+           "--um-per-px 72 µm per pixel is coarser than any microscope image")
+    res = runner.invoke(app, ["submit", str(jpeg), "--um-per-px", "0.072", "--name", "J1",
+                              "--config", str(config)])
+    assert res.exit_code == 0, res.output
+    # The stated size overrides a size in the file too.
+    slide = bccd_slide_file(tmp_path, cols=2, rows=1)
+    res = runner.invoke(app, ["submit", str(slide), "--um-per-px", "0.08", "--name", "T1",
+                              "--config", str(config)])
+    assert res.exit_code == 0, res.output
+    store = Store(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "data")
+    try:
+        assert [(s.name, s.um_per_px) for s in store.slides(None)] == [("J1", 0.072),
+                                                                       ("T1", 0.08)]
+    finally:
+        store.close()
+
+
 @pytest.mark.slow
 def test_sighup_reloads_config_and_a_second_daemon_is_refused(tmp_path):
     config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'hup.db'}")
@@ -110,3 +135,17 @@ def test_sighup_reloads_config_and_a_second_daemon_is_refused(tmp_path):
     finally:
         if proc.poll() is None:
             kill9(proc)
+
+
+def test_reading_commands_never_make_a_store_at_a_wrong_path(tmp_path):
+    missing = tmp_path / "typo" / "q.db"
+    config = daemon_config(tmp_path, f"sqlite:///{missing}")
+    for args in (["status"], ["report", "BM-17"], ["agreement"], ["user", "list"],
+                 ["purge-images", "--older-than-days", "90"]):
+        _fails([*args, "--config", str(config)], StoreError, f"no store at {missing}")
+    assert not missing.exists()
+    # Submitting is how a store begins: it is made then, and a wrong name says which store.
+    slide = bccd_slide_file(tmp_path, cols=2, rows=1)
+    assert runner.invoke(app, ["submit", str(slide), "--config", str(config)]).exit_code == 0
+    _fails(["report", "BM-17", "--config", str(config)], StoreError,
+           f"no slide 'BM-17' in the store sqlite:///{missing}")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
-from daemon.cli.app import app, console, err_console
+from daemon.cli.app import ConfigOpt, app, console, err_console
 from drivers.acquisition import AcquisitionError, FieldResult
 
 
@@ -65,7 +65,7 @@ def acquire(
         typer.Option("--prescan/--no-prescan",
                      help="judge the fields at low magnification first (default: config)"),
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="lab config file (YAML)")] = None,
+    config: Optional[Path] = ConfigOpt,
     json_out: Annotated[bool, typer.Option("--json", help="print a JSON object only")] = False,
 ) -> None:
     """Count one slide: fields in serpentine order, autofocus, quality gate, stop at N."""

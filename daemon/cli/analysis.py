@@ -13,14 +13,14 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from daemon.cli.app import app, console, err_console
+from daemon.cli.app import ConfigOpt, app, console, err_console, file_error
 from daemon.config import Config, load_config
 from pipeline.analyze import NON_LEUKOCYTE, AnalyzeParams, CellResult, analyze_field
+from pipeline.detect import check_field_scale
 from pipeline.errors import ImageError, MarrowError
 from pipeline.imaging import check_scale, read_rgb, resample
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-ConfigOpt = typer.Option(None, "--config", "-c", help="Lab config YAML over the defaults.")
 
 
 def load_analyzer(cfg: Config):
@@ -75,8 +75,8 @@ def analyze_cmd(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Detect, classify, guide and de-duplicate the cells of each field image."""
-    check_scale(um_per_px, "--um-per-px")
     cfg = load_config(config)
+    check_field_scale(um_per_px, cfg.detect, "--um-per-px")
     params = _ablate(cfg.analysis, no_guidance, no_duplicates)
     clf = load_analyzer(cfg)
     if overlay is not None:
@@ -92,7 +92,7 @@ def analyze_cmd(
             ms = (time.perf_counter() - t0) * 1000
         except MarrowError as exc:
             failed += 1
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            file_error(path, exc)
             continue
         if overlay is not None:
             cv2.imwrite(str(overlay / f"{path.stem}.png"), draw_cells(rgb, cells, clf.classes))

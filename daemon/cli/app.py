@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 
@@ -14,8 +16,16 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+# Every command that reads the config takes it the same way.
+ConfigOpt = typer.Option(None, "--config", "-c", help="Lab config YAML over the defaults.")
 
 
 @app.callback()
 def _root() -> None:
     """Unattended bone-marrow leukocyte differential counter."""
+
+
+def file_error(path: Path, exc: Exception | str) -> None:
+    """One error line on stderr for one input file (named once); the others go on."""
+    msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)

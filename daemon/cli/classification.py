@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from daemon.cli.app import app, console, err_console
+from daemon.cli.app import ConfigOpt, app, console, err_console, file_error
+from pipeline.errors import ImageError
 
 
 def _config(config: Optional[Path]):
@@ -34,8 +35,10 @@ def _save_atomic(ckpt: dict, path: Path) -> None:
 @app.command("train")
 def train_cmd(
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write.")] = Path("model.pt"),
-    config: Annotated[Optional[Path], typer.Option("--config", help="Lab config file.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Override train.epochs.")] = None,
+    config: Optional[Path] = ConfigOpt,
+    epochs: Annotated[Optional[int], typer.Option(
+        min=0, help="Override train.epochs (0: keep --init's global model, train the local "
+        "models).")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(
         help="Stop the global model early after this many minutes.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(
@@ -102,7 +105,7 @@ def classify_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Cell crop images (or folders of them).")],
     um_per_px: Annotated[float, typer.Option("--um-per-px", help="Pixel size of the images.")],
     checkpoint: Annotated[Optional[Path], typer.Option(help="Default: classifier.checkpoint.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="Lab config file.")] = None,
+    config: Optional[Path] = ConfigOpt,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout only.")] = False,
 ) -> None:
     """Classify cell crops centred on one cell each; unreadable files are reported, the rest
@@ -131,13 +134,14 @@ def classify_cmd(
     else:
         for r in rows:
             if "error" in r:
-                err_console.print(f"{r['image']}: error: {r['error']}", highlight=False)
+                file_error(Path(r["image"]), r["error"])
             else:
                 flag = "  (unknown: review)" if r["unknown"] else ""
                 console.print(f"{r['image']}: {r['label']} {r['confidence']:.2f}{flag}",
                               highlight=False)
-    if errors and not ok:
-        raise typer.Exit(2)
+    if errors:
+        raise ImageError(f"{len(errors)} of {len(files)} image(s) could not be classified "
+                         "(see the errors above; the others were)")
 
 
 @app.command("eval-classify")
@@ -154,7 +158,7 @@ def eval_classify_cmd(
     coarse: Annotated[bool, typer.Option(
         help="Score band and segmented neutrophil predictions as 'neutrophil'.")] = False,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Default: classifier.checkpoint.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="Lab config file.")] = None,
+    config: Optional[Path] = ConfigOpt,
     png: Annotated[Optional[Path], typer.Option(help="Confusion-matrix PNG.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write all metrics as JSON here.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option()] = None,

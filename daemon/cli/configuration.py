@@ -8,13 +8,13 @@ from typing import Optional
 import typer
 import yaml
 
-from daemon.cli.app import app, console
+from daemon.cli.app import ConfigOpt, app, console
 from daemon.config import load_config
 
 
 @app.command("check-config")
 def check_config(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Lab config YAML."),
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Validate CONFIG over the defaults and print the effective configuration."""
     cfg = load_config(config)

@@ -12,10 +12,10 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from daemon.cli.app import app, console, err_console
+from daemon.cli.app import ConfigOpt, app, console, err_console, file_error
 from daemon.config import REPO_ROOT, load_config
 from pipeline.calibrate import disagrees, estimate_pixel_size
-from pipeline.detect import Detection, DetectParams, detect
+from pipeline.detect import Detection, DetectParams, check_field_scale, detect
 from pipeline.detect_eval import ImageScore, read_voc, score_image, total, touches_border
 from pipeline.errors import ImageError, MarrowError
 from pipeline.imaging import check_scale, read_rgb
@@ -24,7 +24,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 BCCD_DEFAULT = REPO_ROOT.parent / "shared" / "data" / "bccd" / "BCCD"
 BCCD_UM_PER_PX = 0.072
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="Lab config YAML over the defaults.")
 
 
 def _images(paths: list[Path]) -> Iterator[Path]:
@@ -34,12 +33,6 @@ def _images(paths: list[Path]) -> Iterator[Path]:
             yield from sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             yield p
-
-
-def _file_error(path: Path, exc: MarrowError) -> None:
-    """One error line for one file; the others go on."""
-    msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
 
 
 def run_detect(path: Path, um_per_px: float, params: DetectParams) -> tuple[np.ndarray, list[Detection], float]:
@@ -70,8 +63,8 @@ def detect_cmd(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Detect leukocytes in image files or folders, at a stated pixel size."""
-    check_scale(um_per_px, "--um-per-px")
     params = load_config(config).detect
+    check_field_scale(um_per_px, params, "--um-per-px")
     if overlay is not None:
         overlay.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -80,7 +73,7 @@ def detect_cmd(
             rgb, cells, ms = run_detect(path, um_per_px, params)
         except MarrowError as exc:
             failed += 1
-            _file_error(path, exc)
+            file_error(path, exc)
             continue
         if overlay is not None:
             cv2.imwrite(str(overlay / f"{path.stem}.png"), draw_overlay(rgb, cells))
@@ -203,7 +196,7 @@ def calibrate_cmd(
             images.append(read_rgb(path))
         except MarrowError as exc:
             failed += 1
-            _file_error(path, exc)
+            file_error(path, exc)
     est = estimate_pixel_size(images, params)
     off = stated is not None and disagrees(stated, est.um_per_px, params.tolerance)
     if as_json:

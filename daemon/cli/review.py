@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from daemon.cli.app import app, console, err_console
+from daemon.cli.app import ConfigOpt, app, console, err_console
 from pipeline.errors import MarrowError
 
 user_app = typer.Typer(help="Local review accounts.", no_args_is_help=True)
@@ -21,13 +21,14 @@ DbOption = Annotated[Optional[str],
                      typer.Option("--db", help="Store URL (default: config store.url).")]
 DataDirOption = Annotated[Optional[Path],
                           typer.Option("--data-dir", help="Images and crops folder.")]
-ConfigOption = Annotated[Optional[Path],
-                         typer.Option("--config", "-c", help="Lab config YAML.")]
 StdinOption = Annotated[bool, typer.Option("--password-stdin",
                                            help="Read the password from the first line of stdin.")]
 
 
-def _store(config: Optional[Path], db: Optional[str], data_dir: Optional[Path]):
+def _store(config: Optional[Path], db: Optional[str], data_dir: Optional[Path],
+           existing: bool = False):
+    """The config and its store (``--db`` / ``--data-dir`` over it); ``existing`` for commands
+    that must not make a new store."""
     from daemon.config import load_config
     from daemon.store import Store, resolve_url
 
@@ -35,7 +36,7 @@ def _store(config: Optional[Path], db: Optional[str], data_dir: Optional[Path]):
     url = resolve_url(db or cfg.store.url, cfg.resolve)
     return cfg, Store(url, data_dir or cfg.resolve(cfg.store.data_dir),
                       save_field_images=cfg.store.save_field_images,
-                      busy_timeout_s=cfg.store.busy_timeout_s)
+                      busy_timeout_s=cfg.store.busy_timeout_s, existing=existing)
 
 
 @app.command("review")
@@ -44,7 +45,7 @@ def review(
     data_dir: DataDirOption = None,
     host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, "--port", help="Port (default: config review.port)."),
-    config: ConfigOption = None,
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Serve the technician review app (queue, galleries, reclassification, sign-off)."""
     import uvicorn
@@ -71,7 +72,7 @@ def user_add(
     password_stdin: StdinOption = False,
     db: DbOption = None,
     data_dir: DataDirOption = None,
-    config: ConfigOption = None,
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Create a review account; the password is prompted (twice) or read from stdin."""
     from daemon.review.auth import ROLES, create_user
@@ -94,7 +95,7 @@ def user_passwd(
     password_stdin: StdinOption = False,
     db: DbOption = None,
     data_dir: DataDirOption = None,
-    config: ConfigOption = None,
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Set a new password for an account."""
     _update(config, db, data_dir, name, password=_password(password_stdin))
@@ -107,7 +108,7 @@ def user_disable(
     enable: bool = typer.Option(False, "--enable", help="Re-enable the account instead."),
     db: DbOption = None,
     data_dir: DataDirOption = None,
-    config: ConfigOption = None,
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Disable an account (its sessions end at once; its audit trail stays), or --enable it."""
     _update(config, db, data_dir, name, active=enable)
@@ -127,7 +128,7 @@ def _update(config: Optional[Path], db: Optional[str], data_dir: Optional[Path],
             **changes: object) -> None:
     from daemon.review.auth import update_user
 
-    _, store = _store(config, db, data_dir)
+    _, store = _store(config, db, data_dir, existing=True)
     try:
         with store.session() as s:
             update_user(s, name, **changes)  # type: ignore[arg-type]
@@ -139,14 +140,14 @@ def _update(config: Optional[Path], db: Optional[str], data_dir: Optional[Path],
 def user_list(
     db: DbOption = None,
     data_dir: DataDirOption = None,
-    config: ConfigOption = None,
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """List review accounts."""
     from sqlalchemy import select
 
     from daemon.models import User
 
-    _, store = _store(config, db, data_dir)
+    _, store = _store(config, db, data_dir, existing=True)
     try:
         with store.session() as s:
             for u in s.scalars(select(User).order_by(User.username)):
@@ -166,7 +167,7 @@ def _signed_cells(config: Optional[Path], db: Optional[str], data_dir: Optional[
                   slide: list[str], since: Optional[datetime]):
     from daemon.reviewed import reviewed_cells, signed_slides
 
-    cfg, store = _store(config, db, data_dir)
+    cfg, store = _store(config, db, data_dir, existing=True)
     try:
         after = None if since is None else since.replace(tzinfo=timezone.utc)
         cells = reviewed_cells(store, signed_slides(store, cfg.taxonomy, slide, after))
@@ -185,7 +186,7 @@ def agreement_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     db: DbOption = None,
     data_dir: DataDirOption = None,
-    config: ConfigOption = None,
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """How often reviewers kept the machine's call on signed slides: agreement, Cohen's kappa,
     per-class sensitivity and precision, and how much review moved each slide's differential.
@@ -239,7 +240,7 @@ def export_reviewed_cmd(
         "the 96 px crop, so training's shifted re-crops see real pixels).")] = 128,
     db: DbOption = None,
     data_dir: DataDirOption = None,
-    config: ConfigOption = None,
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Write the cells of signed slides as a folder-per-class tree with the reviewers' final
     classes, ready to be a `folder` source of `marrowcount train`."""
@@ -259,10 +260,12 @@ def export_reviewed_cmd(
                   highlight=False)
     for why, n in res["skipped"].items():
         console.print(f"  skipped {n}: {why}", highlight=False)
-    console.print("Train on them with this source in your lab config (train.sources):\n"
+    # train_only: a first export is small; kept out of validation and test, it leaves the
+    # shipped sources' split (and every model-card figure) comparable.
+    console.print("Fine-tune on them with this source added to the shipped ones in your lab "
+                  "config (train.sources; see the README):\n"
                   f"  - {{kind: folder, path: {out.resolve()}, um_per_px: {um_per_px:g}, "
-                  "exclude: [], rename: {}, max_per_label: 0, background_per_image: 0, "
-                  "train_only: false}", highlight=False, soft_wrap=True)
+                  "train_only: true}", highlight=False, soft_wrap=True)
 
 
 @app.command("purge-images")
@@ -278,7 +281,7 @@ def purge_images_cmd(
         "--by", help="Name in the audit trail (default: the system user).")] = None,
     db: DbOption = None,
     data_dir: DataDirOption = None,
-    config: ConfigOption = None,
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Delete the whole-field images of slides signed long enough ago, keeping every cell's
     crop, the counts, reviews, reports and audit trail. Run it from a timer to cap disk use."""
@@ -290,7 +293,7 @@ def purge_images_cmd(
         raise MarrowError("give exactly one of --older-than-days N or --signed-before DATE")
     cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)
               if older_than_days is not None else signed_before.replace(tzinfo=timezone.utc))
-    _cfg, store = _store(config, db, data_dir)
+    _cfg, store = _store(config, db, data_dir, existing=True)
     try:
         purged = purge_field_images(store, cutoff, by or getpass.getuser(), dry_run)
     finally:

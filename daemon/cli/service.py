@@ -13,15 +13,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from daemon.cli.app import app, console, err_console
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="Lab config YAML (over the defaults).")
+from daemon.cli.app import ConfigOpt, app, console, err_console
 
 
-def _store(cfg: Any) -> Any:
+
+def _store(cfg: Any, existing: bool = False) -> Any:
+    """The configured store; ``existing`` for commands that only read it."""
     from daemon.store import Store
 
-    return Store.from_params(cfg.store, cfg.resolve)
+    return Store.from_params(cfg.store, cfg.resolve, existing)
 
 
 @app.command("daemon")
@@ -50,6 +50,8 @@ def submit_cmd(
                                            "Micro-Manager .cfg for a slide on the microscope."),
     name: Optional[str] = typer.Option(None, "--name", help="Slide name (default: file name)."),
     target: Optional[int] = typer.Option(None, "--target", help="Cells to count (default: config)."),
+    um_per_px: Optional[float] = typer.Option(
+        None, "--um-per-px", help="Pixel size, over the file's or the microscope's own."),
     config: Optional[Path] = ConfigOpt,
     json_out: bool = typer.Option(False, "--json", help="Print a JSON object only."),
 ) -> None:
@@ -59,7 +61,7 @@ def submit_cmd(
 
     cfg = load_config(config)
     with _store(cfg) as store:
-        sid = submit_slide(store, cfg, slide, name=name, target=target)
+        sid = submit_slide(store, cfg, slide, name=name, target=target, um_per_px=um_per_px)
         s = store.slide(sid)
     if json_out:
         typer.echo(json.dumps({"id": sid, "name": s.name, "source": s.source,
@@ -111,7 +113,7 @@ def status_cmd(
     from daemon.config import load_config
 
     cfg = load_config(config)
-    with _store(cfg) as store:
+    with _store(cfg, existing=True) as store:
         if json_out:
             typer.echo(json.dumps(_status_rows(store, None)))
             return
@@ -144,7 +146,7 @@ def report_cmd(
     if fmt not in FORMATS:
         raise MarrowError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     cfg = load_config(config)
-    with _store(cfg) as store:
+    with _store(cfg, existing=True) as store:
         _rep, path, text = write_report(store, slide, cfg, fmt, out)
     if text is not None:
         typer.echo(text, nl=False)

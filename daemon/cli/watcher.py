@@ -9,11 +9,10 @@ from typing import Optional
 
 import typer
 
-from daemon.cli.app import app, console, err_console
+from daemon.cli.app import ConfigOpt, app, console, err_console
 from daemon.config import load_config
 from pipeline.errors import ConfigError
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="Lab config YAML over the defaults.")
 
 
 @app.command("watch")
