@@ -88,4 +88,37 @@ def int8_body(body: nn.Sequential, state: dict[str, torch.Tensor]) -> nn.Sequent
     if bad:
         raise RuntimeError(f"int8 state has other layers or shapes than the model ({bad[0]})")
     seq.load_state_dict(state)
+    for i, m in enumerate(seq):
+        if isinstance(m, nn.MaxPool2d) and _is_2x2(m):
+            seq[i] = ByteMaxPool2x2()
     return seq
+
+
+def _is_2x2(m: nn.MaxPool2d) -> bool:
+    two = (2, (2, 2))
+    return (m.kernel_size in two and m.stride in two and m.padding in (0, (0, 0))
+            and m.dilation in (1, (1, 1)) and not m.ceil_mode and not m.return_indices)
+
+
+class ByteMaxPool2x2(nn.Module):
+    """2×2 max-pool of a quint8 channels_last tensor, computed on its bytes.
+
+    torch's quantized max-pool runs ~10× slower on 16 channels than on 32 (measured: 4.7 vs
+    0.4 ms for the same 4.7 MB at batch 32), and the first block of a ¼-width VGG has 16. The
+    maximum of the 8-bit codes is the code of the maximum (one scale and zero point per
+    tensor), so the result is bit-identical (tested). From 32 channels on torch's kernel is
+    the faster (measured per layer of the shipped model), and it takes anything else too.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if (c >= 32 or x.dtype != torch.quint8 or x.qscheme() != torch.per_tensor_affine
+                or h % 2 or w % 2 or not x.is_contiguous(memory_format=torch.channels_last)):
+            return nn.functional.max_pool2d(x, 2)
+        codes = torch.empty(0, dtype=torch.uint8).set_(
+            x.untyped_storage(), x.storage_offset(), (n, h // 2, 2, w // 2, 2, c),
+            (h * w * c, 2 * w * c, w * c, 2 * c, c, 1))
+        m = torch.maximum(torch.maximum(codes[:, :, 0, :, 0], codes[:, :, 0, :, 1]),
+                          torch.maximum(codes[:, :, 1, :, 0], codes[:, :, 1, :, 1]))
+        return torch._make_per_tensor_quantized_tensor(m.permute(0, 3, 1, 2), x.q_scale(),
+                                                       x.q_zero_point())

@@ -171,6 +171,43 @@ def test_shipped_model_runs_int8_and_agrees_with_bf16(shipped, fixed_sample):
     np.testing.assert_allclose(a.probs.sum(1), 1.0, atol=1e-5)
 
 
+def test_byte_max_pool_is_torchs_quantized_max_pool_bit_for_bit(shipped, fixed_sample):
+    """The int8 body pools its 16-channel first block on the 8-bit codes (faster than torch's
+    kernel there); on real cells every pool's output and the logits are exactly torch's."""
+    from pipeline.quantize import ByteMaxPool2x2
+
+    body = shipped.model.body
+    pools = [i for i, m in enumerate(body) if isinstance(m, ByteMaxPool2x2)]
+    assert len(pools) == 5
+    x = shipped._prep(fixed_sample.crops)
+    with torch.inference_mode():
+        h, channels = x, []
+        for i, m in enumerate(body):
+            if i in pools:
+                ours, theirs = m(h), torch.nn.functional.max_pool2d(h, 2)
+                assert torch.equal(ours.int_repr(), theirs.int_repr()), i
+                assert (ours.q_scale(), ours.q_zero_point()) == (theirs.q_scale(),
+                                                                 theirs.q_zero_point())
+                assert ours.is_contiguous(memory_format=torch.channels_last)
+                channels.append(h.shape[1])
+            h = m(h)
+        assert min(channels) < 32  # the byte path itself ran, not only torch's fallback
+        before = body(x)
+        for i in pools:
+            body[i] = torch.nn.MaxPool2d(2)
+        try:
+            assert torch.equal(body(x), before)
+        finally:
+            for i in pools:
+                body[i] = ByteMaxPool2x2()
+        # Odd sizes and float input go to torch's kernel.
+        odd = torch.quantize_per_tensor(torch.rand(2, 16, 7, 9), 0.01, 0, torch.quint8)
+        assert torch.equal(ByteMaxPool2x2()(odd).int_repr(),
+                           torch.nn.functional.max_pool2d(odd, 2).int_repr())
+        f = torch.rand(2, 16, 8, 8)
+        assert torch.equal(ByteMaxPool2x2()(f), torch.nn.functional.max_pool2d(f, 2))
+
+
 def test_training_writes_int8_state_and_old_checkpoints_run_bf16(tiny, tmp_path):
     """A trained checkpoint loads int8; one without int8 state (written before it existed)
     runs bf16 and says how to add it; int8 state of another model is refused by name."""
