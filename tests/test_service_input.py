@@ -149,3 +149,24 @@ def test_reading_commands_never_make_a_store_at_a_wrong_path(tmp_path):
     assert runner.invoke(app, ["submit", str(slide), "--config", str(config)]).exit_code == 0
     _fails(["report", "BM-17", "--config", str(config)], StoreError,
            f"no slide 'BM-17' in the store sqlite:///{missing}")
+
+
+@pytest.mark.timeout(120)  # the old live display printed nothing to a pipe: never hang on it
+def test_status_watch_piped_to_a_log_prints_as_it_goes(tmp_path):
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'q.db'}")
+    jpeg = BCCD / "JPEGImages" / "BloodImage_00000.jpg"
+    assert runner.invoke(app, ["submit", str(jpeg), "--um-per-px", "0.072", "--name", "P1",
+                               "--config", str(config)]).exit_code == 0
+    proc = subprocess.Popen([*DAEMON, "status", "--watch", "--config", str(config)], cwd=REPO,
+                            env=daemon_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        # A live display on a pipe showed nothing until it ended; each view now arrives whole.
+        lines = []
+        while not any("in the queue" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "status --watch ended without printing the queue"
+            lines.append(line)
+        assert lines[0].startswith("-- ") and any("P1 (queued)" in line for line in lines)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

@@ -120,6 +120,17 @@ def status_cmd(
         if not watch:
             console.print(_status_view(_status_rows(store, None)))
             return
+        if not console.is_terminal:
+            # Piped to a file or a log: a live display shows nothing until it ends, so print
+            # the view afresh every few seconds.
+            try:
+                while True:
+                    console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}", highlight=False)
+                    console.print(_status_view(_status_rows(store, None)))
+                    console.file.flush()
+                    time.sleep(5.0)
+            except KeyboardInterrupt:
+                return
         try:
             with Live(_status_view(_status_rows(store, None)), console=console,
                       refresh_per_second=2) as live:
