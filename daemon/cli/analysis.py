@@ -11,7 +11,8 @@ from typing import Any, Optional
 import cv2
 import numpy as np
 import typer
-from rich.table import Table
+from rich import box
+from rich.table import Column, Table
 
 from daemon.cli.app import ConfigOpt, app, console, err_console, file_error
 from daemon.config import Config, load_config
@@ -230,12 +231,16 @@ def _print_summary(name: str, s: dict[str, Any]) -> None:
                   f"accuracy {s['overall_accuracy_pct']}%, max differential error "
                   f"{s['max_differential_error_pp']} pp, {s['cells_per_s']} cells/s",
                   highlight=False)
-    t = Table("class", "true %", "counted %", "|error| pp", "true cells", "counted right",
-              "not counted", "counted as another class")
+    # Short headers, names and numbers unwrapped, one "counted as" entry a line: the table
+    # reads at 80 columns (a piped or logged run).
+    t = Table(*(Column(h, no_wrap=True, justify="right" if i else "left") for i, h in enumerate(
+        ("class", "true%", "count%", "err pp", "true", "right", "missed"))),
+        Column("counted as", min_width=18, overflow="fold"), box=box.SIMPLE_HEAD,
+        pad_edge=False, collapse_padding=True)
     for cls, v in s["differential"].items():
         per = s["per_true_class"].get(cls, {"true": 0, "not_counted": 0, "counted_once_as": {}})
-        other = ", ".join(f"{k} {n}" for k, n in sorted(per["counted_once_as"].items(),
-                                                         key=lambda kv: -kv[1]) if k != cls)
+        other = "\n".join(f"{k} {n}" for k, n in sorted(per["counted_once_as"].items(),
+                                                          key=lambda kv: -kv[1]) if k != cls)
         t.add_row(cls, f"{v['true_pct']:.1f}", f"{v['counted_pct']:.1f}",
                   f"{v['abs_error_pp']:.1f}", str(per["true"]),
                   str(per["counted_once_as"].get(cls, 0)), str(per["not_counted"]), other)
