@@ -223,20 +223,23 @@ def report_csv(rep: dict[str, Any]) -> str:
         w.writerow([s, c["name"], c["label"], c["lineage"], c["n"], c["pct"], c["ci_low_pct"],
                     c["ci_high_pct"], "%", machine_n.get(c["name"], 0), basis,
                     *ref(c["reference_pct"], c["outside"])])
+    # Every row has the header's 14 columns; the reference columns stay empty where none apply.
     w.writerow([s, "TOTAL", "counted leukocytes", "", d["total"], "", "", "", "cells",
-                m["total"], basis])
+                m["total"], basis, *ref(None, None)])
     me_ci = d["me_ci"] or ["", ""]
     w.writerow([s, "M:E", "myeloid : erythroid", "", f"{d['myeloid']}:{d['erythroid']}",
                 "" if d["me_ratio"] is None else d["me_ratio"], *me_ci, "ratio", "", basis,
                 *ref(d["me_reference"], d["me_outside"])])
     if d["blast_pct"] is not None:
         w.writerow([s, "BLAST", "blasts of all nucleated cells", "", d["blast_n"],
-                    d["blast_pct"], *d["blast_ci_pct"], "%", m["blast_n"], basis])
+                    d["blast_pct"], *d["blast_ci_pct"], "%", m["blast_n"], basis,
+                    *ref(None, None)])
     for name, n in sorted(d["not_counted"].items()):
-        w.writerow([s, name, "not counted", "", n, "", "", "", "cells", "", basis])
+        w.writerow([s, name, "not counted", "", n, "", "", "", "cells", "", basis,
+                    *ref(None, None)])
     for meth in rep["methods"]:
         w.writerow([s, "METHOD", method_text(meth), "", meth["fields"], "", "", "", "fields", "",
-                    basis])
+                    basis, *ref(None, None)])
     return buf.getvalue()
 
 

@@ -62,7 +62,9 @@ class ServiceParams(Params):
         ge=0, description="after the last retry: pause the slide this long, then resume it")
     log_format: Literal["json", "text"]
     log_level: Literal["debug", "info", "warning", "error"]
-    webhook_url: str = Field(description="POST slide events here as JSON; '' = off")
+    webhook_url: str = Field(pattern=r"^(https?://\S+)?$",
+                             description="POST slide events here as JSON (an http:// or "
+                             "https:// URL); '' = off")
     webhook_events: tuple[Literal["slide_started", "slide_finished", "slide_paused",
                                   "pixel_size"], ...] = Field(
         description="which events go to webhook_url")

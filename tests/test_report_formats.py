@@ -101,7 +101,9 @@ def test_signed_report_shows_reviewer_and_counts_before_after(filled, config):
 def test_csv_rows_match_json(filled, config):
     store, sid, *_ = filled
     rep = build_report(store, sid, config)
-    rows = list(csv.DictReader(io.StringIO(report_csv(rep))))
+    text = report_csv(rep)
+    assert len({len(r) for r in csv.reader(io.StringIO(text))}) == 1  # no ragged rows
+    rows = list(csv.DictReader(io.StringIO(text)))
     by = {r["quantity"]: r for r in rows}
     for c in rep["differential"]["classes"]:
         assert int(by[c["name"]]["n"]) == c["n"]

@@ -53,6 +53,8 @@ def test_corrupt_or_invalid_config_is_refused(tmp_path):
     _fails(["daemon", "--config", str(bad)], ConfigError, "service.poll_seconds")
     bad.write_text("service:\n  pol_seconds: 1\n")
     _fails(["daemon", "--config", str(bad)], ConfigError, "service.pol_seconds")
+    bad.write_text("service:\n  webhook_url: notaurl\n")  # failed only at the first event
+    _fails(["daemon", "--config", str(bad)], ConfigError, "service.webhook_url")
 
 
 def test_database_that_is_not_sqlite_is_never_overwritten(tmp_path):
