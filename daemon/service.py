@@ -137,6 +137,11 @@ def submit_slide(
     return sid
 
 
+def _watch_settings(cfg: Any) -> tuple[Any, ...]:
+    """What the folder watcher is built from (``Service._start_watcher``)."""
+    return cfg.watch, cfg.acquisition.target, cfg.taxonomy, cfg.detect
+
+
 def _file_identity(path: Path) -> tuple[int, int] | None:
     """Size and modification time of a file (None when it cannot be seen): a file copied over
     another changes at least one of them."""
@@ -170,6 +175,7 @@ class Service:
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by a stop request or a newly queued slide
         self._reload = False
+        self._watcher: Any = None
         self._classifier: Any = None
         self._classifier_key: tuple[Any, ...] = ()
         self._model_sha = ""
@@ -261,7 +267,7 @@ class Service:
             "instrument": self.instrument, "pid": os.getpid(),
             "store": self.store.engine.url.render_as_string(hide_password=True),
             "data_dir": str(self.store.data_dir)}})
-        watcher = self._start_watcher()
+        self._watcher = self._start_watcher()
         try:
             while not self._stop.is_set():
                 if self._reload:
@@ -277,8 +283,9 @@ class Service:
                     continue
                 self._count(slide)
         finally:
-            if watcher is not None:
-                watcher.stop()
+            if self._watcher is not None:
+                self._watcher.stop()
+                self._watcher = None
             self.notifier.stopping()
             log.info("daemon stopped", extra={"data": {"instrument": self.instrument}})
         return 0
@@ -302,8 +309,15 @@ class Service:
         else:
             if new.store != self.cfg.store:
                 log.warning("store settings changed: they apply after a restart")
-            self.cfg = new
+            old, self.cfg = self.cfg, new
             log.info("config reloaded", extra={"data": {"path": str(self.config_path)}})
+            if _watch_settings(old) != _watch_settings(new):
+                # The watcher records target and taxonomy on the slides it queues: it must
+                # see the new values too (the next file dropped, not only after a restart).
+                if self._watcher is not None:
+                    self._watcher.stop()
+                self._watcher = self._start_watcher()
+                log.info("folder watcher restarted with the reloaded settings")
         self.notifier.ready(f"idle on {self.instrument}")
 
     # -- queue ----------------------------------------------------------------------------

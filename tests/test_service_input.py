@@ -172,3 +172,36 @@ def test_status_watch_piped_to_a_log_prints_as_it_goes(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_sighup_reaches_the_folder_watcher(tmp_path):
+    """A reloaded target applies to the next file dropped in a watched folder (the watcher
+    was built once at start and kept the old one until a restart)."""
+    import time
+
+    from daemon.config import load_config
+    from daemon.service import Service
+
+    inbox = tmp_path / "scan"
+    inbox.mkdir()
+    slide = bccd_slide_file(tmp_path, cols=2, rows=1)
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'w.db'}", target=300, extra={
+        "watch": {"folders": [str(inbox)], "stable_seconds": 0.2, "scan_seconds": 0.2}})
+    svc = Service(load_config(config), config)
+    try:
+        svc._watcher = first = svc._start_watcher()  # as run() does
+        svc._reload_config()  # nothing changed: the same watcher goes on
+        assert svc._watcher is first
+        config.write_text(config.read_text().replace("target: 300", "target: 100"))
+        svc._on_hup()
+        svc._reload_config()  # what the loop does after SIGHUP
+        assert svc._watcher is not first and svc.cfg.acquisition.target == 100
+        shutil.copy(slide, inbox / "BM-1.tif")
+        deadline = time.monotonic() + 60
+        while not svc.store.slides(None) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [(s.name, s.target) for s in svc.store.slides(None)] == [("BM-1.tif", 100)]
+    finally:
+        if svc._watcher is not None:
+            svc._watcher.stop()
+        svc.close()
