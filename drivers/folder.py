@@ -18,7 +18,8 @@ are lost, e.g. on network shares). A pass:
    filename regex with a ``slide`` group);
 4. records each file by content hash (sha256) in the store's ``scanned_files`` table, so a
    restart or a re-delivered copy is never processed twice (a series' hash covers its
-   instance files' names and bytes);
+   instance files' names and bytes); only a file that was quarantined, or whose slide failed,
+   is tried afresh when a person puts it back (e.g. after setting the folder's pixel size);
 5. opens and plans every file (drivers.wsi_fields.plan_file); a file that cannot be opened or
    decoded, or has no pixel size, is moved to the folder's quarantine subfolder with
    ``<name>.error.txt`` saying why, and recorded; the other files of the slide go on (a
@@ -461,11 +462,17 @@ class FolderWatcher:
             return None  # vanished between listing and stat
 
     def _recorded(self, root: Path) -> dict[Path, tuple[int, float]]:
-        """Files under ``root`` already decided in the store: path -> (size, recorded at, s)."""
+        """Files under ``root`` already decided in the store: path -> (size, recorded at, s).
+        Not a quarantined file nor one whose slide failed: such a file is moved out or done
+        with, so one found at its recorded path was put back by a person, to be tried again
+        (a file that could not be moved to quarantine is in ``_stuck`` for this run)."""
+        failed = select(Slide.id).where(Slide.status == "failed")
         with self.store.session() as s:
             found = s.execute(
                 select(ScannedFile.path, ScannedFile.size, ScannedFile.updated_at)
-                .where(ScannedFile.state != "pending", ScannedFile.path.startswith(str(root)))
+                .where(ScannedFile.state.not_in(("pending", "quarantined")),
+                       ScannedFile.path.startswith(str(root)),
+                       (ScannedFile.slide_id.is_(None)) | ScannedFile.slide_id.not_in(failed))
             ).all()
         out = {}
         for path, size, at in found:
@@ -583,16 +590,19 @@ class FolderWatcher:
                 log.warning("%s: cannot read (%s); will retry", path, exc.strerror)
                 continue
             row = self._row(sha)
-            if row is not None and row.state in ("done", "processing"):
+            if row is not None and row.state in ("done", "processing") and not self._failed(row):
                 self._settled.add((path, size, mtime))
                 if Path(row.path) != path:
                     events.append(WatchEvent("duplicate", str(path), row.slide_id,
                                              f"same content as {row.path}, already {row.state}"))
                 continue
-            if row is not None and row.state == "quarantined":
-                events.append(self._quarantine(folder, root, path, row.error or "quarantined before",
-                                               sha))
-                continue
+            if row is not None and row.state != "pending":
+                # Put back by a person (a quarantined file leaves the folder; a failed slide's
+                # file was done with): maybe after fixing what stopped it, e.g. the folder's
+                # pixel size. It is tried afresh, and judged again under its own name.
+                log.info("%s: %s before (%s); trying it again", path,
+                         "quarantined" if row.state == "quarantined" else "its slide failed",
+                         row.error or "no reason recorded")
             self._record(sha, path, size, "pending")
             try:
                 planned.append(plan_file(path, sha, folder.um_per_px, self.params.wsi,
@@ -624,7 +634,9 @@ class FolderWatcher:
                 existing = s.scalar(select(Slide).where(Slide.name == name))
                 if existing is not None:
                     files = (existing.plan or {}).get("files", [])
-                    same = sorted(f.get("sha256", "") for f in files) == shas
+                    # A failed slide of these files is kept as it was: its file came again.
+                    same = (existing.status != "failed"
+                            and sorted(f.get("sha256", "") for f in files) == shas)
                     slide_id = existing.id if same else None
                 else:
                     slide_id = None
@@ -653,6 +665,13 @@ class FolderWatcher:
         sha = sha256_file(path)
         self._hashes[path] = (size, mtime, sha)
         return sha
+
+    def _failed(self, row: ScannedFile) -> bool:
+        """The file's slide failed: it was counted to no result, so the file may come again."""
+        if row.state != "done" or row.slide_id is None:
+            return False
+        with self.store.session() as s:
+            return s.scalar(select(Slide.status).where(Slide.id == row.slide_id)) == "failed"
 
     def _row(self, sha: str) -> ScannedFile | None:
         with self.store.session() as s:

@@ -343,3 +343,43 @@ def test_a_broken_mrxs_goes_to_quarantine_with_its_data_folder(config, store, in
         assert (qdir / name).is_file() and (qdir / name[:-5] / "Data0000.dat").is_file()
         assert e.reason in (qdir / f"{name}.error.txt").read_text()
     assert slides(store) == []
+
+
+def test_a_file_put_back_after_quarantine_or_a_failed_slide_is_tried_afresh(config, store,
+                                                                           inbox):
+    """A quarantined file keeps its verdict only while it stays out of the folder; put back
+    once the cause is fixed (the folder's pixel size set), it is counted. A file whose slide
+    failed (no result) is queued again when put back, under a new slide name."""
+    no_size = make_params(config, inbox, stable_seconds=0.0, folder={"um_per_px": None})
+    shutil.copy(bccd_field(4), inbox / "field.jpg")
+    evs = scan_until_idle(watcher(config, store, no_size))
+    assert [(e.kind, Path(e.path).name) for e in evs] == [("quarantined", "field.jpg")]
+    assert "no pixel size" in evs[0].reason
+    fixed = make_params(config, inbox, stable_seconds=0.0)  # the lab sets um_per_px
+    shutil.move(inbox / "quarantine" / "field.jpg", inbox / "field.jpg")
+    w = watcher(config, store, fixed)
+    evs = scan_until_idle(w)
+    assert [(e.kind, Path(e.path).name) for e in evs] == [("slide", "field.jpg")]
+    assert [s.name for s in slides(store)] == ["field.jpg"]
+
+    # The slide fails for a cause outside the file: the file is done with.
+    sid = slides(store)[0].id
+    store.set_status(sid, "acquiring")
+    store.set_status(sid, "failed", error="the store could not be written (disk full)")
+    assert [e.kind for e in scan_until_idle(w)] == ["done"]
+    assert [r.state for r in rows(store)] == ["done"]
+    assert scan_until_idle(w, passes=5) == []  # not again in the same run
+    # Put back (moved away and back: same path, same mtime) or the service restarted: the
+    # failed slide stays as it was, and the file is counted as a new slide.
+    evs = scan_until_idle(watcher(config, store, fixed))
+    assert [(e.kind, Path(e.path).name) for e in evs] == [("slide", "field.jpg")]
+    assert sorted((s.name, s.status) for s in slides(store)) == [
+        ("field.jpg", "failed"), ("field.jpg (2)", "queued")]
+    # A file whose slide did not fail is never counted twice: a copy is a duplicate.
+    store.set_status(slides(store)[1].id, "acquiring")
+    store.set_status(slides(store)[1].id, "awaiting_review", stopped_because="target_reached")
+    scan_until_idle(watcher(config, store, fixed), passes=5)
+    shutil.copy(inbox / "field.jpg", inbox / "field copy.jpg")
+    evs = scan_until_idle(watcher(config, store, fixed))
+    assert [(e.kind, Path(e.path).name) for e in evs] == [("duplicate", "field copy.jpg")]
+    assert len(slides(store)) == 2 and len(rows(store)) == 1
