@@ -669,15 +669,26 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(fmt: str, level: str, stream: Any = None) -> None:
+    """One handler for every line on stderr, so with ``json`` every line is JSON (journald):
+    marrowcount's own records at ``level``; everything else at WARNING and up, through the
+    root logger: drivers, pipeline, libraries (tifffile on a damaged page, pymmcore-plus once
+    ``drivers.pymmcore_logging`` removed its own handlers) and Python warnings."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._marrowcount = True  # type: ignore[attr-defined]
+    top = logging.getLogger()
+    # Replace a handler of an earlier call, keep anyone else's (a test runner's capture).
+    top.handlers[:] = [h for h in top.handlers if not getattr(h, "_marrowcount", False)]
+    top.addHandler(handler)
+    top.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
     root = logging.getLogger("marrowcount")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
     for name in ("drivers", "pipeline"):
-        logging.getLogger(name).handlers[:] = [handler]
+        logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

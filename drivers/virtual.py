@@ -40,6 +40,10 @@ try:  # pymmcore-plus is a hard dependency; the import is only slow, not optiona
 except ImportError as exc:  # pragma: no cover
     raise ImportError(f"pymmcore-plus with unicore is required: {exc}") from exc
 
+from drivers.pymmcore_logging import quiet_pymmcore_logging
+
+quiet_pymmcore_logging()
+
 
 class VirtualParams(Params):
     """The ``acquisition.virtual:`` config section (the virtual microscope's devices)."""

@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -205,3 +206,29 @@ def test_sighup_reaches_the_folder_watcher(tmp_path):
         if svc._watcher is not None:
             svc._watcher.stop()
         svc.close()
+
+
+def test_every_stderr_line_is_json_and_pymmcore_keeps_no_log_file(tmp_path):
+    """Libraries' warnings (tifffile on a truncated slide file, pymmcore-plus) come out as
+    the service's JSON lines, and pymmcore-plus writes no log file of its own in the home
+    (under systemd: the state directory, up to 800 MB nobody looks at)."""
+    truncated = tmp_path / "cut.tif"
+    full = bccd_slide_file(tmp_path, cols=2, rows=1).read_bytes()
+    truncated.write_bytes(full[: len(full) // 2])
+    script = (
+        "import logging, tifffile\n"
+        "from daemon.service import setup_logging\n"
+        "setup_logging('json', 'info')\n"
+        "import drivers.micromanager\n"
+        "logging.getLogger('pymmcore-plus').warning('MDA Canceled: stage_positions=(...)')\n"
+        f"with tifffile.TiffFile({str(truncated)!r}) as t:\n"
+        "    t.series\n"
+    )
+    env = {**daemon_env(), "HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # fails on any line that is not JSON
+    loggers = {r["logger"] for r in records}
+    assert {"pymmcore-plus", "tifffile"} <= loggers, proc.stderr
+    assert not (tmp_path / "home" / ".local" / "share" / "pymmcore-plus").exists()
