@@ -18,6 +18,7 @@ the next slide on). Logs are JSON lines on stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -383,6 +384,9 @@ class Service:
             measure = f.image is not None and n_measured < self.cfg.calibrate.check_fields
             if measure:
                 f = self._measure_red_cells(f)
+            if f.skipped_reason and f.image is not None:
+                # Measured above; a skipped field's image is not kept.
+                f = dataclasses.replace(f, image=None)
             if self._commit(slide, f, None if f.skipped_reason else method):
                 counted += f.n_counted
                 if measure and RED_CELLS in f.quality:
@@ -452,8 +456,6 @@ class Service:
     def _measure_red_cells(self, f: Any) -> Any:
         """The field with its red-cell diameters (µm through its stated pixel size) added to
         its quality record, where the report and a resumed slide find them."""
-        import dataclasses
-
         from pipeline.calibrate import rbc_diameters
 
         try:

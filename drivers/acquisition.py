@@ -73,9 +73,11 @@ class FieldResult:
     ``index`` is the field's stable position in the slide's plan (0-based). ``stage_x``,
     ``stage_y`` are the stage position of the field centre in µm (for a scanned slide: the
     tile centre in slide µm), ``stage_z`` the focus position used (None when unknown).
-    ``tile`` names the tile of a scanned slide. ``image`` is RGB uint8 ``(H, W, 3)``, or None
-    when the field was skipped; ``skipped_reason`` then says why (e.g. "thin: 4 nucleated
-    cells < 10"). ``quality`` holds the gate's measurements. ``cells`` are the analysis
+    ``tile`` names the tile of a scanned slide. ``image`` is RGB uint8 ``(H, W, 3)`` (None when
+    there is none to analyse); a field the quality gate skipped keeps it too, since its red
+    cells still check the pixel size (a wrong one makes every field look clumped), and the
+    service does not store it. ``skipped_reason`` says why a field was skipped (e.g. "thin: 4
+    nucleated cells < 10"). ``quality`` holds the gate's measurements. ``cells`` are the analysis
     results (empty until counted, and for skipped fields).
     """
 

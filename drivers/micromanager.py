@@ -475,7 +475,7 @@ class MicroscopeFieldSource:
             stage_z=meta.get("stage_z"),
             tile=None,
             um_per_px=self.scope.um_per_px,
-            image=rgb if q.reason is None else None,
+            image=rgb,
             quality=q.as_dict(),
             skipped_reason=q.reason,
         )

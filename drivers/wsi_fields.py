@@ -296,7 +296,7 @@ class SlideFields:
             stage_z=None,
             tile=f"{pf.path}#{x},{y},{w},{h}",
             um_per_px=pf.um_per_px,
-            image=None if skipped else rgb,
+            image=rgb,
             quality=q.as_dict(),
             skipped_reason=skipped,
         )

@@ -69,7 +69,10 @@ def test_field_source_order_resume_and_quality_gate(config, wsi, smear_path):
     # The configured gate (10 nucleated cells per field) skips thin blood fields, with reasons.
     gated = list(SlideFields(plan, config.acquisition.quality, config.detect).fields(16))
     assert [f.index for f in gated] == [16, 17]
-    assert all(f.image is None and f.skipped_reason.startswith("thin") for f in gated)
+    assert all(f.skipped_reason.startswith("thin") for f in gated)
+    # A skipped field keeps its image for the pixel-size check (the service does not store it).
+    for f, (x, y, w, h) in zip(gated, (pf.tiles * 2)[16:]):
+        np.testing.assert_array_equal(f.image, fields[f.index].image)
 
 
 def test_single_field_and_coarse_scan(config, tmp_path):

@@ -64,3 +64,24 @@ def test_a_slide_stated_at_the_wrong_pixel_size_is_flagged(tmp_path, caplog):
     assert 70 < off_pct < 130
     assert any(f.startswith("pixel size check: red cells measure 0.0") and f"({off_pct:+.0f}%)"
                in f for f in bad["flags"])
+
+
+def test_fields_the_quality_gate_skips_still_check_the_pixel_size(tmp_path):
+    """With a wrong pixel size every field can look clumped or thin to the gate and be
+    skipped: the slide then counted nothing and its report said nothing about the size. The
+    skipped fields' red cells are measured all the same, and their images are not stored."""
+    wrong = tmp_path / "wrong.tif"
+    write_pyramid(wrong, bccd_mosaic(3, 1, 250), 2 * BCCD_UM_PER_PX)
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'gate.db'}",
+                           extra={"acquisition": {"quality": {"enabled": True}}})
+    cfg, (sid,) = submit(config, (wrong, "BM-gated"))
+    run_in_process(config)
+    with Store.from_params(cfg.store, cfg.resolve) as store:
+        fields = store.fields(sid)
+        rep = build_report(store, sid, cfg)
+    assert fields and all(f.skipped_reason for f in fields), [f.skipped_reason for f in fields]
+    assert all(f.image_path is None and RED_CELLS in f.quality for f in fields)
+    px = rep["slide"]["pixel_size_check"]
+    assert px["disagrees"] is True
+    assert px["estimate_um_per_px"] == pytest.approx(BCCD_UM_PER_PX, rel=0.1)
+    assert any(f.startswith("pixel size check: red cells measure") for f in rep["flags"])
