@@ -344,7 +344,9 @@ class Service:
 
         prog = self.store.progress(slide.id)
         ctx = {"slide": slide.id, "name": slide.name}
-        resumed = prog.n_fields > 0 or slide.plan is not None
+        # A virtual or microscope slide's plan is frozen when it is first counted; a folder
+        # slide's comes with it from the watcher, so only its fields say it was begun.
+        resumed = prog.n_fields > 0 or (slide.plan is not None and slide.source != "folder")
         log.info("slide resumed" if resumed else "slide started",
                  extra={"data": {**ctx, "from_field": prog.next_index, "counted": prog.counted,
                                  "target": slide.target, "source": slide.source}})

@@ -227,6 +227,13 @@ def plan_file(
                 area = {"mode": "given", "area_um": [list(p) for p in area_um]}
             else:
                 tiles, area = _auto_area(slide, um, grid, params, detect)
+                if not tiles:
+                    # Counted, it would only reach review as 0 of N cells: say why instead.
+                    why = ", ".join(f"{n} {k}" for k, n in area["left_out"].items() if n)
+                    raise ImageError(
+                        f"{path.name}: no area of the slide looks countable ({len(grid)} "
+                        f"field-sized areas: {why}): not a Wright–Giemsa smear, or give the "
+                        "folder an area_um")
             tiles = order_tiles(tiles, params.order, params.seed)[: params.max_fields_per_file]
             area.update(grid=len(grid), kept=len(tiles), field_px=[fw, fh])
         return PlannedFile(str(path), sha256, slide.format, slide.width, slide.height, float(um),

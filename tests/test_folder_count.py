@@ -137,3 +137,38 @@ def test_kill_mid_count_then_rerun_loses_and_repeats_nothing(lab):
         assert len(rows) == 2 and {r.state for r in rows} == {"done"}
     finally:
         store.close()
+
+
+def test_a_new_folder_slide_is_started_and_an_interrupted_one_resumed(lab):
+    """A folder slide comes with its plan from the watcher: its first count is a start (the
+    daemon logged 'slide resumed, from field 0'); after an interruption it resumes."""
+    from daemon.service import Service
+
+    inbox, cfg_path, cfg = lab
+    write_pyramid(inbox / "s.tif", bccd_mosaic(4, 3), BCCD_UM_PER_PX)
+    lab_cfg = load_config(cfg_path)
+    lab_cfg = lab_cfg.model_copy(update={"watch": WatchParams(**{
+        **lab_cfg.watch.model_dump(),
+        "folders": [{"path": str(inbox), "um_per_px": BCCD_UM_PER_PX}]})})
+    starts: list[bool] = []
+
+    def on_event(e) -> None:
+        if e.kind == "slide_started":
+            starts.append(e.data["resumed"])
+        if e.kind == "field":
+            svc.request_stop()  # as SIGTERM: finish this field, then stop
+
+    for _ in range(2):
+        svc = Service(lab_cfg, cfg_path, on_event=on_event)
+        try:
+            w = FolderWatcher(lab_cfg.watch, svc.store, target=TARGET,
+                              taxonomy=lab_cfg.taxonomy, detect=lab_cfg.detect)
+            for _ in range(20):
+                if svc.store.slides():
+                    break
+                w.scan_once()
+                time.sleep(0.05)
+            svc.run(exit_when_idle=True)
+        finally:
+            svc.close()
+    assert starts == [False, True]

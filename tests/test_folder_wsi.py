@@ -87,9 +87,17 @@ def test_single_field_and_coarse_scan(config, tmp_path):
 
 
 def test_real_ndpi_plan_stays_inside_the_slide(config):
-    pf = plan_file(WSI / "test3-DAPI-2.ndpi", "h", None, config.watch.wsi, config.detect)
+    ndpi = WSI / "test3-DAPI-2.ndpi"
+    # A fluorescence (DAPI) scan: no area looks like a stained smear's monolayer. It was
+    # queued with 0 fields and reached review as 0 of N cells; now it is refused with why.
+    with pytest.raises(ImageError, match=r"no area of the slide looks countable \(40 "
+                       r"field-sized areas: 40 thick\)"):
+        plan_file(ndpi, "h", None, config.watch.wsi, config.detect)
+    # With the area given (slide µm, 3968×4864 px at 0.228), its fields lie inside the slide.
+    pf = plan_file(ndpi, "h", None, config.watch.wsi, config.detect,
+                   ((0.0, 0.0), (900.0, 1100.0)))
     assert pf.format == "hamamatsu" and pf.um_per_px == pytest.approx(0.22817, rel=1e-3)
     fw, fh = pf.area["field_px"]
-    assert pf.area["grid"] == (pf.width // fw) * (pf.height // fh)
+    assert pf.area["grid"] == (pf.width // fw) * (pf.height // fh) and pf.tiles
     for x, y, w, h in pf.tiles:
         assert 0 <= x and x + w <= pf.width and 0 <= y and y + h <= pf.height
