@@ -62,9 +62,9 @@ def _diff_dict(d: Differential) -> dict[str, Any]:
     }
 
 
-def reference_text(interval: Sequence[float] | None, decimals: int) -> str:
-    """A reference interval as printed ("0.0 – 5.0"); "" when the laboratory set none."""
-    return "" if interval is None else f"{interval[0]:.{decimals}f} – {interval[1]:.{decimals}f}"
+def reference_text(interval: Sequence[float] | None) -> str:
+    """A reference interval as the laboratory wrote it ("0 – 2.75"); "" when it set none."""
+    return "" if interval is None else f"{interval[0]:g} – {interval[1]:g}"
 
 
 def prescan_text(pre: dict[str, Any]) -> str:
@@ -274,7 +274,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     ref_head = ["Reference (%)", ""] if has_ref else []
     rows = [["Class", "Lineage", "n", "%", f"{conf} CI (%)", *ref_head, "machine n"]]
     for c in d["classes"]:
-        ref = [reference_text(c["reference_pct"], 1), c["outside"] or ""] if has_ref else []
+        ref = [reference_text(c["reference_pct"]), c["outside"] or ""] if has_ref else []
         rows.append([c["label"], c["lineage"], c["n"], f"{c['pct']:.1f}",
                      f"{c['ci_low_pct']:.1f} – {c['ci_high_pct']:.1f}", *ref,
                      m_n.get(c["name"], 0)])
@@ -295,7 +295,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
           f"{d['me_ratio']:.2f} ({conf} CI {d['me_ci'][0]:.2f} – {d['me_ci'][1]:.2f}); "
           f"myeloid {d['myeloid']}, erythroid {d['erythroid']}"
           + ("" if d["me_reference"] is None else
-             f"; reference {reference_text(d['me_reference'], 2)}"
+             f"; reference {reference_text(d['me_reference'])}"
              + (f" <b>{d['me_outside']}</b>" if d["me_outside"] else "")))
     story.append(Paragraph(f"<b>M:E ratio</b>: {me}", st["Normal"]))
     blast = ("not reported (no blast class in this taxonomy)" if d["blast_pct"] is None else

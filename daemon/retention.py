@@ -10,14 +10,18 @@ crops; cells can no longer be added to its fields (the review app says the image
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from daemon.models import AuditEvent, Field, Slide
 from daemon.store import Store
+
+log = logging.getLogger("marrowcount.retention")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class PurgedSlide:
     fields: int
     bytes: int
     missing: int  # files already gone: their rows are cleared all the same
+    not_deleted: int = 0  # files that could not be deleted (permissions): left for a person
 
 
 def purge_field_images(store: Store, signed_before: datetime, by: str,
@@ -38,7 +43,9 @@ def purge_field_images(store: Store, signed_before: datetime, by: str,
     Per slide, the rows are cleared and the audit event written in one transaction first, and
     only then are the files deleted: a crash between the two leaves unreferenced files (run it
     again to no effect on them; disk only), never a row that names a deleted image. A slide
-    reopened meanwhile is skipped. ``dry_run`` changes nothing and says what would go.
+    reopened meanwhile is skipped. A file that cannot be deleted (permissions) is logged and
+    counted in ``not_deleted``; the run goes on. ``dry_run`` changes nothing and says what
+    would go.
     """
     signed_before = signed_before.astimezone(timezone.utc)
     with store.session() as s:
@@ -50,29 +57,46 @@ def purge_field_images(store: Store, signed_before: datetime, by: str,
     done = []
     for sid in ids:
         with store.session() as s:
-            slide = s.scalar(select(Slide).where(Slide.id == sid).with_for_update())
-            if slide is None or slide.status != "signed":
+            slide = s.get(Slide, sid)
+            fields = list(s.execute(select(Field.id, Field.image_path).where(
+                Field.slide_id == sid, Field.image_path.is_not(None))))
+            if slide is None or slide.status != "signed" or not fields:
                 continue
-            fields = list(s.scalars(select(Field).where(Field.slide_id == sid,
-                                                        Field.image_path.is_not(None))))
-            paths = [store.path(f.image_path) for f in fields]
-            sizes = [p.stat().st_size if p.is_file() else None for p in paths]
-            found = [n for n in sizes if n is not None]
-            item = PurgedSlide(slide.name, slide.signed_at, len(fields), sum(found),
-                               len(sizes) - len(found))
-            if dry_run:
+            name, signed_at = slide.name, slide.signed_at
+        paths = [store.path(rel) for _, rel in fields]
+        sizes = [p.stat().st_size if p.is_file() else None for p in paths]
+        found = [n for n in sizes if n is not None]
+        item = PurgedSlide(name, signed_at, len(fields), sum(found), len(sizes) - len(found))
+        if dry_run:
+            done.append(item)
+            continue
+        with store.session() as s:
+            # One statement both checks that the slide is still signed and clears the rows,
+            # so a reopening committed a moment earlier wins (a SELECT ... FOR UPDATE locks
+            # nothing on SQLite); it holds the write lock until the audit event commits.
+            cleared = s.execute(
+                update(Field)
+                .where(Field.id.in_([fid for fid, _ in fields]),
+                       select(Slide.status).where(Slide.id == sid).scalar_subquery()
+                       == "signed")
+                .values(image_path=None)
+                .execution_options(synchronize_session=False)).rowcount
+            if cleared != len(fields):
                 s.rollback()
-                done.append(item)
-                continue
-            for f in fields:
-                f.image_path = None
+                continue  # reopened meanwhile: its images stay
             s.add(AuditEvent(username=by, action="purge_field_images", slide_id=sid,
                              before={"fields_with_image": item.fields, "bytes": item.bytes},
                              after={"signed_before": signed_before.isoformat()}))
+        failed = []
         for p in paths:
             try:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
-        done.append(item)
+            except OSError as exc:  # no longer referenced: say so, the others go on
+                failed.append(f"{p}: {exc.strerror}")
+        if failed:
+            log.error("%s: %d field image(s) could not be deleted (delete them by hand; no "
+                      "row refers to them): %s", name, len(failed), "; ".join(failed[:3]))
+        done.append(dataclasses.replace(item, not_deleted=len(failed)))
     return done

@@ -35,14 +35,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.store import RED_CELLS, Store, StoreError
 from pipeline.errors import ConfigError, MarrowError
-from pipeline.imaging import check_scale
+from pipeline.detect import check_field_scale
 from pipeline.params import Params
 
 log = logging.getLogger("marrowcount.service")
@@ -63,9 +63,14 @@ class ServiceParams(Params):
         ge=0, description="after the last retry: pause the slide this long, then resume it")
     log_format: Literal["json", "text"]
     log_level: Literal["debug", "info", "warning", "error"]
-    webhook_url: str = Field(pattern=r"^(https?://\S+)?$",
+    webhook_url: str = Field(pattern=r"(?i)^(https?://\S+)?$",
                              description="POST slide events here as JSON (an http:// or "
                              "https:// URL); '' = off")
+
+    @field_validator("webhook_url", mode="before")
+    @classmethod
+    def _strip_url(cls, v: Any) -> Any:
+        return v.strip() if isinstance(v, str) else v
     webhook_events: tuple[Literal["slide_started", "slide_finished", "slide_paused",
                                   "pixel_size"], ...] = Field(
         description="which events go to webhook_url")
@@ -116,7 +121,8 @@ def submit_slide(
     if n <= 0:
         raise ServiceError(f"target must be a positive number of cells, got {n}")
     if um_per_px is not None:
-        um_per_px = check_scale(um_per_px, "--um-per-px")
+        # A size no field could be counted at would only reach review as 0 cells.
+        um_per_px = check_field_scale(um_per_px, cfg.detect, "--um-per-px")
     um = um_per_px
     if p.suffix.lower() == ".cfg":
         kind = "microscope"
@@ -132,6 +138,7 @@ def submit_slide(
         if not um:
             raise ServiceError(f"{p}: the file states no pixel size; give --um-per-px "
                                "(nothing was queued)")
+        check_field_scale(um, cfg.detect, f"{p.name}: pixel size")
     sid = store.create_slide(name or p.stem, kind, str(p), n, cfg.taxonomy, um_per_px=um)
     log.info("slide submitted", extra={"data": {"slide": sid, "name": name or p.stem,
                                                 "source": kind, "target": n}})
@@ -317,8 +324,14 @@ class Service:
                 # see the new values too (the next file dropped, not only after a restart).
                 if self._watcher is not None:
                     self._watcher.stop()
-                self._watcher = self._start_watcher()
-                log.info("folder watcher restarted with the reloaded settings")
+                    self._watcher = None
+                try:
+                    self._watcher = self._start_watcher()
+                except Exception as exc:  # e.g. the inotify limit: counting queued slides goes on
+                    log.error("folder watcher not restarted (next reload tries again): %s", exc)
+                    self.metrics.error("watcher")
+                else:
+                    log.info("folder watcher restarted with the reloaded settings")
         self.notifier.ready(f"idle on {self.instrument}")
 
     # -- queue ----------------------------------------------------------------------------

@@ -18,8 +18,9 @@ are lost, e.g. on network shares). A pass:
    filename regex with a ``slide`` group);
 4. records each file by content hash (sha256) in the store's ``scanned_files`` table, so a
    restart or a re-delivered copy is never processed twice (a series' hash covers its
-   instance files' names and bytes); only a file that was quarantined, or whose slide failed,
-   is tried afresh when a person puts it back (e.g. after setting the folder's pixel size);
+   instance files' names and bytes); only a file that was quarantined (a failed slide's file
+   is moved there too) is tried afresh when a person puts it back (e.g. after setting the
+   folder's pixel size);
 5. opens and plans every file (drivers.wsi_fields.plan_file); a file that cannot be opened or
    decoded, or has no pixel size, is moved to the folder's quarantine subfolder with
    ``<name>.error.txt`` saying why, and recorded; the other files of the slide go on (a
@@ -29,8 +30,8 @@ are lost, e.g. on network shares). A pass:
    the FieldSource with ``drivers.wsi_fields.source_from_plan``.
 
 Files that arrived while the service was down are found by the first pass (backlog). Each
-pass also settles finished slides: their files become ``done``; a slide that failed because
-one of its files could not be decoded moves that file to quarantine.
+pass also settles finished slides: their files become ``done``; a slide that failed moves its
+files to quarantine with the reason.
 """
 
 from __future__ import annotations
@@ -270,7 +271,12 @@ class FolderWatcher:
             self._observer = None
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if self._thread.is_alive():
+                # Still planning a large file: it stops at the next slide boundary, which it
+                # only does while _thread is set (see the pass loop); keep it set.
+                log.warning("folder watcher still finishing a file after %.0f s", timeout)
+            else:
+                self._thread = None
 
     def __enter__(self) -> "FolderWatcher":
         self.start()
@@ -744,9 +750,13 @@ class FolderWatcher:
         for row_id, path_s, sha, status, error in finished:
             path = Path(path_s)
             folder_root = self._root_of(path)
-            if status == "failed" and error and path.name in error and folder_root and path.exists():
+            if status == "failed" and folder_root and path.exists():
+                # No result: the file goes to quarantine with the slide's error, where a person
+                # sees it and, once the cause is fixed, puts it back to be counted afresh.
                 folder, root = folder_root
-                events.append(self._quarantine(folder, root, path, error, sha))
+                events.append(self._quarantine(folder, root, path,
+                                               f"its slide failed: {error or 'no reason given'}",
+                                               sha))
                 continue
             with self.store.session() as s:
                 row = s.get(ScannedFile, row_id)

@@ -15,7 +15,13 @@ import logging
 
 
 def quiet_pymmcore_logging() -> None:
-    from pymmcore_plus import configure_logging
-
-    configure_logging(file=None, log_to_stderr=False)
-    logging.getLogger().setLevel(logging.WARNING)
+    # configure_logging(log_to_stderr=False) would remove them, but it removes while
+    # iterating the same list and skips every other handler (pymmcore-plus 0.18): clear here.
+    logger = logging.getLogger("pymmcore-plus")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True
+    root = logging.getLogger()
+    if root.level == logging.DEBUG:  # what pymmcore-plus set on import; a host's own level stays
+        root.setLevel(logging.WARNING)

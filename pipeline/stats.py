@@ -151,7 +151,7 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
         ref = refs.get(cls.name)
         rows.append(ClassRow(cls.name, cls.label, cls.lineage, cls.blast, n,
                              _pct(n, total), 100 * lo, 100 * hi, ref,
-                             outside_reference(_pct(n, total) if total else None, ref, 1)))
+                             outside_reference(_pct(n, total) if total else None, ref, 2)))
 
     myeloid = sum(r.n for r in rows if r.lineage == "myeloid")
     erythroid = sum(r.n for r in rows if r.lineage == "erythroid")
@@ -180,16 +180,16 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
         total=total, confidence=conf, rows=tuple(rows), myeloid=myeloid, erythroid=erythroid,
         me_ratio=me_ratio, me_ci=me_ci, blast_n=blast_n, blast_pct=blast_pct,
         blast_ci_pct=blast_ci, flags=tuple(flags), not_counted=not_counted,
-        me_reference=refs.get(ME_RATIO), me_outside=outside_reference(me_ratio, refs.get(ME_RATIO), 2),
+        me_reference=refs.get(ME_RATIO), me_outside=outside_reference(me_ratio, refs.get(ME_RATIO), 3),
     )
 
 
 def outside_reference(value: float | None, reference: tuple[float, float] | None,
                       decimals: int) -> str | None:
     """"L" below the reference interval, "H" above it, None inside it or when either is
-    missing (no cells counted, no interval set). The value is judged as the report prints it
-    (rounded to ``decimals``), so a printed 3.0 is never marked H against an interval 0-3;
-    the bounds belong to the interval."""
+    missing (no cells counted, no interval set). The value is judged as the report's JSON and
+    CSV record it (rounded to ``decimals``: 2 for %, 3 for M:E), so a recorded 3.00 is never
+    marked H against an interval 0-3; the bounds belong to the interval."""
     if value is None or reference is None:
         return None
     lo, hi = reference

@@ -348,8 +348,9 @@ def test_a_broken_mrxs_goes_to_quarantine_with_its_data_folder(config, store, in
 def test_a_file_put_back_after_quarantine_or_a_failed_slide_is_tried_afresh(config, store,
                                                                            inbox):
     """A quarantined file keeps its verdict only while it stays out of the folder; put back
-    once the cause is fixed (the folder's pixel size set), it is counted. A file whose slide
-    failed (no result) is queued again when put back, under a new slide name."""
+    once the cause is fixed (the folder's pixel size set), it is counted. A failed slide's
+    file goes to quarantine with the slide's error, and is queued again, as a new slide, only
+    when a person puts it back (never by itself at a restart)."""
     no_size = make_params(config, inbox, stable_seconds=0.0, folder={"um_per_px": None})
     shutil.copy(bccd_field(4), inbox / "field.jpg")
     evs = scan_until_idle(watcher(config, store, no_size))
@@ -362,15 +363,17 @@ def test_a_file_put_back_after_quarantine_or_a_failed_slide_is_tried_afresh(conf
     assert [(e.kind, Path(e.path).name) for e in evs] == [("slide", "field.jpg")]
     assert [s.name for s in slides(store)] == ["field.jpg"]
 
-    # The slide fails for a cause outside the file: the file is done with.
+    # The slide fails for a cause outside the file: the file goes to quarantine, saying why.
     sid = slides(store)[0].id
     store.set_status(sid, "acquiring")
     store.set_status(sid, "failed", error="the store could not be written (disk full)")
-    assert [e.kind for e in scan_until_idle(w)] == ["done"]
-    assert [r.state for r in rows(store)] == ["done"]
-    assert scan_until_idle(w, passes=5) == []  # not again in the same run
-    # Put back (moved away and back: same path, same mtime) or the service restarted: the
+    evs = scan_until_idle(w)
+    assert [(e.kind, Path(e.path).name) for e in evs] == [("quarantined", "field.jpg")]
+    assert "its slide failed: the store could not be written" in evs[0].reason
+    assert scan_until_idle(watcher(config, store, fixed), passes=5) == []  # a restart: nothing
+    # Put back (the first verdict's note is still there, so this one is "field.jpg.1"): the
     # failed slide stays as it was, and the file is counted as a new slide.
+    shutil.move(inbox / "quarantine" / "field.jpg.1", inbox / "field.jpg")
     evs = scan_until_idle(watcher(config, store, fixed))
     assert [(e.kind, Path(e.path).name) for e in evs] == [("slide", "field.jpg")]
     assert sorted((s.name, s.status) for s in slides(store)) == [

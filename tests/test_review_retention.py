@@ -113,3 +113,55 @@ def test_purge_command_needs_one_cut_off_and_reports_sizes(review_env):
     res = runner.invoke(app, [*args, "--signed-before", tomorrow, "--by", "nightly"])
     assert res.exit_code == 0 and "deleted 40 field images" in res.output
     assert not any(_images(env, env.slide_id))
+
+
+def test_a_slide_reopened_during_the_purge_keeps_its_images(review_env, monkeypatch):
+    """The reopening commits between the purge reading the slide and clearing its rows (on
+    SQLite a SELECT ... FOR UPDATE locks nothing): the reopening wins."""
+    import daemon.retention as retention
+
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, WHO, None)
+    images = [p for p in _images(env, env.slide_id) if p]
+    real_path, reopened = env.store.path, []
+
+    def path_then_reopen(rel):
+        if not reopened:  # the purge has read the slide as signed: a supervisor reopens it
+            with env.store.session() as s:
+                actions.reopen(s, env.slide_id, actions.Reviewer(SUPER[0], "supervisor"), "x")
+            reopened.append(True)
+        return real_path(rel)
+
+    monkeypatch.setattr(env.store, "path", path_then_reopen)
+    done = retention.purge_field_images(env.store, datetime.now(timezone.utc)
+                                        + timedelta(minutes=1), "ops")
+    monkeypatch.undo()
+    assert reopened and done == []
+    assert _images(env, env.slide_id) == images
+    assert all(env.store.path(p).is_file() for p in images)
+
+
+def test_an_image_that_cannot_be_deleted_is_reported_and_the_rest_go(review_env, monkeypatch,
+                                                                    caplog):
+    import os
+
+    import daemon.retention as retention
+
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, WHO, None)
+    images = [env.store.path(p) for p in _images(env, env.slide_id) if p]
+    real_unlink = os.unlink
+
+    def unlink(p):  # the first file sits on a read-only share
+        if p == images[0]:
+            raise PermissionError(13, "Permission denied", str(p))
+        real_unlink(p)
+
+    monkeypatch.setattr(retention.os, "unlink", unlink)
+    (item,) = retention.purge_field_images(env.store, datetime.now(timezone.utc)
+                                           + timedelta(minutes=1), "ops")
+    assert item.not_deleted == 1 and item.fields == len(images)
+    assert images[0].is_file() and not any(p.is_file() for p in images[1:])
+    assert "could not be deleted" in caplog.text and "Permission denied" in caplog.text

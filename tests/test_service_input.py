@@ -56,6 +56,11 @@ def test_corrupt_or_invalid_config_is_refused(tmp_path):
     _fails(["daemon", "--config", str(bad)], ConfigError, "service.pol_seconds")
     bad.write_text("service:\n  webhook_url: notaurl\n")  # failed only at the first event
     _fails(["daemon", "--config", str(bad)], ConfigError, "service.webhook_url")
+    from daemon.config import load_config
+
+    for url in ("HTTPS://chat.example.org/hook", " https://chat.example.org/hook "):
+        assert load_config(overrides={"service": {"webhook_url": url}}).service.webhook_url \
+            == url.strip()
 
 
 def test_database_that_is_not_sqlite_is_never_overwritten(tmp_path):
@@ -99,6 +104,9 @@ def test_submit_needs_a_pixel_size_the_daemon_can_use(tmp_path):
            "the file states no pixel size; give --um-per-px")
     _fails(["submit", str(jpeg), "--um-per-px", "72", "--config", str(config)], ImageError,
            "--um-per-px 72 µm per pixel is coarser than any microscope image")
+    # Coarser than the detector can search: every field would be refused, 0 cells counted.
+    _fails(["submit", str(jpeg), "--um-per-px", "1.5", "--config", str(config)], ImageError,
+           "too coarse to detect leukocytes")
     res = runner.invoke(app, ["submit", str(jpeg), "--um-per-px", "0.072", "--name", "J1",
                               "--config", str(config)])
     assert res.exit_code == 0, res.output
@@ -219,7 +227,8 @@ def test_every_stderr_line_is_json_and_pymmcore_keeps_no_log_file(tmp_path):
         "import logging, tifffile\n"
         "from daemon.service import setup_logging\n"
         "setup_logging('json', 'info')\n"
-        "import drivers.micromanager\n"
+        "import drivers.virtual\n"  # the module that imports pymmcore-plus alone
+        "assert not logging.getLogger('pymmcore-plus').handlers\n"
         "logging.getLogger('pymmcore-plus').warning('MDA Canceled: stage_positions=(...)')\n"
         f"with tifffile.TiffFile({str(truncated)!r}) as t:\n"
         "    t.series\n"

@@ -116,7 +116,7 @@ def test_reference_intervals_mark_values_below_and_above(config):
     assert all(r.reference is None and r.outside is None for r in plain.rows)
     assert plain.me_reference is None and plain.me_outside is None
     eos, lym, mono = (plain.row(n) for n in ("eosinophil", "lymphocyte", "monocyte"))
-    shown = round(mono.pct, 1)  # an interval ending at the printed value holds it
+    shown = round(mono.pct, 2)  # an interval ending at the recorded value holds it
     refs = {"eosinophil": (0.0, eos.pct - 1), "lymphocyte": (lym.pct + 1, 100.0),
             "monocyte": (shown - 1, shown), "me_ratio": (0.1, plain.me_ratio / 2)}
     d = differential(counts, config.classes, _params(config, reference_intervals=refs))

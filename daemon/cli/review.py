@@ -303,6 +303,10 @@ def purge_images_cmd(
         gone = f", {p.missing} already missing" if p.missing else ""
         console.print(f"{p.slide} (signed {p.signed_at:%Y-%m-%d}): {verb} {p.fields} field "
                       f"images, {p.bytes / 1e6:.1f} MB{gone}", highlight=False)
+        if p.not_deleted:
+            err_console.print(f"[yellow]warning:[/] {p.slide}: {p.not_deleted} image(s) could "
+                              "not be deleted (see the log); delete them by hand",
+                              highlight=False)
     console.print(f"{len(purged)} slides signed before {cutoff:%Y-%m-%d %H:%M} UTC: {verb} "
                   f"{sum(p.fields for p in purged)} field images, "
                   f"{sum(p.bytes for p in purged) / 1e6:.1f} MB", highlight=False)
