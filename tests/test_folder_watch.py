@@ -386,3 +386,35 @@ def test_a_file_put_back_after_quarantine_or_a_failed_slide_is_tried_afresh(conf
     evs = scan_until_idle(watcher(config, store, fixed))
     assert [(e.kind, Path(e.path).name) for e in evs] == [("duplicate", "field copy.jpg")]
     assert len(slides(store)) == 2 and len(rows(store)) == 1
+
+
+def test_stop_while_planning_a_large_file_ends_at_the_next_slide(config, store, inbox,
+                                                                  monkeypatch):
+    """stop() gives up waiting after its timeout, but the watcher's thread, still planning a
+    large file, must stop before the next slide (it planned every remaining file, beside a
+    new watcher after a reload, once stop() had forgotten it)."""
+    import threading
+
+    import drivers.folder as folder_mod
+
+    for i in range(3):
+        shutil.copy(bccd_field(10 + i), inbox / f"f{i}.jpg")
+    started, release = threading.Event(), threading.Event()
+    real_plan = folder_mod.plan_file
+
+    def slow_plan(*args, **kw):
+        started.set()
+        release.wait(30)  # a multi-GB scan being read
+        return real_plan(*args, **kw)
+
+    monkeypatch.setattr(folder_mod, "plan_file", slow_plan)
+    w = watcher(config, store, make_params(config, inbox, stable_seconds=0.0))
+    w.start()
+    assert started.wait(30)
+    w.stop(timeout=0.1)
+    thread = w._thread
+    assert thread is not None and thread.is_alive()  # still planning: not forgotten
+    release.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(slides(store)) == 1  # the file being planned is finished, no further one
