@@ -14,7 +14,6 @@ from functools import lru_cache
 from typing import Any
 
 from pydantic import Field, model_validator
-from scipy.stats import binomtest
 
 from pipeline.params import Params
 from pipeline.taxonomy import Taxonomy
@@ -130,6 +129,10 @@ def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, floa
     """
     if n <= 0:
         return (0.0, 1.0)
+    # Imported here: scipy.stats costs ~0.5 s, and every CLI command imports this module
+    # through the config (StatsParams) whether or not it computes an interval.
+    from scipy.stats import binomtest
+
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="exact")
     return (float(ci.low), float(ci.high))
 
