@@ -469,16 +469,14 @@ class FolderWatcher:
 
     def _recorded(self, root: Path) -> dict[Path, tuple[int, float]]:
         """Files under ``root`` already decided in the store: path -> (size, recorded at, s).
-        Not a quarantined file nor one whose slide failed: such a file is moved out or done
-        with, so one found at its recorded path was put back by a person, to be tried again
-        (a file that could not be moved to quarantine is in ``_stuck`` for this run)."""
-        failed = select(Slide.id).where(Slide.status == "failed")
+        Not a quarantined one: it was moved out (or was gone), so one found at its recorded
+        path was put back by a person, to be tried again (a file that could not be moved to
+        quarantine is in ``_stuck`` for this run)."""
         with self.store.session() as s:
             found = s.execute(
                 select(ScannedFile.path, ScannedFile.size, ScannedFile.updated_at)
                 .where(ScannedFile.state.not_in(("pending", "quarantined")),
-                       ScannedFile.path.startswith(str(root)),
-                       (ScannedFile.slide_id.is_(None)) | ScannedFile.slide_id.not_in(failed))
+                       ScannedFile.path.startswith(str(root)))
             ).all()
         out = {}
         for path, size, at in found:
@@ -596,18 +594,16 @@ class FolderWatcher:
                 log.warning("%s: cannot read (%s); will retry", path, exc.strerror)
                 continue
             row = self._row(sha)
-            if row is not None and row.state in ("done", "processing") and not self._failed(row):
+            if row is not None and row.state in ("done", "processing"):
                 self._settled.add((path, size, mtime))
                 if Path(row.path) != path:
                     events.append(WatchEvent("duplicate", str(path), row.slide_id,
                                              f"same content as {row.path}, already {row.state}"))
                 continue
-            if row is not None and row.state != "pending":
-                # Put back by a person (a quarantined file leaves the folder; a failed slide's
-                # file was done with): maybe after fixing what stopped it, e.g. the folder's
-                # pixel size. It is tried afresh, and judged again under its own name.
-                log.info("%s: %s before (%s); trying it again", path,
-                         "quarantined" if row.state == "quarantined" else "its slide failed",
+            if row is not None and row.state == "quarantined":
+                # Put back by a person, maybe after fixing what stopped it (e.g. the folder's
+                # pixel size): tried afresh, and judged again under its own name.
+                log.info("%s: quarantined before (%s); trying it again", path,
                          row.error or "no reason recorded")
             self._record(sha, path, size, "pending")
             try:
@@ -672,13 +668,6 @@ class FolderWatcher:
         self._hashes[path] = (size, mtime, sha)
         return sha
 
-    def _failed(self, row: ScannedFile) -> bool:
-        """The file's slide failed: it was counted to no result, so the file may come again."""
-        if row.state != "done" or row.slide_id is None:
-            return False
-        with self.store.session() as s:
-            return s.scalar(select(Slide.status).where(Slide.id == row.slide_id)) == "failed"
-
     def _row(self, sha: str) -> ScannedFile | None:
         with self.store.session() as s:
             return s.scalar(select(ScannedFile).where(ScannedFile.sha256 == sha))
@@ -736,7 +725,7 @@ class FolderWatcher:
     # -- finished slides --------------------------------------------------------------------
 
     def _settle(self) -> list[WatchEvent]:
-        """Mark files of finished slides done; quarantine a file whose decoding failed it."""
+        """Mark files of finished slides done; a failed slide's files go to quarantine."""
         events: list[WatchEvent] = []
         with self.store.session() as s:
             rows = s.execute(
@@ -745,25 +734,27 @@ class FolderWatcher:
                 .where(ScannedFile.state == "processing",
                        Slide.status.in_(("awaiting_review", "signed", "failed")))
             ).all()
-            finished = [(r.id, r.path, r.sha256, sl.status, sl.error or sl.stopped_because)
-                        for r, sl in rows]
-        for row_id, path_s, sha, status, error in finished:
+            finished = [(r.id, r.path, r.sha256, r.size, sl.status,
+                         sl.error or sl.stopped_because) for r, sl in rows]
+        for row_id, path_s, sha, size, status, error in finished:
             path = Path(path_s)
             folder_root = self._root_of(path)
-            if status == "failed" and folder_root and path.exists():
-                # No result: the file goes to quarantine with the slide's error, where a person
-                # sees it and, once the cause is fixed, puts it back to be counted afresh.
-                folder, root = folder_root
-                events.append(self._quarantine(folder, root, path,
-                                               f"its slide failed: {error or 'no reason given'}",
-                                               sha))
+            if status == "failed":
+                # No result: the file is quarantined with the slide's error, where a person
+                # sees it and, once the cause is fixed, puts it back to be counted afresh. A
+                # file gone meanwhile is only recorded so: put back, it is tried again too.
+                reason = f"its slide failed: {error or 'no reason given'}"
+                if folder_root and path.exists():
+                    events.append(self._quarantine(*folder_root, path, reason, sha))
+                else:
+                    self._record(sha, path, size, "quarantined", reason)
+                    events.append(WatchEvent("done", path_s, None, reason))
                 continue
             with self.store.session() as s:
                 row = s.get(ScannedFile, row_id)
                 if row is not None:
-                    row.state, row.updated_at = "done", utcnow()
-                    row.error = error if status == "failed" else None
-            events.append(WatchEvent("done", path_s, None, error if status == "failed" else None))
+                    row.state, row.updated_at, row.error = "done", utcnow(), None
+            events.append(WatchEvent("done", path_s, None, None))
         return events
 
     def _root_of(self, path: Path) -> tuple[WatchFolder, Path] | None:

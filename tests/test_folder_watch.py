@@ -418,3 +418,25 @@ def test_stop_while_planning_a_large_file_ends_at_the_next_slide(config, store, 
     thread.join(30)
     assert not thread.is_alive()
     assert len(slides(store)) == 1  # the file being planned is finished, no further one
+
+
+def test_a_failed_slides_file_that_was_gone_counts_again_when_put_back(config, store, inbox,
+                                                                       tmp_path):
+    """The slide failed because its file went missing mid-count (moved away during a
+    crash): put back at the same path, unchanged, the file is counted as a new slide."""
+    fixed = make_params(config, inbox, stable_seconds=0.0)
+    shutil.copy(bccd_field(5), inbox / "gone.jpg")
+    w = watcher(config, store, fixed)
+    assert [e.kind for e in scan_until_idle(w)] == ["slide"]
+    sid = slides(store)[0].id
+    shutil.move(inbox / "gone.jpg", tmp_path / "gone.jpg")  # mtime kept
+    store.set_status(sid, "acquiring")
+    store.set_status(sid, "failed", error="gone.jpg: no such file")
+    evs = scan_until_idle(w)
+    assert [(e.kind, e.reason) for e in evs] == [
+        ("done", "its slide failed: gone.jpg: no such file")]
+    shutil.move(tmp_path / "gone.jpg", inbox / "gone.jpg")
+    evs = scan_until_idle(watcher(config, store, fixed))
+    assert [(e.kind, Path(e.path).name) for e in evs] == [("slide", "gone.jpg")]
+    assert sorted((s.name, s.status) for s in slides(store)) == [
+        ("gone.jpg", "failed"), ("gone.jpg (2)", "queued")]
