@@ -66,14 +66,14 @@ class ServiceParams(Params):
     webhook_url: str = Field(pattern=r"(?i)^(https?://\S+)?$",
                              description="POST slide events here as JSON (an http:// or "
                              "https:// URL); '' = off")
+    webhook_events: tuple[Literal["slide_started", "slide_finished", "slide_paused",
+                                  "pixel_size"], ...] = Field(
+        description="which events go to webhook_url")
 
     @field_validator("webhook_url", mode="before")
     @classmethod
     def _strip_url(cls, v: Any) -> Any:
         return v.strip() if isinstance(v, str) else v
-    webhook_events: tuple[Literal["slide_started", "slide_finished", "slide_paused",
-                                  "pixel_size"], ...] = Field(
-        description="which events go to webhook_url")
 
 
 class ServiceError(MarrowError):
@@ -120,9 +120,6 @@ def submit_slide(
     n = cfg.acquisition.target if target is None else int(target)
     if n <= 0:
         raise ServiceError(f"target must be a positive number of cells, got {n}")
-    if um_per_px is not None:
-        # A size no field could be counted at would only reach review as 0 cells.
-        um_per_px = check_field_scale(um_per_px, cfg.detect, "--um-per-px")
     um = um_per_px
     if p.suffix.lower() == ".cfg":
         kind = "microscope"
@@ -138,7 +135,10 @@ def submit_slide(
         if not um:
             raise ServiceError(f"{p}: the file states no pixel size; give --um-per-px "
                                "(nothing was queued)")
-        check_field_scale(um, cfg.detect, f"{p.name}: pixel size")
+    if um is not None:
+        # A size no field could be counted at would only reach review as 0 cells.
+        um = check_field_scale(um, cfg.detect,
+                               "--um-per-px" if um_per_px is not None else f"{p.name}: pixel size")
     sid = store.create_slide(name or p.stem, kind, str(p), n, cfg.taxonomy, um_per_px=um)
     log.info("slide submitted", extra={"data": {"slide": sid, "name": name or p.stem,
                                                 "source": kind, "target": n}})

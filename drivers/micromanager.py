@@ -37,12 +37,9 @@ from pymmcore_plus.mda._engine import ImagePayload
 from drivers.acquisition import AcquisitionError, AcquisitionParams, FieldResult, PrescanParams
 from drivers.autofocus import find_focus
 from drivers.plan import Area, FieldPlan, plan_fields
-from drivers.pymmcore_logging import quiet_pymmcore_logging
 from drivers.virtual import SlideView, VirtualMicroscope, build_virtual_microscope
 from pipeline.detect import DetectParams
 from pipeline.quality import assess_field
-
-quiet_pymmcore_logging()
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -6,7 +6,8 @@ the service's state directory, unseen; ``drivers/__init__.py`` points it at /dev
 the first import) and the root logger at DEBUG. A service wants one stream:
 ``quiet_pymmcore_logging()`` removes both handlers and puts the root logger back at Python's
 default, so pymmcore-plus's records propagate to whatever the service set up
-(``daemon.service.setup_logging``: JSON lines on stderr). Idempotent.
+(``daemon.service.setup_logging``: JSON lines on stderr). ``drivers.virtual``, the module
+that imports pymmcore-plus first (``drivers.micromanager`` imports it), calls it once.
 """
 
 from __future__ import annotations
