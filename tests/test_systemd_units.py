@@ -26,15 +26,18 @@ def _service(path) -> configparser.SectionProxy:
 
 
 def test_the_units_are_shipped():
-    assert [u.name for u in UNITS] == ["marrowcount-purge.service", "marrowcount-review.service",
-                                       "marrowcount.service"]
+    assert [u.name for u in UNITS] == ["marrowcount-backup.service", "marrowcount-purge.service",
+                                       "marrowcount-review.service", "marrowcount.service"]
 
 
 @pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
 def test_unit_is_hardened_and_its_command_line_parses(path):
     svc = _service(path)
     for key, value in HARDENING.items():
-        assert svc.get(key) == value, (path.name, key)
+        got = svc.get(key, "")
+        if key == "ReadWritePaths":  # the state directory first; the backup adds its folder
+            got = got.split()[0]
+        assert got == value, (path.name, key)
     argv = shlex.split(svc["ExecStart"])
     assert argv[0].endswith("/.venv/bin/marrowcount")
     group = typer.main.get_command(app)
@@ -51,13 +54,30 @@ def test_daemon_unit_notifies_and_is_watched():
     assert "daemon" in shlex.split(svc["ExecStart"])
 
 
-def test_purge_runs_daily_from_its_timer():
+def _timed(name: str) -> list[str]:
+    """The command line of ``name``.service, after checking that ``name``.timer runs it daily
+    and makes up a missed run."""
     timer = configparser.ConfigParser(interpolation=None, strict=True)
     timer.optionxform = str
-    timer.read(REPO / "systemd" / "marrowcount-purge.timer", encoding="utf-8")
-    assert timer["Timer"]["Unit"] == "marrowcount-purge.service"
+    timer.read(REPO / "systemd" / f"{name}.timer", encoding="utf-8")
+    assert timer["Timer"]["Unit"] == f"{name}.service"
+    assert timer["Timer"]["OnCalendar"].startswith("*-*-* ")
     assert timer["Timer"]["Persistent"] == "true" and timer["Install"]["WantedBy"] == "timers.target"
-    svc = _service(REPO / "systemd" / "marrowcount-purge.service")
-    argv = shlex.split(svc["ExecStart"])
-    assert svc["Type"] == "oneshot" and argv[1] == "purge-images"
+    svc = _service(REPO / "systemd" / f"{name}.service")
+    assert svc["Type"] == "oneshot"
+    return shlex.split(svc["ExecStart"])
+
+
+def test_purge_runs_daily_from_its_timer():
+    argv = _timed("marrowcount-purge")
+    assert argv[1] == "purge-images"
     assert "--dry-run" not in argv and int(argv[argv.index("--older-than-days") + 1]) >= 1
+
+
+def test_backup_runs_nightly_into_a_folder_it_may_write():
+    argv = _timed("marrowcount-backup")
+    assert argv[1] == "backup"
+    dest = argv[2]
+    assert dest in _service(REPO / "systemd" / "marrowcount-backup.service")[
+        "ReadWritePaths"].split()
+    assert not dest.startswith("/var/lib/marrowcount")  # not beside the store it backs up

@@ -1,4 +1,5 @@
-"""marrowcount review (serve the review web app) and marrowcount user (local accounts)."""
+"""marrowcount review (the review web app), user (local accounts), and the store's upkeep:
+agreement, export-reviewed, purge-images, backup."""
 
 from __future__ import annotations
 
@@ -310,3 +311,31 @@ def purge_images_cmd(
     console.print(f"{len(purged)} slides signed before {cutoff:%Y-%m-%d %H:%M} UTC: {verb} "
                   f"{sum(p.fields for p in purged)} field images, "
                   f"{sum(p.bytes for p in purged) / 1e6:.1f} MB", highlight=False)
+
+
+@app.command("backup")
+def backup_cmd(
+    dest: Annotated[Path, typer.Argument(
+        help="Backup folder: new, empty, or an earlier backup (only new files are copied).")],
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Back up the store (SQLite) while the daemon runs: a consistent snapshot of the database
+    and every field image and crop it names. Exit status 1 when the store has lost files."""
+    from daemon.backup import backup_store
+
+    _cfg, store = _store(config, db, data_dir, existing=True)
+    try:
+        res = backup_store(store, dest)
+    finally:
+        store.close()
+    console.print(f"{res.dest}: snapshot of {res.taken_at}, {res.slides} slides, {res.files} "
+                  f"files: {res.copied} copied ({res.bytes_copied / 1e6:.1f} MB), "
+                  f"{res.unchanged} unchanged, {res.removed} removed (no longer named)",
+                  highlight=False, soft_wrap=True)
+    if res.missing:
+        err_console.print(f"[bold red]error:[/] {len(res.missing)} file(s) the store names are "
+                          f"missing from its data directory, e.g. {', '.join(res.missing[:3])} "
+                          f"(listed in {res.dest}/BACKUP.json)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)

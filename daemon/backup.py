@@ -1,0 +1,201 @@
+"""Backup: a consistent copy of a SQLite store and every image it names, safe while it runs.
+
+A lab must be able to restore its counts, reviews and audit trail after a disk fails. Copying
+the database file while the daemon writes can catch it half-written; ``backup_store`` takes a
+snapshot through SQLite's online-backup API instead (one read transaction: the last committed
+state, never a field half-committed), then copies exactly the field images and crops that the
+snapshot names. The files are written once and never changed, so a file already in the backup
+with the same size and modification time is kept (a nightly backup copies only new slides).
+
+The backup folder is itself a store: ``DEST/marrowcount.db`` and ``DEST/data/``. Its database
+is replaced only after every file it names is in place, and files no longer named (purged
+field images, a previous backup's leftovers) are deleted only after that; a backup killed part
+way leaves the previous one whole. PostgreSQL stores are backed up with ``pg_dump``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import create_engine, select, union
+from sqlalchemy.engine import make_url
+
+from daemon.models import Cell, Field
+from daemon.store import STAGING, Store, StoreError
+
+DB_NAME = "marrowcount.db"
+DATA_NAME = "data"
+MANIFEST = "BACKUP.json"
+# Files not found at the first pass are looked for once more after this wait: a field whose
+# staging folder was being renamed into place is then in place.
+RENAME_WAIT_S = 1.0
+FIELD_FILE = re.compile(r"slides/(?P<slide>\d+)/f(?P<index>\d+)/(?P<name>[^/]+)")
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """What one backup wrote; ``missing`` lists files the snapshot names that the store lacks."""
+
+    dest: str
+    taken_at: str
+    slides: int
+    files: int
+    copied: int
+    unchanged: int
+    removed: int
+    bytes_copied: int
+    missing: list[str] = field(default_factory=list)
+
+
+def backup_store(store: Store, dest: str | Path) -> BackupResult:
+    """Back up ``store`` (SQLite) into the folder ``dest``; see the module docstring.
+
+    Raises StoreError for a PostgreSQL store, a ``dest`` inside the store's data directory or
+    holding the store itself, a non-empty ``dest`` that is not a marrowcount backup, or a
+    snapshot that fails SQLite's integrity check. Files the snapshot names but the store has
+    lost are listed in ``missing`` (the rest is still backed up).
+    """
+    dest = Path(dest).resolve()
+    src_db = _sqlite_path(store.url)
+    data = store.data_dir.resolve()
+    if dest == data or data in dest.parents or src_db in (dest / DB_NAME, dest) or (
+            dest / DATA_NAME == data):
+        raise StoreError(f"backup folder {dest} would overwrite or lie inside the store itself")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / MANIFEST).is_file():
+        raise StoreError(f"{dest} is not empty and holds no marrowcount backup "
+                         f"({MANIFEST}); give an empty or new folder")
+    (dest / DATA_NAME).mkdir(parents=True, exist_ok=True)
+
+    taken_at = datetime.now(timezone.utc)
+    tmp_db = dest / f".{DB_NAME}.partial"
+    tmp_db.unlink(missing_ok=True)
+    _snapshot(src_db, tmp_db)
+    names, slides = _named_files(tmp_db)
+
+    done: list[int | None] = []  # per file: bytes copied, or None when already current
+    late = []
+    for rel in sorted(names):
+        try:
+            done.append(_copy(store, rel, dest / DATA_NAME / rel))
+        except FileNotFoundError:  # lost, or being moved from staging into place right now
+            late.append(rel)
+    if late:
+        time.sleep(RENAME_WAIT_S)
+    missing = []
+    for rel in late:
+        try:
+            done.append(_copy(store, rel, dest / DATA_NAME / rel))
+        except FileNotFoundError:
+            missing.append(rel)
+    copied = [n for n in done if n is not None]
+
+    os.sync()  # the copies reach the disk before the database that names them
+    os.replace(tmp_db, dest / DB_NAME)
+    removed = _remove_unnamed(dest / DATA_NAME, names)
+    result = BackupResult(str(dest), taken_at.isoformat(timespec="seconds"), slides,
+                          len(names), len(copied), len(done) - len(copied), removed,
+                          sum(copied), missing)
+    manifest = {"source": str(src_db), "data_dir": str(data), **asdict(result)}
+    part = dest / (MANIFEST + ".partial")
+    part.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(part, dest / MANIFEST)
+    return result
+
+
+def _sqlite_path(url: str) -> Path:
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        raise StoreError("backup copies SQLite stores; back up a PostgreSQL store with pg_dump "
+                         "and copy its data directory")
+    if not u.database or u.database == ":memory:":
+        raise StoreError("an in-memory store has nothing to back up")
+    return Path(u.database).resolve()
+
+
+def _snapshot(src_db: Path, out: Path) -> None:
+    """The last committed state of ``src_db``, copied in one read transaction, then checked."""
+    try:
+        src = sqlite3.connect(f"{src_db.as_uri()}?mode=rw", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot back up {src_db}: {exc}") from None
+    dst = sqlite3.connect(out)
+    try:
+        src.backup(dst)  # all pages in one step: one consistent snapshot, writers not blocked
+        ok = dst.execute("PRAGMA integrity_check").fetchall()
+    except sqlite3.Error as exc:
+        out.unlink(missing_ok=True)
+        raise StoreError(f"cannot back up {src_db}: {exc}") from None
+    finally:
+        dst.close()
+        src.close()
+    if ok != [("ok",)]:
+        out.unlink(missing_ok=True)
+        raise StoreError(f"the snapshot of {src_db} fails SQLite's integrity check: "
+                         f"{'; '.join(r[0] for r in ok[:3])}")
+
+
+def _named_files(db: Path) -> tuple[set[str], int]:
+    """Every field image and crop the snapshot names (data-relative), and its slide count."""
+    engine = create_engine(f"sqlite:///{db}")
+    try:
+        with engine.connect() as conn:
+            names = set(conn.scalars(union(
+                select(Field.image_path).where(Field.image_path.is_not(None)),
+                select(Cell.crop_path).where(Cell.crop_path.is_not(None)))))
+            slides = conn.exec_driver_sql("SELECT count(*) FROM slides").scalar_one()
+    finally:
+        engine.dispose()
+    return names, slides
+
+
+def _copy(store: Store, rel: str, target: Path) -> int | None:
+    """Copy the store's file ``rel`` to ``target``: bytes copied, or None when ``target`` is
+    already a copy of it (same size and time). Raises FileNotFoundError when it is not there.
+
+    A field committed a moment ago may still be in its staging folder (the rename into place
+    follows the commit), so that is looked in too.
+    """
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts:
+        raise FileNotFoundError(rel)
+    candidates = [store.data_dir / p]
+    if m := FIELD_FILE.fullmatch(rel):
+        candidates += sorted((store.data_dir / STAGING).glob(
+            f"s{int(m['slide'])}-f{int(m['index'])}-*/{m['name']}"))
+    for source in candidates:
+        try:
+            st = source.stat()
+            try:
+                old = target.stat()
+                if (old.st_size, old.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                    return None
+            except FileNotFoundError:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(target.name + ".partial")
+            shutil.copy2(source, part)
+            os.replace(part, target)
+            return st.st_size
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(rel)
+
+
+def _remove_unnamed(root: Path, names: set[str]) -> int:
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.relative_to(root).as_posix() not in names:
+                path.unlink()
+                removed += 1
+        if dirpath != str(root) and not os.listdir(dirpath):
+            os.rmdir(dirpath)
+    return removed
