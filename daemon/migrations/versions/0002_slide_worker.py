@@ -22,6 +22,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("slides") as batch:
-        batch.drop_index(batch.f("ix_slides_worker"))
-        batch.drop_column("worker")
+    # Not batch mode: on SQLite it rebuilds the table, and dropping the old one deletes every
+    # row that references it (ON DELETE CASCADE, foreign keys on). SQLite 3.35+ drops a column.
+    op.drop_index(op.f("ix_slides_worker"), table_name="slides")
+    op.drop_column("slides", "worker")

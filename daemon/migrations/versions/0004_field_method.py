@@ -21,5 +21,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("fields") as batch:
-        batch.drop_column("method")
+    # Not batch mode: on SQLite it rebuilds the table, and dropping the old one deletes every
+    # row that references it (ON DELETE CASCADE, foreign keys on). SQLite 3.35+ drops a column.
+    op.drop_column("fields", "method")
