@@ -49,6 +49,8 @@ class Slide(Base):
     um_per_px: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     # The frozen field plan and acquisition settings, so a resumed slide follows the same plan.
     plan: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    # Patient and specimen (daemon.case.CaseInfo, set fields only); completed at review.
+    case_info: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
     stopped_because: Mapped[Optional[str]] = mapped_column(String(50), nullable=True)
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from daemon.case import LABELS as CASE_LABELS, parse_case
 from daemon.models import Cell, Field, Review
 from daemon.provenance import method_text
 from daemon.store import Store
@@ -181,11 +182,12 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     prescan = None if not pre else {k: pre[k] for k in (
         "objective", "um_per_px", "planned", "kept", "left_out_by_reason")}
     return {
-        "report_version": 3,
+        "report_version": 4,
         "generated_at": _iso(datetime.now(timezone.utc)),
         "slide": {
             "id": slide.id, "name": slide.name, "source": slide.source,
             "source_ref": slide.source_ref, "status": slide.status, "target": slide.target,
+            "case": parse_case(slide.case_info).model_dump(mode="json"),
             "taxonomy": taxonomy.name, "um_per_px": slide.um_per_px,
             "stopped_because": slide.stopped_because, "error": slide.error,
             "created_at": _iso(slide.created_at), "started_at": _iso(slide.started_at),
@@ -205,9 +207,10 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
 
 
 def report_csv(rep: dict[str, Any]) -> str:
-    """One row per class, then TOTAL, M:E and BLAST rows, with the machine count beside each
-    and, where the laboratory set one, the reference interval and L/H; then the cells not
-    counted, and one METHOD row per method that analysed fields."""
+    """One CASE row per case field (patient, specimen; value in ``value``), one row per class,
+    then TOTAL, M:E and BLAST rows, with the machine count beside each and, where the
+    laboratory set one, the reference interval and L/H; then the cells not counted, and one
+    METHOD row per method that analysed fields."""
     d, m = rep["differential"], rep["machine_differential"]
     machine_n = {c["name"]: c["n"] for c in m["classes"]}
     buf = io.StringIO()
@@ -219,6 +222,9 @@ def report_csv(rep: dict[str, Any]) -> str:
     def ref(interval: list[float] | None, outside: str | None) -> list[Any]:
         return ["", "", ""] if interval is None else [*interval, outside or ""]
 
+    for key, value in rep["slide"]["case"].items():
+        w.writerow([s, "CASE", key, "", "", "" if value is None else value, "", "", "", "",
+                    basis, *ref(None, None)])
     for c in d["classes"]:
         w.writerow([s, c["name"], c["label"], c["lineage"], c["n"], c["pct"], c["ci_low_pct"],
                     c["ci_high_pct"], "%", machine_n.get(c["name"], 0), basis,
@@ -254,8 +260,11 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     st = getSampleStyleSheet()
     sl, d = rep["slide"], rep["differential"]
     conf = f"{d['confidence']:.0%}"
+    case = sl["case"]
     story: list[Any] = [
         Paragraph(f"Bone-marrow differential: {_esc(sl['name'])}", st["Title"]),
+        Paragraph(" · ".join(f"{CASE_LABELS[k]} <b>{_esc(v) if v is not None else '—'}</b>"
+                             for k, v in case.items()), st["Normal"]),
         Paragraph(
             f"Status <b>{sl['status']}</b> · basis: {rep['basis']} counts · "
             f"{d['total']} leukocytes counted (target {sl['target']}) · taxonomy "

@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import Field, field_validator
 from sqlalchemy.exc import SQLAlchemyError
 
+from daemon.case import CaseInfo
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.store import RED_CELLS, Store, StoreError
@@ -108,10 +109,11 @@ def submit_slide(
     name: str | None = None,
     target: int | None = None,
     um_per_px: float | None = None,
+    case: CaseInfo | None = None,
 ) -> int:
     """Queue a virtual slide (a slide image file) or a microscope slide (a Micro-Manager
-    ``.cfg``); returns the slide id. ``um_per_px`` overrides the file's or the microscope's
-    pixel size. Refuses a file that does not exist or cannot be read, and an image file that
+    ``.cfg``) with its ``case`` (patient, specimen) if known; returns the slide id.
+    ``um_per_px`` overrides the file's or the microscope's pixel size. Refuses a file that does not exist or cannot be read, and an image file that
     states no pixel size when none is given (the daemon could never count it)."""
     p = Path(path).expanduser()
     if not p.is_file():
@@ -139,7 +141,8 @@ def submit_slide(
         # A size no field could be counted at would only reach review as 0 cells.
         um = check_field_scale(um, cfg.detect,
                                "--um-per-px" if um_per_px is not None else f"{p.name}: pixel size")
-    sid = store.create_slide(name or p.stem, kind, str(p), n, cfg.taxonomy, um_per_px=um)
+    sid = store.create_slide(name or p.stem, kind, str(p), n, cfg.taxonomy, um_per_px=um,
+                             case=case)
     log.info("slide submitted", extra={"data": {"slide": sid, "name": name or p.stem,
                                                 "source": kind, "target": n}})
     return sid

@@ -48,6 +48,7 @@ from pipeline.errors import MarrowError
 from pipeline.params import Params
 
 if TYPE_CHECKING:
+    from daemon.case import CaseInfo
     from drivers.acquisition import FieldResult
 
 log = logging.getLogger("marrowcount.store")
@@ -249,6 +250,7 @@ class Store:
         *,
         um_per_px: float | None = None,
         plan: dict[str, Any] | None = None,
+        case: "CaseInfo | None" = None,
     ) -> int:
         """Queue a new slide; returns its id. Raises StoreError if ``name`` is taken."""
         if source not in ("virtual", "microscope", "folder"):
@@ -266,6 +268,7 @@ class Store:
                     taxonomy=taxonomy,
                     um_per_px=um_per_px,
                     plan=_plain(plan) if plan is not None else None,
+                    case_info=case.stored() if case is not None else None,
                 )
                 s.add(slide)
                 s.flush()

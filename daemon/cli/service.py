@@ -52,20 +52,34 @@ def submit_cmd(
     target: Optional[int] = typer.Option(None, "--target", help="Cells to count (default: config)."),
     um_per_px: Optional[float] = typer.Option(
         None, "--um-per-px", help="Pixel size, over the file's or the microscope's own."),
+    accession: Optional[str] = typer.Option(None, "--accession", help="Accession number."),
+    patient_id: Optional[str] = typer.Option(None, "--patient-id", help="Patient ID (MRN)."),
+    patient_name: Optional[str] = typer.Option(None, "--patient-name"),
+    specimen: Optional[str] = typer.Option(
+        None, "--specimen", help="e.g. 'bone marrow aspirate, left PSIS'."),
+    collected_on: Optional[str] = typer.Option(
+        None, "--collected-on", help="Collection date, YYYY-MM-DD."),
     config: Optional[Path] = ConfigOpt,
     json_out: bool = typer.Option(False, "--json", help="Print a JSON object only."),
 ) -> None:
-    """Queue a slide for the daemon."""
+    """Queue a slide for the daemon, with its case (patient, specimen) where known; the
+    reviewer can complete the case on the slide's page."""
+    from daemon.case import parse_case
     from daemon.config import load_config
     from daemon.service import submit_slide
 
     cfg = load_config(config)
+    case = parse_case({"accession": accession, "patient_id": patient_id,
+                       "patient_name": patient_name, "specimen": specimen,
+                       "collected_on": collected_on})
     with _store(cfg) as store:
-        sid = submit_slide(store, cfg, slide, name=name, target=target, um_per_px=um_per_px)
+        sid = submit_slide(store, cfg, slide, name=name, target=target, um_per_px=um_per_px,
+                           case=case)
         s = store.slide(sid)
     if json_out:
         typer.echo(json.dumps({"id": sid, "name": s.name, "source": s.source,
-                               "target": s.target, "status": s.status}))
+                               "target": s.target, "status": s.status,
+                               "case": s.case_info or {}}))
     else:
         console.print(f"queued slide {s.name!r} (id {sid}, {s.source}, target {s.target})",
                       highlight=False)

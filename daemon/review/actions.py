@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from daemon.case import CaseError, CaseInfo, parse_case
 from daemon.models import AuditEvent, Cell, Count, Field, Review, Slide, utcnow
 from pipeline.errors import MarrowError
 from pipeline.imaging import CROP_SIZE, crop_at, read_rgb
@@ -272,12 +274,34 @@ def reviewed_counts(s: Session, slide_id: int) -> dict[str, int]:
     return {name: int(n) for name, n in rows}
 
 
-def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None) -> Review:
-    """Sign the slide off: it is locked, and the counts before and after review are kept."""
+def set_case(s: Session, slide_id: int, values: dict[str, Any], who: Reviewer) -> CaseInfo:
+    """Set the slide's case fields (all of them: a blank one is cleared); audited. A signed
+    slide's case is locked with it."""
+    slide = editable_slide(s, slide_id)
+    try:
+        case = parse_case(values)
+    except CaseError as exc:
+        raise ReviewError(str(exc)) from None
+    before, after = slide.case_info or {}, case.stored() or {}
+    if before != after:
+        _audit(s, who, "edit_case", slide_id, None, before, after)
+        slide.case_info = after or None
+        s.flush()
+    return case
+
+
+def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
+         required_case: Sequence[str] = ()) -> Review:
+    """Sign the slide off: it is locked, and the counts before and after review are kept.
+    ``required_case``: case fields that must be filled in first (``review.require_case``)."""
     slide = editable_slide(s, slide_id)
     if slide.status not in SIGNABLE:
         raise Locked(f"slide {slide.name!r} is {slide.status.replace('_', ' ')}; "
                      "only a slide awaiting review can be signed")
+    missing = parse_case(slide.case_info).missing(list(required_case))
+    if missing:
+        raise ReviewError(f"fill in {', '.join(missing)} under Case before signing "
+                          f"slide {slide.name!r}")
     now = utcnow()
     before, after = machine_counts(s, slide_id), reviewed_counts(s, slide_id)
     review = Review(slide_id=slide_id, username=who.username, action="sign", at=now,

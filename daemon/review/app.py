@@ -29,6 +29,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field as PydField
 from sqlalchemy import func, select
 
+from daemon.case import LABELS as CASE_LABELS, parse_case
 from daemon.models import AuditEvent, Cell, Field, Review, Slide, User
 from daemon.provenance import method_text
 from daemon.report import pixel_size_checks, pixel_text, slide_methods
@@ -334,6 +335,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             ctx = table_context(s, slide, tax)
         pixel = pixel_size_checks(store, [slide_id], cfg)[slide_id]
         return page(request, "slide.html", who, methods=methods,
+                    case=parse_case(slide.case_info), case_labels=CASE_LABELS,
+                    case_required=params.require_case,
                     pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
                     tax=tax, sections=_sections(cells, tax),
                     keymap={c.key: c.name for c in tax.classes},
@@ -427,10 +430,20 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     # -- sign-off -----------------------------------------------------------------------
 
+    @app.post("/slides/{slide_id}/case")
+    def set_case(slide_id: int, accession: str = Form(""), patient_id: str = Form(""),
+                 patient_name: str = Form(""), specimen: str = Form(""),
+                 collected_on: str = Form(""), who: Viewer = Depends(changer)) -> Response:
+        with store.session() as s:
+            actions.set_case(s, slide_id, {
+                "accession": accession, "patient_id": patient_id, "patient_name": patient_name,
+                "specimen": specimen, "collected_on": collected_on}, reviewer(who))
+        return RedirectResponse(f"/slides/{slide_id}", status_code=303)
+
     @app.post("/slides/{slide_id}/sign")
     def sign(slide_id: int, note: str = Form(""), who: Viewer = Depends(changer)) -> Response:
         with store.session() as s:
-            actions.sign(s, slide_id, reviewer(who), note.strip()[:2000])
+            actions.sign(s, slide_id, reviewer(who), note.strip()[:2000], params.require_case)
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/reopen")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from daemon.case import CaseKey
 from pipeline.params import Params
 
 
@@ -15,3 +16,6 @@ class ReviewParams(Params):
         description="mark the session cookie Secure (set when served behind HTTPS)"
     )
     queue_refresh_s: float = Field(gt=0, description="queue page polling interval")
+    require_case: list[CaseKey] = Field(
+        description="case fields a slide must have before it can be signed off "
+                    "(accession, patient_id, patient_name, specimen, collected_on)")

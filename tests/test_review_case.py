@@ -1,0 +1,161 @@
+"""A slide's case (patient, specimen): given at submit or completed on the review page,
+audited, locked with the signature, required for sign-off where the lab says so, and printed
+on every report format."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from fastapi.testclient import TestClient
+from pypdf import PdfReader
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from daemon.cli import app
+from daemon.models import AuditEvent, Slide
+from daemon.report import build_report, report_csv, write_report
+from daemon.review.app import create_app
+from tests.review_slide import (  # noqa: F401  (fixtures)
+    SUPER,
+    TECH,
+    login,
+    pipeline_fields,
+    review_env,
+    review_template,
+)
+
+CASE = {"accession": "BM26-00417", "patient_id": "MRN 0042 17", "patient_name": "Doe, Jane",
+        "specimen": "bone marrow aspirate, left PSIS", "collected_on": "2026-11-30"}
+
+
+def _client(cfg, store, user=TECH) -> TestClient:
+    client = TestClient(create_app(cfg, store))
+    client.token = login(client, user)
+    client.headers["X-CSRF-Token"] = client.token
+    return client
+
+
+def _post_case(client, sid, **values):
+    return client.post(f"/slides/{sid}/case", data={"csrf_token": client.token, **values},
+                       follow_redirects=False)
+
+
+def _sign(client, sid):
+    return client.post(f"/slides/{sid}/sign", data={"csrf_token": client.token},
+                       follow_redirects=False)
+
+
+def test_the_case_is_entered_on_the_slide_page_and_audited(review_env):
+    env = review_env
+    tech = _client(env.cfg, env.store)
+    page = tech.get(f"/slides/{env.slide_id}").text
+    assert 'id="case-form"' in page and 'name="accession"' in page
+
+    r = _post_case(tech, env.slide_id, **{**CASE, "patient_name": "  Doe,   Jane "})
+    assert r.status_code == 303
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).case_info == CASE  # whitespace folded
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.action == "edit_case")).one()
+    assert (ev.username, ev.before, ev.after) == (TECH[0], {}, CASE)
+    page = tech.get(f"/slides/{env.slide_id}").text
+    assert 'value="BM26-00417"' in page and 'value="2026-11-30"' in page
+    assert "BM26-00417" in tech.get("/").text  # the queue shows the accession
+
+    # Saving the same values again is no change; clearing a field is one audited change.
+    _post_case(tech, env.slide_id, **CASE)
+    r = _post_case(tech, env.slide_id, **{**CASE, "patient_name": ""})
+    assert r.status_code == 303
+    with env.store.session() as s:
+        events = s.scalars(select(AuditEvent).where(AuditEvent.action == "edit_case")).all()
+        assert "patient_name" not in s.get(Slide, env.slide_id).case_info
+    assert len(events) == 2 and events[1].before["patient_name"] == "Doe, Jane"
+
+
+def test_bad_case_values_are_refused_by_name_and_change_nothing(review_env):
+    env = review_env
+    tech = _client(env.cfg, env.store)
+    r = _post_case(tech, env.slide_id, **{**CASE, "collected_on": "30/11/2026",
+                                          "accession": "A" * 65})
+    assert r.status_code == 400
+    assert "Collected:" in r.text and "Accession:" in r.text
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).case_info is None
+        assert not s.scalars(select(AuditEvent).where(AuditEvent.action == "edit_case")).all()
+
+
+def test_sign_off_needs_the_cases_required_fields_and_locks_them(review_env):
+    env = review_env
+    lab = env.cfg.model_copy(update={"review": env.cfg.review.model_copy(update={
+        "require_case": ["accession", "patient_id"]})})
+    tech = _client(lab, env.store)
+    assert tech.get(f"/slides/{env.slide_id}").text.count('title="needed before sign-off"') == 2
+    _post_case(tech, env.slide_id, accession="BM26-00417")
+    r = _sign(tech, env.slide_id)
+    assert r.status_code == 400 and "fill in Patient ID under Case" in r.text
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).status == "awaiting_review"
+    _post_case(tech, env.slide_id, accession="BM26-00417", patient_id="MRN 0042 17")
+    assert _sign(tech, env.slide_id).status_code == 303
+
+    page = tech.get(f"/slides/{env.slide_id}").text
+    assert 'id="case-form"' not in page and "MRN 0042 17" in page
+    r = _post_case(tech, env.slide_id, accession="changed after signing")
+    assert r.status_code == 409
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).case_info["accession"] == "BM26-00417"
+
+
+def test_every_report_format_names_the_case(review_env, tmp_path):
+    env = review_env
+    tech = _client(env.cfg, env.store)
+    rep = build_report(env.store, env.slide_id, env.cfg)
+    assert rep["slide"]["case"] == dict.fromkeys(CASE)  # every key, none set
+    _post_case(tech, env.slide_id, **CASE)
+    rep = build_report(env.store, env.slide_id, env.cfg)
+    assert rep["report_version"] == 4 and rep["slide"]["case"] == CASE
+
+    rows = list(csv.DictReader(io.StringIO(report_csv(rep))))
+    assert {r["label"]: r["value"] for r in rows if r["quantity"] == "CASE"} == CASE
+    assert len({len(r) for r in csv.reader(io.StringIO(report_csv(rep)))}) == 1
+
+    pdf = tmp_path / "case.pdf"
+    write_report(env.store, env.slide_id, env.cfg, "pdf", pdf)
+    text = " ".join(PdfReader(pdf).pages[0].extract_text().split())
+    for label, value in [("Accession", "BM26-00417"), ("Patient ID", "MRN 0042 17"),
+                         ("Patient name", "Doe, Jane"), ("Collected", "2026-11-30")]:
+        assert f"{label} {value}" in text
+    assert json.loads(tech.get(f"/slides/{env.slide_id}/report.json").text)["slide"][
+        "case"] == CASE
+
+
+def test_submit_takes_the_case_and_refuses_a_bad_date(tmp_path):
+    slide = tmp_path / "slide.tif"
+    _tiny_slide(slide)
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(f"store:\n  url: sqlite:///{tmp_path / 's.db'}\n  data_dir: {tmp_path / 'd'}\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["submit", str(slide), "-c", str(lab), "--collected-on",
+                              "2026-02-30", "--accession", "BM26-1"])
+    assert res.exit_code != 0 and "Collected:" in str(res.exception)
+    assert not (tmp_path / "s.db").exists()  # refused before the store was opened
+    res = runner.invoke(app, ["submit", str(slide), "-c", str(lab), "--json", "--accession",
+                              " BM26-1 ", "--specimen", "bone marrow aspirate",
+                              "--collected-on", "2026-11-30"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["case"] == {"accession": "BM26-1",
+                                              "specimen": "bone marrow aspirate",
+                                              "collected_on": "2026-11-30"}
+
+
+def _tiny_slide(path):
+    """A small real-pixel slide file with its pixel size: a BCCD field as a TIFF."""
+    import tifffile
+
+    from pipeline.imaging import read_rgb
+    from tests.conftest import BCCD, BCCD_UM_PER_PX
+
+    rgb = read_rgb(sorted((BCCD / "JPEGImages").glob("*.jpg"))[0])
+    tifffile.imwrite(path, rgb, resolution=(1e4 / BCCD_UM_PER_PX, 1e4 / BCCD_UM_PER_PX),
+                     resolutionunit="CENTIMETER")
