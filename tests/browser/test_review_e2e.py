@@ -94,6 +94,15 @@ def test_review_sign_and_report(page: Page, live, artifacts):
         cells = s.scalars(select(Cell).where(Cell.id.in_(moved)))
         assert {c.reviewed_label for c in cells} == {TARGET}
 
+    # The case, typed key by key into the form (a class key typed there moves no cell).
+    accession = f"BM26-{key}{key}7"
+    page.locator('#case-form input[name="accession"]').press_sequentially(accession)
+    page.locator('#case-form input[name="specimen"]').press_sequentially(
+        f"aspirate {key} left PSIS")
+    page.click("#case-save")
+    expect(page.locator('#case-form input[name="accession"]')).to_have_value(accession)
+    assert _row_n(page, TARGET) == before_target + 5 and _total(page) == before_total - 1
+
     # Sign.
     page.click("#sign")
     expect(page.locator("p.locked")).to_have_text("Signed and locked.")
@@ -109,6 +118,7 @@ def test_review_sign_and_report(page: Page, live, artifacts):
 
     text = "\n".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
     assert re.search(r"Signed by\s+tech\s+at\s+20\d\d-", text), text[-1500:]
+    assert re.search(rf"Accession\s+{accession}\s", text), text[:500]
     label = cfg.classes.get(TARGET).label
     row = re.search(rf"^{label}\s+\w+\s+(\d+)\s+[\d.]+\s+[\d.]+ – [\d.]+\s+(\d+)$", text, re.M)
     assert row, text[:2000]
