@@ -38,29 +38,59 @@ def _iso(dt: datetime | None) -> str | None:
 
 
 def _diff_dict(d: Differential) -> dict[str, Any]:
+    """A differential as plain data, unrounded: the PDF, the review page and the console round
+    the exact value once for display (rounding an already rounded 3.7475 gives 3.8, not 3.7);
+    JSON and CSV round at output (``_rounded``)."""
     return {
         "total": d.total,
         "confidence": d.confidence,
         "classes": [
             {"name": r.name, "label": r.label, "lineage": r.lineage, "blast": r.blast, "n": r.n,
-             "pct": round(r.pct, 2), "ci_low_pct": round(r.ci_low_pct, 2),
-             "ci_high_pct": round(r.ci_high_pct, 2),
+             "pct": r.pct, "ci_low_pct": r.ci_low_pct, "ci_high_pct": r.ci_high_pct,
              "reference_pct": None if r.reference is None else list(r.reference),
              "outside": r.outside}
             for r in d.rows
         ],
         "myeloid": d.myeloid,
         "erythroid": d.erythroid,
-        "me_ratio": None if d.me_ratio is None else round(d.me_ratio, 3),
-        "me_ci": None if d.me_ci is None else [round(v, 3) for v in d.me_ci],
+        "me_ratio": d.me_ratio,
+        "me_ci": None if d.me_ci is None else list(d.me_ci),
         "me_reference": None if d.me_reference is None else list(d.me_reference),
         "me_outside": d.me_outside,
         "blast_n": d.blast_n,
-        "blast_pct": None if d.blast_pct is None else round(d.blast_pct, 2),
-        "blast_ci_pct": None if d.blast_ci_pct is None else [round(v, 2) for v in d.blast_ci_pct],
+        "blast_pct": d.blast_pct,
+        "blast_ci_pct": None if d.blast_ci_pct is None else list(d.blast_ci_pct),
         "not_counted": d.not_counted,
         "threshold_flags": [f.message for f in d.flags],
     }
+
+
+# Decimals of each differential value in JSON and CSV: % to 0.01, the M:E ratio to 0.001
+# (the precision the L / H marks are judged at, pipeline.stats).
+_DECIMALS = {"pct": 2, "ci_low_pct": 2, "ci_high_pct": 2, "blast_pct": 2, "blast_ci_pct": 2,
+             "me_ratio": 3, "me_ci": 3}
+
+
+def _rounded(rep: dict[str, Any]) -> dict[str, Any]:
+    """``rep`` with its differentials' values rounded for JSON and CSV."""
+    def rnd(d: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if k == "classes":
+                v = [rnd(c) for c in v]
+            elif k in _DECIMALS and v is not None:
+                v = ([round(x, _DECIMALS[k]) for x in v] if isinstance(v, list)
+                     else round(v, _DECIMALS[k]))
+            out[k] = v
+        return out
+
+    return {**rep, "differential": rnd(rep["differential"]),
+            "machine_differential": rnd(rep["machine_differential"])}
+
+
+def report_json(rep: dict[str, Any]) -> str:
+    """The report as JSON text, values rounded as the CSV has them."""
+    return json.dumps(_rounded(rep), indent=2) + "\n"
 
 
 def reference_text(interval: Sequence[float] | None) -> str:
@@ -211,6 +241,7 @@ def report_csv(rep: dict[str, Any]) -> str:
     then TOTAL, M:E and BLAST rows, with the machine count beside each and, where the
     laboratory set one, the reference interval and L/H; then the cells not counted, and one
     METHOD row per method that analysed fields."""
+    rep = _rounded(rep)
     d, m = rep["differential"], rep["machine_differential"]
     machine_n = {c["name"]: c["n"] for c in m["classes"]}
     buf = io.StringIO()
@@ -370,7 +401,7 @@ def write_report(store: Store, slide_ref: int | str, cfg: Any, fmt: str,
         path = out or Path(f"{_file_safe(rep['slide']['name'])}.pdf")
         report_pdf(rep, path)
         return rep, path, None
-    text = json.dumps(rep, indent=2) + "\n" if fmt == "json" else report_csv(rep)
+    text = report_json(rep) if fmt == "json" else report_csv(rep)
     if out is not None:
         tmp = out.with_name(f".{out.name}.part")
         tmp.write_text(text, encoding="utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from datetime import datetime, timezone
 
 import pytest
@@ -107,10 +108,36 @@ def test_csv_rows_match_json(filled, config):
     by = {r["quantity"]: r for r in rows}
     for c in rep["differential"]["classes"]:
         assert int(by[c["name"]]["n"]) == c["n"]
-        assert float(by[c["name"]]["ci_high"]) == c["ci_high_pct"]
+        assert float(by[c["name"]]["ci_high"]) == round(c["ci_high_pct"], 2)
     assert int(by["TOTAL"]["n"]) == rep["differential"]["total"]
-    assert float(by["M:E"]["value"]) == rep["differential"]["me_ratio"]
+    assert float(by["M:E"]["value"]) == round(rep["differential"]["me_ratio"], 3)
     assert int(by["non_leukocyte"]["n"]) == rep["differential"]["not_counted"]["non_leukocyte"]
+
+
+def test_every_format_rounds_the_exact_value_once(tmp_path, config):
+    """6 of 13 cells is 46.1538…%: 46.2 on the PDF (46.15 rounded again gave 46.1), 46.15 in
+    JSON and CSV."""
+    import dataclasses
+
+    field = make_field(0, with_image=False)
+    cell = next(c for c in field.cells if c.label != "non_leukocyte" and c.duplicate_of is None)
+    cells = [dataclasses.replace(cell, index=i, x=cell.x + i, duplicate_of=None,
+                                 label="eosinophil" if i < 6 else "lymphocyte")
+             for i in range(13)]
+    with Store(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "data") as store:
+        sid = store.create_slide("BM-13", "virtual", "slide.tif", 13, "pbc11")
+        store.claim(sid, "scope-1")
+        store.commit_field(sid, dataclasses.replace(field, cells=cells))
+        store.set_status(sid, "awaiting_review")
+        rep, _, text = write_report(store, sid, config, "json", None)
+        by = {c["name"]: c for c in json.loads(text)["differential"]["classes"]}
+        assert (by["eosinophil"]["pct"], by["lymphocyte"]["pct"]) == (46.15, 53.85)
+        rows = {r["quantity"]: r for r in csv.DictReader(io.StringIO(report_csv(rep)))}
+        assert (rows["eosinophil"]["value"], rows["lymphocyte"]["value"]) == ("46.15", "53.85")
+        write_report(store, sid, config, "pdf", tmp_path / "r.pdf")
+    pdf = PdfReader(tmp_path / "r.pdf").pages[0].extract_text()
+    assert re.search(r"^Eosinophil\s+\w+\s+6\s+46\.2\s", pdf, re.M), pdf[:1500]
+    assert re.search(r"^Lymphocyte\s+\w+\s+7\s+53\.8\s", pdf, re.M), pdf[:1500]
 
 
 def test_report_command_writes_each_format(filled, tmp_path):

@@ -147,6 +147,8 @@ def test_submit_takes_the_case_and_refuses_a_bad_date(tmp_path):
     assert json.loads(res.stdout)["case"] == {"accession": "BM26-1",
                                               "specimen": "bone marrow aspirate",
                                               "collected_on": "2026-11-30"}
+    res = runner.invoke(app, ["status", "-c", str(lab), "--json"])
+    assert [r["accession"] for r in json.loads(res.stdout)] == ["BM26-1"]
 
 
 def _tiny_slide(path):

@@ -92,7 +92,7 @@ def _status_rows(store: Any, statuses: list[str] | None) -> list[dict[str, Any]]
         rows.append({"id": s.id, "name": s.name, "source": s.source, "status": s.status,
                      "counted": prog.counted, "target": s.target, "fields": prog.n_fields,
                      "stopped_because": s.stopped_because, "error": s.error,
-                     "instrument": s.worker})
+                     "instrument": s.worker, "accession": (s.case_info or {}).get("accession")})
     return rows
 
 
@@ -108,11 +108,11 @@ def _status_view(rows: list[dict[str, Any]]) -> Any:
                       completed=min(r["counted"], r["target"]),
                       note=escape(r["error"] or f"{r['fields']} fields"))
     table = Table(title=f"{len(active)} in the queue, {len(done)} finished", title_justify="left")
-    for col in ("id", "slide", "status", "counted", "fields", "note"):
+    for col in ("id", "slide", "accession", "status", "counted", "fields", "note"):
         table.add_column(col)
     for r in done[-20:]:
         note = r["error"] or r["stopped_because"] or ""
-        table.add_row(str(r["id"]), escape(r["name"]), r["status"],
+        table.add_row(str(r["id"]), escape(r["name"]), escape(r["accession"] or ""), r["status"],
                       f"{r['counted']}/{r['target']}", str(r["fields"]), escape(note))
     return Group(prog, table) if active else table
 

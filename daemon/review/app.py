@@ -496,7 +496,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 reports.report_pdf(rep, path)
                 data: bytes | str = path.read_bytes()
         else:
-            data = json.dumps(rep, indent=2) if fmt == "json" else reports.report_csv(rep)
+            data = reports.report_json(rep) if fmt == "json" else reports.report_csv(rep)
         media = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8",
                  "json": "application/json"}[fmt]
         name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in rep["slide"]["name"])
