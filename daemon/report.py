@@ -166,8 +166,12 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
                                  .order_by(Review.at, Review.id)))
         methods = slide_methods(s, slide.id)
     signed = slide.status == "signed"
-    final_counts = store.reviewed_counts(slide.id) if signed else machine
-    final = differential(final_counts, taxonomy, cfg.stats) if signed else machine_diff
+    # The counts as they stand: the machine's until a reviewer changes a cell, then the
+    # reviewed ones, signed or not (a report printed mid-review shows what the page shows).
+    final_counts = store.reviewed_counts(slide.id)
+    in_review = final_counts != {k: n for k, n in machine.items() if n}
+    final = differential(final_counts, taxonomy, cfg.stats)
+    basis = "reviewed" if signed else "review in progress" if in_review else "machine"
 
     flags = [f.message for f in final.flags]
     counted = machine_diff.total
@@ -182,7 +186,8 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     if slide.status in ("queued", "acquiring"):
         flags.append(f"preliminary: slide is still {slide.status}")
     elif slide.status == "awaiting_review":
-        flags.append("preliminary: not yet reviewed and signed")
+        flags.append("preliminary: review in progress, not signed" if in_review
+                     else "preliminary: not yet reviewed and signed")
     if len(methods) > 1:
         flags.append(f"counted with {len(methods)} methods (the model or its settings changed "
                      "during the count): " + "; ".join(
@@ -197,14 +202,16 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         flags.append(f"taxonomy {taxonomy.name!r} has no blast class: blast % not reported")
 
     review = None
-    if reviews or slide.signed_by:
-        last = reviews[-1] if reviews else None
+    if reviews or in_review:
+        # The last signature, even when the slide has been reopened since (then "signed" is
+        # false and the history says who reopened it and why).
+        last_sign = next((r for r in reversed(reviews) if r.action == "sign"), None)
         review = {
             "signed": signed,
-            "reviewer": slide.signed_by or (last.username if last else None),
-            "signed_at": _iso(slide.signed_at) or (_iso(last.at) if last else None),
-            "counts_before": dict(last.counts_before) if last else machine,
-            "counts_after": dict(last.counts_after) if last else final_counts,
+            "reviewer": last_sign.username if last_sign else None,
+            "signed_at": _iso(last_sign.at) if last_sign else None,
+            "counts_before": {k: n for k, n in machine.items() if n},
+            "counts_after": final_counts,
             "history": [{"username": r.username, "action": r.action, "at": _iso(r.at),
                          "note": r.note} for r in reviews],
         }
@@ -228,7 +235,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             "pixel_size_check": pixel,
         },
         "methods": methods,
-        "basis": "reviewed" if signed else "machine",
+        "basis": basis,
         "differential": _diff_dict(final),
         "machine_differential": _diff_dict(machine_diff),
         "review": review,
@@ -297,7 +304,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         Paragraph(" · ".join(f"{CASE_LABELS[k]} <b>{_esc(v) if v is not None else '—'}</b>"
                              for k, v in case.items()), st["Normal"]),
         Paragraph(
-            f"Status <b>{sl['status']}</b> · basis: {rep['basis']} counts · "
+            f"Status <b>{sl['status']}</b> · counts: {rep['basis']} · "
             f"{d['total']} leukocytes counted (target {sl['target']}) · taxonomy "
             f"{_esc(sl['taxonomy'])} · {sl['fields']} fields ({sl['fields_skipped']} skipped)"
             + (f" · {_esc(prescan_text(sl['prescan']))}" if sl["prescan"] else ""),
@@ -354,9 +361,14 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     if rv is None:
         story.append(Paragraph("Not reviewed.", st["Normal"]))
     else:
-        story.append(Paragraph(
-            f"{'Signed' if rv['signed'] else 'Reviewed'} by <b>{_esc(rv['reviewer'] or '-')}</b>"
-            f" at {rv['signed_at'] or '-'}.", st["Normal"]))
+        if rv["signed"]:
+            said = f"Signed by <b>{_esc(rv['reviewer'])}</b> at {rv['signed_at']}."
+        elif rv["reviewer"]:
+            said = (f"<b>Not signed</b>: reopened after {_esc(rv['reviewer'])} signed it at "
+                    f"{rv['signed_at']}; the counts below are the review as it stands.")
+        else:
+            said = "<b>Not signed</b>: review in progress."
+        story.append(Paragraph(said, st["Normal"]))
         names = sorted(set(rv["counts_before"]) | set(rv["counts_after"]))
         changed = [[n, rv["counts_before"].get(n, 0), rv["counts_after"].get(n, 0)]
                    for n in names]

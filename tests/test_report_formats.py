@@ -21,6 +21,7 @@ from daemon.store import Store
 from pipeline.errors import ConfigError
 from pipeline.stats import differential
 from tests.daemon_fixtures import expected_counts, make_field
+from tests.review_slide import pipeline_fields, review_env, review_template  # noqa: F401
 
 
 @pytest.fixture
@@ -208,3 +209,45 @@ def test_a_slide_of_a_taxonomy_the_config_lacks_is_not_reported_under_another(fi
     rep = build_report(store, "BM-2024-17", seed10)
     assert rep["slide"]["taxonomy"] == "pbc11"
     assert rep["differential"]["total"] == sum(f.n_counted for f in fields)
+
+
+def test_the_report_follows_the_review_before_signing_and_after_a_reopen(review_env, tmp_path):
+    """A report printed mid-review shows the counts the review page shows, and a reopened
+    slide's report names the last signature, not the reopening, as the review."""
+    from daemon.review import actions
+
+    env = review_env
+    tech, sup = actions.Reviewer("tech", "technician"), actions.Reviewer("super", "supervisor")
+    with env.store.session() as s:
+        cell = s.scalars(select(Cell).where(Cell.slide_id == env.slide_id,
+                                            Cell.duplicate_of.is_(None),
+                                            Cell.label != "monocyte")).first()
+        actions.reclassify(s, env.slide_id, [cell.id], "monocyte", tech,
+                           {env.cfg.taxonomy: env.cfg.classes})
+        page = actions.reviewed_counts(s, env.slide_id)
+    rep = build_report(env.store, env.slide_id, env.cfg)
+    got = {c["name"]: c["n"] for c in rep["differential"]["classes"]}
+    assert rep["basis"] == "review in progress"
+    assert got["monocyte"] == page["monocyte"] == {
+        c["name"]: c["n"] for c in rep["machine_differential"]["classes"]}["monocyte"] + 1
+    assert "preliminary: review in progress, not signed" in rep["flags"]
+    assert rep["review"]["signed"] is False and rep["review"]["reviewer"] is None
+
+    with env.store.session() as s:
+        signed = actions.sign(s, env.slide_id, tech, "checked").at
+    with env.store.session() as s:
+        actions.reopen(s, env.slide_id, sup, "eosinophils look over-called")
+    rep = build_report(env.store, env.slide_id, env.cfg)
+    rv = rep["review"]
+    assert rep["basis"] == "review in progress" and rv["signed"] is False
+    assert rv["reviewer"] == "tech" and rv["signed_at"].startswith(
+        signed.isoformat(timespec="seconds")[:19])
+    assert [h["action"] for h in rv["history"]] == ["sign", "reopen"]
+    assert {c["name"]: c["n"] for c in rep["differential"]["classes"]}["monocyte"] == got[
+        "monocyte"]
+    write_report(env.store, env.slide_id, env.cfg, "pdf", tmp_path / "reopened.pdf")
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(tmp_path / "reopened.pdf")
+                             .pages).split())
+    assert "Not signed: reopened after tech signed it" in text
+    assert "reopen by super" in text and "eosinophils look over-called" in text
+    assert "Signed by super" not in text and "Reviewed by super" not in text

@@ -183,7 +183,7 @@ def differential_table(rep: dict[str, Any]) -> Table:
     """The report's differential as a rich table, with M:E and blast % beneath."""
     d = rep["differential"]
     conf = f"{d['confidence']:.0%} CI"
-    t = Table(title=f"{rep['slide']['name']}: {d['total']} leukocytes ({rep['basis']} counts)",
+    t = Table(title=f"{rep['slide']['name']}: {d['total']} leukocytes (counts: {rep['basis']})",
               title_justify="left")
     for col, just in (("class", "left"), ("n", "right"), ("%", "right"), (conf, "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
