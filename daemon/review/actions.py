@@ -290,14 +290,34 @@ def set_case(s: Session, slide_id: int, values: dict[str, Any], who: Reviewer) -
     return case
 
 
+def last_event(s: Session, slide_id: int) -> int:
+    """The id of the slide's latest audit event (0 for none): what a page has seen."""
+    return s.scalar(select(func.max(AuditEvent.id)).where(AuditEvent.slide_id == slide_id)) or 0
+
+
+def changes_by_others(s: Session, slide_id: int, seen: int, username: str) -> dict[str, int]:
+    """Audit events on the slide after ``seen`` by anyone but ``username``, per user."""
+    rows = s.execute(select(AuditEvent.username, func.count())
+                     .where(AuditEvent.slide_id == slide_id, AuditEvent.id > seen,
+                            AuditEvent.username != username)
+                     .group_by(AuditEvent.username)).all()
+    return {u: int(n) for u, n in rows}
+
+
 def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
-         required_case: Sequence[str] = ()) -> Review:
+         required_case: Sequence[str] = (), seen: int | None = None) -> Review:
     """Sign the slide off: it is locked, and the counts before and after review are kept.
-    ``required_case``: case fields that must be filled in first (``review.require_case``)."""
+    ``required_case``: case fields that must be filled in first (``review.require_case``).
+    ``seen``: the last audit event the signer's page showed; a change by someone else since
+    then refuses the signature (nobody signs counts they have not seen)."""
     slide = editable_slide(s, slide_id)
     if slide.status not in SIGNABLE:
         raise Locked(f"slide {slide.name!r} is {slide.status.replace('_', ' ')}; "
                      "only a slide awaiting review can be signed")
+    if seen is not None and (others := changes_by_others(s, slide_id, seen, who.username)):
+        raise Locked("not signed: " + ", ".join(f"{u} made {n} change{'s' * (n != 1)}"
+                                                 for u, n in sorted(others.items()))
+                     + " since you opened the slide; reload it and check before signing")
     missing = parse_case(slide.case_info).missing(list(required_case))
     if missing:
         raise ReviewError(f"fill in {', '.join(missing)} under Case before signing "

@@ -333,10 +333,11 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                                      .order_by(Review.id)))
             methods = [(method_text(m), m["fields"]) for m in slide_methods(s, slide_id)]
             ctx = table_context(s, slide, tax)
+            seen = actions.last_event(s, slide_id)
         pixel = pixel_size_checks(store, [slide_id], cfg)[slide_id]
         return page(request, "slide.html", who, methods=methods,
                     case=parse_case(slide.case_info), case_labels=CASE_LABELS,
-                    case_required=params.require_case,
+                    case_required=params.require_case, seen=seen,
                     pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
                     tax=tax, sections=_sections(cells, tax),
                     keymap={c.key: c.name for c in tax.classes},
@@ -359,18 +360,23 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         })
 
     @app.get("/api/slides/{slide_id}")
-    def slide_json(slide_id: int, who: Viewer = Depends(viewer)) -> Response:
+    def slide_json(slide_id: int, since: int | None = None,
+                   who: Viewer = Depends(viewer)) -> Response:
+        """The slide's counts; with ``since`` (an audit event id), who else changed it since."""
         with store.session() as s:
             slide = actions.get_slide(s, slide_id)
             tax = actions.taxonomy_of(slide, taxonomies)
             ctx = table_context(s, slide, tax)
             n_cells = s.scalar(select(func.count()).where(Cell.slide_id == slide_id))
+            others = ({} if since is None else
+                      actions.changes_by_others(s, slide_id, since, who.username))
         d: Differential = ctx["diff"]
         return JSONResponse({
             "id": slide.id, "name": slide.name, "status": slide.status,
             "signed_by": slide.signed_by, "signed_at": _iso(slide.signed_at),
             "cells": n_cells, "machine_counts": ctx["machine"],
             "differential": d.to_dict(), "table_html": render_table(ctx),
+            "changed_by_others": others,
         })
 
     @app.post("/api/slides/{slide_id}/reclassify")
@@ -441,9 +447,11 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/sign")
-    def sign(slide_id: int, note: str = Form(""), who: Viewer = Depends(changer)) -> Response:
+    def sign(slide_id: int, note: str = Form(""), seen: int | None = Form(None),
+             who: Viewer = Depends(changer)) -> Response:
         with store.session() as s:
-            actions.sign(s, slide_id, reviewer(who), note.strip()[:2000], params.require_case)
+            actions.sign(s, slide_id, reviewer(who), note.strip()[:2000], params.require_case,
+                         seen)
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/reopen")

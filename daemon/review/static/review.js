@@ -7,6 +7,12 @@
   const selcount = document.getElementById("selcount");
   const api = "/api/slides/" + cfg.slide;
   let focused = null, anchor = null, busy = false;
+  // A selection made by a plain click follows the arrow keys (the class key then acts on the
+  // cell in view); one built with Space, Ctrl- or Shift-click stays put while you move.
+  let pinned = false;
+  // Actions asked for while a request is in flight run in turn after it, each on the cells
+  // as they are then (fast typing is not dropped).
+  const pending = [];
 
   // Cells in collapsed sections are out of keyboard reach until their section is opened.
   const tiles = () => Array.from(gallery.querySelectorAll("figure.cell:not(.dup)"))
@@ -50,6 +56,7 @@
   function move(delta) {
     const all = tiles();
     if (!all.length) return;
+    if (!pinned) clearSel();
     let i = focused ? all.indexOf(focused) : -1;
     if (Math.abs(delta) === 1 || i < 0) {
       i = Math.min(all.length - 1, Math.max(0, i + delta));
@@ -118,15 +125,20 @@
           : "No change.");
   }
   async function send(path, body, verb) {
-    if (busy) return;
     busy = true;
     try {
       apply(await marrow.post(api + path, body), verb);
     } catch (e) {
+      pending.length = 0;  // what was typed after a refused change is not applied blindly
       say(e.message, true);
     } finally {
       busy = false;
     }
+    if (pending.length) pending.shift()();
+  }
+  function run(action) {
+    if (busy) { pending.push(action); return; }
+    action();
   }
   function reclassify(label) {
     const ts = targets();
@@ -146,6 +158,9 @@
     send("/include", { cells: ts.map((t) => +t.dataset.id) }, "Included");
   }
   const undo = () => send("/undo", {}, "Undid");
+  window.addEventListener("beforeunload", (ev) => {
+    if (busy || pending.length) { ev.preventDefault(); ev.returnValue = ""; }
+  });
 
   gallery.addEventListener("click", (ev) => {
     const t = ev.target.closest("figure.cell");
@@ -153,13 +168,16 @@
     if (ev.shiftKey && anchor) {
       const all = tiles(), a = all.indexOf(anchor), b = all.indexOf(t);
       all.slice(Math.min(a, b), Math.max(a, b) + 1).forEach((x) => toggle(x, true));
+      pinned = true;
     } else if (ev.ctrlKey || ev.metaKey) {
       toggle(t);
       anchor = t;
+      pinned = true;
     } else {
       clearSel();
       toggle(t, true);
       anchor = t;
+      pinned = false;
     }
     focusTile(t, false);
   });
@@ -173,7 +191,7 @@
     if (ev.altKey) return;
     const k = ev.key;
     if ((ev.ctrlKey || ev.metaKey) && (k === "z" || k === "Z")) {
-      if (!cfg.locked) { ev.preventDefault(); undo(); }
+      if (!cfg.locked) { ev.preventDefault(); run(undo); }
       return;
     }
     if (ev.ctrlKey || ev.metaKey) return;
@@ -183,22 +201,28 @@
       case "ArrowDown": ev.preventDefault(); move(focused ? columns(focused) : 1); return;
       case "ArrowUp": ev.preventDefault(); move(focused ? -columns(focused) : -1); return;
       case " ":
-        if (focused) { ev.preventDefault(); toggle(focused); anchor = focused; }
+        if (focused) { ev.preventDefault(); toggle(focused); anchor = focused; pinned = true; }
         return;
-      case "Escape": clearSel(); return;
+      case "Escape": clearSel(); pinned = false; return;
       case "Enter":
         if (focused) location.href = "/slides/" + cfg.slide + "/fields/" + focused.dataset.field + "?cell=" + focused.dataset.id;
         return;
     }
     if (cfg.locked) return;
-    if (k === "Delete" || k === "Backspace") { ev.preventDefault(); exclude(); return; }
     const label = cfg.keys[k] || cfg.keys[k.toLowerCase()];
-    if (label) { ev.preventDefault(); reclassify(label); }
+    if (k !== "Delete" && !label) return;
+    ev.preventDefault();
+    // A key changes a cell only once the reviewer has chosen one (none is preselected).
+    if (!focused && !selected().length && !busy) {
+      say("Click a cell or press an arrow key first.", true);
+      return;
+    }
+    run(k === "Delete" ? exclude : () => reclassify(label));
   });
 
   document.querySelectorAll(".classbtn").forEach((b) =>
-    b.addEventListener("click", () => reclassify(b.dataset.label)));
-  const on = (id, fn) => { const el = document.getElementById(id); if (el) el.addEventListener("click", fn); };
+    b.addEventListener("click", () => run(() => reclassify(b.dataset.label))));
+  const on = (id, fn) => { const el = document.getElementById(id); if (el) el.addEventListener("click", () => run(fn)); };
   on("exclude", exclude);
   on("include", include);
   on("undo", undo);
@@ -223,7 +247,24 @@
     }, 1000 * cfg.refresh_s);
   }
 
-  const first = tiles()[0];
-  if (first) focusTile(first, false);
+  // Someone else reviewing the same slide: say so (signing is refused until a reload).
+  if (!cfg.locked) {
+    const watch = setInterval(async () => {
+      try {
+        const resp = await fetch(api + "?since=" + cfg.seen, { credentials: "same-origin" });
+        if (!resp.ok) return;
+        const data = await resp.json();
+        const others = Object.entries(data.changed_by_others || {});
+        if (!others.length) return;
+        const banner = document.getElementById("others");
+        banner.hidden = false;
+        banner.querySelector("span").textContent = others.map(([u, n]) =>
+          u + " made " + n + " change" + (n === 1 ? "" : "s")).join(", ") +
+          " to this slide since you opened it.";
+        if (data.status === "signed") clearInterval(watch);
+      } catch (e) { /* try again next time */ }
+    }, 1000 * cfg.refresh_s);
+  }
+
   tiles().forEach((t) => t.setAttribute("tabindex", "-1"));
 })();

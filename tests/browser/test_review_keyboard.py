@@ -1,0 +1,93 @@
+"""Browser: the keys act on the cell the reviewer is on, fast typing is not dropped, nothing
+changes before a cell is chosen, and a second reviewer's changes stop a stale sign-off."""
+
+from __future__ import annotations
+
+from playwright.sync_api import Browser, Page, expect
+from sqlalchemy import select
+
+from daemon.models import Cell, Slide
+from tests.browser.test_review_e2e import _log_in, _row_n, _tile, _total
+from tests.review_slide import TECH, TECH2
+
+TARGET = "lymphocyte"
+
+
+def _others(page: Page, cfg):
+    return page.locator(", ".join(f'details.cls[data-section="{c}"] figure.cell'
+                                  for c in cfg.classes.counted if c != TARGET))
+
+
+def _reviewed(env, ids) -> dict[int, str | None]:
+    with env.store.session() as s:
+        return {c.id: c.reviewed_label for c in s.scalars(select(Cell).where(Cell.id.in_(ids)))}
+
+
+def test_keys_act_on_the_cell_in_view_and_are_not_dropped(page: Page, live):
+    base, env = live
+    cfg = env.cfg
+    key = cfg.classes.get(TARGET).key
+    _log_in(page, base, TECH)
+    page.goto(f"{base}/slides/{env.slide_id}")
+    before_total, n_target = _total(page), _row_n(page, TARGET)
+
+    # Nothing is chosen on load: a stray class key or Backspace changes no cell.
+    page.keyboard.press(key)
+    page.keyboard.press("Backspace")
+    expect(page.locator("#status")).to_have_text("Click a cell or press an arrow key first.")
+    assert _total(page) == before_total and _row_n(page, TARGET) == n_target
+
+    # Click one cell, arrow to the next: the key moves the cell the focus is on.
+    tiles = _others(page, cfg)
+    clicked, nxt = (int(tiles.nth(i).get_attribute("data-id")) for i in range(2))
+    page.locator(f'figure.cell[data-id="{clicked}"]').click()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("figure.cell.focused")).to_have_attribute("data-id", str(nxt))
+    page.keyboard.press(key)
+    expect(_tile(page, TARGET, nxt)).to_have_count(1)
+    assert _reviewed(env, [clicked, nxt]) == {clicked: None, nxt: TARGET}
+
+    # Five presses with no pause: each moves the next cell, none is dropped.
+    page.locator(f'figure.cell[data-id="{int(_others(page, cfg).first.get_attribute("data-id"))}"]'
+                 ).click()
+    ids = [int(_others(page, cfg).nth(i).get_attribute("data-id")) for i in range(5)]
+    for _ in range(5):
+        page.keyboard.press(key)
+    expect(page.locator(f'#table tr[data-class="{TARGET}"] td.n')).to_have_text(
+        str(n_target + 6))
+    assert set(_reviewed(env, ids).values()) == {TARGET}
+    assert _total(page) == before_total
+
+
+def test_a_change_by_another_reviewer_stops_a_stale_sign_off(page: Page, browser: Browser, live):
+    base, env = live
+    cfg = env.cfg
+    _log_in(page, base, TECH)
+    page.goto(f"{base}/slides/{env.slide_id}")
+    n_page = _row_n(page, TARGET)
+
+    other = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        page2 = other.new_page()
+        _log_in(page2, base, TECH2)
+        page2.goto(f"{base}/slides/{env.slide_id}")
+        page2.locator(f'figure.cell[data-id="{_others(page2, cfg).first.get_attribute("data-id")}"]'
+                      ).click()
+        page2.keyboard.press(cfg.classes.get(TARGET).key)
+        expect(page2.locator("#status")).to_contain_text("Moved to")
+    finally:
+        other.close()
+
+    # The first reviewer's page says so within a refresh, and signing from it is refused.
+    expect(page.locator("#others")).to_contain_text("tech2 made 1 change", timeout=15_000)
+    assert _row_n(page, TARGET) == n_page  # the page still shows what it showed
+    page.click("#sign")
+    expect(page.locator("body")).to_contain_text("tech2 made 1 change since you opened the slide")
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).status == "awaiting_review"
+
+    # After a reload the page shows the change, and signing goes through.
+    page.goto(f"{base}/slides/{env.slide_id}")
+    assert _row_n(page, TARGET) == n_page + 1
+    page.click("#sign")
+    expect(page.locator("p.locked")).to_have_text("Signed and locked.")
