@@ -173,9 +173,15 @@ def test_adding_a_missed_cell(review_env, tech):
                         .order_by(Field.index)).first()
         machine = dict(s.execute(select(Count.class_name, Count.n)
                                  .where(Count.slide_id == env.slide_id)).all())
+        found = s.scalars(select(Cell).where(Cell.field_id == fld.id, Cell.added_by.is_(None),
+                                             Cell.duplicate_of.is_(None))).all()
+    # A spot clear of every detected cell (the machine "missed" a cell there).
+    um = fld.um_per_px
+    x0, y0 = next((x, y) for y in range(100, 400, 20) for x in range(100, 560, 20)
+                  if all(((c.x - x) ** 2 + (c.y - y) ** 2) ** 0.5 * um > 10 for c in found))
     total = _api(env, tech)["differential"]["total"]
     r = tech.post(f"/api/slides/{env.slide_id}/cells",
-                  json={"field_id": fld.id, "x": 320, "y": 240, "label": "lymphocyte"})
+                  json={"field_id": fld.id, "x": x0, "y": y0, "label": "lymphocyte"})
     assert r.status_code == 200, r.text
     assert r.json()["total"] == total + 1
     cid = r.json()["changed"][0]["id"]
@@ -192,12 +198,20 @@ def test_adding_a_missed_cell(review_env, tech):
     img = Image.open(io.BytesIO(crop.content))
     assert img.size == (96, 96)
     ev = _events(env)[-1]
-    assert (ev.action, ev.cell_id, ev.before, ev.after["x"]) == ("add_cell", cid, None, 320.0)
+    assert (ev.action, ev.cell_id, ev.before, ev.after["x"]) == ("add_cell", cid, None, x0)
     page = tech.get(f"/slides/{env.slide_id}/fields/{fld.id}?cell={cid}").text
     assert f'data-id="{cid}"' in page and "added by tech" in page
     # Outside the field, or on a field of another slide: refused.
     assert tech.post(f"/api/slides/{env.slide_id}/cells", json={
         "field_id": fld.id, "x": 5000, "y": 10, "label": "lymphocyte"}).status_code == 400
+    # On a cell already counted (the machine's, or the one just added): refused, so no cell
+    # is counted twice.
+    for x, y, who in [(found[0].x + 10, found[0].y, f"cell {found[0].id} is counted there"),
+                      (x0 + 2, y0 + 3, f"lymphocyte cell {cid} is counted there")]:
+        r = tech.post(f"/api/slides/{env.slide_id}/cells",
+                      json={"field_id": fld.id, "x": x, "y": y, "label": "monocyte"})
+        assert r.status_code == 400 and who in r.json()["error"], r.text
+    assert _api(env, tech)["differential"]["total"] == total + 1
     # Undoing the addition leaves the cell out of the count (its audit trail stays).
     r = tech.post(f"/api/slides/{env.slide_id}/undo")
     assert r.json()["total"] == total and r.json()["changed"][0]["excluded"]

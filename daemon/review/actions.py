@@ -34,6 +34,9 @@ EXCLUDE_REASONS = {
 # Changes to cells that undo can revert.
 CELL_ACTIONS = ("reclassify", "exclude", "include", "add_cell")
 SIGNABLE = ("awaiting_review",)
+# A cell added closer than this to a kept cell's centre is that cell again (two touching
+# leukocytes' centres lie 7.5 µm or more apart: pipeline.detect's separate_nucleus_um).
+ADD_MIN_DISTANCE_UM = 5.0
 
 
 class ReviewError(MarrowError):
@@ -235,6 +238,13 @@ def add_cell(s: Session, slide_id: int, field_id: int, x: float, y: float, label
         raise ReviewError("this field's image was not kept, so no cell can be added to it")
     if not (0 <= x < fld.width and 0 <= y < fld.height):
         raise ReviewError(f"({x:.0f}, {y:.0f}) lies outside the {fld.width}×{fld.height} field")
+    near = _cell_near(s, fld, x, y)
+    if near is not None:
+        cell, dist_um = near
+        what = ("an excluded cell lies there; include it instead" if cell.excluded else
+                f"{final_label(cell).replace('_', ' ')} cell {cell.id} is counted there; "
+                "reclassify it instead")
+        raise ReviewError(f"not added: {what} ({dist_um:.1f} µm from the click)")
     rgb = read_rgb(image_file(data_dir, fld.image_path))
     index = (s.scalar(select(func.max(Cell.index)).where(Cell.field_id == field_id)) or 0) + 1
     index = max(index, 1000)  # hand-added cells are numbered apart from the pipeline's
@@ -255,6 +265,18 @@ def add_cell(s: Session, slide_id: int, field_id: int, x: float, y: float, label
            {**cell_state(cell), "field_id": field_id, "x": float(x), "y": float(y),
             "batch": uuid.uuid4().hex[:12]})
     return cell
+
+
+def _cell_near(s: Session, fld: Field, x: float, y: float) -> tuple[Cell, float] | None:
+    """The field's nearest kept cell within ``ADD_MIN_DISTANCE_UM`` of (x, y), and its distance
+    in µm; None when the click is clear of every cell."""
+    best = None
+    for cell in s.scalars(select(Cell).where(Cell.field_id == fld.id,
+                                             Cell.duplicate_of.is_(None))):
+        d = float(np.hypot(cell.x - x, cell.y - y)) * fld.um_per_px
+        if d < ADD_MIN_DISTANCE_UM and (best is None or d < best[1]):
+            best = (cell, d)
+    return best
 
 
 def machine_counts(s: Session, slide_id: int) -> dict[str, int]:
