@@ -198,6 +198,10 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
                      f"µm/px against the stated {pixel['stated_um_per_px']:.3g} "
                      f"({pixel['off_pct']:+.0f}%): every size in µm and the classifier's "
                      "crops are off; check the scanner's or objective's calibration")
+    if final.total == 0 and slide.status not in ("queued", "acquiring"):
+        flags.append("no leukocyte counted: no differential, M:E ratio or blast % can be "
+                     "reported" + (f" (all {n_fields} fields were skipped)"
+                                   if n_fields and n_skipped == n_fields else ""))
     if final.blast_pct is None:
         flags.append(f"taxonomy {taxonomy.name!r} has no blast class: blast % not reported")
 
@@ -384,9 +388,12 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
                 f"• {_esc(h['action'])} by {_esc(h['username'])} at {h['at'] or '-'}"
                 + (f": “{_esc(h['note'])}”" if h["note"] else ""), st["Normal"]))
     story.append(Paragraph("Method", st["Heading3"]))
-    for m in rep["methods"] or [{"fields": 0}]:
+    for m in rep["methods"]:
         story.append(Paragraph(f"• {_esc(method_text(m))}: {m['fields']} fields analysed",
                                st["Normal"]))
+    if not rep["methods"]:
+        story.append(Paragraph(f"• No field was analysed ({sl['fields_skipped']} of "
+                               f"{sl['fields']} skipped).", st["Normal"]))
     story.append(Spacer(1, 6 * mm))
     story.append(Paragraph(
         "Intervals are exact (Clopper–Pearson). Percentages are of all counted nucleated cells; "

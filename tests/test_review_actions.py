@@ -328,3 +328,39 @@ def test_reference_intervals_follow_the_review(review_env):
     login(plain, TECH)
     page = plain.get(f"/slides/{env.slide_id}").text
     assert f'data-class="{a.label}"' in page and "Ref. %" not in page
+
+
+def test_a_slide_with_no_counted_cell_is_signed_only_with_a_reason(review_env, tech, tmp_path):
+    """Every field skipped by the quality gate: the page and the report say so, and sign-off
+    needs a note (no 0.0% differential goes out unexplained)."""
+    import dataclasses
+
+    from daemon.report import build_report, write_report
+    from tests.daemon_fixtures import make_field
+
+    env = review_env
+    sid = env.store.create_slide("BLANK-01", "virtual", "blank.tif", 100, env.cfg.taxonomy)
+    env.store.set_status(sid, "acquiring")
+    for i in range(3):
+        env.store.commit_field(sid, dataclasses.replace(
+            make_field(i, with_image=False), cells=[], skipped_reason="too few cells"))
+    env.store.set_status(sid, "awaiting_review")
+    page = tech.get(f"/slides/{sid}").text
+    assert "No field was analysed: all 3 were skipped" in page
+    r = tech.post(f"/slides/{sid}/sign", data={"csrf_token": tech.token},
+                  follow_redirects=False)
+    assert r.status_code == 400 and "no leukocyte is counted" in r.text
+    rep = build_report(env.store, sid, env.cfg)
+    assert any(f.startswith("no leukocyte counted") and "all 3 fields were skipped" in f
+               for f in rep["flags"])
+    r = tech.post(f"/slides/{sid}/sign", data={"csrf_token": tech.token,
+                                              "note": "aspirate dilute: inadequate"},
+                  follow_redirects=False)
+    assert r.status_code == 303
+    write_report(env.store, sid, env.cfg, "pdf", tmp_path / "blank.pdf")
+    from pypdf import PdfReader
+
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(tmp_path / "blank.pdf")
+                             .pages).split())
+    assert "No field was analysed (3 of 3 skipped)" in text and "not recorded" not in text
+    assert "aspirate dilute: inadequate" in text

@@ -327,15 +327,22 @@ def changes_by_others(s: Session, slide_id: int, seen: int, username: str) -> di
 
 
 def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
-         required_case: Sequence[str] = (), seen: int | None = None) -> Review:
+         required_case: Sequence[str] = (), seen: int | None = None,
+         taxonomies: dict[str, Taxonomy] | None = None) -> Review:
     """Sign the slide off: it is locked, and the counts before and after review are kept.
     ``required_case``: case fields that must be filled in first (``review.require_case``).
     ``seen``: the last audit event the signer's page showed; a change by someone else since
-    then refuses the signature (nobody signs counts they have not seen)."""
+    then refuses the signature (nobody signs counts they have not seen). With
+    ``taxonomies``, a slide with no counted leukocyte is signed only with a note saying why."""
     slide = editable_slide(s, slide_id)
     if slide.status not in SIGNABLE:
         raise Locked(f"slide {slide.name!r} is {slide.status.replace('_', ' ')}; "
                      "only a slide awaiting review can be signed")
+    if taxonomies is not None and not (note or "").strip():
+        counted = taxonomy_of(slide, taxonomies).counted
+        if not any(n for k, n in reviewed_counts(s, slide_id).items() if k in counted):
+            raise ReviewError(f"no leukocyte is counted on slide {slide.name!r}; say in the "
+                              "note why it is signed (e.g. specimen inadequate)")
     if seen is not None and (others := changes_by_others(s, slide_id, seen, who.username)):
         raise Locked("not signed: " + ", ".join(f"{u} made {n} change{'s' * (n != 1)}"
                                                  for u, n in sorted(others.items()))

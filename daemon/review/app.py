@@ -451,7 +451,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
              who: Viewer = Depends(changer)) -> Response:
         with store.session() as s:
             actions.sign(s, slide_id, reviewer(who), note.strip()[:2000], params.require_case,
-                         seen)
+                         seen, taxonomies)
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/reopen")
