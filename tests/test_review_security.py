@@ -58,7 +58,8 @@ def test_every_route_without_a_session_is_refused_or_redirected(app, review_env)
             continue
         url = path.format(**ids)
         r = client.request(method, url, json={}, follow_redirects=False)
-        if method == "GET" and not url.startswith(("/api/", "/images/")):
+        if not url.startswith(("/api/", "/images/")):
+            # Pages, and forms sent after the session ended: to the login page, then back.
             assert r.status_code == 303, (method, url, r.status_code)
             assert r.headers["location"].startswith("/login?next=")
         else:
@@ -110,10 +111,47 @@ def test_repeated_failures_lock_the_name_for_a_while(app):
         assert r.status_code == 401
     r = client.post("/login", data={"username": TECH2[0], "password": TECH2[1],
                                     "csrf_token": token}, follow_redirects=False)
-    assert r.status_code == 401  # even the right password, until the window passes
+    assert r.status_code == 429  # even the right password, until the window passes
+    assert f"Too many failed attempts for {TECH2[0]}: try again in" in r.text
     r = client.post("/login", data={"username": TECH[0], "password": TECH[1],
                                     "csrf_token": token}, follow_redirects=False)
     assert r.status_code == 303  # other accounts are unaffected
+
+
+def test_attempts_during_a_lockout_do_not_extend_it(app, monkeypatch):
+    import types
+
+    import daemon.review.app as review_app
+
+    clock = [1000.0]
+    monkeypatch.setattr(review_app, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    client = TestClient(app)
+    token = csrf_of(client.get("/login").text)
+
+    def attempt(password):
+        return client.post("/login", data={"username": TECH2[0], "password": password,
+                                           "csrf_token": token}, follow_redirects=False)
+
+    for _ in range(review_app.LOGIN_MAX_FAILURES):
+        assert attempt("nope-nope").status_code == 401
+    for _ in range(20):  # someone keeps trying through the pause
+        clock[0] += review_app.LOGIN_WINDOW_S / 25
+        assert attempt("nope-nope").status_code == 429
+    clock[0] = 1000.0 + review_app.LOGIN_WINDOW_S + 1  # the pause from the first failures ends
+    assert attempt(TECH2[1]).status_code == 303
+
+
+def test_a_form_sent_after_the_session_ended_leads_back_to_its_page(app, review_env):
+    client = TestClient(app)
+    r = client.post(f"/slides/{review_env.slide_id}/sign", data={"note": "ok"},
+                    headers={"referer": f"http://testserver/slides/{review_env.slide_id}"},
+                    follow_redirects=False)
+    assert r.status_code == 303
+    assert r.headers["location"] == f"/login?next=/slides/{review_env.slide_id}&expired=1"
+    page = client.get(r.headers["location"]).text
+    assert "Your session ended" in page and f'value="/slides/{review_env.slide_id}"' in page
+    r = client.post(f"/api/slides/{review_env.slide_id}/undo", json={})
+    assert r.status_code == 401 and "log in again" in r.json()["error"]
 
 
 def test_a_change_without_the_csrf_token_is_refused(app, review_env):

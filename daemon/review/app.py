@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, Form, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -158,10 +158,15 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     @app.exception_handler(NotLoggedIn)
     async def _not_logged_in(request: Request, exc: NotLoggedIn) -> Response:
         path = request.url.path
-        if request.method == "GET" and not path.startswith(("/api/", "/images/")):
+        if path.startswith(("/api/", "/images/")):
+            return JSONResponse({"error": "not logged in (the session ended): log in again"},
+                                status_code=401)
+        if request.method == "GET":
             target = path + (f"?{request.url.query}" if request.url.query else "")
-            return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
-        return JSONResponse({"error": "not logged in"}, status_code=401)
+        else:  # a form sent after the session ended: log in, then back to the page it was on
+            target = urlsplit(request.headers.get("referer", "")).path or "/"
+        return RedirectResponse(f"/login?next={quote(_local(target))}&expired=1",
+                                status_code=303)
 
     @app.exception_handler(ReviewError)
     async def _review_error(request: Request, exc: ReviewError) -> Response:
@@ -190,12 +195,13 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     # -- login --------------------------------------------------------------------------
 
     @app.get("/login", response_class=HTMLResponse)
-    def login_form(request: Request, next: str = "/") -> Response:
+    def login_form(request: Request, next: str = "/", expired: bool = False) -> Response:
         data = codec.loads(request.cookies.get(SESSION_COOKIE)) or {}
         csrf = data.get("csrf") or secrets.token_urlsafe(24)
         resp = templates.TemplateResponse(
             request, "login.html", {"viewer": None, "csrf": csrf, "next": _local(next),
-                                    "error": None})
+                                    "error": "Your session ended: log in again; what you "
+                                             "sent last was not saved." if expired else None})
         set_session(resp, None, csrf)  # a pre-login session that only carries the CSRF token
         return resp
 
@@ -210,12 +216,20 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             recent = failures[username]
             while recent and now - recent[0] > LOGIN_WINDOW_S:
                 recent.popleft()
-            locked_out = len(recent) >= LOGIN_MAX_FAILURES
-        user_id = None
-        if not locked_out:
-            with store.session() as s:
-                user = authenticate(s, username, password)
-                user_id = user.id if user is not None else None
+            wait_s = LOGIN_WINDOW_S - (now - recent[0]) if len(recent) >= LOGIN_MAX_FAILURES else 0
+        if wait_s > 0:
+            # Attempts during the pause do not extend it (else a user who keeps trying, or
+            # anyone typing their name, keeps them locked out), and the form says how long.
+            log.warning("login for %r refused: too many failed attempts", username)
+            return templates.TemplateResponse(
+                request, "login.html",
+                {"viewer": None, "csrf": data["csrf"], "next": _local(next),
+                 "error": f"Too many failed attempts for {username}: try again in "
+                          f"{max(1, round(wait_s / 60))} min."},
+                status_code=429)
+        with store.session() as s:
+            user = authenticate(s, username, password)
+            user_id = user.id if user is not None else None
         if user_id is None:
             with failures_lock:
                 if len(failures) > 10_000:  # many names tried: forget old ones, bound memory
@@ -227,7 +241,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             resp = templates.TemplateResponse(
                 request, "login.html",
                 {"viewer": None, "csrf": data["csrf"], "next": _local(next),
-                 "error": "Wrong user name or password, or too many attempts."},
+                 "error": "Wrong user name or password."},
                 status_code=401)
             return resp
         with failures_lock:

@@ -11,6 +11,9 @@ window.marrow = {
     });
     let data = {};
     try { data = await resp.json(); } catch (e) { /* not JSON */ }
+    if (resp.status === 401) {  // the session ended: log in again, then back here
+      location.href = "/login?expired=1&next=" + encodeURIComponent(location.pathname);
+    }
     if (!resp.ok) throw new Error(data.error || (resp.status + " " + resp.statusText));
     return data;
   },
