@@ -373,9 +373,12 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         else:
             said = "<b>Not signed</b>: review in progress."
         story.append(Paragraph(said, st["Normal"]))
-        names = sorted(set(rv["counts_before"]) | set(rv["counts_after"]))
-        changed = [[n, rv["counts_before"].get(n, 0), rv["counts_after"].get(n, 0)]
-                   for n in names]
+        # In the differential's order and words; a class the taxonomy lacks goes last.
+        labels = {c["name"]: c["label"] for c in d["classes"]}
+        names = sorted(set(rv["counts_before"]) | set(rv["counts_after"]),
+                       key=lambda n: (list(labels).index(n) if n in labels else len(labels), n))
+        changed = [[labels.get(n, n.replace("_", " ")), rv["counts_before"].get(n, 0),
+                    rv["counts_after"].get(n, 0)] for n in names]
         tb = Table([["Class", "before review", "after review"]] + changed, hAlign="LEFT")
         tb.setStyle(TableStyle([("FONTNAME", (0, 0), (-1, 0), "Helvetica-Bold"),
                                 ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),

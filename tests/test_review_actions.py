@@ -247,6 +247,8 @@ def test_sign_off_locks_the_slide_and_keeps_counts_before_and_after(review_env, 
     assert len(_events(env)) == n
     page = tech.get(f"/slides/{env.slide_id}").text
     assert "Signed and locked." in page and 'id="toolbar"' not in page
+    row = next(r for r in tech.get("/api/queue").json()["slides"] if r["id"] == env.slide_id)
+    assert not any("need review" in f for f in row["flags"])  # signing answered them
 
 
 def test_only_a_slide_awaiting_review_can_be_signed(review_env, tech):

@@ -284,3 +284,19 @@ def test_logout_ends_the_session(app):
     assert r.status_code == 303 and r.headers["location"] == "/login"
     assert client.get("/", follow_redirects=False).status_code == 303
     assert re.search(r"Log in", client.get("/login").text)
+
+
+def test_wrong_addresses_get_a_page_with_the_navigation_and_a_way_back(app, review_env):
+    client = TestClient(app)
+    login(client, TECH)
+    for url in ("/slides/BM-17", "/no-such-page", f"/slides/{review_env.slide_id}/fields/x"):
+        r = client.get(url)
+        assert r.status_code == 404 and "text/html" in r.headers["content-type"], url
+        assert "Log out" in r.text and "Back to the queue" in r.text, url
+    assert client.get("/api/slides/abc").json()["error"]  # the page scripts still get JSON
+    # A refused form (a reopen without a reason) links back to the slide it came from.
+    r = client.post(f"/slides/{review_env.slide_id}/reopen", data={"reason": " "},
+                    headers={"X-CSRF-Token": csrf_of(client.get("/").text),
+                             "referer": f"http://testserver/slides/{review_env.slide_id}"})
+    assert r.status_code in (400, 403)
+    assert f'href="/slides/{review_env.slide_id}">Back</a>' in r.text

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, Form, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field as PydField
 from sqlalchemy import func, select
 
@@ -168,15 +170,40 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return RedirectResponse(f"/login?next={quote(_local(target))}&expired=1",
                                 status_code=303)
 
+    def error_page(request: Request, message: str, status: int) -> Response:
+        """An error as JSON for the page scripts, else as a page with the navigation and a
+        link back to the page the request came from."""
+        if request.url.path.startswith(("/api/", "/images/")):
+            return JSONResponse({"error": message}, status_code=status)
+        try:
+            who: Viewer | None = viewer(request)
+        except NotLoggedIn:
+            who = None
+        back = _local(urlsplit(request.headers.get("referer", "")).path or "/")
+        if back == request.url.path:
+            back = "/"
+        return templates.TemplateResponse(
+            request, "error.html", {"viewer": who, "csrf": who.csrf if who else "",
+                                    "message": message, "status": status, "back": back},
+            status_code=status)
+
     @app.exception_handler(ReviewError)
     async def _review_error(request: Request, exc: ReviewError) -> Response:
-        if request.url.path.startswith(("/api/", "/images/")):
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        data = codec.loads(request.cookies.get(SESSION_COOKIE)) or {}
-        return templates.TemplateResponse(
-            request, "error.html", {"viewer": None, "csrf": data.get("csrf", ""),
-                                    "message": str(exc), "status": exc.status},
-            status_code=exc.status)
+        return error_page(request, str(exc), exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = ("no such page" if exc.status_code == 404 else str(exc.detail))
+        return error_page(request, message, exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path.startswith("/api/"):
+            errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
+                               for e in exc.errors())
+            return JSONResponse({"error": errors or "bad request"}, status_code=422)
+        return error_page(request, "this address is not valid here (slides and fields are "
+                                   "numbered: open them from the queue)", 404)
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
@@ -286,7 +313,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             d = differential(counts[sl.id], tax, cfg.stats) if tax else None
             total = d.total if d else 0
             flags = []
-            if pending.get(sl.id):
+            if pending.get(sl.id) and sl.status != "signed":  # signing answered them
                 flags.append(f"{pending[sl.id]} need review")
             if d is not None:
                 flags += [f.message for f in d.flags]

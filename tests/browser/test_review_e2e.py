@@ -125,7 +125,7 @@ def test_review_sign_and_report(page: Page, live, artifacts):
     assert (int(row.group(1)), int(row.group(2))) == (before_target + 5, before_target)
     total = re.search(r"^Total\s+(\d+)\s+[\d.]+\s+(\d+)$", text, re.M)
     assert total and int(total.group(1)) == before_total - 1, text[:2000]
-    before_after = re.search(rf"^{TARGET}\s+(\d+)\s+(\d+)$", text, re.M)
+    before_after = re.search(rf"^{label}\s+(\d+)\s+(\d+)$", text, re.M)  # before / after review
     assert before_after and (int(before_after.group(1)), int(before_after.group(2))) == (
         before_target, before_target + 5), text[-1500:]
 
