@@ -8,7 +8,9 @@ from pydantic import Field, model_validator
 
 from pipeline.params import Params
 
-Lineage = Literal["myeloid", "erythroid", "lymphoid", "other", "non_leukocyte"]
+# M:E counts "myeloid" (granulocytes and their precursors) against "erythroid"; monocytes and
+# lymphocytes are in the differential but in neither side of the ratio (ICSH).
+Lineage = Literal["myeloid", "erythroid", "monocytic", "lymphoid", "other", "non_leukocyte"]
 
 
 class CellClass(Params):

@@ -51,8 +51,13 @@ def test_intervals_percentages_and_me_ratio(config):
         lo, hi = _cp(r.n, d.total)
         assert (r.ci_low_pct, r.ci_high_pct) == pytest.approx((100 * lo, 100 * hi), abs=1e-6)
         assert r.ci_low_pct <= r.pct <= r.ci_high_pct
-    myeloid = sum(v for k, v in counted.items() if tax.get(k).lineage == "myeloid")
-    assert d.myeloid == myeloid and d.erythroid == counted["erythroblast"]
+    # M:E is granulocytes and their precursors against erythroid precursors: monocytes and
+    # lymphocytes are in neither side (ICSH).
+    granulocytic = {"promyelocyte", "myelocyte", "metamyelocyte", "band_neutrophil",
+                    "segmented_neutrophil", "eosinophil", "basophil"}
+    assert {c.name for c in tax.classes if c.lineage == "myeloid"} == granulocytic
+    myeloid = sum(v for k, v in counted.items() if k in granulocytic)
+    assert counted["monocyte"] > 0 and d.myeloid == myeloid and d.erythroid == counted["erythroblast"]
     assert d.me_ratio == pytest.approx(myeloid / counted["erythroblast"])
     lo, hi = d.me_ci
     assert lo < d.me_ratio < hi
