@@ -549,8 +549,14 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         media = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8",
                  "json": "application/json"}[fmt]
         name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in rep["slide"]["name"])
+        # A signed report and a preliminary one must not share a file name in Downloads.
+        state = "signed" if rep["slide"]["status"] == "signed" else "preliminary"
         return Response(data, media_type=media, headers={
-            "Content-Disposition": f'attachment; filename="{name}.{fmt}"'})
+            "Content-Disposition": f'attachment; filename="{name}-{state}.{fmt}"'})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)
 
     # -- images, by id only -------------------------------------------------------------
 
