@@ -366,3 +366,19 @@ def test_a_slide_with_no_counted_cell_is_signed_only_with_a_reason(review_env, t
                              .pages).split())
     assert "No field was analysed (3 of 3 skipped)" in text and "not recorded" not in text
     assert "aspirate dilute: inadequate" in text
+
+
+def test_the_audit_page_lists_every_change_readably(review_env, tech):
+    env = review_env
+    a = _counted(env)[0]
+    target = next(n for n in env.cfg.classes.counted if n != a.label)
+    tech.post(f"/api/slides/{env.slide_id}/reclassify", json={"cells": [a.id], "label": target})
+    tech.post(f"/api/slides/{env.slide_id}/undo")
+    events = _events(env)
+    page = tech.get(f"/slides/{env.slide_id}/audit").text
+    assert [e.action for e in events] == ["reclassify", "undo"]
+    for e in events:
+        assert f'<tr id="e{e.id}"><td>{e.id}</td>' in page
+    assert f"<dt>undoes</dt><dd>#{events[0].id}</dd>" in page  # the undone event is listed
+    assert "batch" not in page and '{"' not in page  # no raw JSON, no internal batch ids
+    assert f"<dd>{target}</dd>" in page and f"<dd>{a.label}</dd>" in page
