@@ -36,6 +36,22 @@ from tests.review_slide import (  # noqa: F401  (fixtures)
 WHO = actions.Reviewer(TECH[0], "technician")
 
 
+def _missed_white_cells(s, slide_id):
+    """(field, x, y) of each BCCD-marked white cell with no kept detection within 5 µm."""
+    for fld in s.scalars(select(Field).where(Field.slide_id == slide_id).order_by(Field.index)):
+        xml = BCCD / "Annotations" / (fld.tile.rsplit(".", 1)[0] + ".xml")
+        kept = s.scalars(select(Cell).where(Cell.field_id == fld.id,
+                                            Cell.duplicate_of.is_(None))).all()
+        for o in ET.parse(xml).getroot().iter("object"):
+            if o.findtext("name") != "WBC":
+                continue
+            box = o.find("bndbox")
+            x = (float(box.findtext("xmin")) + float(box.findtext("xmax"))) / 2
+            y = (float(box.findtext("ymin")) + float(box.findtext("ymax"))) / 2
+            if all(((c.x - x) ** 2 + (c.y - y) ** 2) ** 0.5 * fld.um_per_px >= 5 for c in kept):
+                yield fld, x, y
+
+
 def _review_and_sign(env) -> dict:
     """Two calls changed, one cell excluded as not a leukocyte, one as a smudge, one added
     where BCCD marks a white cell; then signed. Returns what was done."""
@@ -53,13 +69,9 @@ def _review_and_sign(env) -> dict:
         actions.reclassify(s, env.slide_id, [a.id, b.id], target, WHO, taxonomies)
         actions.exclude(s, env.slide_id, [c.id], "not_leukocyte", WHO)
         actions.exclude(s, env.slide_id, [d.id], "smudge", WHO)
-        fld = s.scalars(select(Field).where(Field.slide_id == env.slide_id)
-                        .order_by(Field.index)).first()
-        xml = BCCD / "Annotations" / (fld.tile.rsplit(".", 1)[0] + ".xml")
-        box = next(o.find("bndbox") for o in ET.parse(xml).getroot().iter("object")
-                   if o.findtext("name") == "WBC")
-        x = (float(box.findtext("xmin")) + float(box.findtext("xmax"))) / 2
-        y = (float(box.findtext("ymin")) + float(box.findtext("ymax"))) / 2
+        # The first white cell BCCD marks where the machine found none (the reviewer adds
+        # it); a marked cell the machine did find cannot be added again.
+        fld, x, y = next(_missed_white_cells(s, env.slide_id))
         actions.add_cell(s, env.slide_id, fld.id, x, y, "lymphocyte", WHO, taxonomies,
                          env.store.data_dir, 0.2)
         actions.sign(s, env.slide_id, WHO)
@@ -108,6 +120,7 @@ def test_agreement_counts_each_review_decision(review_env):
     page = client.get("/agreement").text
     assert f"agree on <strong>{100 * res['agreement']:.1f}%</strong>" in page
     assert f"<td>{SLIDE_NAME}</td><td>{res['cells']}</td><td>{changed}</td>" in page
+    assert f"<tr><td>Lymphocyte</td><td>{lym['n']}</td>" in page  # labels, not class names
     assert "no signed slides" in client.get("/agreement?since=2999-01-01").text
     assert client.get("/agreement?since=yesterday").status_code == 400
 

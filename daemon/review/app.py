@@ -528,7 +528,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         else:
             empty = ""
         return page(request, "agreement.html", who, res=res, empty=empty, since=since,
-                    taxonomy=cfg.taxonomy)
+                    taxonomy=cfg.taxonomy, labels={c.name: c.label for c in cfg.classes.classes})
 
     @app.get("/slides/{slide_id}/report.{fmt}")
     def report(slide_id: int, fmt: str, who: Viewer = Depends(viewer)) -> Response:
