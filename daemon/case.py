@@ -8,7 +8,7 @@ ones sign-off insists on. They are kept as one validated JSON object per slide.
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from typing import Any, Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator
@@ -48,6 +48,14 @@ class CaseInfo(Params):
         if isinstance(v, str):
             v = " ".join(v.split())
             return v or None
+        return v
+
+    @field_validator("collected_on")
+    @classmethod
+    def _not_in_the_future(cls, v: Optional[date]) -> Optional[date]:
+        # A day of slack: the bench's date may be ahead of UTC.
+        if v is not None and v > datetime.now(timezone.utc).date() + timedelta(days=1):
+            raise ValueError(f"{v.isoformat()} is in the future")
         return v
 
     def missing(self, required: list[str] | tuple[str, ...]) -> list[str]:

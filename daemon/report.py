@@ -354,7 +354,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
              f"{d['blast_ci_pct'][1]:.1f}%) of all nucleated cells, n = {d['blast_n']}")
     story.append(Paragraph(f"<b>Blasts</b>: {blast}", st["Normal"]))
     if d["not_counted"]:
-        nc = ", ".join(f"{k} {v}" for k, v in sorted(d["not_counted"].items()))
+        nc = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(d["not_counted"].items()))
         story.append(Paragraph(f"Not counted: {_esc(nc)}", st["Normal"]))
     story.append(Spacer(1, 4 * mm))
     story.append(Paragraph("Flags", st["Heading3"]))

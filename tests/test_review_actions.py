@@ -72,6 +72,8 @@ def test_the_slide_page_shows_the_pipeline_counts(review_env, tech):
     page = tech.get(f"/slides/{env.slide_id}").text
     for c in _cells(env):
         assert f'data-id="{c.id}"' in page
+    if machine.get("non_leukocyte"):  # the class's label, as the gallery calls it
+        assert "<td>Not a leukocyte (not counted)</td>" in page
     for c in counted:
         if c.needs_review:
             assert "needs-review" in page
@@ -206,7 +208,12 @@ def test_adding_a_missed_cell(review_env, tech):
         "field_id": fld.id, "x": 5000, "y": 10, "label": "lymphocyte"}).status_code == 400
     # On a cell already counted (the machine's, or the one just added): refused, so no cell
     # is counted twice.
+    # A click inside a cell's box up to 7 µm from its centre (a neutrophil's outer lobe) is
+    # that cell too.
+    lobe = found[0].x + 6.0 / fld.um_per_px
+    assert found[0].box[0] <= lobe <= found[0].box[2]
     for x, y, who in [(found[0].x + 10, found[0].y, f"cell {found[0].id} is counted there"),
+                      (lobe, found[0].y, f"cell {found[0].id} is counted there"),
                       (x0 + 2, y0 + 3, f"lymphocyte cell {cid} is counted there")]:
         r = tech.post(f"/api/slides/{env.slide_id}/cells",
                       json={"field_id": fld.id, "x": x, "y": y, "label": "monocyte"})
@@ -382,3 +389,25 @@ def test_the_audit_page_lists_every_change_readably(review_env, tech):
     assert f"<dt>undoes</dt><dd>#{events[0].id}</dd>" in page  # the undone event is listed
     assert "batch" not in page and '{"' not in page  # no raw JSON, no internal batch ids
     assert f"<dd>{target}</dd>" in page and f"<dd>{a.label}</dd>" in page
+
+
+def test_a_stale_page_of_the_signer_too_cannot_sign_and_the_note_is_kept(review_env, tech):
+    """The same reviewer changed a cell in another window: this page never showed it."""
+    env = review_env
+    seen = tech.get(f"/slides/{env.slide_id}").text.split('name="seen" value="')[1]
+    seen = int(seen.split('"')[0])
+    a = _counted(env)[0]
+    target = next(n for n in env.cfg.classes.counted if n != a.label)
+    r = tech.post(f"/api/slides/{env.slide_id}/reclassify", json={"cells": [a.id],
+                                                                   "label": target},
+                  headers={"X-Seen": str(seen)})
+    now_seen = r.json()["seen"]  # what the page that made the change has seen
+    assert now_seen > seen and r.json()["changed_by_others"] == {}
+    r = tech.post(f"/slides/{env.slide_id}/sign", data={
+        "csrf_token": tech.token, "seen": seen, "note": "all checked"})
+    assert r.status_code == 409 and "you made 1 change in another window" in r.text
+    assert "Changed meanwhile" in r.text and "all checked" in r.text  # the note is not lost
+    r = tech.post(f"/slides/{env.slide_id}/sign", data={
+        "csrf_token": tech.token, "seen": now_seen, "note": "all checked"},
+        follow_redirects=False)
+    assert r.status_code == 303

@@ -161,3 +161,30 @@ def _tiny_slide(path):
     rgb = read_rgb(sorted((BCCD / "JPEGImages").glob("*.jpg"))[0])
     tifffile.imwrite(path, rgb, resolution=(1e4 / BCCD_UM_PER_PX, 1e4 / BCCD_UM_PER_PX),
                      resolutionunit="CENTIMETER")
+
+
+def test_a_case_form_left_open_saves_only_its_own_edits(review_env):
+    """Two reviewers' forms: the one loaded before the other's save must not wipe the
+    accession and patient ID entered meanwhile; a field both edited refuses the save."""
+    env = review_env
+    tech = _client(env.cfg, env.store)
+    shown = {"was_shown": "1", **{f"was_{k}": "" for k in CASE}}  # both loaded empty
+    assert _post_case(tech, env.slide_id, **shown, accession="ACC-0004",
+                      patient_id="MRN-4").status_code == 303
+    r = _post_case(tech, env.slide_id, **shown, patient_name="Doe, Jane")
+    assert r.status_code == 303
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).case_info == {
+            "accession": "ACC-0004", "patient_id": "MRN-4", "patient_name": "Doe, Jane"}
+    r = _post_case(tech, env.slide_id, **shown, accession="ACC-9999")
+    assert r.status_code == 409 and "Accession changed meanwhile" in r.text
+    assert "Changed meanwhile" in r.text  # the page's title, not "Locked"
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).case_info["accession"] == "ACC-0004"
+
+
+def test_a_collection_date_in_the_future_is_refused(review_env):
+    env = review_env
+    tech = _client(env.cfg, env.store)
+    r = _post_case(tech, env.slide_id, collected_on="2099-01-01")
+    assert r.status_code == 400 and "Collected: Value error, 2099-01-01 is in the future" in r.text

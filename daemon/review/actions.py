@@ -20,7 +20,7 @@ import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from daemon.case import CaseError, CaseInfo, parse_case
+from daemon.case import LABELS as CASE_LABELS, CaseError, CaseInfo, parse_case
 from daemon.models import AuditEvent, Cell, Count, Field, Review, Slide, utcnow
 from pipeline.errors import MarrowError
 from pipeline.imaging import CROP_SIZE, crop_at, read_rgb
@@ -35,8 +35,10 @@ EXCLUDE_REASONS = {
 CELL_ACTIONS = ("reclassify", "exclude", "include", "add_cell")
 SIGNABLE = ("awaiting_review",)
 # A cell added closer than this to a kept cell's centre is that cell again (two touching
-# leukocytes' centres lie 7.5 µm or more apart: pipeline.detect's separate_nucleus_um).
+# leukocytes' centres lie 7.5 µm or more apart: pipeline.detect's separate_nucleus_um), and
+# so is one inside its box up to ADD_IN_BOX_UM away (a neutrophil's outer lobe).
 ADD_MIN_DISTANCE_UM = 5.0
+ADD_IN_BOX_UM = 7.0
 
 
 class ReviewError(MarrowError):
@@ -55,6 +57,13 @@ class Forbidden(ReviewError):
 
 class Locked(ReviewError):
     status = 409
+
+
+class Stale(ReviewError):
+    """The page a request came from no longer shows the slide as it is."""
+
+    status = 409
+    title = "Changed meanwhile"
 
 
 @dataclass(frozen=True)
@@ -268,13 +277,15 @@ def add_cell(s: Session, slide_id: int, field_id: int, x: float, y: float, label
 
 
 def _cell_near(s: Session, fld: Field, x: float, y: float) -> tuple[Cell, float] | None:
-    """The field's nearest kept cell within ``ADD_MIN_DISTANCE_UM`` of (x, y), and its distance
-    in µm; None when the click is clear of every cell."""
+    """The field's nearest kept cell that (x, y) falls on (``ADD_MIN_DISTANCE_UM``, or inside
+    its box within ``ADD_IN_BOX_UM``), and the distance in µm; None when clear of every cell."""
     best = None
     for cell in s.scalars(select(Cell).where(Cell.field_id == fld.id,
                                              Cell.duplicate_of.is_(None))):
         d = float(np.hypot(cell.x - x, cell.y - y)) * fld.um_per_px
-        if d < ADD_MIN_DISTANCE_UM and (best is None or d < best[1]):
+        x0, y0, x1, y1 = cell.box
+        on = d < ADD_MIN_DISTANCE_UM or (d < ADD_IN_BOX_UM and x0 <= x <= x1 and y0 <= y <= y1)
+        if on and (best is None or d < best[1]):
             best = (cell, d)
     return best
 
@@ -296,14 +307,32 @@ def reviewed_counts(s: Session, slide_id: int) -> dict[str, int]:
     return {name: int(n) for name, n in rows}
 
 
-def set_case(s: Session, slide_id: int, values: dict[str, Any], who: Reviewer) -> CaseInfo:
-    """Set the slide's case fields (all of them: a blank one is cleared); audited. A signed
-    slide's case is locked with it."""
+def set_case(s: Session, slide_id: int, values: dict[str, Any], who: Reviewer,
+             was: dict[str, Any] | None = None) -> CaseInfo:
+    """Set the slide's case fields (a blank one is cleared); audited. A signed slide's case
+    is locked with it. ``was``: the values the form showed; then only the fields changed on
+    it are saved, and one changed meanwhile by someone else refuses the save (a form left
+    open must not wipe an accession entered since)."""
     slide = editable_slide(s, slide_id)
     try:
         case = parse_case(values)
+        shown = None if was is None else parse_case(was)
     except CaseError as exc:
         raise ReviewError(str(exc)) from None
+    if shown is not None:
+        current, merged, clash = parse_case(slide.case_info), {}, []
+        for key in CaseInfo.model_fields:
+            new, old, now = getattr(case, key), getattr(shown, key), getattr(current, key)
+            if new == old:
+                merged[key] = now  # not edited on this form: what is stored stays
+            elif now != old:
+                clash.append(CASE_LABELS[key])
+            else:
+                merged[key] = new
+        if clash:
+            raise Stale(f"not saved: {', '.join(clash)} changed meanwhile; reload the slide "
+                        "to see the case as it is, then edit it again")
+        case = CaseInfo(**merged)
     before, after = slide.case_info or {}, case.stored() or {}
     if before != after:
         _audit(s, who, "edit_case", slide_id, None, before, after)
@@ -317,13 +346,14 @@ def last_event(s: Session, slide_id: int) -> int:
     return s.scalar(select(func.max(AuditEvent.id)).where(AuditEvent.slide_id == slide_id)) or 0
 
 
-def changes_by_others(s: Session, slide_id: int, seen: int, username: str) -> dict[str, int]:
-    """Audit events on the slide after ``seen`` by anyone but ``username``, per user."""
-    rows = s.execute(select(AuditEvent.username, func.count())
-                     .where(AuditEvent.slide_id == slide_id, AuditEvent.id > seen,
-                            AuditEvent.username != username)
-                     .group_by(AuditEvent.username)).all()
-    return {u: int(n) for u, n in rows}
+def changes_since(s: Session, slide_id: int, seen: int, but: str | None = None
+                  ) -> dict[str, int]:
+    """Audit events on the slide after ``seen``, per user; ``but``: leave that user's out."""
+    q = select(AuditEvent.username, func.count()).where(
+        AuditEvent.slide_id == slide_id, AuditEvent.id > seen)
+    if but is not None:
+        q = q.where(AuditEvent.username != but)
+    return {u: int(n) for u, n in s.execute(q.group_by(AuditEvent.username)).all()}
 
 
 def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
@@ -343,10 +373,12 @@ def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
         if not any(n for k, n in reviewed_counts(s, slide_id).items() if k in counted):
             raise ReviewError(f"no leukocyte is counted on slide {slide.name!r}; say in the "
                               "note why it is signed (e.g. specimen inadequate)")
-    if seen is not None and (others := changes_by_others(s, slide_id, seen, who.username)):
-        raise Locked("not signed: " + ", ".join(f"{u} made {n} change{'s' * (n != 1)}"
-                                                 for u, n in sorted(others.items()))
-                     + " since you opened the slide; reload it and check before signing")
+    if seen is not None and (since := changes_since(s, slide_id, seen)):
+        # Anyone's, the signer's own too: made in another window, this page never showed it.
+        raise Stale("not signed: " + ", ".join(
+            (f"you made {n} change{'s' * (n != 1)} in another window" if u == who.username
+             else f"{u} made {n} change{'s' * (n != 1)}") for u, n in sorted(since.items()))
+            + " since this page was loaded; reload it and check before signing")
     missing = parse_case(slide.case_info).missing(list(required_case))
     if missing:
         raise ReviewError(f"fill in {', '.join(missing)} under Case before signing "

@@ -19,10 +19,10 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote, urlsplit
 
-from fastapi import Depends, FastAPI, Form, Request
+from fastapi import Depends, FastAPI, Form, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -59,6 +59,8 @@ HERE = Path(__file__).resolve().parent
 STATUS_ORDER = {"acquiring": 0, "awaiting_review": 1, "failed": 2, "queued": 3, "signed": 4}
 SIGNED_SHOWN = 50
 LOGIN_WINDOW_S, LOGIN_MAX_FAILURES = 300.0, 5
+# The last audit event a slide page has shown, sent with each change it makes.
+SeenHeader = Annotated[int | None, Header(alias="X-Seen")]
 GALLERY_COLUMNS = (Cell.id, Cell.field_id, Cell.label, Cell.first_label, Cell.reviewed_label,
                    Cell.confidence, Cell.guided, Cell.needs_review, Cell.excluded,
                    Cell.exclude_reason, Cell.duplicate_of, Cell.duplicate_reason, Cell.added_by)
@@ -74,6 +76,23 @@ class CsrfError(ReviewError):
 
 class CellsRequest(BaseModel):
     cells: list[int] = PydField(min_length=1, max_length=5000)
+
+
+class CaseForm(BaseModel):
+    """The slide page's case form: the values, and (was_*) those the form showed."""
+
+    model_config = {"extra": "ignore"}
+    accession: str = ""
+    patient_id: str = ""
+    patient_name: str = ""
+    specimen: str = ""
+    collected_on: str = ""
+    was_accession: str | None = None
+    was_patient_id: str | None = None
+    was_patient_name: str | None = None
+    was_specimen: str | None = None
+    was_collected_on: str | None = None
+    was_shown: str | None = None  # the form carries was_* (an empty one arrives as None)
 
 
 class ReclassifyRequest(CellsRequest):
@@ -170,7 +189,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return RedirectResponse(f"/login?next={quote(_local(target))}&expired=1",
                                 status_code=303)
 
-    def error_page(request: Request, message: str, status: int) -> Response:
+    def error_page(request: Request, message: str, status: int, title: str | None = None,
+                   kept_note: str | None = None) -> Response:
         """An error as JSON for the page scripts, else as a page with the navigation and a
         link back to the page the request came from."""
         if request.url.path.startswith(("/api/", "/images/")):
@@ -184,12 +204,14 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             back = "/"
         return templates.TemplateResponse(
             request, "error.html", {"viewer": who, "csrf": who.csrf if who else "",
-                                    "message": message, "status": status, "back": back},
+                                    "message": message, "status": status, "back": back,
+                                    "title": title, "kept_note": kept_note},
             status_code=status)
 
     @app.exception_handler(ReviewError)
     async def _review_error(request: Request, exc: ReviewError) -> Response:
-        return error_page(request, str(exc), exc.status)
+        return error_page(request, str(exc), exc.status, getattr(exc, "title", None),
+                          getattr(exc, "kept_note", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -354,7 +376,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         reviewed = actions.reviewed_counts(s, slide.id)
         return {"slide": slide, "diff": differential(reviewed, tax, cfg.stats),
                 "machine": machine, "machine_total": sum(
-                    n for k, n in machine.items() if k in tax.counted)}
+                    n for k, n in machine.items() if k in tax.counted),
+                "class_labels": {c.name: c.label for c in tax.classes}}
 
     def render_table(ctx: dict[str, Any]) -> str:
         return templates.get_template("_table.html").render(**ctx)
@@ -388,11 +411,18 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                     refresh_s=params.queue_refresh_s,
                     signable=slide.status in actions.SIGNABLE, **ctx)
 
-    def change_response(slide_id: int, changed: list[Cell]) -> Response:
+    def change_response(slide_id: int, changed: list[Cell], who: Viewer,
+                        seen: int | None = None) -> Response:
+        """The changed cells and the new table; with ``seen`` (the audit event the page had
+        seen, header X-Seen), the page's new ``seen`` and who else changed the slide since."""
         with store.session() as s:
             slide = actions.get_slide(s, slide_id)
             ctx = table_context(s, slide, actions.taxonomy_of(slide, taxonomies))
+            others = ({} if seen is None else
+                      actions.changes_since(s, slide_id, seen, but=who.username))
+            last = actions.last_event(s, slide_id)
         return JSONResponse({
+            "seen": last, "changed_by_others": others,
             "changed": [{"id": c.id, "label": actions.final_label(c), "excluded": c.excluded,
                          "exclude_reason": c.exclude_reason,
                          "changed": c.reviewed_label not in (None, c.label)} for c in changed],
@@ -410,7 +440,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             ctx = table_context(s, slide, tax)
             n_cells = s.scalar(select(func.count()).where(Cell.slide_id == slide_id))
             others = ({} if since is None else
-                      actions.changes_by_others(s, slide_id, since, who.username))
+                      actions.changes_since(s, slide_id, since, but=who.username))
         d: Differential = ctx["diff"]
         return JSONResponse({
             "id": slide.id, "name": slide.name, "status": slide.status,
@@ -421,37 +451,39 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         })
 
     @app.post("/api/slides/{slide_id}/reclassify")
-    def reclassify(slide_id: int, body: ReclassifyRequest,
+    def reclassify(slide_id: int, body: ReclassifyRequest, seen: SeenHeader = None,
                    who: Viewer = Depends(changer)) -> Response:
         with store.session() as s:
             changed = actions.reclassify(s, slide_id, body.cells, body.label, reviewer(who),
                                          taxonomies)
-        return change_response(slide_id, changed)
+        return change_response(slide_id, changed, who, seen)
 
     @app.post("/api/slides/{slide_id}/exclude")
-    def exclude(slide_id: int, body: ExcludeRequest, who: Viewer = Depends(changer)) -> Response:
+    def exclude(slide_id: int, body: ExcludeRequest, seen: SeenHeader = None,
+                who: Viewer = Depends(changer)) -> Response:
         with store.session() as s:
             changed = actions.exclude(s, slide_id, body.cells, body.reason, reviewer(who))
-        return change_response(slide_id, changed)
+        return change_response(slide_id, changed, who, seen)
 
     @app.post("/api/slides/{slide_id}/include")
-    def include(slide_id: int, body: CellsRequest, who: Viewer = Depends(changer)) -> Response:
+    def include(slide_id: int, body: CellsRequest, seen: SeenHeader = None,
+                who: Viewer = Depends(changer)) -> Response:
         with store.session() as s:
             changed = actions.include(s, slide_id, body.cells, reviewer(who))
-        return change_response(slide_id, changed)
+        return change_response(slide_id, changed, who, seen)
 
     @app.post("/api/slides/{slide_id}/undo")
-    def undo(slide_id: int, who: Viewer = Depends(changer)) -> Response:
+    def undo(slide_id: int, seen: SeenHeader = None, who: Viewer = Depends(changer)) -> Response:
         with store.session() as s:
             changed = actions.undo(s, slide_id, reviewer(who))
-        return change_response(slide_id, changed)
+        return change_response(slide_id, changed, who, seen)
 
     @app.post("/api/slides/{slide_id}/cells")
     def add_cell(slide_id: int, body: AddCellRequest, who: Viewer = Depends(changer)) -> Response:
         with store.session() as s:
             cell = actions.add_cell(s, slide_id, body.field_id, body.x, body.y, body.label,
                                     reviewer(who), taxonomies, store.data_dir, crop_um_per_px)
-        resp = change_response(slide_id, [cell])
+        resp = change_response(slide_id, [cell], who)
         return resp
 
     # -- field viewer -------------------------------------------------------------------
@@ -478,21 +510,26 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     # -- sign-off -----------------------------------------------------------------------
 
     @app.post("/slides/{slide_id}/case")
-    def set_case(slide_id: int, accession: str = Form(""), patient_id: str = Form(""),
-                 patient_name: str = Form(""), specimen: str = Form(""),
-                 collected_on: str = Form(""), who: Viewer = Depends(changer)) -> Response:
+    def set_case(slide_id: int, form: Annotated[CaseForm, Form()],
+                 who: Viewer = Depends(changer)) -> Response:
+        values = form.model_dump()
+        # The values the form showed (was_*), so that only what was edited on it is saved.
+        was = {k: values.pop(f"was_{k}") or "" for k in CASE_LABELS}
         with store.session() as s:
-            actions.set_case(s, slide_id, {
-                "accession": accession, "patient_id": patient_id, "patient_name": patient_name,
-                "specimen": specimen, "collected_on": collected_on}, reviewer(who))
+            actions.set_case(s, slide_id, values, reviewer(who),
+                             was if values.pop("was_shown") else None)
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/sign")
     def sign(slide_id: int, note: str = Form(""), seen: int | None = Form(None),
              who: Viewer = Depends(changer)) -> Response:
-        with store.session() as s:
-            actions.sign(s, slide_id, reviewer(who), note.strip()[:2000], params.require_case,
-                         seen, taxonomies)
+        try:
+            with store.session() as s:
+                actions.sign(s, slide_id, reviewer(who), note.strip()[:2000],
+                             params.require_case, seen, taxonomies)
+        except ReviewError as exc:
+            exc.kept_note = note.strip()[:2000] or None  # shown on the error page, not lost
+            raise
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/reopen")

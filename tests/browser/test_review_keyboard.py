@@ -81,8 +81,11 @@ def test_a_change_by_another_reviewer_stops_a_stale_sign_off(page: Page, browser
     # The first reviewer's page says so within a refresh, and signing from it is refused.
     expect(page.locator("#others")).to_contain_text("tech2 made 1 change", timeout=15_000)
     assert _row_n(page, TARGET) == n_page  # the page still shows what it showed
+    page.mouse.wheel(0, 20_000)  # deep in the gallery, the notice is still in view
+    box = page.locator("#others").bounding_box()
+    assert box and 0 <= box["y"] and box["y"] + box["height"] <= 900
     page.click("#sign")
-    expect(page.locator("body")).to_contain_text("tech2 made 1 change since you opened the slide")
+    expect(page.locator("body")).to_contain_text("tech2 made 1 change since this page was loaded")
     with env.store.session() as s:
         assert s.get(Slide, env.slide_id).status == "awaiting_review"
 

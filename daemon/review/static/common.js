@@ -2,10 +2,10 @@
 "use strict";
 window.marrow = {
   csrf: document.querySelector('meta[name="csrf-token"]').content,
-  async post(url, body) {
+  async post(url, body, headers) {
     const resp = await fetch(url, {
       method: "POST",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": this.csrf },
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": this.csrf, ...headers },
       body: JSON.stringify(body || {}),
       credentials: "same-origin",
     });

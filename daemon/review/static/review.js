@@ -20,9 +20,23 @@
   const selected = () => tiles().filter((t) => t.classList.contains("selected"));
   const section = (key) => gallery.querySelector('.cls[data-section="' + key + '"]');
 
+  let sayTimer = null;
   function say(msg, bad) {
     statusEl.textContent = msg;
     statusEl.classList.toggle("bad", !!bad);
+    // The notice goes after a while, and at the next click (it covers the gallery's foot).
+    clearTimeout(sayTimer);
+    if (msg) sayTimer = setTimeout(() => say(""), bad ? 10000 : 5000);
+  }
+  function othersChanged(others) {
+    const list = Object.entries(others || {});
+    if (!list.length) return false;
+    const banner = document.getElementById("others");
+    banner.hidden = false;
+    banner.querySelector("span").textContent = list.map(([u, n]) =>
+      u + " made " + n + " change" + (n === 1 ? "" : "s")).join(", ") +
+      " to this slide since you opened it.";
+    return true;
   }
   function updateSelCount() {
     if (!selcount) return;
@@ -127,7 +141,14 @@
   async function send(path, body, verb) {
     busy = true;
     try {
-      apply(await marrow.post(api + path, body), verb);
+      const data = await marrow.post(api + path, body, { "X-Seen": String(cfg.seen) });
+      apply(data, verb);
+      // This page has now seen its own change; someone else's keeps it behind (sign refused).
+      if (!othersChanged(data.changed_by_others)) {
+        cfg.seen = data.seen;
+        const input = document.querySelector('#sign-form input[name="seen"]');
+        if (input) input.value = data.seen;
+      }
     } catch (e) {
       pending.length = 0;  // what was typed after a refused change is not applied blindly
       say(e.message, true);
@@ -163,6 +184,7 @@
   });
 
   gallery.addEventListener("click", (ev) => {
+    if (statusEl.classList.contains("bad")) say("");
     const t = ev.target.closest("figure.cell");
     if (!t || t.classList.contains("dup")) return;
     if (ev.shiftKey && anchor) {
@@ -254,14 +276,7 @@
         const resp = await fetch(api + "?since=" + cfg.seen, { credentials: "same-origin" });
         if (!resp.ok) return;
         const data = await resp.json();
-        const others = Object.entries(data.changed_by_others || {});
-        if (!others.length) return;
-        const banner = document.getElementById("others");
-        banner.hidden = false;
-        banner.querySelector("span").textContent = others.map(([u, n]) =>
-          u + " made " + n + " change" + (n === 1 ? "" : "s")).join(", ") +
-          " to this slide since you opened it.";
-        if (data.status === "signed") clearInterval(watch);
+        if (othersChanged(data.changed_by_others) && data.status === "signed") clearInterval(watch);
       } catch (e) { /* try again next time */ }
     }, 1000 * cfg.refresh_s);
   }
