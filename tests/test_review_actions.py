@@ -388,7 +388,9 @@ def test_the_audit_page_lists_every_change_readably(review_env, tech):
         assert f'<tr id="e{e.id}"><td>{e.id}</td>' in page
     assert f"<dt>undoes</dt><dd>#{events[0].id}</dd>" in page  # the undone event is listed
     assert "batch" not in page and '{"' not in page  # no raw JSON, no internal batch ids
-    assert f"<dd>{target}</dd>" in page and f"<dd>{a.label}</dd>" in page
+    labels = {c.name: c.label for c in env.cfg.classes.classes}
+    assert f"<dd>{labels[target]}</dd>" in page and f"<dd>{labels[a.label]}</dd>" in page
+    assert "<dd>False</dd>" not in page and "<dd>no</dd>" in page  # excluded: no
 
 
 def test_a_stale_page_of_the_signer_too_cannot_sign_and_the_note_is_kept(review_env, tech):

@@ -544,7 +544,10 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             slide = actions.get_slide(s, slide_id)
             events = list(s.scalars(select(AuditEvent).where(AuditEvent.slide_id == slide_id)
                                     .order_by(AuditEvent.id)))
-        return page(request, "audit.html", who, slide=slide, events=events)
+        tax = taxonomies.get(slide.taxonomy)
+        return page(request, "audit.html", who, slide=slide, events=events,
+                    labels={c.name: c.label for c in tax.classes} if tax else {},
+                    case_labels=CASE_LABELS)
 
     @app.get("/agreement", response_class=HTMLResponse)
     def agreement_page(request: Request, since: str = "", who: Viewer = Depends(viewer)
