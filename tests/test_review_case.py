@@ -188,3 +188,19 @@ def test_a_collection_date_in_the_future_is_refused(review_env):
     tech = _client(env.cfg, env.store)
     r = _post_case(tech, env.slide_id, collected_on="2099-01-01")
     assert r.status_code == 400 and "Collected: Value error, 2099-01-01 is in the future" in r.text
+
+
+def test_a_lab_where_only_a_supervisor_signs(review_env):
+    env = review_env
+    lab = env.cfg.model_copy(update={"review": env.cfg.review.model_copy(update={
+        "sign_roles": ["supervisor"]})})
+    tech = _client(lab, env.store)
+    page = tech.get(f"/slides/{env.slide_id}").text
+    assert 'id="sign-form"' not in page and "a supervisor signs it off" in page
+    r = _sign(tech, env.slide_id)
+    assert r.status_code == 403 and "a technician may not sign slides off here" in r.text
+    sup = _client(lab, env.store, SUPER)
+    assert 'id="sign-form"' in sup.get(f"/slides/{env.slide_id}").text
+    assert _sign(sup, env.slide_id).status_code == 303
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).signed_by == SUPER[0]

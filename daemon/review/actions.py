@@ -358,12 +358,17 @@ def changes_since(s: Session, slide_id: int, seen: int, but: str | None = None
 
 def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
          required_case: Sequence[str] = (), seen: int | None = None,
-         taxonomies: dict[str, Taxonomy] | None = None) -> Review:
+         taxonomies: dict[str, Taxonomy] | None = None,
+         roles: Sequence[str] = ("technician", "supervisor")) -> Review:
     """Sign the slide off: it is locked, and the counts before and after review are kept.
     ``required_case``: case fields that must be filled in first (``review.require_case``).
     ``seen``: the last audit event the signer's page showed; a change by someone else since
     then refuses the signature (nobody signs counts they have not seen). With
-    ``taxonomies``, a slide with no counted leukocyte is signed only with a note saying why."""
+    ``taxonomies``, a slide with no counted leukocyte is signed only with a note saying why.
+    ``roles``: who may sign (``review.sign_roles``)."""
+    if who.role not in roles:
+        raise Forbidden(f"a {who.role} may not sign slides off here; a "
+                        f"{' or '.join(roles)} signs (review.sign_roles)")
     slide = editable_slide(s, slide_id)
     if slide.status not in SIGNABLE:
         raise Locked(f"slide {slide.name!r} is {slide.status.replace('_', ' ')}; "

@@ -402,6 +402,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return page(request, "slide.html", who, methods=methods,
                     case=parse_case(slide.case_info), case_labels=CASE_LABELS,
                     case_required=params.require_case, seen=seen,
+                    may_sign=who.role in params.sign_roles,
                     pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
                     tax=tax, sections=_sections(cells, tax),
                     keymap={c.key: c.name for c in tax.classes},
@@ -526,7 +527,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         try:
             with store.session() as s:
                 actions.sign(s, slide_id, reviewer(who), note.strip()[:2000],
-                             params.require_case, seen, taxonomies)
+                             params.require_case, seen, taxonomies, params.sign_roles)
         except ReviewError as exc:
             exc.kept_note = note.strip()[:2000] or None  # shown on the error page, not lost
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from daemon.case import CaseKey
@@ -19,3 +21,6 @@ class ReviewParams(Params):
     require_case: list[CaseKey] = Field(
         description="case fields a slide must have before it can be signed off "
                     "(accession, patient_id, patient_name, specimen, collected_on)")
+    sign_roles: list[Literal["technician", "supervisor"]] = Field(
+        min_length=1, description="roles that may sign a slide off; [supervisor] makes "
+                                  "technicians review and a supervisor sign")
