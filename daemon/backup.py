@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import create_engine, select, union
+from sqlalchemy import create_engine, select, update
 from sqlalchemy.engine import make_url
 
 from daemon.models import Cell, Field
@@ -37,6 +37,9 @@ MANIFEST = "BACKUP.json"
 # Files not found at the first pass are looked for once more after this wait: a field whose
 # staging folder was being renamed into place is then in place.
 RENAME_WAIT_S = 1.0
+# Files are written once and never changed: the same size and time (to a FAT disk's 2 s) is
+# the same file.
+MTIME_SLACK_S = 2.0
 FIELD_FILE = re.compile(r"slides/(?P<slide>\d+)/f(?P<index>\d+)/(?P<name>[^/]+)")
 
 
@@ -69,8 +72,11 @@ def backup_store(store: Store, dest: str | Path) -> BackupResult:
     if dest == data or data in dest.parents or src_db in (dest / DB_NAME, dest) or (
             dest / DATA_NAME == data):
         raise StoreError(f"backup folder {dest} would overwrite or lie inside the store itself")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / MANIFEST).is_file():
-        raise StoreError(f"{dest} is not empty and holds no marrowcount backup "
+    # Anything else in the folder is someone else's: refused. A first backup killed part way
+    # leaves only these names, and the next run finishes it.
+    ours = {DB_NAME, DATA_NAME, MANIFEST, f".{DB_NAME}.partial", MANIFEST + ".partial"}
+    if dest.is_dir() and {p.name for p in dest.iterdir()} - ours:
+        raise StoreError(f"{dest} holds files that are not a marrowcount backup "
                          f"({MANIFEST}); give an empty or new folder")
     (dest / DATA_NAME).mkdir(parents=True, exist_ok=True)
 
@@ -78,7 +84,8 @@ def backup_store(store: Store, dest: str | Path) -> BackupResult:
     tmp_db = dest / f".{DB_NAME}.partial"
     tmp_db.unlink(missing_ok=True)
     _snapshot(src_db, tmp_db)
-    names, slides = _named_files(tmp_db)
+    images, crops, slides = _named_files(tmp_db)
+    names = images | crops
 
     done: list[int | None] = []  # per file: bytes copied, or None when already current
     late = []
@@ -95,6 +102,13 @@ def backup_store(store: Store, dest: str | Path) -> BackupResult:
             done.append(_copy(store, rel, dest / DATA_NAME / rel))
         except FileNotFoundError:
             missing.append(rel)
+    # A field image purged (purge-images) since the snapshot is not lost: the backup's
+    # database stops naming it too, as the store's does now.
+    purged = _no_longer_named(store, [rel for rel in missing if rel in images])
+    if purged:
+        _forget_images(tmp_db, purged)
+        names -= purged
+        missing = [rel for rel in missing if rel not in purged]
     copied = [n for n in done if n is not None]
 
     os.sync()  # the copies reach the disk before the database that names them
@@ -142,18 +156,38 @@ def _snapshot(src_db: Path, out: Path) -> None:
                          f"{'; '.join(r[0] for r in ok[:3])}")
 
 
-def _named_files(db: Path) -> tuple[set[str], int]:
-    """Every field image and crop the snapshot names (data-relative), and its slide count."""
+def _named_files(db: Path) -> tuple[set[str], set[str], int]:
+    """The field images and the crops the snapshot names (data-relative), and its slide
+    count."""
     engine = create_engine(f"sqlite:///{db}")
     try:
         with engine.connect() as conn:
-            names = set(conn.scalars(union(
-                select(Field.image_path).where(Field.image_path.is_not(None)),
-                select(Cell.crop_path).where(Cell.crop_path.is_not(None)))))
+            images = set(conn.scalars(select(Field.image_path)
+                                      .where(Field.image_path.is_not(None))))
+            crops = set(conn.scalars(select(Cell.crop_path).where(Cell.crop_path.is_not(None))))
             slides = conn.exec_driver_sql("SELECT count(*) FROM slides").scalar_one()
     finally:
         engine.dispose()
-    return names, slides
+    return images, crops, slides
+
+
+def _no_longer_named(store: Store, images: list[str]) -> set[str]:
+    """Those of the field ``images`` that the store's live database no longer names."""
+    if not images:
+        return set()
+    with store.session() as s:
+        still = set(s.scalars(select(Field.image_path).where(Field.image_path.in_(images))))
+    return set(images) - still
+
+
+def _forget_images(db: Path, rels: set[str]) -> None:
+    engine = create_engine(f"sqlite:///{db}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(Field).where(Field.image_path.in_(sorted(rels)))
+                         .values(image_path=None))
+    finally:
+        engine.dispose()
 
 
 def _copy(store: Store, rel: str, target: Path) -> int | None:
@@ -175,7 +209,8 @@ def _copy(store: Store, rel: str, target: Path) -> int | None:
             st = source.stat()
             try:
                 old = target.stat()
-                if (old.st_size, old.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+                # Network and FAT disks keep times to 100 ns … 2 s, not to the nanosecond.
+                if old.st_size == st.st_size and abs(old.st_mtime - st.st_mtime) <= MTIME_SLACK_S:
                     return None
             except FileNotFoundError:
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,8 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     # The counts as they stand: the machine's until a reviewer changes a cell, then the
     # reviewed ones, signed or not (a report printed mid-review shows what the page shows).
     final_counts = store.reviewed_counts(slide.id)
-    in_review = final_counts != {k: n for k, n in machine.items() if n}
+    # Changed by a reviewer, or signed once and reopened (even with the counts unchanged).
+    in_review = final_counts != {k: n for k, n in machine.items() if n} or bool(reviews)
     final = differential(final_counts, taxonomy, cfg.stats)
     basis = "reviewed" if signed else "review in progress" if in_review else "machine"
 
@@ -256,7 +257,7 @@ def report_csv(rep: dict[str, Any]) -> str:
     d, m = rep["differential"], rep["machine_differential"]
     machine_n = {c["name"]: c["n"] for c in m["classes"]}
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = _SafeWriter(csv.writer(buf, lineterminator="\n"))
     w.writerow(["slide", "quantity", "label", "lineage", "n", "value", "ci_low", "ci_high",
                 "unit", "machine_n", "basis", "ref_low", "ref_high", "outside"])
     s, basis = rep["slide"]["name"], rep["basis"]
@@ -289,6 +290,20 @@ def report_csv(rep: dict[str, Any]) -> str:
         w.writerow([s, "METHOD", method_text(meth), "", meth["fields"], "", "", "", "fields", "",
                     basis, *ref(None, None)])
     return buf.getvalue()
+
+
+class _SafeWriter:
+    """A csv writer whose text cells cannot run as a spreadsheet formula: case fields and
+    slide names are typed by people, and "=HYPERLINK(…)" would run when the lab opens the
+    file (OWASP CSV injection); such a cell gets a leading apostrophe."""
+
+    def __init__(self, writer: Any) -> None:
+        self._w = writer
+
+    def writerow(self, row: list[Any]) -> None:
+        self._w.writerow([f"'{v}" if isinstance(v, str) and v[:1] in ("=", "+", "-", "@",
+                                                                     "\t", "\r") else v
+                          for v in row])
 
 
 def report_pdf(rep: dict[str, Any], path: Path) -> None:

@@ -251,3 +251,17 @@ def test_the_report_follows_the_review_before_signing_and_after_a_reopen(review_
     assert "Not signed: reopened after tech signed it" in text
     assert "reopen by super" in text and "eosinophils look over-called" in text
     assert "Signed by super" not in text and "Reviewed by super" not in text
+
+
+def test_a_slide_reopened_without_changes_is_in_review_not_unreviewed(review_env):
+    from daemon.review import actions
+
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, actions.Reviewer("tech", "technician"), None)
+    with env.store.session() as s:
+        actions.reopen(s, env.slide_id, actions.Reviewer("super", "supervisor"), "recheck")
+    rep = build_report(env.store, env.slide_id, env.cfg)
+    assert rep["basis"] == "review in progress"
+    assert "preliminary: review in progress, not signed" in rep["flags"]
+    assert rep["review"]["reviewer"] == "tech" and rep["review"]["signed"] is False

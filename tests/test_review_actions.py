@@ -413,3 +413,30 @@ def test_a_stale_page_of_the_signer_too_cannot_sign_and_the_note_is_kept(review_
         "csrf_token": tech.token, "seen": now_seen, "note": "all checked"},
         follow_redirects=False)
     assert r.status_code == 303
+
+
+def test_a_change_from_a_stale_page_reports_what_that_page_missed(review_env, tech):
+    """Window B changes a cell; window A (loaded before) then changes another: A is told of
+    B's change (its own user's, in another window) and its `seen` must not move past it."""
+    env = review_env
+    seen = actions_last_event(env)
+    a, b = _counted(env)[:2]
+    target = next(n for n in env.cfg.classes.counted if n not in {a.label, b.label})
+    rb = tech.post(f"/api/slides/{env.slide_id}/reclassify", json={"cells": [a.id],
+                                                                    "label": target},
+                   headers={"X-Seen": str(seen)})
+    assert rb.json()["changed_by_others"] == {}
+    ra = tech.post(f"/api/slides/{env.slide_id}/reclassify", json={"cells": [b.id],
+                                                                    "label": target},
+                   headers={"X-Seen": str(seen)})
+    assert ra.json()["changed_by_others"] == {TECH[0]: 1}  # B's change, unseen by A
+    r = tech.post(f"/slides/{env.slide_id}/sign", data={"csrf_token": tech.token,
+                                                       "seen": seen})
+    assert r.status_code == 409 and "you made 2 changes in another window" in r.text
+
+
+def actions_last_event(env) -> int:
+    from daemon.review import actions
+
+    with env.store.session() as s:
+        return actions.last_event(s, env.slide_id)

@@ -204,3 +204,16 @@ def test_a_lab_where_only_a_supervisor_signs(review_env):
     assert _sign(sup, env.slide_id).status_code == 303
     with env.store.session() as s:
         assert s.get(Slide, env.slide_id).signed_by == SUPER[0]
+
+
+def test_a_case_field_cannot_run_as_a_spreadsheet_formula(review_env):
+    env = review_env
+    tech = _client(env.cfg, env.store)
+    _post_case(tech, env.slide_id, patient_name='=HYPERLINK("http://x.example","open")',
+               specimen="-aspirate")
+    rep = build_report(env.store, env.slide_id, env.cfg)
+    rows = {r["label"]: r["value"] for r in csv.DictReader(io.StringIO(report_csv(rep)))
+            if r["quantity"] == "CASE"}
+    assert rows["patient_name"] == '\'=HYPERLINK("http://x.example","open")'
+    assert rows["specimen"] == "'-aspirate"
+    assert rep["slide"]["case"]["patient_name"].startswith("=")  # JSON keeps the value

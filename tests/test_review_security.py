@@ -300,3 +300,11 @@ def test_wrong_addresses_get_a_page_with_the_navigation_and_a_way_back(app, revi
                              "referer": f"http://testserver/slides/{review_env.slide_id}"})
     assert r.status_code in (400, 403)
     assert f'href="/slides/{review_env.slide_id}">Back</a>' in r.text
+
+
+def test_a_malformed_form_is_a_bad_request_not_a_missing_page(app, review_env):
+    client = TestClient(app)
+    token = login(client, TECH)
+    r = client.post(f"/slides/{review_env.slide_id}/sign",
+                    data={"csrf_token": token, "seen": "abc"})
+    assert r.status_code == 400 and "the form sent was incomplete" in r.text

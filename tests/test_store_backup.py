@@ -163,7 +163,7 @@ def test_backup_command_names_lost_files_and_refuses_bad_folders(review_env, tmp
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("a lab's own files")
-    for dest, why in [(tmp_path / "other", "holds no marrowcount backup"),
+    for dest, why in [(tmp_path / "other", "holds files that are not a marrowcount backup"),
                       (env.root / "data" / "bk", "inside the store itself"),
                       (env.root, "inside the store itself")]:
         res = runner.invoke(app, ["backup", str(dest), *args])
@@ -173,3 +173,55 @@ def test_backup_command_names_lost_files_and_refuses_bad_folders(review_env, tmp
     res = runner.invoke(app, ["backup", str(tmp_path / "bk2"), "--db",
                               f"sqlite:///{tmp_path / 'nowhere.db'}"])
     assert res.exit_code != 0 and "no store at" in str(res.exception)
+
+
+def test_a_first_backup_killed_part_way_is_finished_by_the_next(review_env, tmp_path,
+                                                                 monkeypatch):
+    import shutil as sh
+
+    import daemon.backup as backup_mod
+
+    env = review_env
+    real, calls = sh.copy2, []
+
+    def copy_then_die(src, dst):
+        calls.append(src)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # killed at the sixth file
+        return real(src, dst)
+
+    monkeypatch.setattr(backup_mod.shutil, "copy2", copy_then_die)
+    try:
+        backup_store(env.store, tmp_path / "bk")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert not (tmp_path / "bk" / DB_NAME).exists()  # no database naming missing files
+    res = backup_store(env.store, tmp_path / "bk")
+    assert res.missing == [] and res.unchanged == 5 and res.copied == res.files - 5
+
+
+def test_an_image_purged_after_the_snapshot_is_not_called_lost(review_env, tmp_path,
+                                                               monkeypatch):
+    """purge-images runs between the snapshot and the copy (both timers fire at boot): the
+    backup's database stops naming the purged images; nothing is reported lost."""
+    import daemon.backup as backup_mod
+
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, actions.Reviewer(TECH[0], "technician"), None)
+    real = backup_mod._snapshot
+
+    def snapshot_then_purge(src, out):
+        real(src, out)
+        purge_field_images(env.store, datetime.now(timezone.utc) + timedelta(minutes=1), "ops")
+
+    monkeypatch.setattr(backup_mod, "_snapshot", snapshot_then_purge)
+    res = backup_store(env.store, tmp_path / "bk")
+    assert res.missing == [] and res.files == len(_named(env.store))
+    restored = Store(f"sqlite:///{tmp_path / 'bk' / DB_NAME}", tmp_path / "bk" / DATA_NAME,
+                     existing=True)
+    try:
+        assert all(f.image_path is None for f in restored.fields(env.slide_id))
+    finally:
+        restored.close()

@@ -346,13 +346,13 @@ def last_event(s: Session, slide_id: int) -> int:
     return s.scalar(select(func.max(AuditEvent.id)).where(AuditEvent.slide_id == slide_id)) or 0
 
 
-def changes_since(s: Session, slide_id: int, seen: int, but: str | None = None
+def changes_since(s: Session, slide_id: int, seen: int, upto: int | None = None
                   ) -> dict[str, int]:
-    """Audit events on the slide after ``seen``, per user; ``but``: leave that user's out."""
+    """Audit events on the slide after ``seen`` (up to ``upto``), per user."""
     q = select(AuditEvent.username, func.count()).where(
         AuditEvent.slide_id == slide_id, AuditEvent.id > seen)
-    if but is not None:
-        q = q.where(AuditEvent.username != but)
+    if upto is not None:
+        q = q.where(AuditEvent.id <= upto)
     return {u: int(n) for u, n in s.execute(q.group_by(AuditEvent.username)).all()}
 
 

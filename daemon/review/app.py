@@ -224,6 +224,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
                                for e in exc.errors())
             return JSONResponse({"error": errors or "bad request"}, status_code=422)
+        if request.method != "GET":
+            return error_page(request, "the form sent was incomplete or not valid; reload the "
+                                       "page and send it again", 400)
         return error_page(request, "this address is not valid here (slides and fields are "
                                    "numbered: open them from the queue)", 404)
 
@@ -402,7 +405,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return page(request, "slide.html", who, methods=methods,
                     case=parse_case(slide.case_info), case_labels=CASE_LABELS,
                     case_required=params.require_case, seen=seen,
-                    may_sign=who.role in params.sign_roles,
+                    may_sign=who.role in params.sign_roles, user=who.username,
                     pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
                     tax=tax, sections=_sections(cells, tax),
                     keymap={c.key: c.name for c in tax.classes},
@@ -412,18 +415,31 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                     refresh_s=params.queue_refresh_s,
                     signable=slide.status in actions.SIGNABLE, **ctx)
 
-    def change_response(slide_id: int, changed: list[Cell], who: Viewer,
-                        seen: int | None = None) -> Response:
-        """The changed cells and the new table; with ``seen`` (the audit event the page had
-        seen, header X-Seen), the page's new ``seen`` and who else changed the slide since."""
+    def apply_change(slide_id: int, seen: int | None, act: Any
+                     ) -> tuple[list[Cell], int, dict[str, int]]:
+        """Run ``act(session)`` (one review change) for a page that has seen the slide's audit
+        events up to ``seen`` (header X-Seen). Returns the changed cells, the page's new last
+        seen event, and who changed the slide after ``seen`` (anyone, this user in another
+        window too) before this change: the page has not seen those."""
+        with store.session() as s:
+            # Locked first (as every change locks it), so the events after ``before`` are
+            # this change's own, on PostgreSQL too.
+            actions.editable_slide(s, slide_id)
+            before = actions.last_event(s, slide_id)
+            changed = act(s)
+            after = actions.last_event(s, slide_id)
+            unseen = ({} if seen is None else
+                      actions.changes_since(s, slide_id, seen, upto=before))
+        return changed, after, unseen
+
+    def change_response(slide_id: int, changed: list[Cell], seen: int | None = None,
+                        unseen: dict[str, int] | None = None) -> Response:
+        """The changed cells and the new table, with what ``apply_change`` said of the page."""
         with store.session() as s:
             slide = actions.get_slide(s, slide_id)
             ctx = table_context(s, slide, actions.taxonomy_of(slide, taxonomies))
-            others = ({} if seen is None else
-                      actions.changes_since(s, slide_id, seen, but=who.username))
-            last = actions.last_event(s, slide_id)
         return JSONResponse({
-            "seen": last, "changed_by_others": others,
+            "seen": seen, "changed_by_others": unseen or {},
             "changed": [{"id": c.id, "label": actions.final_label(c), "excluded": c.excluded,
                          "exclude_reason": c.exclude_reason,
                          "changed": c.reviewed_label not in (None, c.label)} for c in changed],
@@ -440,8 +456,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             tax = actions.taxonomy_of(slide, taxonomies)
             ctx = table_context(s, slide, tax)
             n_cells = s.scalar(select(func.count()).where(Cell.slide_id == slide_id))
-            others = ({} if since is None else
-                      actions.changes_since(s, slide_id, since, but=who.username))
+            # Anyone's: this page's own changes have moved ``since`` past them.
+            others = {} if since is None else actions.changes_since(s, slide_id, since)
         d: Differential = ctx["diff"]
         return JSONResponse({
             "id": slide.id, "name": slide.name, "status": slide.status,
@@ -454,37 +470,36 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     @app.post("/api/slides/{slide_id}/reclassify")
     def reclassify(slide_id: int, body: ReclassifyRequest, seen: SeenHeader = None,
                    who: Viewer = Depends(changer)) -> Response:
-        with store.session() as s:
-            changed = actions.reclassify(s, slide_id, body.cells, body.label, reviewer(who),
-                                         taxonomies)
-        return change_response(slide_id, changed, who, seen)
+        changed, now, unseen = apply_change(slide_id, seen, lambda s: actions.reclassify(
+            s, slide_id, body.cells, body.label, reviewer(who), taxonomies))
+        return change_response(slide_id, changed, now, unseen)
 
     @app.post("/api/slides/{slide_id}/exclude")
     def exclude(slide_id: int, body: ExcludeRequest, seen: SeenHeader = None,
                 who: Viewer = Depends(changer)) -> Response:
-        with store.session() as s:
-            changed = actions.exclude(s, slide_id, body.cells, body.reason, reviewer(who))
-        return change_response(slide_id, changed, who, seen)
+        changed, now, unseen = apply_change(slide_id, seen, lambda s: actions.exclude(
+            s, slide_id, body.cells, body.reason, reviewer(who)))
+        return change_response(slide_id, changed, now, unseen)
 
     @app.post("/api/slides/{slide_id}/include")
     def include(slide_id: int, body: CellsRequest, seen: SeenHeader = None,
                 who: Viewer = Depends(changer)) -> Response:
-        with store.session() as s:
-            changed = actions.include(s, slide_id, body.cells, reviewer(who))
-        return change_response(slide_id, changed, who, seen)
+        changed, now, unseen = apply_change(slide_id, seen, lambda s: actions.include(
+            s, slide_id, body.cells, reviewer(who)))
+        return change_response(slide_id, changed, now, unseen)
 
     @app.post("/api/slides/{slide_id}/undo")
     def undo(slide_id: int, seen: SeenHeader = None, who: Viewer = Depends(changer)) -> Response:
-        with store.session() as s:
-            changed = actions.undo(s, slide_id, reviewer(who))
-        return change_response(slide_id, changed, who, seen)
+        changed, now, unseen = apply_change(slide_id, seen, lambda s: actions.undo(
+            s, slide_id, reviewer(who)))
+        return change_response(slide_id, changed, now, unseen)
 
     @app.post("/api/slides/{slide_id}/cells")
     def add_cell(slide_id: int, body: AddCellRequest, who: Viewer = Depends(changer)) -> Response:
         with store.session() as s:
             cell = actions.add_cell(s, slide_id, body.field_id, body.x, body.y, body.label,
                                     reviewer(who), taxonomies, store.data_dir, crop_um_per_px)
-        resp = change_response(slide_id, [cell], who)
+        resp = change_response(slide_id, [cell])
         return resp
 
     # -- field viewer -------------------------------------------------------------------

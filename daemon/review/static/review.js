@@ -28,14 +28,17 @@
     clearTimeout(sayTimer);
     if (msg) sayTimer = setTimeout(() => say(""), bad ? 10000 : 5000);
   }
+  // Changes this page has not shown (anyone's, yours in another window too): say so.
   function othersChanged(others) {
     const list = Object.entries(others || {});
-    if (!list.length) return false;
     const banner = document.getElementById("others");
-    banner.hidden = false;
+    banner.hidden = !list.length;
+    if (!list.length) return false;
+    const plural = (n) => n + " change" + (n === 1 ? "" : "s");
     banner.querySelector("span").textContent = list.map(([u, n]) =>
-      u + " made " + n + " change" + (n === 1 ? "" : "s")).join(", ") +
-      " to this slide since you opened it.";
+      u === cfg.user ? "you made " + plural(n) + " in another window"
+                     : u + " made " + plural(n)).join(", ") +
+      " to this slide since this page was loaded.";
     return true;
   }
   function updateSelCount() {
@@ -155,11 +158,16 @@
     } finally {
       busy = false;
     }
-    if (pending.length) pending.shift()();
+    drain();
+  }
+  // An action that sends nothing ("Select a cell first.") must not leave the rest waiting.
+  function drain() {
+    while (!busy && pending.length) pending.shift()();
   }
   function run(action) {
     if (busy) { pending.push(action); return; }
     action();
+    drain();
   }
   function reclassify(label) {
     const ts = targets();
@@ -276,6 +284,7 @@
         const resp = await fetch(api + "?since=" + cfg.seen, { credentials: "same-origin" });
         if (!resp.ok) return;
         const data = await resp.json();
+        if (busy || pending.length) return;  // a change of this page's own is on its way
         if (othersChanged(data.changed_by_others) && data.status === "signed") clearInterval(watch);
       } catch (e) { /* try again next time */ }
     }, 1000 * cfg.refresh_s);
