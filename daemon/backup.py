@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from sqlalchemy import create_engine, select, update
 from sqlalchemy.engine import make_url
 
 from daemon.models import Cell, Field
-from daemon.store import STAGING, Store, StoreError
+from daemon.store import Store, StoreError
 
 DB_NAME = "marrowcount.db"
 DATA_NAME = "data"
@@ -40,7 +39,6 @@ RENAME_WAIT_S = 1.0
 # Files are written once and never changed: the same size and time (to a FAT disk's 2 s) is
 # the same file.
 MTIME_SLACK_S = 2.0
-FIELD_FILE = re.compile(r"slides/(?P<slide>\d+)/f(?P<index>\d+)/(?P<name>[^/]+)")
 
 
 @dataclass(frozen=True)
@@ -191,20 +189,10 @@ def _forget_images(db: Path, rels: set[str]) -> None:
 
 
 def _copy(store: Store, rel: str, target: Path) -> int | None:
-    """Copy the store's file ``rel`` to ``target``: bytes copied, or None when ``target`` is
-    already a copy of it (same size and time). Raises FileNotFoundError when it is not there.
-
-    A field committed a moment ago may still be in its staging folder (the rename into place
-    follows the commit), so that is looked in too.
-    """
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts:
-        raise FileNotFoundError(rel)
-    candidates = [store.data_dir / p]
-    if m := FIELD_FILE.fullmatch(rel):
-        candidates += sorted((store.data_dir / STAGING).glob(
-            f"s{int(m['slide'])}-f{int(m['index'])}-*/{m['name']}"))
-    for source in candidates:
+    """Copy the store's file ``rel`` (from wherever ``Store.locations`` finds it) to
+    ``target``: bytes copied, or None when ``target`` is already a copy of it (same size and
+    time). Raises FileNotFoundError when it is not there."""
+    for source in store.locations(rel):
         try:
             st = source.stat()
             try:

@@ -41,8 +41,7 @@ class CaseInfo(Params):
         None, max_length=200, description="e.g. bone marrow aspirate, left posterior iliac crest")
     collected_on: Optional[date] = None
 
-    @field_validator("accession", "patient_id", "patient_name", "specimen", "collected_on",
-                     mode="before")
+    @field_validator("*", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         if isinstance(v, str):

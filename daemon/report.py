@@ -435,7 +435,7 @@ def write_report(store: Store, slide_ref: int | str, cfg: Any, fmt: str,
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     rep = build_report(store, slide_ref, cfg)
     if fmt == "pdf":
-        path = out or Path(f"{_file_safe(rep['slide']['name'])}.pdf")
+        path = out or Path(f"{file_safe(rep['slide']['name'])}.pdf")
         report_pdf(rep, path)
         return rep, path, None
     text = report_json(rep) if fmt == "json" else report_csv(rep)
@@ -464,5 +464,6 @@ def _esc(text: str) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _file_safe(name: str) -> str:
+def file_safe(name: str) -> str:
+    """A slide name as a file name (letters, digits, - _ . kept)."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "slide"

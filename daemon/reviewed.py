@@ -26,6 +26,7 @@ import numpy as np
 from sqlalchemy import select
 
 from daemon.models import Cell, Field, Slide
+from daemon.report import file_safe
 from daemon.review.actions import final_label
 from daemon.store import Store
 from pipeline.errors import ImageError, MarrowError
@@ -227,7 +228,7 @@ def export_reviewed(store: Store, cells: Sequence[ReviewedCell], out: Path, taxo
             skipped["no readable field image or crop of known scale"] += 1
             continue
         # The cell id keeps two slide names that file-safe alike ("BM/1", "BM_1") apart.
-        rel = Path(c.final) / (f"{_file_safe(c.slide)}-f{c.field_index:05d}-c{c.index:04d}"
+        rel = Path(c.final) / (f"{file_safe(c.slide)}-f{c.field_index:05d}-c{c.index:04d}"
                                f"-{c.cell_id}.png")
         (out / c.final).mkdir(exist_ok=True)
         Image.fromarray(rgb).save(out / rel)
@@ -241,7 +242,3 @@ def export_reviewed(store: Store, cells: Sequence[ReviewedCell], out: Path, taxo
     return {"folder": str(out), "um_per_px": um_per_px, "size_px": size,
             "written": sum(written.values()), "per_class": dict(sorted(written.items())),
             "skipped": dict(skipped), "slides": len({c.slide for c in cells})}
-
-
-def _file_safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "slide"

@@ -113,8 +113,9 @@ def submit_slide(
 ) -> int:
     """Queue a virtual slide (a slide image file) or a microscope slide (a Micro-Manager
     ``.cfg``) with its ``case`` (patient, specimen) if known; returns the slide id.
-    ``um_per_px`` overrides the file's or the microscope's pixel size. Refuses a file that does not exist or cannot be read, and an image file that
-    states no pixel size when none is given (the daemon could never count it)."""
+    ``um_per_px`` overrides the file's or the microscope's pixel size. Refuses a file that
+    does not exist or cannot be read, and an image file that states no pixel size when none
+    is given (the daemon could never count it)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ServiceError(f"{p}: no such slide file; nothing was queued")

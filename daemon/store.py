@@ -18,13 +18,14 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -386,7 +387,7 @@ class Store:
         """
         if self._field_exists(slide_id, fld.index):
             return False
-        rel = Path("slides") / str(slide_id) / f"f{fld.index:05d}"
+        rel = _field_dir(slide_id, fld.index)
         stage = self.data_dir / STAGING / (
             f"s{slide_id}-f{fld.index}-{self._host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         )
@@ -495,7 +496,7 @@ class Store:
             if pid == os.getpid():
                 continue
             if self._field_exists(slide_id, index):
-                _move_into_place(stage, self.data_dir / "slides" / str(slide_id) / f"f{index:05d}")
+                _move_into_place(stage, self.data_dir / _field_dir(slide_id, index))
             else:
                 shutil.rmtree(stage, ignore_errors=True)
             done += 1
@@ -567,6 +568,20 @@ class Store:
     def path(self, rel: str) -> Path:
         """The absolute path of a stored image path (relative to the data directory)."""
         return self.data_dir / rel
+
+    def locations(self, rel: str) -> list[Path]:
+        """Where the stored file ``rel`` may be now: its place and, for a field's file, the
+        staging folder of a field committed a moment ago (its rename into place follows the
+        commit). Empty for a path that would leave the data directory."""
+        p = PurePosixPath(rel)
+        if p.is_absolute() or ".." in p.parts:
+            return []
+        out = [self.data_dir / p]
+        if len(p.parts) == 4 and p.parts[0] == "slides" and p.parts[1].isdigit() and (
+                re.fullmatch(r"f\d+", p.parts[2])):
+            out += sorted((self.data_dir / STAGING).glob(
+                f"s{int(p.parts[1])}-f{int(p.parts[2][1:])}-*/{p.name}"))
+        return out
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -692,6 +707,11 @@ def _move_into_place(stage: Path, final: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(stage, final)
     _fsync_dir(final.parent)
+
+
+def _field_dir(slide_id: int, index: int) -> Path:
+    """A field's folder under the data directory (its crops and image)."""
+    return Path("slides") / str(slide_id) / f"f{index:05d}"
 
 
 def _parse_stage(name: str) -> tuple[int, int, str, int] | None:

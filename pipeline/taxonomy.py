@@ -44,6 +44,11 @@ class Taxonomy(Params):
         return [c.name for c in self.classes]
 
     @property
+    def labels(self) -> dict[str, str]:
+        """Each class's label (what a person reads) by its name."""
+        return {c.name: c.label for c in self.classes}
+
+    @property
     def counted(self) -> list[str]:
         return [c.name for c in self.classes if c.counted]
 

@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, Field as PydField
+from pydantic import BaseModel, ConfigDict, Field as PydField, create_model
 from sqlalchemy import func, select
 
 from daemon.case import LABELS as CASE_LABELS, parse_case
@@ -78,21 +78,12 @@ class CellsRequest(BaseModel):
     cells: list[int] = PydField(min_length=1, max_length=5000)
 
 
-class CaseForm(BaseModel):
-    """The slide page's case form: the values, and (was_*) those the form showed."""
-
-    model_config = {"extra": "ignore"}
-    accession: str = ""
-    patient_id: str = ""
-    patient_name: str = ""
-    specimen: str = ""
-    collected_on: str = ""
-    was_accession: str | None = None
-    was_patient_id: str | None = None
-    was_patient_name: str | None = None
-    was_specimen: str | None = None
-    was_collected_on: str | None = None
-    was_shown: str | None = None  # the form carries was_* (an empty one arrives as None)
+# The slide page's case form: each case field, and (was_*) the value the form showed;
+# was_shown says the form carries was_* (an empty one arrives as None).
+CaseForm = create_model(
+    "CaseForm", __config__=ConfigDict(extra="ignore"),
+    **{k: (str, "") for k in CASE_LABELS}, **{f"was_{k}": (str | None, None) for k in CASE_LABELS},
+    was_shown=(str | None, None))
 
 
 class ReclassifyRequest(CellsRequest):
@@ -380,7 +371,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return {"slide": slide, "diff": differential(reviewed, tax, cfg.stats),
                 "machine": machine, "machine_total": sum(
                     n for k, n in machine.items() if k in tax.counted),
-                "class_labels": {c.name: c.label for c in tax.classes}}
+                "labels": tax.labels}
 
     def render_table(ctx: dict[str, Any]) -> str:
         return templates.get_template("_table.html").render(**ctx)
@@ -409,7 +400,6 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                     pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
                     tax=tax, sections=_sections(cells, tax),
                     keymap={c.key: c.name for c in tax.classes},
-                    labels={c.name: c.label for c in tax.classes},
                     n_cells=len(cells), fields=fields, reviews=reviews,
                     table_html=render_table(ctx), locked=slide.status == "signed",
                     refresh_s=params.queue_refresh_s,
@@ -562,7 +552,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                                     .order_by(AuditEvent.id)))
         tax = taxonomies.get(slide.taxonomy)
         return page(request, "audit.html", who, slide=slide, events=events,
-                    labels={c.name: c.label for c in tax.classes} if tax else {},
+                    labels=tax.labels if tax else {},
                     case_labels=CASE_LABELS)
 
     @app.get("/agreement", response_class=HTMLResponse)
@@ -584,7 +574,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         else:
             empty = ""
         return page(request, "agreement.html", who, res=res, empty=empty, since=since,
-                    taxonomy=cfg.taxonomy, labels={c.name: c.label for c in cfg.classes.classes})
+                    taxonomy=cfg.taxonomy, labels=cfg.classes.labels)
 
     @app.get("/slides/{slide_id}/report.{fmt}")
     def report(slide_id: int, fmt: str, who: Viewer = Depends(viewer)) -> Response:
@@ -604,7 +594,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             data = reports.report_json(rep) if fmt == "json" else reports.report_csv(rep)
         media = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8",
                  "json": "application/json"}[fmt]
-        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in rep["slide"]["name"])
+        name = reports.file_safe(rep["slide"]["name"])
         # A signed report and a preliminary one must not share a file name in Downloads.
         state = "signed" if rep["slide"]["status"] == "signed" else "preliminary"
         return Response(data, media_type=media, headers={
