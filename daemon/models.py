@@ -157,7 +157,8 @@ class User(Base):
 
 
 class Review(Base):
-    """A sign-off or a reopening of a slide, with the counts before and after review."""
+    """A sign-off or a reopening of a slide, with the counts before and after review and, for a
+    sign-off, the report it issued."""
 
     __tablename__ = "reviews"
 
@@ -169,6 +170,10 @@ class Review(Base):
     counts_before: Mapped[dict[str, Any]] = mapped_column(JSON)
     counts_after: Mapped[dict[str, Any]] = mapped_column(JSON)
     note: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    # A sign-off's report as issued (daemon.report.issued_report): a reprint says what the
+    # signed one said, whatever the config has become since.
+    report: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON(none_as_null=True),
+                                                            nullable=True)
 
 
 class AuditEvent(Base):

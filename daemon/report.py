@@ -3,7 +3,11 @@ against the laboratory's reference interval, flags, who reviewed it and when, an
 before and after review. JSON, CSV or PDF.
 
 ``build_report`` gathers everything into one plain dict (the JSON report); the CSV and PDF
-writers only lay that dict out, so the three never disagree.
+writers only lay that dict out, so the three never disagree. A sign-off issues the report: it
+is kept as signed (``freeze_report``), and ``issued_report`` prints that copy again, whatever
+the config (lineages, reference intervals, thresholds) has become since. Signing a reopened
+slide again issues an amended report that names the one it replaces; every issue stays
+printable.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from daemon.case import LABELS as CASE_LABELS, parse_case
-from daemon.models import Cell, Field, Review
+from daemon.models import Cell, Field, Review, Slide
 from daemon.provenance import method_text
-from daemon.store import Store
+from daemon.store import Store, StoreError
 from pipeline.errors import ConfigError
 from pipeline.stats import Differential, differential
 
@@ -224,7 +228,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     prescan = None if not pre else {k: pre[k] for k in (
         "objective", "um_per_px", "planned", "kept", "left_out_by_reason")}
     return {
-        "report_version": 4,
+        "report_version": 5,
         "generated_at": _iso(datetime.now(timezone.utc)),
         "slide": {
             "id": slide.id, "name": slide.name, "source": slide.source,
@@ -245,7 +249,76 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         "machine_differential": _diff_dict(machine_diff),
         "review": review,
         "flags": flags,
+        # Set when a sign-off issues this report (freeze_report), None while preliminary.
+        "issue": None,
     }
+
+
+def _sign_offs(s: Session, slide_id: int) -> list[Review]:
+    return list(s.scalars(select(Review).where(Review.slide_id == slide_id,
+                                               Review.action == "sign")
+                          .order_by(Review.at, Review.id)))
+
+
+def freeze_report(store: Store, slide_id: int, cfg: Any) -> dict[str, Any] | None:
+    """Keep the report of a signed slide's latest sign-off as issued, once; returns it (None
+    when the slide is not signed, or was reopened or signed again while it was built).
+
+    Called right after signing; a report printed for a signed slide whose copy is missing (the
+    process died between the two, or it was signed before reports were kept) is kept then.
+    An issue after the first is an amended report: ``issue.amends`` names the one it replaces
+    and the reopening that led to it."""
+    rep = build_report(store, slide_id, cfg)
+    with store.session() as s:
+        slide = s.scalar(select(Slide).where(Slide.id == slide_id).with_for_update())
+        if slide is None or slide.status != "signed":
+            return None
+        signs = _sign_offs(s, slide_id)
+        last = signs[-1]
+        if last.report is not None:
+            return last.report
+        if rep["review"] is None or rep["review"]["signed_at"] != _iso(last.at):
+            return None
+        amends = None
+        if len(signs) > 1:
+            prev = signs[-2]
+            reopen = s.scalar(select(Review).where(
+                Review.slide_id == slide_id, Review.action == "reopen", Review.at >= prev.at,
+                Review.id != prev.id).order_by(Review.at.desc(), Review.id.desc()).limit(1))
+            amends = {"number": len(signs) - 1, "signed_by": prev.username,
+                      "signed_at": _iso(prev.at),
+                      "reopened_by": reopen.username if reopen else None,
+                      "reopened_at": _iso(reopen.at) if reopen else None,
+                      "reason": reopen.note if reopen else None}
+        rep["issue"] = {"number": len(signs), "signed_by": last.username,
+                        "signed_at": _iso(last.at), "amends": amends}
+        last.report = rep
+        return rep
+
+
+def issued_report(store: Store, slide_ref: int | str, cfg: Any, issue: int | None = None
+                  ) -> dict[str, Any]:
+    """The report to print: for a signed slide the one its sign-off issued, kept as it was;
+    otherwise the preliminary report as the slide stands. ``issue`` (1 = the first sign-off)
+    prints an earlier issue, also of a slide reopened since. The copy gets ``printed_at``.
+    Raises StoreError for an unknown slide or issue."""
+    slide = store.slide(slide_ref)
+    if issue is None and slide.status != "signed":
+        return build_report(store, slide.id, cfg)
+    with store.session() as s:
+        signs = [(r.id, r.report) for r in _sign_offs(s, slide.id)]
+    if issue is not None and not 1 <= issue <= len(signs):
+        raise StoreError(f"slide {slide.name!r} has no issue {issue}: it was signed "
+                         f"{len(signs)} time{'s' * (len(signs) != 1)}")
+    number = issue or len(signs)
+    rep = signs[number - 1][1]
+    if rep is None and number == len(signs) and slide.status == "signed":
+        rep = freeze_report(store, slide.id, cfg)
+    if rep is None:
+        raise StoreError(f"issue {number} of slide {slide.name!r} was signed before marrowcount "
+                         "kept issued reports (or has been reopened since): only its counts "
+                         "and sign-off are kept, in the review history")
+    return {**rep, "printed_at": _iso(datetime.now(timezone.utc))}
 
 
 def report_csv(rep: dict[str, Any]) -> str:
@@ -265,6 +338,9 @@ def report_csv(rep: dict[str, Any]) -> str:
     def ref(interval: list[float] | None, outside: str | None) -> list[Any]:
         return ["", "", ""] if interval is None else [*interval, outside or ""]
 
+    if (issue := rep.get("issue")) is not None:
+        w.writerow([s, "ISSUE", issue_text(issue), "", issue["number"], issue["signed_at"], "",
+                    "", "", "", basis, *ref(None, None)])
     for key, value in rep["slide"]["case"].items():
         w.writerow([s, "CASE", key, "", "", "" if value is None else value, "", "", "", "",
                     basis, *ref(None, None)])
@@ -318,8 +394,11 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     sl, d = rep["slide"], rep["differential"]
     conf = f"{d['confidence']:.0%}"
     case = sl["case"]
+    issue = rep.get("issue")
     story: list[Any] = [
         Paragraph(f"Bone-marrow differential: {_esc(sl['name'])}", st["Title"]),
+        *([Paragraph(f"<font color='#b00000'><b>{_esc(issue_text(issue))}</b></font>",
+                     st["Normal"])] if issue and issue["amends"] else []),
         Paragraph(" · ".join(f"{CASE_LABELS[k]} <b>{_esc(v) if v is not None else '—'}</b>"
                              for k, v in case.items()), st["Normal"]),
         Paragraph(
@@ -329,8 +408,11 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
             + (f" · {_esc(prescan_text(sl['prescan']))}" if sl["prescan"] else ""),
             st["Normal"]),
         Paragraph(f"Started {sl['started_at'] or '-'} · finished {sl['finished_at'] or '-'} · "
-                  f"instrument {_esc(sl['instrument'] or '-')} · report generated "
-                  f"{rep['generated_at']}", st["Normal"]),
+                  f"instrument {_esc(sl['instrument'] or '-')} · "
+                  + (f"issue {issue['number']}, issued {rep['generated_at']}" if issue else
+                     f"report generated {rep['generated_at']}")
+                  + (f" · printed {rep['printed_at']}" if rep.get("printed_at") else ""),
+                  st["Normal"]),
         Paragraph(pixel_text(sl["pixel_size_check"]), st["Normal"]),
         Spacer(1, 4 * mm),
     ]
@@ -426,14 +508,16 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
 
 
 def write_report(store: Store, slide_ref: int | str, cfg: Any, fmt: str,
-                 out: Path | None) -> tuple[dict[str, Any], Path | None, str | None]:
-    """Build the report and write it as ``fmt``. Returns (report, path written, text).
+                 out: Path | None, issue: int | None = None
+                 ) -> tuple[dict[str, Any], Path | None, str | None]:
+    """Write the report (``issued_report``: a signed slide's as issued) as ``fmt``. Returns
+    (report, path written, text).
 
     JSON and CSV go to ``out`` when given, else are returned as text; PDF needs ``out``
     (default ``<slide name>.pdf`` in the current folder)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    rep = build_report(store, slide_ref, cfg)
+    rep = issued_report(store, slide_ref, cfg, issue)
     if fmt == "pdf":
         path = out or Path(f"{file_safe(rep['slide']['name'])}.pdf")
         report_pdf(rep, path)
@@ -445,6 +529,18 @@ def write_report(store: Store, slide_ref: int | str, cfg: Any, fmt: str,
         tmp.replace(out)
         return rep, out, None
     return rep, None, text
+
+
+def issue_text(issue: dict[str, Any]) -> str:
+    """One line on which sign-off issued a report and, for an amended one, what it replaces."""
+    text = f"issue {issue['number']}, signed by {issue['signed_by']} at {issue['signed_at']}"
+    a = issue["amends"]
+    if a is None:
+        return text
+    why = (f"; reopened by {a['reopened_by']} at {a['reopened_at']}: “{a['reason']}”"
+           if a["reopened_by"] else "")
+    return (f"Amended report, {text}; replaces issue {a['number']} signed by {a['signed_by']} "
+            f"at {a['signed_at']}{why}")
 
 
 def pixel_text(pixel: dict[str, Any] | None) -> str:

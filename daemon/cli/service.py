@@ -161,9 +161,14 @@ def report_cmd(
     fmt: str = typer.Option("json", "--format", "-f", help="json, csv or pdf."),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="File to write (pdf default: SLIDE.pdf)."),
+    issue: Optional[int] = typer.Option(
+        None, "--issue", min=1,
+        help="Print this sign-off's report (1 = the first); default: the latest as issued, "
+             "or the preliminary report of a slide not signed."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """Write a slide's report: differential with 95% intervals, M:E, blast %, flags, review."""
+    """Write a slide's report: differential with 95% intervals, M:E, blast %, flags, review.
+    A signed slide's report is printed as its sign-off issued it."""
     from daemon.config import load_config
     from daemon.report import FORMATS, write_report
     from pipeline.errors import MarrowError
@@ -172,7 +177,7 @@ def report_cmd(
         raise MarrowError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     cfg = load_config(config)
     with _store(cfg, existing=True) as store:
-        _rep, path, text = write_report(store, slide, cfg, fmt, out)
+        _rep, path, text = write_report(store, slide, cfg, fmt, out, issue)
     if text is not None:
         typer.echo(text, nl=False)
     else:

@@ -34,7 +34,7 @@ from sqlalchemy import func, select
 from daemon.case import LABELS as CASE_LABELS, parse_case
 from daemon.models import AuditEvent, Cell, Field, Review, Slide, User
 from daemon.provenance import method_text
-from daemon.report import pixel_size_checks, pixel_text, slide_methods
+from daemon.report import freeze_report, pixel_size_checks, pixel_text, slide_methods
 from daemon.review import actions
 from daemon.review.actions import Reviewer, ReviewError
 from daemon.review.auth import (
@@ -47,6 +47,8 @@ from daemon.review.auth import (
     csrf_matches,
     load_secret,
 )
+from daemon.store import StoreError
+from pipeline.errors import ConfigError
 from pipeline.stats import Differential, differential
 from pipeline.taxonomy import Taxonomy
 
@@ -536,6 +538,10 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         except ReviewError as exc:
             exc.kept_note = note.strip()[:2000] or None  # shown on the error page, not lost
             raise
+        try:
+            freeze_report(store, slide_id, cfg)
+        except Exception:  # the signature stands; the first print keeps the report then
+            log.exception("slide %d signed, but its report was not kept yet", slide_id)
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/reopen")
@@ -577,14 +583,20 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                     taxonomy=cfg.taxonomy, labels=cfg.classes.labels)
 
     @app.get("/slides/{slide_id}/report.{fmt}")
-    def report(slide_id: int, fmt: str, who: Viewer = Depends(viewer)) -> Response:
+    def report(slide_id: int, fmt: str, issue: int | None = None,
+               who: Viewer = Depends(viewer)) -> Response:
         from daemon import report as reports
 
         if fmt not in reports.FORMATS:
             raise actions.NotFound(f"no {fmt} report; ask for pdf, csv or json")
         with store.session() as s:
-            actions.taxonomy_of(actions.get_slide(s, slide_id), taxonomies)
-        rep = reports.build_report(store, slide_id, cfg)
+            actions.get_slide(s, slide_id)
+        try:
+            rep = reports.issued_report(store, slide_id, cfg, issue)
+        except StoreError as exc:
+            raise actions.NotFound(str(exc)) from None
+        except ConfigError as exc:
+            raise ReviewError(str(exc)) from None
         if fmt == "pdf":
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "report.pdf"
@@ -595,8 +607,10 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         media = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8",
                  "json": "application/json"}[fmt]
         name = reports.file_safe(rep["slide"]["name"])
-        # A signed report and a preliminary one must not share a file name in Downloads.
-        state = "signed" if rep["slide"]["status"] == "signed" else "preliminary"
+        # A signed report, an amended one and a preliminary one must not share a file name
+        # in Downloads.
+        n = (rep.get("issue") or {}).get("number")
+        state = "preliminary" if n is None else "signed" if n == 1 else f"amended-{n}"
         return Response(data, media_type=media, headers={
             "Content-Disposition": f'attachment; filename="{name}-{state}.{fmt}"'})
 

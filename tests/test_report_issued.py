@@ -1,0 +1,178 @@
+"""A signed slide's report is kept as its sign-off issued it: printed again after the config
+changed it says the same; a slide reopened and signed again issues an amended report that
+names the one it replaces, and every issue stays printable. The slide is counted by the real
+pipeline on real BCCD fields (tests.review_slide)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from pypdf import PdfReader
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from daemon.cli import app
+from daemon.models import Cell, Review
+from daemon.report import build_report, freeze_report, issued_report, report_csv, write_report
+from daemon.review import actions
+from daemon.review.app import create_app
+from daemon.store import StoreError
+from tests.review_slide import (  # noqa: F401  (fixtures)
+    SUPER,
+    TECH,
+    login,
+    pipeline_fields,
+    review_env,
+    review_template,
+)
+
+tech, sup = actions.Reviewer("tech", "technician"), actions.Reviewer("super", "supervisor")
+
+
+def _tax(env):
+    return {env.cfg.taxonomy: env.cfg.classes}
+
+
+def _counts(rep) -> dict[str, int]:
+    return {c["name"]: c["n"] for c in rep["differential"]["classes"]}
+
+
+def _kept_cells(env, n: int, not_label: str) -> list[int]:
+    with env.store.session() as s:
+        return list(s.scalars(select(Cell.id).where(
+            Cell.slide_id == env.slide_id, Cell.duplicate_of.is_(None),
+            Cell.excluded.is_(False), Cell.label != not_label).order_by(Cell.id).limit(n)))
+
+
+def _monocytes_myeloid(cfg):
+    """The lab's config after it moved monocytes to the myeloid side of M:E."""
+    classes = tuple(c.model_copy(update={"lineage": "myeloid"}) if c.name == "monocyte" else c
+                    for c in cfg.taxonomies[cfg.taxonomy])
+    return cfg.model_copy(update={"taxonomies": {**cfg.taxonomies, cfg.taxonomy: classes}})
+
+
+def _sign(env, who, note=None):
+    """Sign as the review app does: the signature, then the report kept."""
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, who, note)
+    return freeze_report(env.store, env.slide_id, env.cfg)
+
+
+def test_a_signed_report_prints_as_issued_after_the_config_changes(review_env, tmp_path):
+    env = review_env
+    with env.store.session() as s:
+        actions.reclassify(s, env.slide_id, _kept_cells(env, 2, "monocyte"), "monocyte", tech,
+                           _tax(env))
+    issued = _sign(env, tech, "checked")
+    assert issued["issue"] == {"number": 1, "signed_by": "tech",
+                               "signed_at": issued["review"]["signed_at"], "amends": None}
+    assert issued["basis"] == "reviewed" and issued["slide"]["status"] == "signed"
+
+    changed = _monocytes_myeloid(env.cfg)
+    fresh = build_report(env.store, env.slide_id, changed)
+    assert fresh["differential"]["myeloid"] == issued["differential"]["myeloid"] + _counts(
+        issued)["monocyte"]  # what a reprint built anew would now say
+    again = issued_report(env.store, env.slide_id, changed)
+    assert again["differential"] == issued["differential"]
+    assert again["generated_at"] == issued["generated_at"] and again["printed_at"]
+    assert {k: v for k, v in again.items() if k != "printed_at"} == issued
+
+    pdf = tmp_path / "reprint.pdf"
+    write_report(env.store, env.slide_id, changed, "pdf", pdf)
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
+    assert f"issue 1, issued {issued['generated_at']}" in text and "printed " in text
+    assert "Amended report" not in text
+    assert f"myeloid {issued['differential']['myeloid']}," in text
+
+
+def test_signing_again_after_a_reopen_issues_an_amended_report(review_env, tmp_path):
+    env = review_env
+    first = _sign(env, tech)
+    with env.store.session() as s:
+        actions.reopen(s, env.slide_id, sup, "two eosinophils were basophils")
+    assert issued_report(env.store, env.slide_id, env.cfg)["issue"] is None  # preliminary now
+    [cell] = _kept_cells(env, 1, "basophil")
+    with env.store.session() as s:
+        actions.reclassify(s, env.slide_id, [cell], "basophil", sup, _tax(env))
+    second = _sign(env, sup, "corrected")
+
+    assert second["issue"]["number"] == 2
+    assert second["issue"]["amends"] == {
+        "number": 1, "signed_by": "tech", "signed_at": first["issue"]["signed_at"],
+        "reopened_by": "super", "reopened_at": second["issue"]["amends"]["reopened_at"],
+        "reason": "two eosinophils were basophils"}
+    assert _counts(second)["basophil"] == _counts(first)["basophil"] + 1
+    # The first issue is still printable as it was.
+    one = issued_report(env.store, env.slide_id, env.cfg, issue=1)
+    assert _counts(one) == _counts(first) and one["issue"]["number"] == 1
+    assert issued_report(env.store, env.slide_id, env.cfg)["issue"]["number"] == 2
+    with pytest.raises(StoreError, match="has no issue 3: it was signed 2 times"):
+        issued_report(env.store, env.slide_id, env.cfg, issue=3)
+
+    rows = list(csv.DictReader(io.StringIO(report_csv(second))))
+    [row] = [r for r in rows if r["quantity"] == "ISSUE"]
+    assert row["n"] == "2" and row["label"].startswith("Amended report, issue 2, signed by super")
+    assert "replaces issue 1 signed by tech" in row["label"]
+    pdf = tmp_path / "amended.pdf"
+    write_report(env.store, env.slide_id, env.cfg, "pdf", pdf)
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
+    assert "Amended report, issue 2, signed by super" in text
+    assert "reopened by super" in text and "two eosinophils were basophils" in text
+
+
+def test_a_signature_whose_report_was_not_kept_keeps_it_at_the_first_print(review_env):
+    """The process died between signing and keeping the report (or the slide was signed
+    before reports were kept): the first print keeps it, and later prints repeat that."""
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, tech)
+        assert s.scalars(select(Review).where(Review.action == "sign")).one().report is None
+    first = issued_report(env.store, env.slide_id, env.cfg)
+    assert first["issue"]["number"] == 1
+    with env.store.session() as s:
+        assert s.scalars(select(Review).where(Review.action == "sign")).one().report[
+            "generated_at"] == first["generated_at"]
+    later = issued_report(env.store, env.slide_id, _monocytes_myeloid(env.cfg))
+    assert later["differential"] == first["differential"]
+
+    # Reopened before anyone printed it: that issue was never kept, and says so.
+    with env.store.session() as s:
+        s.execute(Review.__table__.update().values(report=None))
+        actions.reopen(s, env.slide_id, sup, "recount")
+    with pytest.raises(StoreError, match="issue 1 of slide .* was signed before marrowcount"):
+        issued_report(env.store, env.slide_id, env.cfg, issue=1)
+    assert freeze_report(env.store, env.slide_id, env.cfg) is None  # not signed now
+
+
+def test_the_review_app_keeps_the_report_and_serves_each_issue(review_env, tmp_path):
+    env = review_env
+    client = TestClient(create_app(env.cfg, env.store))
+    token = login(client, TECH)
+    r = client.post(f"/slides/{env.slide_id}/sign", data={"csrf_token": token},
+                    follow_redirects=False)
+    assert r.status_code == 303
+    with env.store.session() as s:
+        kept = s.scalars(select(Review).where(Review.action == "sign")).one().report
+    assert kept["issue"]["number"] == 1 and kept["slide"]["status"] == "signed"
+
+    page = client.get(f"/slides/{env.slide_id}").text
+    assert f'href="/slides/{env.slide_id}/report.pdf?issue=1"' in page
+    r = client.get(f"/slides/{env.slide_id}/report.json?issue=1")
+    assert r.status_code == 200 and r.json()["issue"]["number"] == 1
+    assert r.headers["content-disposition"].endswith('-signed.json"')
+    r = client.get(f"/slides/{env.slide_id}/report.csv?issue=2")
+    assert r.status_code == 404 and "has no issue 2" in r.text
+
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(f"store:\n  url: {env.url}\n  data_dir: {env.root / 'data'}\n")
+    res = CliRunner().invoke(app, ["report", str(env.slide_id), "--issue", "1",
+                                   "--config", str(lab)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["issue"]["number"] == 1
+    res = CliRunner().invoke(app, ["report", str(env.slide_id), "--issue", "2",
+                                   "--config", str(lab)])
+    assert res.exit_code != 0 and "has no issue 2" in str(res.exception)
