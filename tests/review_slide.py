@@ -159,3 +159,41 @@ def login(client, user: tuple[str, str]) -> str:
                     follow_redirects=False)
     assert r.status_code == 303, r.text
     return csrf_of(client.get("/").text)
+
+
+def check_flags(store, slide_id: int, username: str = TECH[0]) -> int:
+    """Confirm every flagged cell of the slide as its machine class, as a reviewer does with
+    its own class key before sign-off (``review.require_flags_checked``); returns how many."""
+    from sqlalchemy import select
+
+    from daemon.config import load_config
+    from daemon.models import Cell
+    from daemon.review import actions
+
+    cfg = load_config()
+    with store.session() as s:
+        flagged = [c for c in s.scalars(select(Cell).where(Cell.slide_id == slide_id))
+                   if actions.flag_open(c)]
+        for c in flagged:
+            actions.reclassify(s, slide_id, [c.id], c.label, actions.Reviewer(username, "technician"),
+                               {cfg.taxonomy: cfg.classes})
+    return len(flagged)
+
+
+def client_as(cfg, store, user: tuple[str, str] = TECH):
+    """A TestClient of the review app logged in as ``user``; ``client.token`` is its CSRF
+    token, also sent as the header the JSON API wants."""
+    from fastapi.testclient import TestClient
+
+    from daemon.review.app import create_app
+
+    client = TestClient(create_app(cfg, store))
+    client.token = login(client, user)
+    client.headers["X-CSRF-Token"] = client.token
+    return client
+
+
+def sign_form(client, slide_id: int):
+    """Post the slide page's sign-off form (no note, no page state)."""
+    return client.post(f"/slides/{slide_id}/sign", data={"csrf_token": client.token},
+                       follow_redirects=False)

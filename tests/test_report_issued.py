@@ -24,6 +24,7 @@ from daemon.store import StoreError
 from tests.review_slide import (  # noqa: F401  (fixtures)
     SUPER,
     TECH,
+    check_flags,
     login,
     pipeline_fields,
     review_env,
@@ -150,6 +151,7 @@ def test_a_signature_whose_report_was_not_kept_keeps_it_at_the_first_print(revie
 
 def test_the_review_app_keeps_the_report_and_serves_each_issue(review_env, tmp_path):
     env = review_env
+    check_flags(env.store, env.slide_id)
     client = TestClient(create_app(env.cfg, env.store))
     token = login(client, TECH)
     r = client.post(f"/slides/{env.slide_id}/sign", data={"csrf_token": token},

@@ -12,6 +12,7 @@ from daemon.review.app import create_app
 from tests.review_slide import (  # noqa: F401  (fixtures)
     TECH,
     TECH2,
+    check_flags,
     login,
     pipeline_fields,
     review_env,
@@ -226,6 +227,7 @@ def test_adding_a_missed_cell(review_env, tech):
 
 def test_sign_off_locks_the_slide_and_keeps_counts_before_and_after(review_env, tech):
     env = review_env
+    check_flags(env.store, env.slide_id)
     a = _counted(env)[0]
     target = next(n for n in env.cfg.classes.counted if n != a.label)
     tech.post(f"/api/slides/{env.slide_id}/reclassify", json={"cells": [a.id], "label": target})
@@ -396,6 +398,7 @@ def test_the_audit_page_lists_every_change_readably(review_env, tech):
 def test_a_stale_page_of_the_signer_too_cannot_sign_and_the_note_is_kept(review_env, tech):
     """The same reviewer changed a cell in another window: this page never showed it."""
     env = review_env
+    check_flags(env.store, env.slide_id)
     seen = tech.get(f"/slides/{env.slide_id}").text.split('name="seen" value="')[1]
     seen = int(seen.split('"')[0])
     a = _counted(env)[0]

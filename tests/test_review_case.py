@@ -8,7 +8,6 @@ import csv
 import io
 import json
 
-from fastapi.testclient import TestClient
 from pypdf import PdfReader
 from sqlalchemy import select
 from typer.testing import CliRunner
@@ -16,25 +15,20 @@ from typer.testing import CliRunner
 from daemon.cli import app
 from daemon.models import AuditEvent, Slide
 from daemon.report import build_report, report_csv, write_report
-from daemon.review.app import create_app
 from tests.review_slide import (  # noqa: F401  (fixtures)
     SUPER,
     TECH,
-    login,
+    check_flags,
+    client_as,
     pipeline_fields,
     review_env,
     review_template,
+    sign_form,
 )
 
 CASE = {"accession": "BM26-00417", "patient_id": "MRN 0042 17", "patient_name": "Doe, Jane",
         "specimen": "bone marrow aspirate, left PSIS", "collected_on": "2026-11-30"}
 
-
-def _client(cfg, store, user=TECH) -> TestClient:
-    client = TestClient(create_app(cfg, store))
-    client.token = login(client, user)
-    client.headers["X-CSRF-Token"] = client.token
-    return client
 
 
 def _post_case(client, sid, **values):
@@ -42,14 +36,10 @@ def _post_case(client, sid, **values):
                        follow_redirects=False)
 
 
-def _sign(client, sid):
-    return client.post(f"/slides/{sid}/sign", data={"csrf_token": client.token},
-                       follow_redirects=False)
-
 
 def test_the_case_is_entered_on_the_slide_page_and_audited(review_env):
     env = review_env
-    tech = _client(env.cfg, env.store)
+    tech = client_as(env.cfg, env.store)
     page = tech.get(f"/slides/{env.slide_id}").text
     assert 'id="case-form"' in page and 'name="accession"' in page
 
@@ -75,7 +65,7 @@ def test_the_case_is_entered_on_the_slide_page_and_audited(review_env):
 
 def test_bad_case_values_are_refused_by_name_and_change_nothing(review_env):
     env = review_env
-    tech = _client(env.cfg, env.store)
+    tech = client_as(env.cfg, env.store)
     r = _post_case(tech, env.slide_id, **{**CASE, "collected_on": "30/11/2026",
                                           "accession": "A" * 65})
     assert r.status_code == 400
@@ -87,17 +77,18 @@ def test_bad_case_values_are_refused_by_name_and_change_nothing(review_env):
 
 def test_sign_off_needs_the_cases_required_fields_and_locks_them(review_env):
     env = review_env
+    check_flags(env.store, env.slide_id)
     lab = env.cfg.model_copy(update={"review": env.cfg.review.model_copy(update={
         "require_case": ["accession", "patient_id"]})})
-    tech = _client(lab, env.store)
+    tech = client_as(lab, env.store)
     assert tech.get(f"/slides/{env.slide_id}").text.count('title="needed before sign-off"') == 2
     _post_case(tech, env.slide_id, accession="BM26-00417")
-    r = _sign(tech, env.slide_id)
+    r = sign_form(tech, env.slide_id)
     assert r.status_code == 400 and "fill in Patient ID under Case" in r.text
     with env.store.session() as s:
         assert s.get(Slide, env.slide_id).status == "awaiting_review"
     _post_case(tech, env.slide_id, accession="BM26-00417", patient_id="MRN 0042 17")
-    assert _sign(tech, env.slide_id).status_code == 303
+    assert sign_form(tech, env.slide_id).status_code == 303
 
     page = tech.get(f"/slides/{env.slide_id}").text
     assert 'id="case-form"' not in page and "MRN 0042 17" in page
@@ -109,7 +100,7 @@ def test_sign_off_needs_the_cases_required_fields_and_locks_them(review_env):
 
 def test_every_report_format_names_the_case(review_env, tmp_path):
     env = review_env
-    tech = _client(env.cfg, env.store)
+    tech = client_as(env.cfg, env.store)
     rep = build_report(env.store, env.slide_id, env.cfg)
     assert rep["slide"]["case"] == dict.fromkeys(CASE)  # every key, none set
     _post_case(tech, env.slide_id, **CASE)
@@ -167,7 +158,7 @@ def test_a_case_form_left_open_saves_only_its_own_edits(review_env):
     """Two reviewers' forms: the one loaded before the other's save must not wipe the
     accession and patient ID entered meanwhile; a field both edited refuses the save."""
     env = review_env
-    tech = _client(env.cfg, env.store)
+    tech = client_as(env.cfg, env.store)
     shown = {"was_shown": "1", **{f"was_{k}": "" for k in CASE}}  # both loaded empty
     assert _post_case(tech, env.slide_id, **shown, accession="ACC-0004",
                       patient_id="MRN-4").status_code == 303
@@ -185,30 +176,31 @@ def test_a_case_form_left_open_saves_only_its_own_edits(review_env):
 
 def test_a_collection_date_in_the_future_is_refused(review_env):
     env = review_env
-    tech = _client(env.cfg, env.store)
+    tech = client_as(env.cfg, env.store)
     r = _post_case(tech, env.slide_id, collected_on="2099-01-01")
     assert r.status_code == 400 and "Collected: Value error, 2099-01-01 is in the future" in r.text
 
 
 def test_a_lab_where_only_a_supervisor_signs(review_env):
     env = review_env
+    check_flags(env.store, env.slide_id)
     lab = env.cfg.model_copy(update={"review": env.cfg.review.model_copy(update={
         "sign_roles": ["supervisor"]})})
-    tech = _client(lab, env.store)
+    tech = client_as(lab, env.store)
     page = tech.get(f"/slides/{env.slide_id}").text
     assert 'id="sign-form"' not in page and "a supervisor signs it off" in page
-    r = _sign(tech, env.slide_id)
+    r = sign_form(tech, env.slide_id)
     assert r.status_code == 403 and "a technician may not sign slides off here" in r.text
-    sup = _client(lab, env.store, SUPER)
+    sup = client_as(lab, env.store, SUPER)
     assert 'id="sign-form"' in sup.get(f"/slides/{env.slide_id}").text
-    assert _sign(sup, env.slide_id).status_code == 303
+    assert sign_form(sup, env.slide_id).status_code == 303
     with env.store.session() as s:
         assert s.get(Slide, env.slide_id).signed_by == SUPER[0]
 
 
 def test_a_case_field_cannot_run_as_a_spreadsheet_formula(review_env):
     env = review_env
-    tech = _client(env.cfg, env.store)
+    tech = client_as(env.cfg, env.store)
     _post_case(tech, env.slide_id, patient_name='=HYPERLINK("http://x.example","open")',
                specimen="-aspirate")
     rep = build_report(env.store, env.slide_id, env.cfg)

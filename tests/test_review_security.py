@@ -16,6 +16,7 @@ from tests.review_slide import (  # noqa: F401  (fixtures)
     SUPER,
     TECH,
     TECH2,
+    check_flags,
     csrf_of,
     login,
     pipeline_fields,
@@ -198,6 +199,7 @@ def test_a_change_without_the_csrf_token_is_refused(app, review_env):
 
 def test_a_technician_cannot_reopen_a_signed_slide(app, review_env):
     sid = review_env.slide_id
+    check_flags(review_env.store, sid)
     tech = TestClient(app)
     token = login(tech, TECH)
     assert tech.post(f"/slides/{sid}/sign", data={"csrf_token": token},

@@ -32,7 +32,7 @@ EXCLUDE_REASONS = {
     "duplicate": "Duplicate of another cell",
 }
 # Changes to cells that undo can revert.
-CELL_ACTIONS = ("reclassify", "exclude", "include", "add_cell")
+CELL_ACTIONS = ("reclassify", "confirm", "exclude", "include", "add_cell")
 SIGNABLE = ("awaiting_review",)
 # A cell added closer than this to a kept cell's centre is that cell again (two touching
 # leukocytes' centres lie 7.5 µm or more apart: pipeline.detect's separate_nucleus_um), and
@@ -85,6 +85,20 @@ def is_counted(cell: Cell, taxonomy: Taxonomy) -> bool:
         and label in taxonomy.names
         and taxonomy.get(label).counted
     )
+
+
+def flag_open(cell: Cell) -> bool:
+    """A cell the machine flagged for review that no reviewer has looked at yet: not
+    confirmed, moved or excluded."""
+    return bool(cell.needs_review and cell.reviewed_label is None and not cell.excluded
+                and cell.duplicate_of is None)
+
+
+def open_flags(s: Session, slide_id: int) -> int:
+    """How many of the slide's cells are ``flag_open``."""
+    return s.scalar(select(func.count(Cell.id)).where(
+        Cell.slide_id == slide_id, Cell.needs_review.is_(True), Cell.reviewed_label.is_(None),
+        Cell.excluded.is_(False), Cell.duplicate_of.is_(None))) or 0
 
 
 def cell_state(cell: Cell) -> dict[str, Any]:
@@ -144,15 +158,17 @@ def _audit(s: Session, who: Reviewer, action: str, slide_id: int, cell_id: int |
 
 def _change_cells(s: Session, slide_id: int, cells: list[Cell], who: Reviewer, action: str,
                   apply: Any) -> list[Cell]:
+    """``apply`` changes one cell; it may return the action to audit for that cell instead
+    of ``action``."""
     batch = uuid.uuid4().hex[:12]
     changed = []
     for cell in cells:
         before = cell_state(cell)
-        apply(cell)
+        done = apply(cell) or action
         after = cell_state(cell)
         if after == before:
             continue
-        _audit(s, who, action, slide_id, cell.id, before, {**after, "batch": batch})
+        _audit(s, who, done, slide_id, cell.id, before, {**after, "batch": batch})
         changed.append(cell)
     s.flush()
     return changed
@@ -160,15 +176,19 @@ def _change_cells(s: Session, slide_id: int, cells: list[Cell], who: Reviewer, a
 
 def reclassify(s: Session, slide_id: int, cell_ids: list[int], label: str, who: Reviewer,
                taxonomies: dict[str, Taxonomy]) -> list[Cell]:
-    """Put cells into class ``label`` (an excluded cell moved to a class counts again)."""
+    """Put cells into class ``label`` (an excluded cell moved to a class counts again). A
+    flagged cell put into the class it already has is confirmed: the reviewer's call is
+    recorded (audited as ``confirm``), and the flag is answered."""
     slide = editable_slide(s, slide_id)
     if label not in taxonomy_of(slide, taxonomies).names:
         raise ReviewError(f"{label!r} is not a class of taxonomy {slide.taxonomy!r}")
 
-    def apply(cell: Cell) -> None:
-        if final_label(cell) != label or cell.excluded:
+    def apply(cell: Cell) -> str | None:
+        confirm = flag_open(cell) and cell.label == label
+        if final_label(cell) != label or cell.excluded or confirm:
             cell.reviewed_label = label
         cell.excluded, cell.exclude_reason = False, None
+        return "confirm" if confirm else None
 
     return _change_cells(s, slide_id, _cells(s, slide_id, cell_ids), who, "reclassify", apply)
 
@@ -359,13 +379,16 @@ def changes_since(s: Session, slide_id: int, seen: int, upto: int | None = None
 def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
          required_case: Sequence[str] = (), seen: int | None = None,
          taxonomies: dict[str, Taxonomy] | None = None,
-         roles: Sequence[str] = ("technician", "supervisor")) -> Review:
+         roles: Sequence[str] = ("technician", "supervisor"),
+         flags_checked: bool = False) -> Review:
     """Sign the slide off: it is locked, and the counts before and after review are kept.
     ``required_case``: case fields that must be filled in first (``review.require_case``).
     ``seen``: the last audit event the signer's page showed; a change by someone else since
     then refuses the signature (nobody signs counts they have not seen). With
     ``taxonomies``, a slide with no counted leukocyte is signed only with a note saying why.
-    ``roles``: who may sign (``review.sign_roles``)."""
+    ``roles``: who may sign (``review.sign_roles``). ``flags_checked``: every cell the
+    machine flagged for review must be confirmed, moved or excluded first
+    (``review.require_flags_checked``)."""
     if who.role not in roles:
         raise Forbidden(f"a {who.role} may not sign slides off here; a "
                         f"{' or '.join(roles)} signs (review.sign_roles)")
@@ -384,6 +407,11 @@ def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
             (f"you made {n} change{'s' * (n != 1)} in another window" if u == who.username
              else f"{u} made {n} change{'s' * (n != 1)}") for u, n in sorted(since.items()))
             + " since this page was loaded; reload it and check before signing")
+    if flags_checked and (n := open_flags(s, slide_id)):
+        raise ReviewError(
+            f"{n} cell{' flagged for review is' if n == 1 else 's flagged for review are'} "
+            "not checked yet: confirm each with its own class key, move it to its class or "
+            "exclude it, then sign (the ? key goes to the next one)")
     missing = parse_case(slide.case_info).missing(list(required_case))
     if missing:
         raise ReviewError(f"fill in {', '.join(missing)} under Case before signing "

@@ -394,10 +394,12 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             methods = [(method_text(m), m["fields"]) for m in slide_methods(s, slide_id)]
             ctx = table_context(s, slide, tax)
             seen = actions.last_event(s, slide_id)
+            flags_open = actions.open_flags(s, slide_id)
         pixel = pixel_size_checks(store, [slide_id], cfg)[slide_id]
         return page(request, "slide.html", who, methods=methods,
                     case=parse_case(slide.case_info), case_labels=CASE_LABELS,
-                    case_required=params.require_case, seen=seen,
+                    case_required=params.require_case, seen=seen, flags_open=flags_open,
+                    flags_required=params.require_flags_checked,
                     may_sign=who.role in params.sign_roles, user=who.username,
                     pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
                     tax=tax, sections=_sections(cells, tax),
@@ -434,7 +436,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             "seen": seen, "changed_by_others": unseen or {},
             "changed": [{"id": c.id, "label": actions.final_label(c), "excluded": c.excluded,
                          "exclude_reason": c.exclude_reason,
-                         "changed": c.reviewed_label not in (None, c.label)} for c in changed],
+                         "changed": c.reviewed_label not in (None, c.label),
+                         "flag": ("open" if actions.flag_open(c) else "checked"
+                                  if c.needs_review else None)} for c in changed],
             "table_html": render_table(ctx),
             "total": ctx["diff"].total,
         })
@@ -534,7 +538,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         try:
             with store.session() as s:
                 actions.sign(s, slide_id, reviewer(who), note.strip()[:2000],
-                             params.require_case, seen, taxonomies, params.sign_roles)
+                             params.require_case, seen, taxonomies, params.sign_roles,
+                             params.require_flags_checked)
         except ReviewError as exc:
             exc.kept_note = note.strip()[:2000] or None  # shown on the error page, not lost
             raise

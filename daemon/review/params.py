@@ -24,3 +24,6 @@ class ReviewParams(Params):
     sign_roles: list[Literal["technician", "supervisor"]] = Field(
         min_length=1, description="roles that may sign a slide off; [supervisor] makes "
                                   "technicians review and a supervisor sign")
+    require_flags_checked: bool = Field(
+        description="sign-off waits until every cell the machine flagged for review has been "
+                    "confirmed, moved to another class or excluded")

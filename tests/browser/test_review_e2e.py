@@ -103,6 +103,29 @@ def test_review_sign_and_report(page: Page, live, artifacts):
     expect(page.locator('#case-form input[name="accession"]')).to_have_value(accession)
     assert _row_n(page, TARGET) == before_target + 5 and _total(page) == before_total - 1
 
+    # Flagged cells first: signing is refused while any is unchecked; "?" goes to the next
+    # one and its own class key confirms it (the counts do not move).
+    open_flags = int(page.locator("#flags-open span").inner_text())
+    assert open_flags > 0, "the pipeline flagged no cell on this slide"
+    page.click("#sign")
+    expect(page.locator("body")).to_contain_text("flagged for review are not checked yet")
+    page.go_back()
+    page.reload()
+    keys = {c.name: c.key for c in cfg.classes.classes}
+    for n in range(open_flags, 0, -1):
+        expect(page.locator("#flags-open span")).to_have_text(str(n))
+        page.keyboard.press("?")
+        focused = page.locator("figure.cell.focused")
+        expect(focused).to_have_class(re.compile("needs-review"))
+        section = focused.evaluate("t => t.closest('details').dataset.section")
+        page.keyboard.press(keys[section])
+        expect(page.locator("#status")).to_contain_text("Confirmed as")
+    expect(page.locator("#flags-open")).to_be_hidden()
+    assert _row_n(page, TARGET) == before_target + 5 and _total(page) == before_total - 1
+    with env.store.session() as s:
+        assert s.scalar(select(func.count()).select_from(AuditEvent)
+                        .where(AuditEvent.action == "confirm")) == open_flags
+
     # Sign.
     page.click("#sign")
     expect(page.locator("p.locked")).to_have_text("Signed and locked.")

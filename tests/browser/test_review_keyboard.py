@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from daemon.models import Cell, Slide
 from tests.browser.test_review_e2e import _log_in, _row_n, _tile, _total
-from tests.review_slide import TECH, TECH2
+from tests.review_slide import TECH, TECH2, check_flags
 
 TARGET = "lymphocyte"
 
@@ -62,6 +62,7 @@ def test_keys_act_on_the_cell_in_view_and_are_not_dropped(page: Page, live):
 def test_a_change_by_another_reviewer_stops_a_stale_sign_off(page: Page, browser: Browser, live):
     base, env = live
     cfg = env.cfg
+    check_flags(env.store, env.slide_id)
     _log_in(page, base, TECH)
     page.goto(f"{base}/slides/{env.slide_id}")
     n_page = _row_n(page, TARGET)

@@ -117,6 +117,36 @@
     } else if (!change.changed && tag) {
       tag.remove();
     }
+    // The ? mark of a flag not yet checked; ✓ once a reviewer has confirmed, moved or
+    // excluded the cell (undo brings the ? back).
+    const cap = tileEl.querySelector("figcaption");
+    const mark = cap.querySelector(".tag.review, .tag.checked");
+    tileEl.classList.toggle("needs-review", change.flag === "open");
+    if (mark && change.flag) {
+      const open = change.flag === "open";
+      mark.className = "tag " + (open ? "review" : "checked");
+      mark.textContent = open ? "?" : "✓";
+      mark.title = open ? "flagged: needs review" : "flagged, checked by review";
+    }
+  }
+  function updateFlags() {
+    const note = document.getElementById("flags-open");
+    if (!note) return;
+    const n = gallery.querySelectorAll("figure.cell.needs-review:not(.dup)").length;
+    note.querySelector("span").textContent = n;
+    note.hidden = !n;
+  }
+  // The next flagged cell not yet checked, after the focused one (its section opened).
+  function nextFlag() {
+    const all = Array.from(gallery.querySelectorAll("figure.cell.needs-review:not(.dup)"));
+    if (!all.length) { say("No flagged cell left to check."); return; }
+    const order = Array.from(gallery.querySelectorAll("figure.cell"));
+    const at = focused ? order.indexOf(focused) : -1;
+    const t = all.find((x) => order.indexOf(x) > at) || all[0];
+    const sec = t.closest("details");
+    if (sec) sec.open = true;
+    if (!pinned) clearSel();
+    focusTile(t);
   }
   function apply(data, verb) {
     const all = tiles();
@@ -135,6 +165,7 @@
     }
     document.getElementById("table").innerHTML = data.table_html;
     updateCounts();
+    updateFlags();
     updateSelCount();
     if (next) focusTile(next);
     const n = data.changed.length;
@@ -172,8 +203,10 @@
   function reclassify(label) {
     const ts = targets();
     if (!ts.length) { say("Select a cell first.", true); return; }
+    // Put into the class it already has: a flagged cell is confirmed.
+    const same = ts.every((t) => t.closest(".cls").dataset.section === label);
     send("/reclassify", { cells: ts.map((t) => +t.dataset.id), label: label },
-         "Moved to " + (cfg.labels[label] || label) + ":");
+         (same ? "Confirmed as " : "Moved to ") + (cfg.labels[label] || label) + ":");
   }
   function exclude() {
     const ts = targets();
@@ -239,6 +272,7 @@
         return;
     }
     if (cfg.locked) return;
+    if (k === "?" && !cfg.keys[k]) { ev.preventDefault(); nextFlag(); return; }
     const label = cfg.keys[k] || cfg.keys[k.toLowerCase()];
     if (k !== "Delete" && !label) return;
     ev.preventDefault();

@@ -1,0 +1,104 @@
+"""Cells the machine flagged for review (low confidence after guidance, or unlike every
+trained class) are each checked before sign-off: confirmed with their own class key, moved or
+excluded. The slide is counted by the real pipeline on real BCCD fields, where the shipped
+model flags about a third of the cells (another camera and stain)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from daemon.models import AuditEvent, Cell, Slide
+from daemon.review import actions
+from tests.review_slide import (  # noqa: F401  (fixtures)
+    TECH,
+    client_as,
+    pipeline_fields,
+    review_env,
+    review_template,
+    sign_form,
+)
+
+
+
+def _flagged(env) -> list[Cell]:
+    with env.store.session() as s:
+        return [c for c in s.scalars(select(Cell).where(Cell.slide_id == env.slide_id)
+                                     .order_by(Cell.id)) if actions.flag_open(c)]
+
+
+
+def test_sign_off_waits_until_every_flagged_cell_is_checked(review_env):
+    env = review_env
+    tech = client_as(env.cfg, env.store)
+    flagged = _flagged(env)
+    assert len(flagged) >= 4
+    page = tech.get(f"/slides/{env.slide_id}").text
+    assert f'id="flags-open" data-required="1"><span>{len(flagged)}</span>' in page
+    assert page.count('class="tag review"') == len(flagged) + 2  # tiles, hint, key list
+    counts = env.store.reviewed_counts(env.slide_id)
+
+    r = sign_form(tech, env.slide_id)
+    assert r.status_code == 400
+    assert f"{len(flagged)} cells flagged for review are not checked yet" in r.text
+
+    confirm, move, drop, *rest = flagged
+    api = f"/api/slides/{env.slide_id}"
+    r = tech.post(f"{api}/reclassify", json={"cells": [confirm.id], "label": confirm.label})
+    [change] = r.json()["changed"]
+    assert change == {"id": confirm.id, "label": confirm.label, "excluded": False,
+                      "exclude_reason": None, "changed": False, "flag": "checked"}
+    assert env.store.reviewed_counts(env.slide_id) == counts  # a confirmation counts nothing new
+    other = next(n for n in env.cfg.classes.counted if n != move.label)
+    assert tech.post(f"{api}/reclassify", json={"cells": [move.id], "label": other}
+                     ).json()["changed"][0]["flag"] == "checked"
+    assert tech.post(f"{api}/exclude", json={"cells": [drop.id], "reason": "smudge"}
+                     ).json()["changed"][0]["flag"] == "checked"
+    with env.store.session() as s:
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.cell_id == confirm.id)).one()
+        assert ev.action == "confirm" and ev.username == TECH[0]
+        assert (ev.before["reviewed_label"], ev.after["reviewed_label"]) == (None, confirm.label)
+
+    r = sign_form(tech, env.slide_id)
+    n = len(rest)
+    assert r.status_code == 400 and f"{n} cell{'s' * (n != 1)} flagged for review" in r.text
+    page = tech.get(f"/slides/{env.slide_id}").text
+    assert f'<span>{n}</span> flagged cell(s)' in page and 'title="flagged, checked by review">✓' in page
+    for c in rest:
+        tech.post(f"{api}/reclassify", json={"cells": [c.id], "label": c.label})
+    assert _flagged(env) == []
+    assert sign_form(tech, env.slide_id).status_code == 303
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).status == "signed"
+
+
+def test_undo_reopens_a_confirmed_flag_and_an_unflagged_cell_is_not_confirmed(review_env):
+    env = review_env
+    tech = client_as(env.cfg, env.store)
+    api = f"/api/slides/{env.slide_id}"
+    cell = _flagged(env)[0]
+    tech.post(f"{api}/reclassify", json={"cells": [cell.id], "label": cell.label})
+    assert cell.id not in {c.id for c in _flagged(env)}
+    [undone] = tech.post(f"{api}/undo").json()["changed"]
+    assert undone["id"] == cell.id and undone["flag"] == "open"
+    assert cell.id in {c.id for c in _flagged(env)}
+
+    with env.store.session() as s:
+        plain = s.scalars(select(Cell).where(Cell.slide_id == env.slide_id,
+                                             Cell.needs_review.is_(False),
+                                             Cell.duplicate_of.is_(None))).first()
+    r = tech.post(f"{api}/reclassify", json={"cells": [plain.id], "label": plain.label})
+    assert r.json()["changed"] == []  # nothing to confirm: no event, no change
+    with env.store.session() as s:
+        assert s.get(Cell, plain.id).reviewed_label is None
+
+
+def test_a_lab_may_sign_with_flags_open(review_env):
+    env = review_env
+    lab = env.cfg.model_copy(update={"review": env.cfg.review.model_copy(update={
+        "require_flags_checked": False})})
+    tech = client_as(lab, env.store)
+    n = len(_flagged(env))
+    page = tech.get(f"/slides/{env.slide_id}").text
+    assert f'id="flags-open" data-required="0"><span>{n}</span>' in page
+    assert "to check: confirm" in page and "before signing" not in page
+    assert sign_form(tech, env.slide_id).status_code == 303
