@@ -59,7 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("marrowcount.review")
 HERE = Path(__file__).resolve().parent
 STATUS_ORDER = {"acquiring": 0, "awaiting_review": 1, "failed": 2, "queued": 3, "signed": 4}
-SIGNED_SHOWN = 50
+SIGNED_SHOWN = 50  # signed slides the queue lists; older ones are found by search
+SEARCH_SHOWN = 200
 LOGIN_WINDOW_S, LOGIN_MAX_FAILURES = 300.0, 5
 # The last audit event a slide page has shown, sent with each change it makes.
 SeenHeader = Annotated[int | None, Header(alias="X-Seen")]
@@ -303,27 +304,50 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     # -- queue --------------------------------------------------------------------------
 
-    def queue_rows() -> list[dict[str, Any]]:
+    def queue_rows(q: str = "") -> tuple[list[dict[str, Any]], int]:
+        """The queue: every slide not signed and the SIGNED_SHOWN signed most recently; with
+        ``q``, every slide whose name or case (accession, patient, specimen) holds it, up to
+        SEARCH_SHOWN, newest first. Returns the rows and how many more there were. Counts
+        are read for the rows shown only: the store keeps years of slides."""
         with store.session() as s:
-            slides = list(s.scalars(select(Slide)))
+            if q:
+                words = q.casefold().split()
+                hits = [sid for sid, name, case in s.execute(
+                            select(Slide.id, Slide.name, Slide.case_info)
+                            .order_by(Slide.id.desc()))
+                        if all(w in " ".join([name, *(str(v) for v in (case or {}).values()
+                                                      if v is not None)]).casefold()
+                               for w in words)]
+                more = max(0, len(hits) - SEARCH_SHOWN)
+                slides = list(s.scalars(select(Slide).where(Slide.id.in_(hits[:SEARCH_SHOWN]))))
+            else:
+                slides = list(s.scalars(select(Slide).where(Slide.status != "signed")))
+                signed = list(s.scalars(select(Slide).where(Slide.status == "signed")
+                                        .order_by(Slide.signed_at.desc(), Slide.id.desc())
+                                        .limit(SIGNED_SHOWN + 1)))
+                more = len(signed) > SIGNED_SHOWN and (s.scalar(
+                    select(func.count(Slide.id)).where(Slide.status == "signed"))
+                    - SIGNED_SHOWN)
+                slides += signed[:SIGNED_SHOWN]
+            ids = [sl.id for sl in slides]
             final = func.coalesce(Cell.reviewed_label, Cell.label)
             counts: dict[int, dict[str, int]] = defaultdict(dict)
             for sid, label, n in s.execute(
                 select(Cell.slide_id, final, func.count())
-                .where(Cell.duplicate_of.is_(None), Cell.excluded.is_(False))
+                .where(Cell.slide_id.in_(ids), Cell.duplicate_of.is_(None),
+                       Cell.excluded.is_(False))
                 .group_by(Cell.slide_id, final)
             ):
                 counts[sid][label] = int(n)
             pending = dict(s.execute(
                 select(Cell.slide_id, func.count())
-                .where(Cell.needs_review.is_(True), Cell.reviewed_label.is_(None),
-                       Cell.excluded.is_(False), Cell.duplicate_of.is_(None))
+                .where(Cell.slide_id.in_(ids), Cell.needs_review.is_(True),
+                       Cell.reviewed_label.is_(None), Cell.excluded.is_(False),
+                       Cell.duplicate_of.is_(None))
                 .group_by(Cell.slide_id)).all())
-        slides.sort(key=lambda sl: (STATUS_ORDER.get(sl.status, 9),
-                                    -(_ts(sl.signed_at) or 0) if sl.status == "signed"
-                                    else _ts(sl.created_at) or 0))
-        signed = [sl for sl in slides if sl.status == "signed"][:SIGNED_SHOWN]
-        shown = [sl for sl in slides if sl.status != "signed"] + signed
+        shown = sorted(slides, key=lambda sl: (STATUS_ORDER.get(sl.status, 9),
+                                               -(_ts(sl.signed_at) or 0) if sl.status == "signed"
+                                               else _ts(sl.created_at) or 0))
         pixels = pixel_size_checks(store, [sl.id for sl in shown], cfg)
         rows = []
         for sl in shown:
@@ -345,20 +369,23 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             rows.append({"slide": sl, "total": total, "flags": flags,
                          "since": sl.signed_at if sl.status == "signed"
                          else sl.finished_at or sl.started_at or sl.created_at})
-        return rows
+        return rows, int(more)
 
     @app.get("/", response_class=HTMLResponse)
-    def queue(request: Request, who: Viewer = Depends(viewer)) -> Response:
-        rows = queue_rows()
+    def queue(request: Request, q: str = "", who: Viewer = Depends(viewer)) -> Response:
+        q = q.strip()[:200]
+        rows, more = queue_rows(q)
         return page(request, "queue.html", who, rows=rows, refresh_s=params.queue_refresh_s,
-                    acquiring=any(r["slide"].status == "acquiring" for r in rows))
+                    acquiring=any(r["slide"].status == "acquiring" for r in rows), q=q,
+                    more=more, signed_shown=SIGNED_SHOWN, search_shown=SEARCH_SHOWN)
 
     @app.get("/api/queue")
-    def queue_json(request: Request, who: Viewer = Depends(viewer)) -> Response:
-        rows = queue_rows()
-        html = templates.get_template("_queue_rows.html").render(rows=rows)
+    def queue_json(request: Request, q: str = "", who: Viewer = Depends(viewer)) -> Response:
+        q = q.strip()[:200]
+        rows, more = queue_rows(q)
+        html = templates.get_template("_queue_rows.html").render(rows=rows, q=q)
         return JSONResponse({
-            "rows_html": html,
+            "rows_html": html, "more": more,
             "acquiring": any(r["slide"].status == "acquiring" for r in rows),
             "slides": [{"id": r["slide"].id, "name": r["slide"].name,
                         "status": r["slide"].status, "counted": r["total"],

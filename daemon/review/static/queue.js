@@ -5,8 +5,13 @@
   const every = 1000 * parseFloat(table.dataset.refreshS || "5");
   async function refresh() {
     try {
-      const resp = await fetch("/api/queue", { credentials: "same-origin" });
-      if (resp.status === 401) { location.href = "/login?next=/"; return; }
+      const q = table.dataset.q || "";
+      const resp = await fetch("/api/queue" + (q ? "?q=" + encodeURIComponent(q) : ""),
+                               { credentials: "same-origin" });
+      if (resp.status === 401) {
+        location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
+        return;
+      }
       const data = await resp.json();
       document.getElementById("queue-rows").innerHTML = data.rows_html;
       document.getElementById("queue-note").textContent = data.acquiring
