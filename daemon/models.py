@@ -30,6 +30,15 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# Why a reviewer leaves a cell out of the count (Cell.exclude_reason), as the page and the
+# report word it. Undoing an added cell leaves it out as "added_in_error".
+EXCLUDE_REASONS = {
+    "not_leukocyte": "Not a leukocyte",
+    "smudge": "Smudge / broken cell",
+    "duplicate": "Duplicate of another cell",
+}
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 

@@ -20,17 +20,18 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from daemon.case import LABELS as CASE_LABELS, parse_case
-from daemon.models import Cell, Field, Review, Slide
+from daemon.models import EXCLUDE_REASONS, Cell, Field, Review, Slide
 from daemon.provenance import method_text
-from daemon.store import Store, StoreError
+from daemon.store import Store, StoreError, lock_slide
 from pipeline.errors import ConfigError
 from pipeline.stats import Differential, differential
 
 FORMATS = ("json", "csv", "pdf")
+HISTORY_VERBS = {"sign": "signed", "reopen": "reopened"}
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -163,9 +164,18 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             select(func.count(Field.id),
                    func.count(Field.skipped_reason))
             .where(Field.slide_id == slide.id)).one()
-        needs_review = s.scalar(select(func.count(Cell.id)).where(
-            Cell.slide_id == slide.id, Cell.needs_review.is_(True),
-            Cell.duplicate_of.is_(None))) or 0
+        flagged, flags_open, touched = s.execute(select(
+            func.count(Cell.id).filter(Cell.needs_review.is_(True)),
+            func.count(Cell.id).filter(Cell.needs_review.is_(True),
+                                       Cell.reviewed_label.is_(None), Cell.excluded.is_(False)),
+            func.count(Cell.id).filter(or_(Cell.reviewed_label.is_not(None),
+                                           Cell.excluded.is_(True))),
+        ).where(Cell.slide_id == slide.id, Cell.duplicate_of.is_(None))).one()
+        excluded = dict(s.execute(
+            select(Cell.exclude_reason, func.count(Cell.id))
+            .where(Cell.slide_id == slide.id, Cell.duplicate_of.is_(None),
+                   Cell.excluded.is_(True))
+            .group_by(Cell.exclude_reason)).all())
         reviews = list(s.scalars(select(Review).where(Review.slide_id == slide.id)
                                  .order_by(Review.at, Review.id)))
         methods = slide_methods(s, slide.id)
@@ -173,8 +183,10 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     # The counts as they stand: the machine's until a reviewer changes a cell, then the
     # reviewed ones, signed or not (a report printed mid-review shows what the page shows).
     final_counts = store.reviewed_counts(slide.id)
-    # Changed by a reviewer, or signed once and reopened (even with the counts unchanged).
-    in_review = final_counts != {k: n for k, n in machine.items() if n} or bool(reviews)
+    # A reviewer changed, confirmed or excluded a cell, or signed it once and reopened it
+    # (even with the counts unchanged).
+    in_review = (final_counts != {k: n for k, n in machine.items() if n} or bool(reviews)
+                 or bool(touched))
     final = differential(final_counts, taxonomy, cfg.stats)
     basis = "reviewed" if signed else "review in progress" if in_review else "machine"
 
@@ -221,6 +233,9 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             "signed_at": _iso(last_sign.at) if last_sign else None,
             "counts_before": {k: n for k, n in machine.items() if n},
             "counts_after": final_counts,
+            # What review did with the cells the machine flagged, and what it left out.
+            "flags_checked": int(flagged - flags_open),
+            "excluded": {str(k): int(n) for k, n in sorted(excluded.items(), key=str)},
             "history": [{"username": r.username, "action": r.action, "at": _iso(r.at),
                          "note": r.note} for r in reviews],
         }
@@ -239,7 +254,8 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             "created_at": _iso(slide.created_at), "started_at": _iso(slide.started_at),
             "finished_at": _iso(slide.finished_at), "instrument": slide.worker,
             "fields": int(n_fields), "fields_skipped": int(n_skipped),
-            "cells_needing_review": int(needs_review),
+            "cells_flagged": int(flagged),
+            "cells_needing_review": int(flags_open),
             "prescan": prescan,
             "pixel_size_check": pixel,
         },
@@ -255,43 +271,53 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
 
 
 def _sign_offs(s: Session, slide_id: int) -> list[Review]:
+    """A slide's sign-offs in the order they were made: issue 1 first."""
     return list(s.scalars(select(Review).where(Review.slide_id == slide_id,
                                                Review.action == "sign")
-                          .order_by(Review.at, Review.id)))
+                          .order_by(Review.id)))
 
 
-def freeze_report(store: Store, slide_id: int, cfg: Any) -> dict[str, Any] | None:
+def freeze_report(store: Store, slide_id: int, cfg: Any, at_sign_off: bool = False
+                  ) -> dict[str, Any] | None:
     """Keep the report of a signed slide's latest sign-off as issued, once; returns it (None
     when the slide is not signed, or was reopened or signed again while it was built).
 
-    Called right after signing; a report printed for a signed slide whose copy is missing (the
-    process died between the two, or it was signed before reports were kept) is kept then.
-    An issue after the first is an amended report: ``issue.amends`` names the one it replaces
-    and the reopening that led to it."""
+    The review app calls it right after signing (``at_sign_off``) and before a reopening;
+    a report printed for a signed slide whose copy is missing (signed before reports were
+    kept, or the first try failed) is kept then, and says so (``issue.kept_at_sign_off``
+    false: its figures follow the settings of that moment, not of the signature).
+    An issue after the first is an amended report: ``issue.amends`` names the one it replaces,
+    the reopening that led to it and the counts it gave."""
+    with store.session() as s:
+        signs = _sign_offs(s, slide_id)
+        if not signs or signs[-1].report is not None:
+            return signs[-1].report if signs else None
+        sign_id = signs[-1].id
     rep = build_report(store, slide_id, cfg)
     with store.session() as s:
-        slide = s.scalar(select(Slide).where(Slide.id == slide_id).with_for_update())
+        slide = lock_slide(s, slide_id)
         if slide is None or slide.status != "signed":
             return None
         signs = _sign_offs(s, slide_id)
         last = signs[-1]
         if last.report is not None:
             return last.report
-        if rep["review"] is None or rep["review"]["signed_at"] != _iso(last.at):
+        if last.id != sign_id:  # reopened and signed again meanwhile: that one keeps its own
             return None
         amends = None
         if len(signs) > 1:
             prev = signs[-2]
             reopen = s.scalar(select(Review).where(
-                Review.slide_id == slide_id, Review.action == "reopen", Review.at >= prev.at,
-                Review.id != prev.id).order_by(Review.at.desc(), Review.id.desc()).limit(1))
+                Review.slide_id == slide_id, Review.action == "reopen", Review.id > prev.id,
+                Review.id < last.id).order_by(Review.id.desc()).limit(1))
             amends = {"number": len(signs) - 1, "signed_by": prev.username,
-                      "signed_at": _iso(prev.at),
+                      "signed_at": _iso(prev.at), "counts": prev.counts_after,
                       "reopened_by": reopen.username if reopen else None,
                       "reopened_at": _iso(reopen.at) if reopen else None,
                       "reason": reopen.note if reopen else None}
         rep["issue"] = {"number": len(signs), "signed_by": last.username,
-                        "signed_at": _iso(last.at), "amends": amends}
+                        "signed_at": _iso(last.at), "kept_at_sign_off": at_sign_off,
+                        "amends": amends}
         last.report = rep
         return rep
 
@@ -300,13 +326,17 @@ def issued_report(store: Store, slide_ref: int | str, cfg: Any, issue: int | Non
                   ) -> dict[str, Any]:
     """The report to print: for a signed slide the one its sign-off issued, kept as it was;
     otherwise the preliminary report as the slide stands. ``issue`` (1 = the first sign-off)
-    prints an earlier issue, also of a slide reopened since. The copy gets ``printed_at``.
-    Raises StoreError for an unknown slide or issue."""
+    prints an earlier issue, also of a slide reopened since. The copy gets ``printed_at`` and,
+    when it is no longer the slide's current report, ``superseded``: the issue that replaced
+    it, or the reopening that withdrew it. Raises StoreError for an unknown slide or issue."""
     slide = store.slide(slide_ref)
     if issue is None and slide.status != "signed":
         return build_report(store, slide.id, cfg)
     with store.session() as s:
-        signs = [(r.id, r.report) for r in _sign_offs(s, slide.id)]
+        signs = [(r.id, r.report, r.username, r.at) for r in _sign_offs(s, slide.id)]
+        last_reopen = s.scalar(select(Review).where(
+            Review.slide_id == slide.id, Review.action == "reopen")
+            .order_by(Review.id.desc()).limit(1))
     if issue is not None and not 1 <= issue <= len(signs):
         raise StoreError(f"slide {slide.name!r} has no issue {issue}: it was signed "
                          f"{len(signs)} time{'s' * (len(signs) != 1)}")
@@ -318,7 +348,24 @@ def issued_report(store: Store, slide_ref: int | str, cfg: Any, issue: int | Non
         raise StoreError(f"issue {number} of slide {slide.name!r} was signed before marrowcount "
                          "kept issued reports (or has been reopened since): only its counts "
                          "and sign-off are kept, in the review history")
-    return {**rep, "printed_at": _iso(datetime.now(timezone.utc))}
+    superseded = None
+    if number < len(signs):
+        _id, _rep, by, at = signs[number]
+        superseded = {"by_issue": number + 1, "signed_by": by, "signed_at": _iso(at)}
+    elif last_reopen is not None and last_reopen.id > signs[-1][0]:
+        superseded = {"by_issue": None, "reopened_by": last_reopen.username,
+                      "reopened_at": _iso(last_reopen.at), "reason": last_reopen.note}
+    return {**rep, "printed_at": _iso(datetime.now(timezone.utc)), "superseded": superseded}
+
+
+def superseded_text(sup: dict[str, Any]) -> str:
+    """The warning on a report that is no longer the slide's current one."""
+    if sup["by_issue"] is not None:
+        return (f"Replaced by issue {sup['by_issue']}, signed by {sup['signed_by']} at "
+                f"{sup['signed_at']}: this report is no longer valid")
+    return (f"Withdrawn: the slide was reopened by {sup['reopened_by']} at "
+            f"{sup['reopened_at']} (“{sup['reason']}”) and is under review again; an amended "
+            "report will follow")
 
 
 def report_csv(rep: dict[str, Any]) -> str:
@@ -341,6 +388,12 @@ def report_csv(rep: dict[str, Any]) -> str:
     if (issue := rep.get("issue")) is not None:
         w.writerow([s, "ISSUE", issue_text(issue), "", issue["number"], issue["signed_at"], "",
                     "", "", "", basis, *ref(None, None)])
+    if rep.get("superseded"):
+        w.writerow([s, "SUPERSEDED", superseded_text(rep["superseded"]), "", "", "", "", "",
+                    "", "", basis, *ref(None, None)])
+    if rep.get("printed_at"):
+        w.writerow([s, "PRINTED", "printed again from the report as issued", "", "",
+                    rep["printed_at"], "", "", "", "", basis, *ref(None, None)])
     for key, value in rep["slide"]["case"].items():
         w.writerow([s, "CASE", key, "", "", "" if value is None else value, "", "", "", "",
                     basis, *ref(None, None)])
@@ -394,23 +447,30 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     sl, d = rep["slide"], rep["differential"]
     conf = f"{d['confidence']:.0%}"
     case = sl["case"]
-    issue = rep.get("issue")
+    issue, sup = rep.get("issue"), rep.get("superseded")
+    warn = [text for text, show in ((superseded_text(sup) if sup else "", sup),
+                                    (issue_text(issue) if issue else "",
+                                     issue and issue["amends"])) if show]
     story: list[Any] = [
         Paragraph(f"Bone-marrow differential: {_esc(sl['name'])}", st["Title"]),
-        *([Paragraph(f"<font color='#b00000'><b>{_esc(issue_text(issue))}</b></font>",
-                     st["Normal"])] if issue and issue["amends"] else []),
+        *[Paragraph(f"<font color='#b00000'><b>{_esc(text)}</b></font>", st["Normal"])
+          for text in warn],
         Paragraph(" · ".join(f"{CASE_LABELS[k]} <b>{_esc(v) if v is not None else '—'}</b>"
                              for k, v in case.items()), st["Normal"]),
         Paragraph(
-            f"Status <b>{sl['status']}</b> · counts: {rep['basis']} · "
+            f"Status <b>{sl['status'].replace('_', ' ')}</b> · counts: {rep['basis']} · "
             f"{d['total']} leukocytes counted (target {sl['target']}) · taxonomy "
             f"{_esc(sl['taxonomy'])} · {sl['fields']} fields ({sl['fields_skipped']} skipped)"
             + (f" · {_esc(prescan_text(sl['prescan']))}" if sl["prescan"] else ""),
             st["Normal"]),
         Paragraph(f"Started {sl['started_at'] or '-'} · finished {sl['finished_at'] or '-'} · "
                   f"instrument {_esc(sl['instrument'] or '-')} · "
-                  + (f"issue {issue['number']}, issued {rep['generated_at']}" if issue else
-                     f"report generated {rep['generated_at']}")
+                  + (f"report generated {rep['generated_at']}" if not issue else
+                     f"issue {issue['number']}, issued {rep['generated_at']}"
+                     if issue.get("kept_at_sign_off", True) else
+                     f"issue {issue['number']}, signed {issue['signed_at']}; this report was "
+                     f"kept at {rep['generated_at']}, after the sign-off, under the settings "
+                     "of that time")
                   + (f" · printed {rep['printed_at']}" if rep.get("printed_at") else ""),
                   st["Normal"]),
         Paragraph(pixel_text(sl["pixel_size_check"]), st["Normal"]),
@@ -472,20 +532,37 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         story.append(Paragraph(said, st["Normal"]))
         # In the differential's order and words; a class the taxonomy lacks goes last.
         labels = {c["name"]: c["label"] for c in d["classes"]}
-        names = sorted(set(rv["counts_before"]) | set(rv["counts_after"]),
+        # An amended report also shows the counts of the issue it replaces.
+        prev = issue["amends"] if issue and issue["amends"] else None
+        cols = [rv["counts_before"], *([prev["counts"]] if prev else []), rv["counts_after"]]
+        names = sorted(set().union(*cols),
                        key=lambda n: (list(labels).index(n) if n in labels else len(labels), n))
-        changed = [[labels.get(n, n.replace("_", " ")), rv["counts_before"].get(n, 0),
-                    rv["counts_after"].get(n, 0)] for n in names]
-        tb = Table([["Class", "before review", "after review"]] + changed, hAlign="LEFT")
+        changed = [[labels.get(n, n.replace("_", " ")), *(c.get(n, 0) for c in cols)]
+                   for n in names]
+        head = ["Class", "before review", *([f"issue {prev['number']}"] if prev else []),
+                "after review"]
+        tb = Table([head] + changed, hAlign="LEFT")
         tb.setStyle(TableStyle([("FONTNAME", (0, 0), (-1, 0), "Helvetica-Bold"),
                                 ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
                                 ("ALIGN", (1, 0), (-1, -1), "RIGHT")]))
         story.append(tb)
+        did = []
+        if sl.get("cells_flagged"):
+            left = sl["cells_needing_review"]
+            did.append(f"{sl['cells_flagged']} cells flagged by the machine for review: "
+                       + (f"{left} not checked" if left else "all checked by the reviewer"))
+        if rv.get("excluded"):
+            did.append("left out of the count by review: " + ", ".join(
+                f"{n} {EXCLUDE_REASONS.get(k, str(k).replace('_', ' ')).lower()}"
+                for k, n in rv["excluded"].items()))
+        for line in did:
+            story.append(Paragraph(f"{_esc(line[0].upper() + line[1:])}.", st["Normal"]))
         # Sign-off comments and reopen reasons belong on the report: an amended report must
         # say why it was reopened.
         for h in rv["history"]:
             story.append(Paragraph(
-                f"• {_esc(h['action'])} by {_esc(h['username'])} at {h['at'] or '-'}"
+                f"• {_esc(HISTORY_VERBS.get(h['action'], h['action']))} by "
+                f"{_esc(h['username'])} at {h['at'] or '-'}"
                 + (f": “{_esc(h['note'])}”" if h["note"] else ""), st["Normal"]))
     story.append(Paragraph("Method", st["Heading3"]))
     for m in rep["methods"]:

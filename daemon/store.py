@@ -606,6 +606,19 @@ def _require_sqlite_file(url: str) -> None:
                          "slide is first submitted; are --config / store.url (or --db) right?")
 
 
+def lock_slide(s: Session, slide_id: int) -> Slide | None:
+    """The slide row, read afresh and locked until this transaction ends, so that a check
+    of its status and the change made on it cannot interleave with another reviewer's.
+    SELECT ... FOR UPDATE where the database has it; SQLite has not, and pysqlite opens the
+    transaction only at the first write, so a no-op UPDATE comes first there: it takes the
+    database's write lock (a second signer waits, then reads the slide signed)."""
+    if s.get_bind().dialect.name == "sqlite":
+        s.execute(update(Slide).where(Slide.id == slide_id).values(status=Slide.status)
+                  .execution_options(synchronize_session=False))
+    return s.scalar(select(Slide).where(Slide.id == slide_id).with_for_update()
+                    .execution_options(populate_existing=True))
+
+
 def _engine(url: str, busy_timeout_s: float) -> Engine:
     try:
         u = make_url(url)

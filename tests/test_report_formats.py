@@ -96,7 +96,7 @@ def test_signed_report_shows_reviewer_and_counts_before_after(filled, config):
     assert "Promyelocyte" in text and "M:E ratio" in text
     assert f"{rep['differential']['me_ratio']:.2f}" in text
     assert "target not reached" in text
-    assert "sign by tech.anna" in text  # the sign-off comment, escaped, on the report
+    assert "signed by tech.anna" in text  # the sign-off comment, escaped, on the report
     assert "dysplastic <neutrophils> & ringed sideroblasts" in text.replace("\n", " ")
 
 
@@ -249,7 +249,7 @@ def test_the_report_follows_the_review_before_signing_and_after_a_reopen(review_
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(tmp_path / "reopened.pdf")
                              .pages).split())
     assert "Not signed: reopened after tech signed it" in text
-    assert "reopen by super" in text and "eosinophils look over-called" in text
+    assert "reopened by super" in text and "eosinophils look over-called" in text
     assert "Signed by super" not in text and "Reviewed by super" not in text
 
 

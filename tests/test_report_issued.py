@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -60,7 +62,7 @@ def _sign(env, who, note=None):
     """Sign as the review app does: the signature, then the report kept."""
     with env.store.session() as s:
         actions.sign(s, env.slide_id, who, note)
-    return freeze_report(env.store, env.slide_id, env.cfg)
+    return freeze_report(env.store, env.slide_id, env.cfg, at_sign_off=True)
 
 
 def test_a_signed_report_prints_as_issued_after_the_config_changes(review_env, tmp_path):
@@ -70,7 +72,8 @@ def test_a_signed_report_prints_as_issued_after_the_config_changes(review_env, t
                            _tax(env))
     issued = _sign(env, tech, "checked")
     assert issued["issue"] == {"number": 1, "signed_by": "tech",
-                               "signed_at": issued["review"]["signed_at"], "amends": None}
+                               "signed_at": issued["review"]["signed_at"],
+                               "kept_at_sign_off": True, "amends": None}
     assert issued["basis"] == "reviewed" and issued["slide"]["status"] == "signed"
 
     changed = _monocytes_myeloid(env.cfg)
@@ -80,13 +83,14 @@ def test_a_signed_report_prints_as_issued_after_the_config_changes(review_env, t
     again = issued_report(env.store, env.slide_id, changed)
     assert again["differential"] == issued["differential"]
     assert again["generated_at"] == issued["generated_at"] and again["printed_at"]
-    assert {k: v for k, v in again.items() if k != "printed_at"} == issued
+    assert again["superseded"] is None
+    assert {k: v for k, v in again.items() if k not in ("printed_at", "superseded")} == issued
 
     pdf = tmp_path / "reprint.pdf"
     write_report(env.store, env.slide_id, changed, "pdf", pdf)
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
     assert f"issue 1, issued {issued['generated_at']}" in text and "printed " in text
-    assert "Amended report" not in text
+    assert "Amended report" not in text and "after the sign-off" not in text
     assert f"myeloid {issued['differential']['myeloid']}," in text
 
 
@@ -96,6 +100,8 @@ def test_signing_again_after_a_reopen_issues_an_amended_report(review_env, tmp_p
     with env.store.session() as s:
         actions.reopen(s, env.slide_id, sup, "two eosinophils were basophils")
     assert issued_report(env.store, env.slide_id, env.cfg)["issue"] is None  # preliminary now
+    withdrawn = issued_report(env.store, env.slide_id, env.cfg, issue=1)["superseded"]
+    assert withdrawn["by_issue"] is None and withdrawn["reopened_by"] == "super"
     [cell] = _kept_cells(env, 1, "basophil")
     with env.store.session() as s:
         actions.reclassify(s, env.slide_id, [cell], "basophil", sup, _tax(env))
@@ -104,13 +110,17 @@ def test_signing_again_after_a_reopen_issues_an_amended_report(review_env, tmp_p
     assert second["issue"]["number"] == 2
     assert second["issue"]["amends"] == {
         "number": 1, "signed_by": "tech", "signed_at": first["issue"]["signed_at"],
+        "counts": first["review"]["counts_after"],
         "reopened_by": "super", "reopened_at": second["issue"]["amends"]["reopened_at"],
         "reason": "two eosinophils were basophils"}
     assert _counts(second)["basophil"] == _counts(first)["basophil"] + 1
     # The first issue is still printable as it was.
     one = issued_report(env.store, env.slide_id, env.cfg, issue=1)
     assert _counts(one) == _counts(first) and one["issue"]["number"] == 1
-    assert issued_report(env.store, env.slide_id, env.cfg)["issue"]["number"] == 2
+    assert one["superseded"] == {"by_issue": 2, "signed_by": "super",
+                                 "signed_at": second["issue"]["signed_at"]}
+    current = issued_report(env.store, env.slide_id, env.cfg)
+    assert current["issue"]["number"] == 2 and current["superseded"] is None
     with pytest.raises(StoreError, match="has no issue 3: it was signed 2 times"):
         issued_report(env.store, env.slide_id, env.cfg, issue=3)
 
@@ -123,9 +133,18 @@ def test_signing_again_after_a_reopen_issues_an_amended_report(review_env, tmp_p
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
     assert "Amended report, issue 2, signed by super" in text
     assert "reopened by super" in text and "two eosinophils were basophils" in text
+    assert "before review issue 1 after review" in text  # the counts it replaces, beside
+    write_report(env.store, env.slide_id, env.cfg, "pdf", pdf, issue=1)
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
+    assert "Replaced by issue 2, signed by super" in text and "no longer valid" in text
+    rows = list(csv.DictReader(io.StringIO(report_csv(one))))
+    assert [r["label"] for r in rows if r["quantity"] == "SUPERSEDED"] == [
+        f"Replaced by issue 2, signed by super at {second['issue']['signed_at']}: this report "
+        "is no longer valid"]
 
 
-def test_a_signature_whose_report_was_not_kept_keeps_it_at_the_first_print(review_env):
+def test_a_signature_whose_report_was_not_kept_keeps_it_at_the_first_print(review_env,
+                                                                           tmp_path):
     """The process died between signing and keeping the report (or the slide was signed
     before reports were kept): the first print keeps it, and later prints repeat that."""
     env = review_env
@@ -133,12 +152,16 @@ def test_a_signature_whose_report_was_not_kept_keeps_it_at_the_first_print(revie
         actions.sign(s, env.slide_id, tech)
         assert s.scalars(select(Review).where(Review.action == "sign")).one().report is None
     first = issued_report(env.store, env.slide_id, env.cfg)
-    assert first["issue"]["number"] == 1
+    assert first["issue"]["number"] == 1 and first["issue"]["kept_at_sign_off"] is False
     with env.store.session() as s:
         assert s.scalars(select(Review).where(Review.action == "sign")).one().report[
             "generated_at"] == first["generated_at"]
     later = issued_report(env.store, env.slide_id, _monocytes_myeloid(env.cfg))
     assert later["differential"] == first["differential"]
+    pdf = tmp_path / "late.pdf"
+    write_report(env.store, env.slide_id, env.cfg, "pdf", pdf)
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
+    assert f"this report was kept at {first['generated_at']}, after the sign-off" in text
 
     # Reopened before anyone printed it: that issue was never kept, and says so.
     with env.store.session() as s:
@@ -178,3 +201,46 @@ def test_the_review_app_keeps_the_report_and_serves_each_issue(review_env, tmp_p
     res = CliRunner().invoke(app, ["report", str(env.slide_id), "--issue", "2",
                                    "--config", str(lab)])
     assert res.exit_code != 0 and "has no issue 2" in str(res.exception)
+
+
+def test_a_reopening_keeps_the_signed_report_first(review_env):
+    """Signed, its report not yet kept (the keeping failed): the reopening keeps it, so the
+    issue stays printable after the slide changes."""
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, tech)
+    client = TestClient(create_app(env.cfg, env.store))
+    token = login(client, SUPER)
+    r = client.post(f"/slides/{env.slide_id}/reopen", data={"csrf_token": token,
+                                                            "reason": "recount"},
+                    follow_redirects=False)
+    assert r.status_code == 303
+    one = issued_report(env.store, env.slide_id, env.cfg, issue=1)
+    assert one["slide"]["status"] == "signed" and one["basis"] == "reviewed"
+    assert one["superseded"]["reason"] == "recount"
+
+
+def test_two_signers_at_once_sign_once(review_env):
+    """Two sign-offs of one slide at the same moment (a double click, two reviewers): the
+    second waits for the first and then finds the slide signed (on SQLite too, which has no
+    SELECT ... FOR UPDATE)."""
+    env = review_env
+    second: list[BaseException] = []
+
+    def sign_too() -> None:
+        try:
+            with env.store.session() as s:
+                actions.sign(s, env.slide_id, sup)
+        except BaseException as exc:  # noqa: BLE001  (the outcome is asserted below)
+            second.append(exc)
+
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, tech)
+        other = threading.Thread(target=sign_too)
+        other.start()
+        time.sleep(0.5)  # the other sign-off reads the slide while this one is not committed
+    other.join(30)
+    assert len(second) == 1 and isinstance(second[0], actions.Locked), second
+    with env.store.session() as s:
+        assert [r.username for r in s.scalars(select(Review).where(
+            Review.action == "sign"))] == ["tech"]

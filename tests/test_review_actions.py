@@ -245,6 +245,9 @@ def test_sign_off_locks_the_slide_and_keeps_counts_before_and_after(review_env, 
     assert rev.counts_after[target] == machine.get(target, 0) + 1
     assert rev.counts_after.get(a.label, 0) == machine[a.label] - 1
     assert _events(env)[-1].action == "sign"
+    audit = tech.get(f"/slides/{env.slide_id}/audit").text
+    assert "<td>signed</td>" in audit and "<dt>note</dt><dd>ok</dd>" in audit
+    assert "<td>confirmed (flagged cell)</td>" in audit  # check_flags above
     n = len(_events(env))
     for url, body in [("reclassify", {"cells": [a.id], "label": a.label}),
                       ("exclude", {"cells": [a.id], "reason": "smudge"}),
@@ -388,7 +391,14 @@ def test_the_audit_page_lists_every_change_readably(review_env, tech):
     assert [e.action for e in events] == ["reclassify", "undo"]
     for e in events:
         assert f'<tr id="e{e.id}"><td>{e.id}</td>' in page
-    assert f"<dt>undoes</dt><dd>#{events[0].id}</dd>" in page  # the undone event is listed
+    # The undone event is linked; actions and field names in words; the cell links to its
+    # field, numbered as the field viewer numbers it.
+    assert (f'<dt>undoes event</dt><dd><a href="#e{events[0].id}">#{events[0].id}</a></dd>'
+            in page)
+    assert "<td>moved</td>" in page and "<td>undid</td>" in page
+    assert "<dt>reviewer&#39;s class</dt>" in page and "reviewed_label" not in page
+    assert (f'<a href="/slides/{env.slide_id}/fields/{a.field_id}?cell={a.id}" '
+            f'title="cell {a.id}">#{a.index} in field</a>') in page
     assert "batch" not in page and '{"' not in page  # no raw JSON, no internal batch ids
     labels = {c.name: c.label for c in env.cfg.classes.classes}
     assert f"<dd>{labels[target]}</dd>" in page and f"<dd>{labels[a.label]}</dd>" in page

@@ -5,9 +5,11 @@ model flags about a third of the cells (another camera and stain)."""
 
 from __future__ import annotations
 
+from pypdf import PdfReader
 from sqlalchemy import select
 
 from daemon.models import AuditEvent, Cell, Slide
+from daemon.report import build_report, issued_report, report_pdf
 from daemon.review import actions
 from tests.review_slide import (  # noqa: F401  (fixtures)
     TECH,
@@ -27,14 +29,15 @@ def _flagged(env) -> list[Cell]:
 
 
 
-def test_sign_off_waits_until_every_flagged_cell_is_checked(review_env):
+def test_sign_off_waits_until_every_flagged_cell_is_checked(review_env, tmp_path):
     env = review_env
     tech = client_as(env.cfg, env.store)
     flagged = _flagged(env)
     assert len(flagged) >= 4
     page = tech.get(f"/slides/{env.slide_id}").text
-    assert f'id="flags-open" data-required="1"><span>{len(flagged)}</span>' in page
-    assert page.count('class="tag review"') == len(flagged) + 2  # tiles, hint, key list
+    assert f'id="flags-open" data-required="1"><span class="n">{len(flagged)}</span>' in page
+    assert f'<span class="n">{len(flagged)}</span> to check</button>' in page  # toolbar
+    assert page.count('class="tag review"') == len(flagged) + 3  # tiles, card, toolbar, keys
     counts = env.store.reviewed_counts(env.slide_id)
 
     r = sign_form(tech, env.slide_id)
@@ -43,7 +46,10 @@ def test_sign_off_waits_until_every_flagged_cell_is_checked(review_env):
 
     confirm, move, drop, *rest = flagged
     api = f"/api/slides/{env.slide_id}"
+    assert build_report(env.store, env.slide_id, env.cfg)["basis"] == "machine"
     r = tech.post(f"{api}/reclassify", json={"cells": [confirm.id], "label": confirm.label})
+    # Looked at by a reviewer: the report says so though no count moved.
+    assert build_report(env.store, env.slide_id, env.cfg)["basis"] == "review in progress"
     [change] = r.json()["changed"]
     assert change == {"id": confirm.id, "label": confirm.label, "excluded": False,
                       "exclude_reason": None, "changed": False, "flag": "checked"}
@@ -62,13 +68,25 @@ def test_sign_off_waits_until_every_flagged_cell_is_checked(review_env):
     n = len(rest)
     assert r.status_code == 400 and f"{n} cell{'s' * (n != 1)} flagged for review" in r.text
     page = tech.get(f"/slides/{env.slide_id}").text
-    assert f'<span>{n}</span> flagged cell(s)' in page and 'title="flagged, checked by review">✓' in page
+    assert f'<span class="n">{n}</span> <span class="noun">flagged cells</span>' in page
+    assert 'title="flagged, checked by review">✓' in page
     for c in rest:
         tech.post(f"{api}/reclassify", json={"cells": [c.id], "label": c.label})
     assert _flagged(env) == []
     assert sign_form(tech, env.slide_id).status_code == 303
     with env.store.session() as s:
         assert s.get(Slide, env.slide_id).status == "signed"
+    rep = issued_report(env.store, env.slide_id, env.cfg)
+    assert rep["slide"]["cells_flagged"] == len(flagged)
+    assert rep["slide"]["cells_needing_review"] == 0
+    assert rep["review"]["flags_checked"] == len(flagged)
+    assert rep["review"]["excluded"] == {"smudge": 1}
+    pdf = tmp_path / "signed.pdf"
+    report_pdf(rep, pdf)
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
+    assert (f"{len(flagged)} cells flagged by the machine for review: all checked by the "
+            "reviewer." in text)
+    assert "Left out of the count by review: 1 smudge / broken cell." in text
 
 
 def test_undo_reopens_a_confirmed_flag_and_an_unflagged_cell_is_not_confirmed(review_env):
@@ -99,6 +117,6 @@ def test_a_lab_may_sign_with_flags_open(review_env):
     tech = client_as(lab, env.store)
     n = len(_flagged(env))
     page = tech.get(f"/slides/{env.slide_id}").text
-    assert f'id="flags-open" data-required="0"><span>{n}</span>' in page
+    assert f'id="flags-open" data-required="0"><span class="n">{n}</span>' in page
     assert "to check: confirm" in page and "before signing" not in page
     assert sign_form(tech, env.slide_id).status_code == 303

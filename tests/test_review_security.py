@@ -153,6 +153,12 @@ def test_a_form_sent_after_the_session_ended_leads_back_to_its_page(app, review_
     assert "Your session ended" in page and f'value="/slides/{review_env.slide_id}"' in page
     r = client.post(f"/api/slides/{review_env.slide_id}/undo", json={})
     assert r.status_code == 401 and "log in again" in r.json()["error"]
+    # A page opened without having logged in (the login form only shown): no "ended".
+    r = client.get(f"/slides/{review_env.slide_id}", follow_redirects=False)
+    assert r.headers["location"] == f"/login?next=/slides/{review_env.slide_id}"
+    client.cookies.clear()
+    r = client.get("/", follow_redirects=False)
+    assert r.headers["location"] == "/login?next=/"
 
 
 def test_a_change_without_the_csrf_token_is_refused(app, review_env):

@@ -21,16 +21,21 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from daemon.case import LABELS as CASE_LABELS, CaseError, CaseInfo, parse_case
-from daemon.models import AuditEvent, Cell, Count, Field, Review, Slide, utcnow
+from daemon.models import (
+    EXCLUDE_REASONS,
+    AuditEvent,
+    Cell,
+    Count,
+    Field,
+    Review,
+    Slide,
+    utcnow,
+)
+from daemon.store import lock_slide
 from pipeline.errors import MarrowError
 from pipeline.imaging import CROP_SIZE, crop_at, read_rgb
 from pipeline.taxonomy import Taxonomy
 
-EXCLUDE_REASONS = {
-    "not_leukocyte": "Not a leukocyte",
-    "smudge": "Smudge / broken cell",
-    "duplicate": "Duplicate of another cell",
-}
 # Changes to cells that undo can revert.
 CELL_ACTIONS = ("reclassify", "confirm", "exclude", "include", "add_cell")
 SIGNABLE = ("awaiting_review",)
@@ -129,7 +134,7 @@ def taxonomy_of(slide: Slide, taxonomies: dict[str, Taxonomy]) -> Taxonomy:
 
 def editable_slide(s: Session, slide_id: int) -> Slide:
     """The slide, locked for this transaction, if it may still be changed."""
-    slide = s.scalar(select(Slide).where(Slide.id == slide_id).with_for_update())
+    slide = lock_slide(s, slide_id)
     if slide is None:
         raise NotFound(f"no slide {slide_id}")
     if slide.status == "signed":
@@ -422,7 +427,8 @@ def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
                     counts_before=before, counts_after=after, note=note or None)
     s.add(review)
     _audit(s, who, "sign", slide_id, None, {"status": slide.status},
-           {"status": "signed", "counts_before": before, "counts_after": after})
+           {"status": "signed", "counts_before": before, "counts_after": after,
+            "note": note or None})
     slide.status, slide.signed_at, slide.signed_by = "signed", now, who.username
     s.flush()
     return review
@@ -435,7 +441,7 @@ def reopen(s: Session, slide_id: int, who: Reviewer, reason: str) -> Review:
     reason = reason.strip()
     if not reason:
         raise ReviewError("say why the slide is reopened")
-    slide = s.scalar(select(Slide).where(Slide.id == slide_id).with_for_update())
+    slide = lock_slide(s, slide_id)
     if slide is None:
         raise NotFound(f"no slide {slide_id}")
     if slide.status != "signed":

@@ -180,8 +180,14 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             target = path + (f"?{request.url.query}" if request.url.query else "")
         else:  # a form sent after the session ended: log in, then back to the page it was on
             target = urlsplit(request.headers.get("referer", "")).path or "/"
-        return RedirectResponse(f"/login?next={quote(_local(target))}&expired=1",
-                                status_code=303)
+        # "Your session ended" only where there was one: a first visit, or one after the
+        # login form was only shown (its cookie carries no user), just logs in.
+        cookie = request.cookies.get(SESSION_COOKIE)
+        data = codec.loads(cookie) if cookie else None
+        ended = request.method != "GET" or (cookie is not None and (
+            data is None or data.get("uid") is not None))
+        return RedirectResponse(f"/login?next={quote(_local(target))}"
+                                + ("&expired=1" if ended else ""), status_code=303)
 
     def error_page(request: Request, message: str, status: int, title: str | None = None,
                    kept_note: str | None = None) -> Response:
@@ -422,6 +428,11 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             ctx = table_context(s, slide, tax)
             seen = actions.last_event(s, slide_id)
             flags_open = actions.open_flags(s, slide_id)
+        # Each sign-off's issue number, where its report can be printed (kept, or the
+        # current signature's, which the first print keeps).
+        signs = [r for r in reviews if r.action == "sign"]
+        issues = {r.id: n for n, r in enumerate(signs, 1)
+                  if r.report is not None or (slide.status == "signed" and r is signs[-1])}
         pixel = pixel_size_checks(store, [slide_id], cfg)[slide_id]
         return page(request, "slide.html", who, methods=methods,
                     case=parse_case(slide.case_info), case_labels=CASE_LABELS,
@@ -431,7 +442,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                     pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
                     tax=tax, sections=_sections(cells, tax),
                     keymap={c.key: c.name for c in tax.classes},
-                    n_cells=len(cells), fields=fields, reviews=reviews,
+                    n_cells=len(cells), fields=fields, reviews=reviews, issues=issues,
                     table_html=render_table(ctx), locked=slide.status == "signed",
                     refresh_s=params.queue_refresh_s,
                     signable=slide.status in actions.SIGNABLE, **ctx)
@@ -571,13 +582,17 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             exc.kept_note = note.strip()[:2000] or None  # shown on the error page, not lost
             raise
         try:
-            freeze_report(store, slide_id, cfg)
-        except Exception:  # the signature stands; the first print keeps the report then
+            freeze_report(store, slide_id, cfg, at_sign_off=True)
+        except Exception:  # the signature stands; a reopening or the first print keeps it
             log.exception("slide %d signed, but its report was not kept yet", slide_id)
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/reopen")
     def reopen(slide_id: int, reason: str = Form(""), who: Viewer = Depends(changer)) -> Response:
+        if who.role == "supervisor":
+            # The signed report is kept before the slide can change: no issue is ever lost
+            # (a reopening waits for it; it fails if the report cannot be kept).
+            freeze_report(store, slide_id, cfg)
         with store.session() as s:
             actions.reopen(s, slide_id, reviewer(who), reason[:2000])
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
@@ -588,8 +603,11 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             slide = actions.get_slide(s, slide_id)
             events = list(s.scalars(select(AuditEvent).where(AuditEvent.slide_id == slide_id)
                                     .order_by(AuditEvent.id)))
+            # Each cell's field and number in it, as the field viewer shows them.
+            cells = {cid: (fid, idx) for cid, fid, idx in s.execute(
+                select(Cell.id, Cell.field_id, Cell.index).where(Cell.slide_id == slide_id))}
         tax = taxonomies.get(slide.taxonomy)
-        return page(request, "audit.html", who, slide=slide, events=events,
+        return page(request, "audit.html", who, slide=slide, events=events, cells=cells,
                     labels=tax.labels if tax else {},
                     case_labels=CASE_LABELS)
 
@@ -719,7 +737,13 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat() if dt else None
 
 
-def _when(dt: datetime | None) -> str:
+def _when(dt: datetime | str | None) -> str:
+    """A time as the pages show it; also an ISO text as audit events store it."""
+    if isinstance(dt, str):
+        try:
+            dt = datetime.fromisoformat(dt)
+        except ValueError:
+            return dt
     dt = _utc(dt)
     return dt.strftime("%Y-%m-%d %H:%M UTC") if dt else "–"
 

@@ -105,26 +105,38 @@ def test_review_sign_and_report(page: Page, live, artifacts):
 
     # Flagged cells first: signing is refused while any is unchecked; "?" goes to the next
     # one and its own class key confirms it (the counts do not move).
-    open_flags = int(page.locator("#flags-open span").inner_text())
+    open_flags = int(page.locator("#flags-open .n").inner_text())
     assert open_flags > 0, "the pipeline flagged no cell on this slide"
-    page.click("#sign")
-    expect(page.locator("body")).to_contain_text("flagged for review are not checked yet")
-    page.go_back()
-    page.reload()
+    page.click("#sign")  # refused on the page, which stays (and goes to the first flag)
+    expect(page.locator("#status")).to_contain_text(
+        f"{open_flags} flagged cell{'s are' if open_flags > 1 else ' is'} not checked yet")
+    expect(page.locator("#slide-status")).to_have_text("awaiting review")
     keys = {c.name: c.key for c in cfg.classes.classes}
+    page.keyboard.press("?")
     for n in range(open_flags, 0, -1):
-        expect(page.locator("#flags-open span")).to_have_text(str(n))
-        page.keyboard.press("?")
+        # After each check the next flagged cell is in focus without another "?".
+        expect(page.locator("#flags-open .n")).to_have_text(str(n))
+        expect(page.locator("#next-flag .n")).to_have_text(str(n))
         focused = page.locator("figure.cell.focused")
+        expect(focused).to_have_count(1)
         expect(focused).to_have_class(re.compile("needs-review"))
         section = focused.evaluate("t => t.closest('details').dataset.section")
         page.keyboard.press(keys[section])
         expect(page.locator("#status")).to_contain_text("Confirmed as")
     expect(page.locator("#flags-open")).to_be_hidden()
+    expect(page.locator("#next-flag")).to_be_hidden()
     assert _row_n(page, TARGET) == before_target + 5 and _total(page) == before_total - 1
     with env.store.session() as s:
         assert s.scalar(select(func.count()).select_from(AuditEvent)
                         .where(AuditEvent.action == "confirm")) == open_flags
+
+    # A case typed but not saved stops the sign-off (it would be lost, then locked).
+    pid = page.locator('#case-form input[name="patient_id"]')
+    pid.fill("MRN 77")
+    page.click("#sign")
+    expect(page.locator("#status")).to_contain_text("The case has changes not saved")
+    expect(page.locator("#slide-status")).to_have_text("awaiting review")
+    pid.fill("")
 
     # Sign.
     page.click("#sign")

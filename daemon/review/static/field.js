@@ -4,6 +4,13 @@
   const cfgEl = document.getElementById("field-config");
   if (!cfgEl) return;
   const cfg = JSON.parse(cfgEl.textContent);
+  // Esc: back to the slide page, at the cell this view was opened for.
+  document.addEventListener("keydown", (ev) => {
+    if (ev.key !== "Escape" || ev.target.closest("input, select, textarea")) return;
+    const form = document.getElementById("add-form");
+    if (form && !form.hidden) return;  // Esc there cancels the addition first
+    location.href = document.getElementById("back-to-slide").href;
+  });
   const view = document.getElementById("fieldview");
   const svg = document.getElementById("overlay");
   const modeBtn = document.getElementById("add-mode");

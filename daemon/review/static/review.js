@@ -7,6 +7,8 @@
   const selcount = document.getElementById("selcount");
   const api = "/api/slides/" + cfg.slide;
   let focused = null, anchor = null, busy = false;
+  // Going through the flags with "?": a change to a flagged cell moves on to the next flag.
+  let checking = false;
   // A selection made by a plain click follows the arrow keys (the class key then acts on the
   // cell in view); one built with Space, Ctrl- or Shift-click stays put while you move.
   let pinned = false;
@@ -71,6 +73,7 @@
     return getComputedStyle(grid).gridTemplateColumns.split(" ").length || 1;
   }
   function move(delta) {
+    checking = false;
     const all = tiles();
     if (!all.length) return;
     if (!pinned) clearSel();
@@ -129,20 +132,28 @@
       mark.title = open ? "flagged: needs review" : "flagged, checked by review";
     }
   }
+  const openFlags = () => gallery.querySelectorAll("figure.cell.needs-review:not(.dup)").length;
+  // The count of flags left, on the sign-off card and in the toolbar (always in view).
   function updateFlags() {
+    const n = openFlags();
     const note = document.getElementById("flags-open");
-    if (!note) return;
-    const n = gallery.querySelectorAll("figure.cell.needs-review:not(.dup)").length;
-    note.querySelector("span").textContent = n;
-    note.hidden = !n;
+    if (note) {
+      note.querySelector(".n").textContent = n;
+      note.querySelector(".noun").textContent = n === 1 ? "flagged cell" : "flagged cells";
+      note.hidden = !n;
+    }
+    const btn = document.getElementById("next-flag");
+    if (btn) { btn.querySelector(".n").textContent = n; btn.hidden = !n; }
   }
   // The next flagged cell not yet checked, after the focused one (its section opened).
-  function nextFlag() {
+  function nextFlag(from) {
     const all = Array.from(gallery.querySelectorAll("figure.cell.needs-review:not(.dup)"));
     if (!all.length) { say("No flagged cell left to check."); return; }
     const order = Array.from(gallery.querySelectorAll("figure.cell"));
-    const at = focused ? order.indexOf(focused) : -1;
+    // ``from``: the focused cell itself may be the next (it took the changed one's place).
+    const at = focused ? order.indexOf(focused) - (from ? 1 : 0) : -1;
     const t = all.find((x) => order.indexOf(x) > at) || all[0];
+    checking = true;
     const sec = t.closest("details");
     if (sec) sec.open = true;
     if (!pinned) clearSel();
@@ -153,6 +164,7 @@
     const ids = new Set(data.changed.map((c) => c.id));
     // Focus moves on to the next cell that was not part of the change.
     let next = null;
+    const wasFlag = checking && focused && focused.classList.contains("needs-review");
     if (focused && ids.has(+focused.dataset.id)) {
       const i = all.indexOf(focused);
       next = all.slice(i + 1).find((t) => !ids.has(+t.dataset.id)) ||
@@ -167,6 +179,15 @@
     updateCounts();
     updateFlags();
     updateSelCount();
+    if (verb === "Undid" && data.changed.length) {
+      // Back to the cell the undo changed, so its restored state is in view.
+      next = gallery.querySelector('figure.cell[data-id="' + data.changed[0].id + '"]');
+    } else if (wasFlag && next && openFlags()) {
+      // Checking flags: on to the next one, not to the neighbour a second key press would hit.
+      focusTile(next, false);
+      nextFlag(true);
+      next = null;
+    }
     if (next) focusTile(next);
     const n = data.changed.length;
     say(n ? verb + " " + n + " cell" + (n === 1 ? "" : "s") + " · " + data.total + " counted"
@@ -211,8 +232,9 @@
   function exclude() {
     const ts = targets();
     if (!ts.length) { say("Select a cell first.", true); return; }
-    const reason = document.getElementById("exclude-reason").value;
-    send("/exclude", { cells: ts.map((t) => +t.dataset.id), reason: reason }, "Excluded");
+    const select = document.getElementById("exclude-reason");
+    send("/exclude", { cells: ts.map((t) => +t.dataset.id), reason: select.value },
+         "Excluded (" + select.selectedOptions[0].textContent.toLowerCase() + ")");
   }
   function include() {
     const ts = targets();
@@ -228,6 +250,7 @@
     if (statusEl.classList.contains("bad")) say("");
     const t = ev.target.closest("figure.cell");
     if (!t || t.classList.contains("dup")) return;
+    checking = false;
     if (ev.shiftKey && anchor) {
       const all = tiles(), a = all.indexOf(anchor), b = all.indexOf(t);
       all.slice(Math.min(a, b), Math.max(a, b) + 1).forEach((x) => toggle(x, true));
@@ -290,6 +313,44 @@
   on("exclude", exclude);
   on("include", include);
   on("undo", undo);
+  const flagBtn = document.getElementById("next-flag");
+  if (flagBtn) flagBtn.addEventListener("click", () => nextFlag());
+  // Choosing a reason must not keep the keys: arrows would change the reason, Del nothing.
+  const reasonSel = document.getElementById("exclude-reason");
+  if (reasonSel) reasonSel.addEventListener("change", () => {
+    reasonSel.blur();
+    if (focused) focused.focus({ preventScroll: true });
+  });
+
+  // Sign-off: refused by the server while flags are open (where the lab requires it) and
+  // blind to a case typed but not saved; say so here instead of leaving the page.
+  const signForm = document.getElementById("sign-form");
+  if (signForm) signForm.addEventListener("submit", (ev) => {
+    const caseForm = document.getElementById("case-form");
+    const unsaved = caseForm && Array.from(caseForm.querySelectorAll("input:not([type=hidden])"))
+      .some((i) => i.value !== (caseForm.querySelector('input[name="was_' + i.name + '"]') || {}).value);
+    const note = document.getElementById("flags-open");
+    const n = openFlags();
+    if (unsaved) {
+      ev.preventDefault();
+      say("The case has changes not saved: press Save case first (or undo them), then sign.", true);
+      document.getElementById("case-save").focus();
+    } else if (note && note.dataset.required === "1" && n) {
+      ev.preventDefault();
+      say(n + (n === 1 ? " flagged cell is" : " flagged cells are") + " not checked yet: " +
+          "confirm each with its own class key, move or exclude it, then sign.", true);
+      nextFlag();
+    }
+  });
+
+  // Back from the field viewer: the cell it showed is in view again.
+  const back = new URLSearchParams(location.search).get("cell");
+  const backTile = back && gallery.querySelector('figure.cell[data-id="' + CSS.escape(back) + '"]');
+  if (backTile) {
+    const sec = backTile.closest("details");
+    if (sec) sec.open = true;
+    focusTile(backTile);
+  }
 
   // While the slide is still acquiring, keep the table current and offer the new cells.
   if (cfg.status === "acquiring") {
