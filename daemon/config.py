@@ -16,13 +16,12 @@ from drivers.folder import WatchParams
 from drivers.slidegen import SlideGenParams
 from pipeline.analyze import AnalyzeParams
 from pipeline.calibrate import CalibrateParams
-from pipeline.classify import ClassifierParams
+from pipeline.classifier_params import ClassifierParams, TrainParams
 from pipeline.detect import DetectParams
 from pipeline.errors import ConfigError
 from pipeline.params import Params
 from pipeline.stats import ME_RATIO, StatsParams
 from pipeline.taxonomy import CellClass, Taxonomy
-from pipeline.train import TrainParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "default.yaml"

@@ -13,42 +13,21 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
-
+from pipeline.classifier_params import Precision, UnknownMethod
 from pipeline.errors import CheckpointError, ImageError
 from pipeline.imaging import CROP_SIZE
 from pipeline.model import ARCH_ID, VGG, build, fuse_for_inference, to_input
-from pipeline.params import Params
 from pipeline.quantize import calibrate_int8, int8_body, int8_supported
 from pipeline.stain import StainReference, reinhard
 from pipeline.taxonomy import Taxonomy
 
-UnknownMethod = Literal["mahalanobis", "msp", "energy", "dice"]
-
 DICE_KEEP = 0.1
 """Share of the output layer's weights the ``dice`` unknown score keeps: those that carry
 most of the known cells' mean activation (DICE, Sun & Li 2022, its default sparsity 0.9)."""
-Precision = Literal["int8", "bf16"]
-
-
-class ClassifierParams(Params):
-    checkpoint: Path
-    batch_size: int = Field(gt=0)
-    dual_stage: bool
-    local_pairs: tuple[tuple[str, str], ...]
-    """Local pairs to apply; empty = every pair stored in the checkpoint."""
-    flag_unknown: bool
-    unknown_method: UnknownMethod
-    """Score that flags unknown cells; chosen by the leave-one-class-out measurement."""
-    precision: Precision
-    """int8: the convolutions run on the checkpoint's int8 state (about twice as fast on CPU);
-    a checkpoint without one, or a CPU build without the x86 int8 engine, runs bf16."""
-
-
 @dataclass(frozen=True)
 class Classification:
     """Per-crop results. ``probs`` float32 ``(N, K)`` (rows sum to 1, dual stage applied,

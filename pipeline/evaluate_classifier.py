@@ -293,7 +293,7 @@ def unknown_rates(clf: Any, known: np.ndarray, unseen: np.ndarray) -> dict[str, 
     (fitted on validation cells of the known classes)."""
     from typing import get_args
 
-    from pipeline.classify import UnknownMethod
+    from pipeline.classifier_params import UnknownMethod
 
     out = {}
     keep = clf.unknown_method

@@ -30,63 +30,21 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
-from pipeline.augment import AugmentParams, augment
+from pipeline.augment import augment
+from pipeline.classifier_params import TrainParams
 from pipeline.classify import dice_weight, energy, mahalanobis, routed_to_pair, with_int8
-from pipeline.datasets import (ANY_LEUKOCYTE, CropSet, DatasetError, SourceParams, centre,
+from pipeline.datasets import (ANY_LEUKOCYTE, CropSet, DatasetError, centre,
                                epoch_indices, recrop, split, stratified_folds)
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.imaging import rgb_to_yuv
 from pipeline.model import ARCH_ID, VGG, build, to_input
-from pipeline.params import Params
 from pipeline.stain import StainReference, lab_stats, reinhard
-
-
-class TrainParams(Params):
-    seed: int
-    epochs: int = Field(ge=0)
-    """Global epochs; 0 with an initial checkpoint trains its local models only."""
-    batch_size: int = Field(gt=0)
-    width: float = Field(gt=0, le=1)
-    fc: int = Field(gt=0)
-    conv_dropout: float = Field(ge=0, lt=1)
-    fc_dropout: float = Field(ge=0, lt=1)
-    um_per_px: float = Field(gt=0)
-    """Working scale of the model's 96×96 crops."""
-    lr: float = Field(gt=0)
-    momentum: float = Field(ge=0, lt=1)
-    weight_decay: float = Field(ge=0)
-    warmup_epochs: float = Field(ge=0)
-    grad_clip: float = Field(ge=0)
-    """Largest gradient norm per step (0 = no clipping)."""
-    per_class: int = Field(ge=0)
-    """Oversample (re-crop at shifted centres) or subsample each class to this many per
-    epoch; 0 = every training crop once per epoch, centred (no oversampling)."""
-    shift_um: float = Field(ge=0)
-    augment: bool
-    """Dihedral + colour/optics augmentation and scale jitter on the training split."""
-    scale_jitter: float = Field(ge=0, lt=0.5)
-    augmentation: AugmentParams
-    stain_normalization: Literal["none", "reinhard"]
-    val_fraction: float = Field(gt=0, lt=0.5)
-    cv_folds: int = Field(ge=0)
-    local_pairs: tuple[tuple[str, str], ...]
-    local_epochs: int = Field(ge=0)
-    local_own_body: tuple[tuple[str, str], ...]
-    """Pairs whose local model fine-tunes a convolutional body of its own (a second network
-    pass per routed cell). The others train only their fully connected layers on the global
-    model's frozen body, whose output inference reuses."""
-    local_per_class: int = Field(gt=0)
-    local_lr: float = Field(gt=0)
-    unknown_false_flag_rate: float = Field(gt=0, lt=0.5)
-    """Share of known validation cells the unknown-cell detector may flag."""
-    sources: tuple[SourceParams, ...] = Field(min_length=1)
 
 
 @dataclass(frozen=True)

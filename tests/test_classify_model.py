@@ -76,7 +76,7 @@ def test_fine_tuning_starts_from_a_checkpoint(tiny, config):
     ln K; another class order keeps the body but not the output layer; a checkpoint of
     another width is refused by name."""
     from pipeline.classify import read_checkpoint
-    from pipeline.train import TrainParams
+    from pipeline.classifier_params import TrainParams
 
     res, path, data, classes = tiny
     p = TrainParams.model_validate(res.checkpoint["params"]).model_copy(update={"epochs": 1})
@@ -349,7 +349,7 @@ def test_stain_normalisation_is_identity_on_the_reference(fixed_sample):
 def test_a_model_trained_with_stain_normalisation_loads_and_normalises(tiny, tmp_path):
     """train.stain_normalization reinhard: the checkpoint stores the training crops' L*a*b*
     reference as plain numbers (it loads weights-only) and the classifier applies it."""
-    from pipeline.train import TrainParams
+    from pipeline.classifier_params import TrainParams
 
     res, _, data, classes = tiny
     p = TrainParams.model_validate(res.checkpoint["params"]).model_copy(
@@ -541,7 +541,7 @@ def test_zero_epochs_keeps_the_initial_global_model_and_trains_its_local_models(
     """``train.epochs: 0`` with --init: the global weights and normalisation are the initial
     checkpoint's, bit for bit; only the local model trains (a lab adding a pair)."""
     from pipeline.classify import read_checkpoint
-    from pipeline.train import TrainParams
+    from pipeline.classifier_params import TrainParams
 
     res, path, data, classes = tiny
     init = read_checkpoint(path)
@@ -699,7 +699,8 @@ def test_fit_unknown_refits_every_detector_at_the_configured_rate(tiny):
     configured share of the known validation cells; DICE keeps its share of the output
     weights; a checkpoint without a DICE detector is refused by name, not scored wrongly."""
     from pipeline.classify import DICE_KEEP, Classifier, read_checkpoint
-    from pipeline.train import TrainParams, refit_unknown
+    from pipeline.classifier_params import TrainParams
+    from pipeline.train import refit_unknown
 
     res, path, data, classes = tiny
     rate = 0.25

@@ -266,7 +266,7 @@ def fit_unknown_cmd(
     The weights are unchanged."""
     from typing import get_args
 
-    from pipeline.classify import UnknownMethod
+    from pipeline.classifier_params import UnknownMethod
     from pipeline.train import refit_unknown
 
     cfg, src, ckpt, data = _checkpoint_and_sources(checkpoint, config, cache_dir)
