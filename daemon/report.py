@@ -42,6 +42,16 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat(timespec="seconds")
 
 
+def when_text(iso: str | None) -> str:
+    """A stored ISO time as a report prints it for people: 2026-12-02 11:19 UTC."""
+    if not iso:
+        return "–"
+    dt = datetime.fromisoformat(iso)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _diff_dict(d: Differential) -> dict[str, Any]:
     """A differential as plain data, unrounded: the PDF, the review page and the console round
     the exact value once for display (rounding an already rounded 3.7475 gives 3.8, not 3.7);
@@ -362,10 +372,10 @@ def superseded_text(sup: dict[str, Any]) -> str:
     """The warning on a report that is no longer the slide's current one."""
     if sup["by_issue"] is not None:
         return (f"Replaced by issue {sup['by_issue']}, signed by {sup['signed_by']} at "
-                f"{sup['signed_at']}: this report is no longer valid")
+                f"{when_text(sup['signed_at'])}: this report is no longer valid")
     return (f"Withdrawn: the slide was reopened by {sup['reopened_by']} at "
-            f"{sup['reopened_at']} (“{sup['reason']}”) and is under review again; an amended "
-            "report will follow")
+            f"{when_text(sup['reopened_at'])} (“{sup['reason']}”) and is under review again; "
+            "an amended report will follow")
 
 
 def report_csv(rep: dict[str, Any]) -> str:
@@ -392,7 +402,7 @@ def report_csv(rep: dict[str, Any]) -> str:
         w.writerow([s, "SUPERSEDED", superseded_text(rep["superseded"]), "", "", "", "", "",
                     "", "", basis, *ref(None, None)])
     if rep.get("printed_at"):
-        w.writerow([s, "PRINTED", "printed again from the report as issued", "", "",
+        w.writerow([s, "PRINTED", "printed at (from the report as issued)", "", "",
                     rep["printed_at"], "", "", "", "", basis, *ref(None, None)])
     for key, value in rep["slide"]["case"].items():
         w.writerow([s, "CASE", key, "", "", "" if value is None else value, "", "", "", "",
@@ -463,15 +473,17 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
             f"{_esc(sl['taxonomy'])} · {sl['fields']} fields ({sl['fields_skipped']} skipped)"
             + (f" · {_esc(prescan_text(sl['prescan']))}" if sl["prescan"] else ""),
             st["Normal"]),
-        Paragraph(f"Started {sl['started_at'] or '-'} · finished {sl['finished_at'] or '-'} · "
+        Paragraph(f"Started {when_text(sl['started_at'])} · finished "
+                  f"{when_text(sl['finished_at'])} · "
                   f"instrument {_esc(sl['instrument'] or '-')} · "
-                  + (f"report generated {rep['generated_at']}" if not issue else
-                     f"issue {issue['number']}, issued {rep['generated_at']}"
-                     if issue.get("kept_at_sign_off", True) else
-                     f"issue {issue['number']}, signed {issue['signed_at']}; this report was "
-                     f"kept at {rep['generated_at']}, after the sign-off, under the settings "
-                     "of that time")
-                  + (f" · printed {rep['printed_at']}" if rep.get("printed_at") else ""),
+                  + (f"report generated {when_text(rep['generated_at'])}" if not issue else
+                     f"issue {issue['number']}, issued {when_text(rep['generated_at'])}"
+                     if _kept_at_sign_off(issue, rep["generated_at"]) else
+                     f"issue {issue['number']}, signed {when_text(issue['signed_at'])}; this "
+                     f"report was kept at {when_text(rep['generated_at'])}, after the "
+                     "sign-off, under the settings of that time")
+                  + (f" · printed {when_text(rep['printed_at'])}" if rep.get("printed_at")
+                     else ""),
                   st["Normal"]),
         Paragraph(pixel_text(sl["pixel_size_check"]), st["Normal"]),
         Spacer(1, 4 * mm),
@@ -523,17 +535,21 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         story.append(Paragraph("Not reviewed.", st["Normal"]))
     else:
         if rv["signed"]:
-            said = f"Signed by <b>{_esc(rv['reviewer'])}</b> at {rv['signed_at']}."
+            said = f"Signed by <b>{_esc(rv['reviewer'])}</b> at {when_text(rv['signed_at'])}."
         elif rv["reviewer"]:
             said = (f"<b>Not signed</b>: reopened after {_esc(rv['reviewer'])} signed it at "
-                    f"{rv['signed_at']}; the counts below are the review as it stands.")
+                    f"{when_text(rv['signed_at'])}; the counts below are the review as it "
+                    "stands.")
         else:
             said = "<b>Not signed</b>: review in progress."
         story.append(Paragraph(said, st["Normal"]))
         # In the differential's order and words; a class the taxonomy lacks goes last.
         labels = {c["name"]: c["label"] for c in d["classes"]}
         # An amended report also shows the counts of the issue it replaces.
+        did: list[str] = []
         prev = issue["amends"] if issue and issue["amends"] else None
+        if prev is not None and prev.get("counts") is None:
+            prev = None  # kept before amended reports carried the counts they replace
         cols = [rv["counts_before"], *([prev["counts"]] if prev else []), rv["counts_after"]]
         names = sorted(set().union(*cols),
                        key=lambda n: (list(labels).index(n) if n in labels else len(labels), n))
@@ -542,11 +558,12 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         head = ["Class", "before review", *([f"issue {prev['number']}"] if prev else []),
                 "after review"]
         tb = Table([head] + changed, hAlign="LEFT")
+        if prev and prev["counts"] == rv["counts_after"]:
+            did.append(f"counts unchanged from issue {prev['number']}")
         tb.setStyle(TableStyle([("FONTNAME", (0, 0), (-1, 0), "Helvetica-Bold"),
                                 ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
                                 ("ALIGN", (1, 0), (-1, -1), "RIGHT")]))
         story.append(tb)
-        did = []
         if sl.get("cells_flagged"):
             left = sl["cells_needing_review"]
             did.append(f"{sl['cells_flagged']} cells flagged by the machine for review: "
@@ -562,7 +579,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         for h in rv["history"]:
             story.append(Paragraph(
                 f"• {_esc(HISTORY_VERBS.get(h['action'], h['action']))} by "
-                f"{_esc(h['username'])} at {h['at'] or '-'}"
+                f"{_esc(h['username'])} at {when_text(h['at'])}"
                 + (f": “{_esc(h['note'])}”" if h["note"] else ""), st["Normal"]))
     story.append(Paragraph("Method", st["Heading3"]))
     for m in rep["methods"]:
@@ -578,10 +595,55 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         "laboratory's own; L / H: the value lies below / above it. Produced by marrowcount; a "
         "machine count is preliminary until a qualified reviewer signs it.", st["Italic"]))
     tmp = path.with_name(f".{path.name}.part")
+    ids = " · ".join(f"{CASE_LABELS[k]} {case[k]}" for k in ("accession", "patient_id",
+                                                              "patient_name") if case.get(k))
+    state = ("preliminary, not signed" if not issue else
+             f"amended report, issue {issue['number']}" if issue["amends"] else
+             f"issue {issue['number']}")
+    mark = (("REPLACED BY ISSUE %s: NOT VALID" % sup["by_issue"]) if sup and sup["by_issue"]
+            else "WITHDRAWN: SLIDE REOPENED" if sup else None)
     SimpleDocTemplate(str(tmp), pagesize=A4, title=f"marrowcount report {sl['name']}",
                       leftMargin=18 * mm, rightMargin=18 * mm, topMargin=16 * mm,
-                      bottomMargin=16 * mm).build(story)
+                      bottomMargin=20 * mm).build(
+        story, canvasmaker=_footed_canvas(" · ".join(x for x in (sl["name"], ids, state) if x),
+                                          mark))
     tmp.replace(path)
+
+
+def _footed_canvas(text: str, mark: str | None) -> type:
+    """A reportlab canvas that puts on every page the slide and patient, the report's state,
+    "page X of Y" and, on a report no longer valid, a red mark: a page separated from the
+    first must still say whose it is and whether it counts."""
+    from reportlab.lib import colors
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.units import mm
+    from reportlab.pdfgen.canvas import Canvas
+
+    class FootedCanvas(Canvas):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._pages: list[dict[str, Any]] = []
+
+        def showPage(self) -> None:  # noqa: N802  (reportlab's name)
+            self._pages.append(dict(self.__dict__))
+            self._startPage()
+
+        def save(self) -> None:
+            for page in self._pages:
+                self.__dict__.update(page)
+                self.setFont("Helvetica", 7.5)
+                self.setFillColor(colors.black)
+                self.drawString(18 * mm, 10 * mm, text[:150])
+                self.drawRightString(A4[0] - 18 * mm, 10 * mm,
+                                     f"page {self._pageNumber} of {len(self._pages)}")
+                if mark:
+                    self.setFont("Helvetica-Bold", 9)
+                    self.setFillColor(colors.HexColor("#b00000"))
+                    self.drawString(18 * mm, 14 * mm, mark)
+                super().showPage()
+            super().save()
+
+    return FootedCanvas
 
 
 def write_report(store: Store, slide_ref: int | str, cfg: Any, fmt: str,
@@ -608,16 +670,26 @@ def write_report(store: Store, slide_ref: int | str, cfg: Any, fmt: str,
     return rep, None, text
 
 
+def _kept_at_sign_off(issue: dict[str, Any], generated_at: str) -> bool:
+    """Whether an issued report was kept as it was signed; one kept before this was recorded
+    is judged by its time (kept within a minute of the signature)."""
+    if "kept_at_sign_off" in issue:
+        return bool(issue["kept_at_sign_off"])
+    gap = datetime.fromisoformat(generated_at) - datetime.fromisoformat(issue["signed_at"])
+    return gap.total_seconds() < 60
+
+
 def issue_text(issue: dict[str, Any]) -> str:
     """One line on which sign-off issued a report and, for an amended one, what it replaces."""
-    text = f"issue {issue['number']}, signed by {issue['signed_by']} at {issue['signed_at']}"
+    text = (f"issue {issue['number']}, signed by {issue['signed_by']} at "
+            f"{when_text(issue['signed_at'])}")
     a = issue["amends"]
     if a is None:
         return text
-    why = (f"; reopened by {a['reopened_by']} at {a['reopened_at']}: “{a['reason']}”"
-           if a["reopened_by"] else "")
+    why = (f"; reopened by {a['reopened_by']} at {when_text(a['reopened_at'])}: "
+           f"“{a['reason']}”" if a["reopened_by"] else "")
     return (f"Amended report, {text}; replaces issue {a['number']} signed by {a['signed_by']} "
-            f"at {a['signed_at']}{why}")
+            f"at {when_text(a['signed_at'])}{why}")
 
 
 def pixel_text(pixel: dict[str, Any] | None) -> str:

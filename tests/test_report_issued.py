@@ -18,8 +18,16 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from daemon.cli import app
-from daemon.models import Cell, Review
-from daemon.report import build_report, freeze_report, issued_report, report_csv, write_report
+from daemon.models import AuditEvent, Cell, Review, Slide
+from daemon.report import (
+    build_report,
+    freeze_report,
+    issued_report,
+    report_csv,
+    report_pdf,
+    when_text,
+    write_report,
+)
 from daemon.review import actions
 from daemon.review.app import create_app
 from daemon.store import StoreError
@@ -89,7 +97,8 @@ def test_a_signed_report_prints_as_issued_after_the_config_changes(review_env, t
     pdf = tmp_path / "reprint.pdf"
     write_report(env.store, env.slide_id, changed, "pdf", pdf)
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
-    assert f"issue 1, issued {issued['generated_at']}" in text and "printed " in text
+    assert f"issue 1, issued {when_text(issued['generated_at'])}" in text and "printed " in text
+    assert "BCCD review slide · issue 1 page 1 of 1" in text  # the footer of every page
     assert "Amended report" not in text and "after the sign-off" not in text
     assert f"myeloid {issued['differential']['myeloid']}," in text
 
@@ -137,10 +146,11 @@ def test_signing_again_after_a_reopen_issues_an_amended_report(review_env, tmp_p
     write_report(env.store, env.slide_id, env.cfg, "pdf", pdf, issue=1)
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
     assert "Replaced by issue 2, signed by super" in text and "no longer valid" in text
+    assert text.count("REPLACED BY ISSUE 2: NOT VALID") == len(PdfReader(pdf).pages)
     rows = list(csv.DictReader(io.StringIO(report_csv(one))))
     assert [r["label"] for r in rows if r["quantity"] == "SUPERSEDED"] == [
-        f"Replaced by issue 2, signed by super at {second['issue']['signed_at']}: this report "
-        "is no longer valid"]
+        f"Replaced by issue 2, signed by super at {when_text(second['issue']['signed_at'])}: this "
+        "report is no longer valid"]
 
 
 def test_a_signature_whose_report_was_not_kept_keeps_it_at_the_first_print(review_env,
@@ -161,7 +171,8 @@ def test_a_signature_whose_report_was_not_kept_keeps_it_at_the_first_print(revie
     pdf = tmp_path / "late.pdf"
     write_report(env.store, env.slide_id, env.cfg, "pdf", pdf)
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
-    assert f"this report was kept at {first['generated_at']}, after the sign-off" in text
+    assert (f"this report was kept at {when_text(first['generated_at'])}, after the sign-off"
+            in text)
 
     # Reopened before anyone printed it: that issue was never kept, and says so.
     with env.store.session() as s:
@@ -203,21 +214,31 @@ def test_the_review_app_keeps_the_report_and_serves_each_issue(review_env, tmp_p
     assert res.exit_code != 0 and "has no issue 2" in str(res.exception)
 
 
+def _reopen_as_supervisor(env, reason: str) -> TestClient:
+    """Reopen the slide through the review app, as a supervisor; returns the client."""
+    client = TestClient(create_app(env.cfg, env.store))
+    token = login(client, SUPER)
+    r = client.post(f"/slides/{env.slide_id}/reopen", data={"csrf_token": token,
+                                                            "reason": reason},
+                    follow_redirects=False)
+    assert r.status_code == 303
+    return client
+
+
 def test_a_reopening_keeps_the_signed_report_first(review_env):
     """Signed, its report not yet kept (the keeping failed): the reopening keeps it, so the
     issue stays printable after the slide changes."""
     env = review_env
     with env.store.session() as s:
         actions.sign(s, env.slide_id, tech)
-    client = TestClient(create_app(env.cfg, env.store))
-    token = login(client, SUPER)
-    r = client.post(f"/slides/{env.slide_id}/reopen", data={"csrf_token": token,
-                                                            "reason": "recount"},
-                    follow_redirects=False)
-    assert r.status_code == 303
+    client = _reopen_as_supervisor(env, "recount")
     one = issued_report(env.store, env.slide_id, env.cfg, issue=1)
     assert one["slide"]["status"] == "signed" and one["basis"] == "reviewed"
     assert one["superseded"]["reason"] == "recount"
+    row = next(r for r in client.get("/api/queue").json()["slides"] if r["id"] == env.slide_id)
+    assert "reopened by super: recount" in row["flags"]  # signed once: not new work
+    r = client.get(f"/slides/{env.slide_id}/report.pdf?issue=1")
+    assert r.headers["content-disposition"].endswith('-signed-superseded.pdf"')
 
 
 def test_two_signers_at_once_sign_once(review_env):
@@ -244,3 +265,37 @@ def test_two_signers_at_once_sign_once(review_env):
     with env.store.session() as s:
         assert [r.username for r in s.scalars(select(Review).where(
             Review.action == "sign"))] == ["tech"]
+
+
+def test_a_reopening_goes_on_when_the_report_cannot_be_kept(review_env):
+    """Signed under a taxonomy the config has since lost, its report never kept: the
+    supervisor can still reopen the slide to correct it, and the audit trail says why the
+    issue was not kept."""
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, tech)
+        s.execute(Slide.__table__.update().where(Slide.id == env.slide_id)
+                  .values(taxonomy="lab12"))
+    client = _reopen_as_supervisor(env, "recount")
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).status == "awaiting_review"
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.action == "reopen")).one()
+    assert "taxonomy 'lab12', which this config lacks" in ev.after["report_not_kept"]
+
+
+def test_an_amended_report_kept_without_the_replaced_counts_still_prints(review_env, tmp_path):
+    env = review_env
+    _sign(env, tech)
+    with env.store.session() as s:
+        actions.reopen(s, env.slide_id, sup, "recount")
+    second = _sign(env, sup)
+    old = {**second, "issue": {**second["issue"], "amends": {
+        k: v for k, v in second["issue"]["amends"].items() if k != "counts"}}}
+    report_pdf(old, tmp_path / "old.pdf")
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(tmp_path / "old.pdf")
+                             .pages).split())
+    assert "Amended report, issue 2" in text and "issue 1 after review" not in text
+    new = tmp_path / "new.pdf"
+    report_pdf(second, new)
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(new).pages).split())
+    assert "Counts unchanged from issue 1." in text

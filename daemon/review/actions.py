@@ -262,9 +262,8 @@ def add_cell(s: Session, slide_id: int, field_id: int, x: float, y: float, label
 
     The machine's counts are unchanged (it never saw this cell); the reviewed counts include it.
     """
-    slide = editable_slide(s, slide_id)
-    if label not in taxonomy_of(slide, taxonomies).names:
-        raise ReviewError(f"{label!r} is not a class of taxonomy {slide.taxonomy!r}")
+    # The field image is read and cut before the slide is locked: decoding a whole field
+    # must not hold the database's write lock (on SQLite the daemon's commits wait for it).
     fld = s.get(Field, field_id)
     if fld is None or fld.slide_id != slide_id:
         raise NotFound(f"no field {field_id} on slide {slide_id}")
@@ -272,6 +271,11 @@ def add_cell(s: Session, slide_id: int, field_id: int, x: float, y: float, label
         raise ReviewError("this field's image was not kept, so no cell can be added to it")
     if not (0 <= x < fld.width and 0 <= y < fld.height):
         raise ReviewError(f"({x:.0f}, {y:.0f}) lies outside the {fld.width}×{fld.height} field")
+    crop = crop_at(read_rgb(image_file(data_dir, fld.image_path)), fld.um_per_px, (x, y),
+                   crop_um_per_px)
+    slide = editable_slide(s, slide_id)  # a purge needs a signed slide: the image was there
+    if label not in taxonomy_of(slide, taxonomies).names:
+        raise ReviewError(f"{label!r} is not a class of taxonomy {slide.taxonomy!r}")
     near = _cell_near(s, fld, x, y)
     if near is not None:
         cell, dist_um = near
@@ -279,10 +283,8 @@ def add_cell(s: Session, slide_id: int, field_id: int, x: float, y: float, label
                 f"{final_label(cell).replace('_', ' ')} cell {cell.id} is counted there; "
                 "reclassify it instead")
         raise ReviewError(f"not added: {what} ({dist_um:.1f} µm from the click)")
-    rgb = read_rgb(image_file(data_dir, fld.image_path))
     index = (s.scalar(select(func.max(Cell.index)).where(Cell.field_id == field_id)) or 0) + 1
     index = max(index, 1000)  # hand-added cells are numbered apart from the pipeline's
-    crop = crop_at(rgb, fld.um_per_px, (x, y), crop_um_per_px)
     rel = Path(fld.image_path).parent / f"added{index:04d}.png"
     _write_png_atomic(data_dir / rel, crop)
     # The box marks the cell (about half the crop's side), not the whole crop window.
@@ -434,8 +436,11 @@ def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
     return review
 
 
-def reopen(s: Session, slide_id: int, who: Reviewer, reason: str) -> Review:
-    """A supervisor reopens a signed slide for review; the reason is kept."""
+def reopen(s: Session, slide_id: int, who: Reviewer, reason: str,
+           report_not_kept: str | None = None) -> Review:
+    """A supervisor reopens a signed slide for review; the reason is kept.
+    ``report_not_kept``: why the signed report could not be kept first (audited; its
+    counts stay in the review history)."""
     if who.role != "supervisor":
         raise Forbidden("only a supervisor can reopen a signed slide")
     reason = reason.strip()
@@ -453,7 +458,8 @@ def reopen(s: Session, slide_id: int, who: Reviewer, reason: str) -> Review:
     _audit(s, who, "reopen", slide_id, None,
            {"status": "signed", "signed_by": slide.signed_by,
             "signed_at": slide.signed_at.isoformat() if slide.signed_at else None},
-           {"status": "awaiting_review", "reason": reason})
+           {"status": "awaiting_review", "reason": reason,
+            **({"report_not_kept": report_not_kept} if report_not_kept else {})})
     s.execute(update(Slide).where(Slide.id == slide_id)
               .values(status="awaiting_review", signed_at=None, signed_by=None))
     s.flush()

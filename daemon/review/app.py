@@ -351,6 +351,11 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                        Cell.reviewed_label.is_(None), Cell.excluded.is_(False),
                        Cell.duplicate_of.is_(None))
                 .group_by(Cell.slide_id)).all())
+            # The last reopening of each slide shown (who, why): work that was signed once.
+            reopened = {sid: (u, note) for sid, u, note in s.execute(
+                select(Review.slide_id, Review.username, Review.note)
+                .where(Review.slide_id.in_(ids), Review.action == "reopen")
+                .order_by(Review.id))}
         shown = sorted(slides, key=lambda sl: (STATUS_ORDER.get(sl.status, 9),
                                                -(_ts(sl.signed_at) or 0) if sl.status == "signed"
                                                else _ts(sl.created_at) or 0))
@@ -361,6 +366,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             d = differential(counts[sl.id], tax, cfg.stats) if tax else None
             total = d.total if d else 0
             flags = []
+            if sl.id in reopened and sl.status == "awaiting_review":
+                flags.append(f"reopened by {reopened[sl.id][0]}: {reopened[sl.id][1]}")
             if pending.get(sl.id) and sl.status != "signed":  # signing answered them
                 flags.append(f"{pending[sl.id]} need review")
             if d is not None:
@@ -589,12 +596,19 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     @app.post("/slides/{slide_id}/reopen")
     def reopen(slide_id: int, reason: str = Form(""), who: Viewer = Depends(changer)) -> Response:
+        not_kept = None
         if who.role == "supervisor":
-            # The signed report is kept before the slide can change: no issue is ever lost
-            # (a reopening waits for it; it fails if the report cannot be kept).
-            freeze_report(store, slide_id, cfg)
+            # The signed report is kept before the slide can change, so the issue stays
+            # printable. One that cannot be built now (its taxonomy left the config) must not
+            # stop a correction: the reopening goes on and says so in the audit trail.
+            try:
+                freeze_report(store, slide_id, cfg)
+            except (ConfigError, StoreError) as exc:
+                not_kept = str(exc)
+                log.error("slide %d: its signed report could not be kept before reopening: %s",
+                          slide_id, exc)
         with store.session() as s:
-            actions.reopen(s, slide_id, reviewer(who), reason[:2000])
+            actions.reopen(s, slide_id, reviewer(who), reason[:2000], not_kept)
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.get("/slides/{slide_id}/audit", response_class=HTMLResponse)
@@ -604,10 +618,12 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             events = list(s.scalars(select(AuditEvent).where(AuditEvent.slide_id == slide_id)
                                     .order_by(AuditEvent.id)))
             # Each cell's field and number in it, as the field viewer shows them.
-            cells = {cid: (fid, idx) for cid, fid, idx in s.execute(
-                select(Cell.id, Cell.field_id, Cell.index).where(Cell.slide_id == slide_id))}
+            cells = {cid: (fid, idx, fidx) for cid, fid, idx, fidx in s.execute(
+                select(Cell.id, Cell.field_id, Cell.index, Field.index)
+                .join(Field, Field.id == Cell.field_id).where(Cell.slide_id == slide_id))}
         tax = taxonomies.get(slide.taxonomy)
         return page(request, "audit.html", who, slide=slide, events=events, cells=cells,
+                    shown={e.id: _audit_shown(e) for e in events},
                     labels=tax.labels if tax else {},
                     case_labels=CASE_LABELS)
 
@@ -660,7 +676,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         # A signed report, an amended one and a preliminary one must not share a file name
         # in Downloads.
         n = (rep.get("issue") or {}).get("number")
-        state = "preliminary" if n is None else "signed" if n == 1 else f"amended-{n}"
+        state = ("preliminary" if n is None else "signed" if n == 1 else f"amended-{n}") + (
+            "-superseded" if rep.get("superseded") else "")
         return Response(data, media_type=media, headers={
             "Content-Disposition": f'attachment; filename="{name}-{state}.{fmt}"'})
 
@@ -735,6 +752,17 @@ def _ts(dt: datetime | None) -> float | None:
 def _iso(dt: datetime | None) -> str | None:
     dt = _utc(dt)
     return dt.isoformat() if dt else None
+
+
+def _audit_shown(e: AuditEvent) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the audit page shows of an event's before and after: for a change to a cell its
+    class and what changed (not every unchanged property); anything else whole."""
+    before, after = e.before or {}, e.after or {}
+    if not (e.cell_id and before and after):
+        return before, after
+    keys = ["label"] + [k for k in before if k != "label" and before[k] != after.get(k, before[k])]
+    return ({k: before[k] for k in keys if k in before},
+            {k: after[k] for k in [*keys, "undoes", "note"] if k in after})
 
 
 def _when(dt: datetime | str | None) -> str:

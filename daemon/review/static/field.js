@@ -4,11 +4,12 @@
   const cfgEl = document.getElementById("field-config");
   if (!cfgEl) return;
   const cfg = JSON.parse(cfgEl.textContent);
-  // Esc: back to the slide page, at the cell this view was opened for.
+  // Esc: cancels adding a cell, else back to the slide page at the cell this view showed.
   document.addEventListener("keydown", (ev) => {
     if (ev.key !== "Escape" || ev.target.closest("input, select, textarea")) return;
-    const form = document.getElementById("add-form");
-    if (form && !form.hidden) return;  // Esc there cancels the addition first
+    const cancel = document.getElementById("add-cancel");
+    const view = document.getElementById("fieldview");
+    if (cancel && view && view.classList.contains("adding")) { cancel.click(); return; }
     location.href = document.getElementById("back-to-slide").href;
   });
   const view = document.getElementById("fieldview");

@@ -14,6 +14,8 @@
       }
       const data = await resp.json();
       document.getElementById("queue-rows").innerHTML = data.rows_html;
+      const older = document.getElementById("older-note");
+      if (older) { older.querySelector(".n").textContent = data.more; older.hidden = !data.more; }
       document.getElementById("queue-note").textContent = data.acquiring
         ? "Refreshing every " + every / 1000 + " s while slides are acquiring." : "";
     } catch (e) { /* the service may be restarting; try again next time */ }

@@ -182,8 +182,13 @@
     if (verb === "Undid" && data.changed.length) {
       // Back to the cell the undo changed, so its restored state is in view.
       next = gallery.querySelector('figure.cell[data-id="' + data.changed[0].id + '"]');
+      const sec = next && next.closest("details");
+      if (sec) sec.open = true;
     } else if (wasFlag && next && openFlags()) {
       // Checking flags: on to the next one, not to the neighbour a second key press would hit.
+      // Keys typed meanwhile were meant for the cell just checked: they are dropped, so that
+      // no flag is answered before it was seen.
+      pending.length = 0;
       focusTile(next, false);
       nextFlag(true);
       next = null;
@@ -242,8 +247,20 @@
     send("/include", { cells: ts.map((t) => +t.dataset.id) }, "Included");
   }
   const undo = () => send("/undo", {}, "Undid");
+  // Case fields typed but not saved (compared with what the page showed, was_*).
+  function caseUnsaved() {
+    const form = document.getElementById("case-form");
+    return !!form && Array.from(form.querySelectorAll("input:not([type=hidden])")).some((i) =>
+      i.value !== (form.querySelector('input[name="was_' + i.name + '"]') || {}).value);
+  }
+  let savingCase = false;  // the case form on its way: the page reloads with its values
+  const caseForm = document.getElementById("case-form");
+  if (caseForm) caseForm.addEventListener("submit", () => { savingCase = true; });
   window.addEventListener("beforeunload", (ev) => {
-    if (busy || pending.length) { ev.preventDefault(); ev.returnValue = ""; }
+    if (busy || pending.length || (caseUnsaved() && !savingCase)) {
+      ev.preventDefault();
+      ev.returnValue = "";
+    }
   });
 
   gallery.addEventListener("click", (ev) => {
@@ -299,6 +316,7 @@
     const label = cfg.keys[k] || cfg.keys[k.toLowerCase()];
     if (k !== "Delete" && !label) return;
     ev.preventDefault();
+    if (ev.repeat) return;  // a held key changes one cell, not every cell it would reach
     // A key changes a cell only once the reviewer has chosen one (none is preselected).
     if (!focused && !selected().length && !busy) {
       say("Click a cell or press an arrow key first.", true);
@@ -315,31 +333,43 @@
   on("undo", undo);
   const flagBtn = document.getElementById("next-flag");
   if (flagBtn) flagBtn.addEventListener("click", () => nextFlag());
-  // Choosing a reason must not keep the keys: arrows would change the reason, Del nothing.
+  // A reason chosen with the mouse gives the keys back to the gallery (else arrows would
+  // change the reason and Del do nothing); with the keyboard the arrows go on choosing,
+  // and Esc or Tab leaves.
   const reasonSel = document.getElementById("exclude-reason");
-  if (reasonSel) reasonSel.addEventListener("change", () => {
-    reasonSel.blur();
-    if (focused) focused.focus({ preventScroll: true });
-  });
+  if (reasonSel) {
+    let byPointer = false;
+    const back = () => { reasonSel.blur(); if (focused) focused.focus({ preventScroll: true }); };
+    reasonSel.addEventListener("pointerdown", () => { byPointer = true; });
+    reasonSel.addEventListener("change", () => { if (byPointer) back(); byPointer = false; });
+    reasonSel.addEventListener("keydown", (ev) => {
+      byPointer = false;
+      if (ev.key === "Escape") { ev.preventDefault(); back(); }
+    });
+  }
 
   // Sign-off: refused by the server while flags are open (where the lab requires it) and
   // blind to a case typed but not saved; say so here instead of leaving the page.
   const signForm = document.getElementById("sign-form");
   if (signForm) signForm.addEventListener("submit", (ev) => {
-    const caseForm = document.getElementById("case-form");
-    const unsaved = caseForm && Array.from(caseForm.querySelectorAll("input:not([type=hidden])"))
-      .some((i) => i.value !== (caseForm.querySelector('input[name="was_' + i.name + '"]') || {}).value);
     const note = document.getElementById("flags-open");
     const n = openFlags();
-    if (unsaved) {
+    const empty = Array.from(document.querySelectorAll("#case-form input[data-required]"))
+      .filter((i) => !i.value.trim());
+    if (caseUnsaved()) {
       ev.preventDefault();
       say("The case has changes not saved: press Save case first (or undo them), then sign.", true);
       document.getElementById("case-save").focus();
+    } else if (empty.length) {
+      ev.preventDefault();
+      say("Fill in " + empty.map((i) => i.dataset.required).join(", ") +
+          " under Case and save it before signing.", true);
+      empty[0].focus();
     } else if (note && note.dataset.required === "1" && n) {
       ev.preventDefault();
       say(n + (n === 1 ? " flagged cell is" : " flagged cells are") + " not checked yet: " +
           "confirm each with its own class key, move or exclude it, then sign.", true);
-      nextFlag();
+      nextFlag(true);
     }
   });
 
