@@ -183,6 +183,10 @@ class Review(Base):
     # signed one said, whatever the config has become since.
     report: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON(none_as_null=True),
                                                             nullable=True)
+    # When its report (a sign-off) or withdrawal notice (a reopening) went to
+    # review.export_dir; None: not yet, or no export folder.
+    exported_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True),
+                                                           nullable=True)
 
 
 class AuditEvent(Base):

@@ -34,7 +34,8 @@ FORMATS = ("json", "csv", "pdf")
 HISTORY_VERBS = {"sign": "signed", "reopen": "reopened"}
 
 
-def _iso(dt: datetime | None) -> str | None:
+def iso_time(dt: datetime | None) -> str | None:
+    """A stored time as ISO 8601 in UTC, to the second."""
     if dt is None:
         return None
     if dt.tzinfo is None:  # SQLite hands back naive datetimes; they were stored in UTC
@@ -240,13 +241,13 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         review = {
             "signed": signed,
             "reviewer": last_sign.username if last_sign else None,
-            "signed_at": _iso(last_sign.at) if last_sign else None,
+            "signed_at": iso_time(last_sign.at) if last_sign else None,
             "counts_before": {k: n for k, n in machine.items() if n},
             "counts_after": final_counts,
             # What review did with the cells the machine flagged, and what it left out.
             "flags_checked": int(flagged - flags_open),
             "excluded": {str(k): int(n) for k, n in sorted(excluded.items(), key=str)},
-            "history": [{"username": r.username, "action": r.action, "at": _iso(r.at),
+            "history": [{"username": r.username, "action": r.action, "at": iso_time(r.at),
                          "note": r.note} for r in reviews],
         }
     pre = (slide.plan or {}).get("prescan")
@@ -254,15 +255,15 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         "objective", "um_per_px", "planned", "kept", "left_out_by_reason")}
     return {
         "report_version": 5,
-        "generated_at": _iso(datetime.now(timezone.utc)),
+        "generated_at": iso_time(datetime.now(timezone.utc)),
         "slide": {
             "id": slide.id, "name": slide.name, "source": slide.source,
             "source_ref": slide.source_ref, "status": slide.status, "target": slide.target,
             "case": parse_case(slide.case_info).model_dump(mode="json"),
             "taxonomy": taxonomy.name, "um_per_px": slide.um_per_px,
             "stopped_because": slide.stopped_because, "error": slide.error,
-            "created_at": _iso(slide.created_at), "started_at": _iso(slide.started_at),
-            "finished_at": _iso(slide.finished_at), "instrument": slide.worker,
+            "created_at": iso_time(slide.created_at), "started_at": iso_time(slide.started_at),
+            "finished_at": iso_time(slide.finished_at), "instrument": slide.worker,
             "fields": int(n_fields), "fields_skipped": int(n_skipped),
             "cells_flagged": int(flagged),
             "cells_needing_review": int(flags_open),
@@ -321,12 +322,12 @@ def freeze_report(store: Store, slide_id: int, cfg: Any, at_sign_off: bool = Fal
                 Review.slide_id == slide_id, Review.action == "reopen", Review.id > prev.id,
                 Review.id < last.id).order_by(Review.id.desc()).limit(1))
             amends = {"number": len(signs) - 1, "signed_by": prev.username,
-                      "signed_at": _iso(prev.at), "counts": prev.counts_after,
+                      "signed_at": iso_time(prev.at), "counts": prev.counts_after,
                       "reopened_by": reopen.username if reopen else None,
-                      "reopened_at": _iso(reopen.at) if reopen else None,
+                      "reopened_at": iso_time(reopen.at) if reopen else None,
                       "reason": reopen.note if reopen else None}
         rep["issue"] = {"number": len(signs), "signed_by": last.username,
-                        "signed_at": _iso(last.at), "kept_at_sign_off": at_sign_off,
+                        "signed_at": iso_time(last.at), "kept_at_sign_off": at_sign_off,
                         "amends": amends}
         last.report = rep
         return rep
@@ -361,11 +362,11 @@ def issued_report(store: Store, slide_ref: int | str, cfg: Any, issue: int | Non
     superseded = None
     if number < len(signs):
         _id, _rep, by, at = signs[number]
-        superseded = {"by_issue": number + 1, "signed_by": by, "signed_at": _iso(at)}
+        superseded = {"by_issue": number + 1, "signed_by": by, "signed_at": iso_time(at)}
     elif last_reopen is not None and last_reopen.id > signs[-1][0]:
         superseded = {"by_issue": None, "reopened_by": last_reopen.username,
-                      "reopened_at": _iso(last_reopen.at), "reason": last_reopen.note}
-    return {**rep, "printed_at": _iso(datetime.now(timezone.utc)), "superseded": superseded}
+                      "reopened_at": iso_time(last_reopen.at), "reason": last_reopen.note}
+    return {**rep, "printed_at": iso_time(datetime.now(timezone.utc)), "superseded": superseded}
 
 
 def superseded_text(sup: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
 """marrowcount review (the review web app), user (local accounts), and the store's upkeep:
-agreement, export-reviewed, purge-images, backup."""
+agreement, export-reviewed, export-reports, purge-images, backup."""
 
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def review(
         err_console.print(f"[yellow]warning:[/] serving on {bind} without HTTPS; put a TLS "
                           "proxy in front and set review.secure_cookies: true")
     console.print(f"review app on http://{bind}:{bind_port}/ (store {store.data_dir})")
+    from daemon.report_export import export_quietly
+
+    export_quietly(store, cfg)  # what a failed export left behind goes out now
     try:
         uvicorn.run(create_app(cfg, store), host=bind, port=bind_port, log_level="info")
     finally:
@@ -267,6 +270,37 @@ def export_reviewed_cmd(
                   "config (train.sources; see the README):\n"
                   f"  - {{kind: folder, path: {out.resolve()}, um_per_px: {um_per_px:g}, "
                   "train_only: true}", highlight=False, soft_wrap=True)
+
+
+@app.command("export-reports")
+def export_reports_cmd(
+    since: Annotated[Optional[datetime], typer.Option(
+        "--since", formats=["%Y-%m-%d"],
+        help="Also sign-offs and reopenings since this date (UTC); default: the last "
+             "7 days.")] = None,
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Write issued reports and withdrawal notices not yet exported into review.export_dir,
+    the folder the laboratory information system watches (the review app does this at each
+    sign-off and reopening; this sends what failed then, or older ones with --since)."""
+    from daemon.report_export import export_reports
+
+    cfg, store = _store(config, db, data_dir, existing=True)
+    if cfg.review.export_dir is None:
+        store.close()
+        raise MarrowError("review.export_dir is not set in the config: there is no folder to "
+                          "export reports to")
+    try:
+        done = export_reports(store, cfg, since.replace(tzinfo=timezone.utc) if since else None)
+    finally:
+        store.close()
+    for e in done:
+        console.print(f"{e.slide} issue {e.issue} ({e.kind}): "
+                      f"{', '.join(p.name for p in e.paths)}", highlight=False)
+    console.print(f"{len(done)} exported to {cfg.resolve(cfg.review.export_dir)}",
+                  highlight=False)
 
 
 @app.command("purge-images")

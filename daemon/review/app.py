@@ -34,7 +34,14 @@ from sqlalchemy import func, select
 from daemon.case import LABELS as CASE_LABELS, parse_case
 from daemon.models import AuditEvent, Cell, Field, Review, Slide, User
 from daemon.provenance import method_text
-from daemon.report import freeze_report, pixel_size_checks, pixel_text, slide_methods
+from daemon.report import (
+    freeze_report,
+    iso_time,
+    pixel_size_checks,
+    pixel_text,
+    slide_methods,
+)
+from daemon.report_export import export_quietly
 from daemon.review import actions
 from daemon.review.actions import Reviewer, ReviewError
 from daemon.review.auth import (
@@ -502,7 +509,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         d: Differential = ctx["diff"]
         return JSONResponse({
             "id": slide.id, "name": slide.name, "status": slide.status,
-            "signed_by": slide.signed_by, "signed_at": _iso(slide.signed_at),
+            "signed_by": slide.signed_by, "signed_at": iso_time(slide.signed_at),
             "cells": n_cells, "machine_counts": ctx["machine"],
             "differential": d.to_dict(), "table_html": render_table(ctx),
             "changed_by_others": others,
@@ -592,6 +599,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             freeze_report(store, slide_id, cfg, at_sign_off=True)
         except Exception:  # the signature stands; a reopening or the first print keeps it
             log.exception("slide %d signed, but its report was not kept yet", slide_id)
+        export_quietly(store, cfg)
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/reopen")
@@ -609,6 +617,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                           slide_id, exc)
         with store.session() as s:
             actions.reopen(s, slide_id, reviewer(who), reason[:2000], not_kept)
+        export_quietly(store, cfg)  # the LIS learns the result is withdrawn
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.get("/slides/{slide_id}/audit", response_class=HTMLResponse)
@@ -747,11 +756,6 @@ def _utc(dt: datetime | None) -> datetime | None:
 def _ts(dt: datetime | None) -> float | None:
     dt = _utc(dt)
     return dt.timestamp() if dt else None
-
-
-def _iso(dt: datetime | None) -> str | None:
-    dt = _utc(dt)
-    return dt.isoformat() if dt else None
 
 
 def _audit_shown(e: AuditEvent) -> tuple[dict[str, Any], dict[str, Any]]:

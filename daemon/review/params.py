@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -27,3 +28,8 @@ class ReviewParams(Params):
     require_flags_checked: bool = Field(
         description="sign-off waits until every cell the machine flagged for review has been "
                     "confirmed, moved to another class or excluded")
+    export_dir: Optional[Path] = Field(
+        description="folder the laboratory information system watches: each sign-off's "
+                    "report and each withdrawal notice is written there (none: off)")
+    export_formats: list[Literal["pdf", "json", "csv"]] = Field(
+        min_length=1, description="formats of the exported reports")
