@@ -16,6 +16,7 @@ from tests.review_slide import (  # noqa: F401  (fixture)
     SUPER,
     TECH,
     add_users,
+    check_flags,
     count_slide,
     login,
     pipeline_fields,
@@ -34,6 +35,7 @@ def test_review_sign_and_reopen_on_postgresql(pipeline_fields, tmp_path, config)
     try:
         add_users(store)
         sid = count_slide(store, config, SLIDE_NAME, pipeline_fields)
+        flagged = check_flags(store, sid)  # as a reviewer does before signing
         app = create_app(config, store)
         tech, sup = TestClient(app), TestClient(app)
         tech.headers["X-CSRF-Token"] = ttoken = login(tech, TECH)
@@ -65,8 +67,13 @@ def test_review_sign_and_reopen_on_postgresql(pipeline_fields, tmp_path, config)
             assert s.get(Cell, a.id).reviewed_label == target
             assert s.scalar(select(func.count()).select_from(Cell)
                             .where(Cell.excluded.is_(True))) == 0
-        assert actions == ["reclassify", "reclassify", "exclude", "undo", "sign", "reopen"]
+        assert actions == ["confirm"] * flagged + [
+            "reclassify", "reclassify", "exclude", "undo", "sign", "reopen"]
         assert [r.action for r in reviews] == ["sign", "reopen"]
+        # The report the signature issued was kept before the reopening, and is withdrawn.
+        assert reviews[0].report["issue"]["number"] == 1
+        one = tech.get(f"/slides/{sid}/report.json?issue=1").json()
+        assert one["superseded"]["reason"] == "recheck"
         assert reviews[0].counts_after[target] == reviews[0].counts_before.get(target, 0) + 2
         pdf = tech.get(f"/slides/{sid}/report.pdf")
         assert pdf.status_code == 200 and pdf.content[:5] == b"%PDF-"
