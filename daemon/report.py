@@ -31,7 +31,8 @@ from pipeline.errors import ConfigError
 from pipeline.stats import Differential, differential
 
 FORMATS = ("json", "csv", "pdf")
-HISTORY_VERBS = {"sign": "signed", "reopen": "reopened"}
+# A review step as the report and the slide page name it.
+HISTORY_VERBS = {"sign": "signed", "reopen": "reopened", "pre_review": "pre-reviewed"}
 
 
 def iso_time(dt: datetime | None) -> str | None:

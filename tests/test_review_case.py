@@ -181,21 +181,41 @@ def test_a_collection_date_in_the_future_is_refused(review_env):
     assert r.status_code == 400 and "Collected: Value error, 2099-01-01 is in the future" in r.text
 
 
-def test_a_lab_where_only_a_supervisor_signs(review_env):
+def test_a_lab_where_only_a_supervisor_signs(review_env, tmp_path):
+    """Technicians pre-review and hand the slide on; the queue shows it ready; a supervisor
+    signs, and the report names both."""
     env = review_env
-    check_flags(env.store, env.slide_id)
     lab = env.cfg.model_copy(update={"review": env.cfg.review.model_copy(update={
         "sign_roles": ["supervisor"]})})
     tech = client_as(lab, env.store)
     page = tech.get(f"/slides/{env.slide_id}").text
-    assert 'id="sign-form"' not in page and "a supervisor signs it off" in page
+    assert 'id="sign">' not in page and "a supervisor signs it off" in page
+    assert f'action="/slides/{env.slide_id}/pre-review"' in page
     r = sign_form(tech, env.slide_id)
     assert r.status_code == 403 and "a technician may not sign slides off here" in r.text
+    # Handing on makes the checks a sign-off makes: the flags first.
+    hand_on = {"csrf_token": tech.token, "note": "2 smudges left in"}
+    r = tech.post(f"/slides/{env.slide_id}/pre-review", data=hand_on, follow_redirects=False)
+    assert r.status_code == 400 and "not checked yet" in r.text
+    check_flags(env.store, env.slide_id)
+    r = tech.post(f"/slides/{env.slide_id}/pre-review", data=hand_on, follow_redirects=False)
+    assert r.status_code == 303
+    row = next(r for r in tech.get("/api/queue").json()["slides"] if r["id"] == env.slide_id)
+    assert f"ready for sign-off: pre-reviewed by {TECH[0]}" in row["flags"]
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).status == "awaiting_review"  # still open
+
     sup = client_as(lab, env.store, SUPER)
-    assert 'id="sign-form"' in sup.get(f"/slides/{env.slide_id}").text
+    page = sup.get(f"/slides/{env.slide_id}").text
+    assert 'id="sign">' in page and f"pre-reviewed by {TECH[0]}" in page
     assert sign_form(sup, env.slide_id).status_code == 303
     with env.store.session() as s:
         assert s.get(Slide, env.slide_id).signed_by == SUPER[0]
+    pdf = tmp_path / "r.pdf"
+    write_report(env.store, env.slide_id, lab, "pdf", pdf)
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
+    assert f"pre-reviewed by {TECH[0]} at" in text and "2 smudges left in" in text
+    assert f"Signed by {SUPER[0]} at" in text
 
 
 def test_a_case_field_cannot_run_as_a_spreadsheet_formula(review_env):

@@ -383,6 +383,59 @@ def changes_since(s: Session, slide_id: int, seen: int, upto: int | None = None
     return {u: int(n) for u, n in s.execute(q.group_by(AuditEvent.username)).all()}
 
 
+def _check_complete(s: Session, slide: Slide, who: Reviewer, verb: str, note: str | None,
+                    required_case: Sequence[str], seen: int | None,
+                    taxonomies: dict[str, Taxonomy] | None, flags_checked: bool) -> None:
+    """What a slide's review must have done before it is signed or handed on for sign-off
+    (``sign``, ``pre_review``): raises the first thing missing."""
+    slide_id = slide.id
+    if slide.status not in SIGNABLE:
+        raise Locked(f"slide {slide.name!r} is {slide.status.replace('_', ' ')}; "
+                     f"only a slide awaiting review can be {verb}")
+    if taxonomies is not None and not (note or "").strip():
+        counted = taxonomy_of(slide, taxonomies).counted
+        if not any(n for k, n in reviewed_counts(s, slide_id).items() if k in counted):
+            raise ReviewError(f"no leukocyte is counted on slide {slide.name!r}; say in the "
+                              f"note why it is {verb} (e.g. specimen inadequate)")
+    if seen is not None and (since := changes_since(s, slide_id, seen)):
+        # Anyone's, the signer's own too: made in another window, this page never showed it.
+        raise Stale(f"not {verb}: " + ", ".join(
+            (f"you made {n} change{'s' * (n != 1)} in another window" if u == who.username
+             else f"{u} made {n} change{'s' * (n != 1)}") for u, n in sorted(since.items()))
+            + " since this page was loaded; reload it and check first")
+    if flags_checked and (n := open_flags(s, slide_id)):
+        raise ReviewError(
+            f"{n} cell{' flagged for review is' if n == 1 else 's flagged for review are'} "
+            "not checked yet: confirm each with its own class key, move it to its class or "
+            "exclude it first (the ? key goes to the next one)")
+    missing = parse_case(slide.case_info).missing(list(required_case))
+    if missing:
+        raise ReviewError(f"fill in {', '.join(missing)} under Case first: slide "
+                          f"{slide.name!r} is not {verb}")
+
+
+def pre_review(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
+               required_case: Sequence[str] = (), seen: int | None = None,
+               taxonomies: dict[str, Taxonomy] | None = None,
+               flags_checked: bool = False) -> Review:
+    """A reviewer who does not sign (``review.sign_roles`` [supervisor]) hands the slide on
+    as reviewed, after the checks a sign-off makes: the slide stays open (the signer may
+    still change it), the queue shows it ready for sign-off, and the report's history names
+    who pre-reviewed it."""
+    slide = editable_slide(s, slide_id)
+    _check_complete(s, slide, who, "handed on", note, required_case, seen, taxonomies,
+                    flags_checked)
+    counts = reviewed_counts(s, slide_id)
+    review = Review(slide_id=slide_id, username=who.username, action="pre_review",
+                    counts_before=machine_counts(s, slide_id), counts_after=counts,
+                    note=note or None)
+    s.add(review)
+    _audit(s, who, "pre_review", slide_id, None, None, {"counts_after": counts,
+                                                       "note": note or None})
+    s.flush()
+    return review
+
+
 def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
          required_case: Sequence[str] = (), seen: int | None = None,
          taxonomies: dict[str, Taxonomy] | None = None,
@@ -400,29 +453,8 @@ def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
         raise Forbidden(f"a {who.role} may not sign slides off here; a "
                         f"{' or '.join(roles)} signs (review.sign_roles)")
     slide = editable_slide(s, slide_id)
-    if slide.status not in SIGNABLE:
-        raise Locked(f"slide {slide.name!r} is {slide.status.replace('_', ' ')}; "
-                     "only a slide awaiting review can be signed")
-    if taxonomies is not None and not (note or "").strip():
-        counted = taxonomy_of(slide, taxonomies).counted
-        if not any(n for k, n in reviewed_counts(s, slide_id).items() if k in counted):
-            raise ReviewError(f"no leukocyte is counted on slide {slide.name!r}; say in the "
-                              "note why it is signed (e.g. specimen inadequate)")
-    if seen is not None and (since := changes_since(s, slide_id, seen)):
-        # Anyone's, the signer's own too: made in another window, this page never showed it.
-        raise Stale("not signed: " + ", ".join(
-            (f"you made {n} change{'s' * (n != 1)} in another window" if u == who.username
-             else f"{u} made {n} change{'s' * (n != 1)}") for u, n in sorted(since.items()))
-            + " since this page was loaded; reload it and check before signing")
-    if flags_checked and (n := open_flags(s, slide_id)):
-        raise ReviewError(
-            f"{n} cell{' flagged for review is' if n == 1 else 's flagged for review are'} "
-            "not checked yet: confirm each with its own class key, move it to its class or "
-            "exclude it, then sign (the ? key goes to the next one)")
-    missing = parse_case(slide.case_info).missing(list(required_case))
-    if missing:
-        raise ReviewError(f"fill in {', '.join(missing)} under Case before signing "
-                          f"slide {slide.name!r}")
+    _check_complete(s, slide, who, "signed", note, required_case, seen, taxonomies,
+                    flags_checked)
     now = utcnow()
     before, after = machine_counts(s, slide_id), reviewed_counts(s, slide_id)
     review = Review(slide_id=slide_id, username=who.username, action="sign", at=now,

@@ -35,6 +35,7 @@ from daemon.case import LABELS as CASE_LABELS, parse_case
 from daemon.models import AuditEvent, Cell, Field, Review, Slide, User
 from daemon.provenance import method_text
 from daemon.report import (
+    HISTORY_VERBS,
     freeze_report,
     iso_time,
     pixel_size_checks,
@@ -131,6 +132,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     templates.env.filters["age"] = _age
     templates.env.filters["when"] = _when
     templates.env.globals["exclude_reasons"] = actions.EXCLUDE_REASONS
+    templates.env.globals["history_verbs"] = HISTORY_VERBS
     templates.env.globals["inf"] = float("inf")
     crop_um_per_px = cfg.train.um_per_px
     failures: dict[str, deque[float]] = defaultdict(deque)  # recent failed logins per name
@@ -358,11 +360,11 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                        Cell.reviewed_label.is_(None), Cell.excluded.is_(False),
                        Cell.duplicate_of.is_(None))
                 .group_by(Cell.slide_id)).all())
-            # The last reopening of each slide shown (who, why): work that was signed once.
-            reopened = {sid: (u, note) for sid, u, note in s.execute(
-                select(Review.slide_id, Review.username, Review.note)
-                .where(Review.slide_id.in_(ids), Review.action == "reopen")
-                .order_by(Review.id))}
+            # Each shown slide's last sign-off, reopening or hand-on: a reopened slide was
+            # signed once (not new work); a pre-reviewed one waits for its signer.
+            last_step = {sid: (action, u, note) for sid, action, u, note in s.execute(
+                select(Review.slide_id, Review.action, Review.username, Review.note)
+                .where(Review.slide_id.in_(ids)).order_by(Review.id))}
         shown = sorted(slides, key=lambda sl: (STATUS_ORDER.get(sl.status, 9),
                                                -(_ts(sl.signed_at) or 0) if sl.status == "signed"
                                                else _ts(sl.created_at) or 0))
@@ -373,8 +375,11 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             d = differential(counts[sl.id], tax, cfg.stats) if tax else None
             total = d.total if d else 0
             flags = []
-            if sl.id in reopened and sl.status == "awaiting_review":
-                flags.append(f"reopened by {reopened[sl.id][0]}: {reopened[sl.id][1]}")
+            step = last_step.get(sl.id) if sl.status == "awaiting_review" else None
+            if step and step[0] == "reopen":
+                flags.append(f"reopened by {step[1]}: {step[2]}")
+            elif step and step[0] == "pre_review":
+                flags.append(f"ready for sign-off: pre-reviewed by {step[1]}")
             if pending.get(sl.id) and sl.status != "signed":  # signing answered them
                 flags.append(f"{pending[sl.id]} need review")
             if d is not None:
@@ -600,6 +605,19 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         except Exception:  # the signature stands; a reopening or the first print keeps it
             log.exception("slide %d signed, but its report was not kept yet", slide_id)
         export_quietly(store, cfg)
+        return RedirectResponse(f"/slides/{slide_id}", status_code=303)
+
+    @app.post("/slides/{slide_id}/pre-review")
+    def pre_review(slide_id: int, note: str = Form(""), seen: int | None = Form(None),
+                   who: Viewer = Depends(changer)) -> Response:
+        try:
+            with store.session() as s:
+                actions.pre_review(s, slide_id, reviewer(who), note.strip()[:2000],
+                                   params.require_case, seen, taxonomies,
+                                   params.require_flags_checked)
+        except ReviewError as exc:
+            exc.kept_note = note.strip()[:2000] or None
+            raise
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/reopen")
