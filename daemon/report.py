@@ -15,9 +15,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -596,7 +598,6 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         "non-leukocytes and suppressed duplicates are left out. Reference intervals are the "
         "laboratory's own; L / H: the value lies below / above it. Produced by marrowcount; a "
         "machine count is preliminary until a qualified reviewer signs it.", st["Italic"]))
-    tmp = path.with_name(f".{path.name}.part")
     ids = " · ".join(f"{CASE_LABELS[k]} {case[k]}" for k in ("accession", "patient_id",
                                                               "patient_name") if case.get(k))
     state = ("preliminary, not signed" if not issue else
@@ -604,22 +605,42 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
              f"issue {issue['number']}")
     mark = (("REPLACED BY ISSUE %s: NOT VALID" % sup["by_issue"]) if sup and sup["by_issue"]
             else "WITHDRAWN: SLIDE REOPENED" if sup else None)
-    SimpleDocTemplate(str(tmp), pagesize=A4, title=f"marrowcount report {sl['name']}",
-                      leftMargin=18 * mm, rightMargin=18 * mm, topMargin=16 * mm,
-                      bottomMargin=20 * mm).build(
-        story, canvasmaker=_footed_canvas(" · ".join(x for x in (sl["name"], ids, state) if x),
-                                          mark))
-    tmp.replace(path)
+    write_whole(path, lambda tmp: SimpleDocTemplate(
+        str(tmp), pagesize=A4, title=f"marrowcount report {sl['name']}", leftMargin=18 * mm,
+        rightMargin=18 * mm, topMargin=16 * mm, bottomMargin=20 * mm).build(
+            story, canvasmaker=_footed_canvas(state, " · ".join(x for x in (sl["name"], ids)
+                                                                 if x), mark)))
 
 
-def _footed_canvas(text: str, mark: str | None) -> type:
-    """A reportlab canvas that puts on every page the slide and patient, the report's state,
-    "page X of Y" and, on a report no longer valid, a red mark: a page separated from the
-    first must still say whose it is and whether it counts."""
+def write_whole(path: Path, write: Callable[[Path], None]) -> Path:
+    """Make ``path`` appear whole or not at all: ``write`` fills a temporary file of its own
+    beside it (two writers never share one), which is flushed to disk and renamed over
+    ``path``. A folder another system watches never sees a half-written report."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _footed_canvas(state: str, who: str, mark: str | None) -> type:
+    """A reportlab canvas that puts on every page the report's state, the slide and patient
+    (``who``, shortened to fit), "page X of Y" and, on a report no longer valid, a red mark:
+    a page separated from the first must still say whose it is and whether it counts."""
     from reportlab.lib import colors
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.units import mm
+    from reportlab.pdfbase.pdfmetrics import stringWidth
     from reportlab.pdfgen.canvas import Canvas
+
+    room = A4[0] - 36 * mm - 60  # between the margins, less "page X of Y"
+    text = f"{state} · {who}"
+    while len(text) > len(state) and stringWidth(text, "Helvetica", 7.5) > room:
+        text = text[:-2] + "…"
 
     class FootedCanvas(Canvas):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -635,7 +656,7 @@ def _footed_canvas(text: str, mark: str | None) -> type:
                 self.__dict__.update(page)
                 self.setFont("Helvetica", 7.5)
                 self.setFillColor(colors.black)
-                self.drawString(18 * mm, 10 * mm, text[:150])
+                self.drawString(18 * mm, 10 * mm, text)
                 self.drawRightString(A4[0] - 18 * mm, 10 * mm,
                                      f"page {self._pageNumber} of {len(self._pages)}")
                 if mark:
@@ -660,16 +681,20 @@ def write_report(store: Store, slide_ref: int | str, cfg: Any, fmt: str,
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     rep = issued_report(store, slide_ref, cfg, issue)
     if fmt == "pdf":
-        path = out or Path(f"{file_safe(rep['slide']['name'])}.pdf")
-        report_pdf(rep, path)
-        return rep, path, None
-    text = report_json(rep) if fmt == "json" else report_csv(rep)
+        return rep, save_report(rep, fmt, out or Path(f"{file_safe(rep['slide']['name'])}.pdf")
+                                ), None
     if out is not None:
-        tmp = out.with_name(f".{out.name}.part")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
-        return rep, out, None
-    return rep, None, text
+        return rep, save_report(rep, fmt, out), None
+    return rep, None, report_json(rep) if fmt == "json" else report_csv(rep)
+
+
+def save_report(rep: dict[str, Any], fmt: str, path: Path) -> Path:
+    """Write a built report as ``fmt`` (json, csv or pdf) to ``path``, whole or not at all."""
+    if fmt == "pdf":
+        report_pdf(rep, path)
+        return path
+    text = report_json(rep) if fmt == "json" else report_csv(rep)
+    return write_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _kept_at_sign_off(issue: dict[str, Any], generated_at: str) -> bool:

@@ -2,20 +2,28 @@
 each reopening that withdraws one, written into a folder the LIS (or EMR interface engine)
 watches — the way most instruments hand results over.
 
-Files are ``<slide>-issue<N>.<fmt>`` (the formats in ``review.export_formats``) and
-``<slide>-issue<N>-withdrawn.json``; an amended report is a new issue, so nothing is ever
-overwritten with other content. Each file appears whole (written beside, then renamed). A
-sign-off or reopening is marked exported only once all its files are written, so one that
-failed (folder unmounted, disk full) goes out at the next sign-off, reopening, start of the
-review app or ``marrowcount export-reports``; writing again the same issue gives the same
-files. Enabling the folder does not send a laboratory's history: the automatic runs look back
-``AUTO_EXPORT_DAYS``; ``export-reports --since`` sends older ones on purpose.
+Files are ``<slide>-<slide id>-issue<N>.<fmt>`` (the formats in ``review.export_formats``;
+the id keeps two slides whose names differ only in characters a file name cannot hold apart)
+and ``…-issue<N>-withdrawn.json``. An amended report is a new issue, so no file is ever
+replaced by other content; each appears whole (``report.write_whole``). The report is the one
+kept at the sign-off, without a "printed" time, so writing the same issue again gives the
+same result.
+
+Each sign-off or reopening is claimed before its files are written (one exporter per row,
+however many review-app workers and timers run) and given back if writing fails, so it goes
+out at the next run: after each sign-off and reopening, at the review app's start, or by
+``marrowcount export-reports``. One item that cannot be written (a name too long for the
+share) is logged and skipped; the rest go on. Exporting starts a day before the first run
+that finds ``review.export_dir`` set (recorded in the store's data folder): a laboratory's
+earlier results are sent only when asked for (``export-reports --since``), and results
+waiting while the folder was away are never dropped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -25,17 +33,29 @@ from sqlalchemy import or_, select, update
 
 from daemon.case import parse_case
 from daemon.models import Review, Slide, utcnow
-from daemon.report import file_safe, iso_time, write_report
+from daemon.report import (
+    file_safe,
+    freeze_report,
+    issued_report,
+    iso_time,
+    save_report,
+    write_whole,
+)
 from daemon.store import Store
 from pipeline.errors import MarrowError
 
 log = logging.getLogger("marrowcount.export")
 
-AUTO_EXPORT_DAYS = 7
+SINCE_FILE = "export-since.txt"
+"""In the store's data folder: when exporting began (sign-offs before it are not sent)."""
 
 
 class ExportError(MarrowError):
-    """The export folder could not be written; what was written before stays."""
+    """The export folder cannot be reached or written; nothing more was exported."""
+
+
+class _NothingToSend(MarrowError):
+    """A sign-off that can never be exported (reopened before its report was kept)."""
 
 
 @dataclass(frozen=True)
@@ -46,77 +66,151 @@ class Exported:
     paths: tuple[Path, ...]
 
 
-def export_reports(store: Store, cfg: Any, since: datetime | None = None) -> list[Exported]:
-    """Write every sign-off's report and every withdrawal not yet exported, made since
-    ``since`` (default: the last AUTO_EXPORT_DAYS), oldest first; returns what was written.
-    Does nothing without ``review.export_dir``. Raises ExportError when the folder cannot
-    be written (what was exported before that stays marked)."""
+@dataclass(frozen=True)
+class ExportRun:
+    exported: list[Exported]
+    failed: list[str]  # one line per sign-off or reopening left for the next run, and why
+
+
+def export_reports(store: Store, cfg: Any, since: datetime | None = None) -> ExportRun:
+    """Write every sign-off's report and every withdrawal not yet exported, oldest first:
+    those made since exporting began or, with ``since``, since then. Does nothing without
+    ``review.export_dir``. Raises ExportError when the folder cannot be used at all."""
     if cfg.review.export_dir is None:
-        return []
+        return ExportRun([], [])
     folder = cfg.resolve(cfg.review.export_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        write_whole(folder / ".marrowcount-write-test", lambda p: p.write_text("ok\n"))
+        (folder / ".marrowcount-write-test").unlink()
     except OSError as exc:
-        raise ExportError(f"export folder {folder}: {exc.strerror}") from None
-    cutoff = since or datetime.now(timezone.utc) - timedelta(days=AUTO_EXPORT_DAYS)
+        raise ExportError(f"export folder {folder}: {exc.strerror or exc}") from None
+    cutoff = since or _export_began(store)
     with store.session() as s:
-        todo = [(r.id, r.slide_id, r.action) for r in s.scalars(
-            select(Review).where(Review.exported_at.is_(None), Review.at >= cutoff,
-                                 or_(Review.action == "reopen",
-                                     (Review.action == "sign") & Review.report.is_not(None)))
-            .order_by(Review.id))]
-    done = []
+        todo = list(s.execute(
+            select(Review.id, Review.slide_id, Review.action)
+            .where(Review.exported_at.is_(None), Review.at >= cutoff,
+                   or_(Review.action == "sign", Review.action == "reopen"))
+            .order_by(Review.id)))
+    run = ExportRun([], [])
     for review_id, slide_id, action in todo:
         with store.session() as s:
-            slide = s.get(Slide, slide_id)
-            # A reopening withdraws the issue signed last before it.
-            issue = len(list(s.scalars(select(Review.id).where(
-                Review.slide_id == slide_id, Review.action == "sign", Review.id < review_id))))
-            if action == "sign":
-                issue += 1
-            name, case = slide.name, parse_case(slide.case_info).model_dump(mode="json")
-            reopen = s.get(Review, review_id) if action == "reopen" else None
-            notice = None if reopen is None else {
-                "notice": "withdrawn", "slide": name, "case": case, "issue": issue,
-                "reopened_by": reopen.username, "reopened_at": iso_time(reopen.at),
-                "reason": reopen.note}
-        stem = f"{file_safe(name)}-issue{issue}"
+            claimed = s.execute(update(Review).where(Review.id == review_id,
+                                                     Review.exported_at.is_(None))
+                                .values(exported_at=utcnow())).rowcount
+        if not claimed:
+            continue  # another exporter has it
         try:
-            if notice is not None:
-                if issue == 0:  # reopened before any sign-off was recorded: nothing withdrawn
-                    paths: tuple[Path, ...] = ()
-                else:
-                    paths = (_write(folder / f"{stem}-withdrawn.json",
-                                    json.dumps(notice, indent=2) + "\n"),)
-            else:
-                paths = tuple(write_report(store, slide_id, cfg, fmt,
-                                           folder / f"{stem}.{fmt}", issue)[1]
-                              for fmt in cfg.review.export_formats)
-        except OSError as exc:
-            raise ExportError(f"export folder {folder}: {exc.strerror or exc}") from None
-        with store.session() as s:
-            s.execute(update(Review).where(Review.id == review_id).values(exported_at=utcnow()))
-        if paths:
-            done.append(Exported(name, issue, "report" if notice is None else "withdrawn",
-                                 paths))
-            log.info("exported %s issue %d (%s): %s", name, issue,
-                     "report" if notice is None else "withdrawn",
-                     ", ".join(p.name for p in paths))
-    return done
+            item = _export_one(store, cfg, folder, review_id, slide_id, action)
+        except _NothingToSend as exc:  # stays claimed: said once, not retried
+            run.failed.append(f"slide {slide_id} {action} (review {review_id}): {exc}")
+            log.warning("not exported: %s", exc)
+            continue
+        except Exception as exc:  # this one waits; the others go on
+            with store.session() as s:
+                s.execute(update(Review).where(Review.id == review_id)
+                          .values(exported_at=None))
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            run.failed.append(f"slide {slide_id} {action} (review {review_id}): {why}")
+            log.error("not exported, tried again at the next run: slide %d %s: %s",
+                      slide_id, action, why)
+            continue
+        if item is not None:
+            run.exported.append(item)
+            log.info("exported %s issue %d (%s): %s", item.slide, item.issue, item.kind,
+                     ", ".join(p.name for p in item.paths))
+    return run
 
 
-def export_quietly(store: Store, cfg: Any) -> None:
-    """``export_reports`` for the review app: a failure is logged, never shown to the signer
-    (the signature stands; the next run sends it)."""
+def _export_one(store: Store, cfg: Any, folder: Path, review_id: int, slide_id: int,
+                action: str) -> Exported | None:
+    with store.session() as s:
+        slide = s.get(Slide, slide_id)
+        signs = list(s.scalars(select(Review).where(
+            Review.slide_id == slide_id, Review.action == "sign", Review.id <= review_id)
+            .order_by(Review.id)))
+        issue = len(signs)  # a reopening withdraws the issue signed last before it
+        name, case = slide.name, parse_case(slide.case_info).model_dump(mode="json")
+        stem = f"{file_safe(name)}-{slide_id}-issue{issue}"
+        reopen = s.get(Review, review_id) if action == "reopen" else None
+        if reopen is not None:
+            notice = {"notice": "withdrawn", "slide": name, "slide_id": slide_id,
+                      "case": case, "issue": issue, "reopened_by": reopen.username,
+                      "reopened_at": iso_time(reopen.at), "reason": reopen.note}
+            kept = signs[-1].report is not None if signs else False
+    if reopen is not None:
+        if issue == 0:
+            return None  # reopened before any sign-off was recorded: nothing to withdraw
+        if not kept:
+            log.warning("%s: issue %d is withdrawn, but its report was never kept or sent",
+                        name, issue)
+        text = json.dumps(notice, indent=2) + "\n"
+        path = write_whole(folder / f"{stem}-withdrawn.json",
+                           lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return Exported(name, issue, "withdrawn", (path,))
+    if signs[-1].report is None:
+        # Signed, but the report was not kept then (e.g. the database was busy): keep it now,
+        # unless the slide has been reopened since, which leaves nothing to send.
+        if freeze_report(store, slide_id, cfg) is None:
+            raise _NothingToSend(f"issue {issue} of {name!r} was reopened before its report "
+                                 "was kept; its counts are in the review history only")
+    rep = issued_report(store, slide_id, cfg, issue)
+    rep.pop("printed_at", None)
+    paths = tuple(save_report(rep, fmt, folder / f"{stem}.{fmt}")
+                  for fmt in cfg.review.export_formats)
+    return Exported(name, issue, "report", paths)
+
+
+def _export_began(store: Store) -> datetime:
+    """Since when this store exports: a day before its first run (which a sign-off starts,
+    after it was made), recorded then."""
+    marker = store.data_dir / SINCE_FILE
     try:
-        export_reports(store, cfg)
-    except Exception:
-        log.exception("issued reports could not be exported now; they are sent at the next "
-                      "sign-off, start of the review app or `marrowcount export-reports`")
+        return datetime.fromisoformat(marker.read_text().strip())
+    except (OSError, ValueError):
+        began = datetime.now(timezone.utc) - timedelta(days=1)
+        write_whole(marker, lambda tmp: tmp.write_text(began.isoformat() + "\n"))
+        return began
 
 
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+class BackgroundExporter:
+    """Runs ``export_reports`` on a thread of its own whenever ``kick`` is called, so that a
+    share that hangs delays the export, never a sign-off or the review app's start. Kicks
+    during a run make one more run; failures are logged."""
+
+    def __init__(self, store: Store, cfg: Any) -> None:
+        self._store, self._cfg = store, cfg
+        self._wanted = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def kick(self) -> None:
+        if self._cfg.review.export_dir is None:
+            return
+        with self._lock:
+            self._idle.clear()
+            self._wanted.set()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="marrowcount-export",
+                                                daemon=True)
+                self._thread.start()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every kick so far has been served (tests, shutdown)."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            try:
+                export_reports(self._store, self._cfg)
+            except Exception:
+                log.exception("issued reports could not be exported now; they go at the next "
+                              "sign-off, start of the review app or `marrowcount "
+                              "export-reports`")
+            with self._lock:
+                if not self._wanted.is_set():
+                    self._idle.set()

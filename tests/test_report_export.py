@@ -1,7 +1,7 @@
 """Issued reports go to the folder the laboratory information system watches: a report per
 sign-off, a withdrawal notice per reopening, each file whole, none lost when the folder is
-away for a while, none sent twice. The slide is counted by the real pipeline on real BCCD
-fields (tests.review_slide)."""
+away for a while or one item cannot be written, none sent twice, none overwritten by another
+slide's. The slide is counted by the real pipeline on real BCCD fields (tests.review_slide)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 from daemon.cli import app
 from daemon.models import Review
+from daemon.report import freeze_report
 from daemon.report_export import ExportError, export_reports
+from daemon.review import actions
 from tests.review_slide import (  # noqa: F401  (fixtures)
     SLIDE_NAME,
     SUPER,
@@ -27,38 +29,47 @@ from tests.review_slide import (  # noqa: F401  (fixtures)
     sign_form,
 )
 
-STEM = SLIDE_NAME.replace(" ", "_")
-
 
 def _lab(env, folder):
     return env.cfg.model_copy(update={"review": env.cfg.review.model_copy(update={
         "export_dir": folder, "export_formats": ["pdf", "json", "csv"]})})
 
 
+def _stem(env) -> str:
+    return f"{SLIDE_NAME.replace(' ', '_')}-{env.slide_id}"
+
+
+def _signed(client, sid):
+    assert sign_form(client, sid).status_code == 303
+    assert client.app.state.exporter.wait_idle(60)
+
+
 def test_each_sign_off_and_reopening_reaches_the_lis_folder(review_env, tmp_path):
     env = review_env
     out = tmp_path / "lis"
-    lab = _lab(env, out)
+    lab, stem = _lab(env, out), _stem(env)
     check_flags(env.store, env.slide_id)
     tech = client_as(lab, env.store)
-    assert sign_form(tech, env.slide_id).status_code == 303
+    _signed(tech, env.slide_id)
     names = sorted(p.name for p in out.iterdir())
-    assert names == [f"{STEM}-issue1.{f}" for f in ("csv", "json", "pdf")]  # no .part left
-    rep = json.loads((out / f"{STEM}-issue1.json").read_text())
+    assert names == [f"{stem}-issue1.{f}" for f in ("csv", "json", "pdf")]  # no .part left
+    rep = json.loads((out / f"{stem}-issue1.json").read_text())
     assert rep["issue"]["number"] == 1 and rep["slide"]["status"] == "signed"
-    assert "BCCD review slide" in PdfReader(out / f"{STEM}-issue1.pdf").pages[0].extract_text()
+    assert "printed_at" not in rep  # the result as issued, the same each time it is written
+    assert "BCCD review slide" in PdfReader(out / f"{stem}-issue1.pdf").pages[0].extract_text()
 
     sup = client_as(lab, env.store, SUPER)
     sup.post(f"/slides/{env.slide_id}/reopen", data={"csrf_token": sup.token,
                                                      "reason": "eosinophils over-called"})
-    notice = json.loads((out / f"{STEM}-issue1-withdrawn.json").read_text())
+    assert sup.app.state.exporter.wait_idle(60)
+    notice = json.loads((out / f"{stem}-issue1-withdrawn.json").read_text())
     assert notice["notice"] == "withdrawn" and notice["issue"] == 1
     assert (notice["reopened_by"], notice["reason"]) == ("super", "eosinophils over-called")
-    assert sign_form(sup, env.slide_id).status_code == 303
-    amended = json.loads((out / f"{STEM}-issue2.json").read_text())
+    _signed(sup, env.slide_id)
+    amended = json.loads((out / f"{stem}-issue2.json").read_text())
     assert amended["issue"]["amends"]["number"] == 1
     # Nothing is sent twice, and every row is marked.
-    assert export_reports(env.store, lab) == []
+    assert export_reports(env.store, lab).exported == []
     with env.store.session() as s:
         assert all(r.exported_at for r in s.scalars(select(Review)))
 
@@ -68,24 +79,23 @@ def test_a_folder_away_loses_nothing_and_history_is_sent_only_on_purpose(review_
     check_flags(env.store, env.slide_id)
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the folder should be")
-    tech = client_as(_lab(env, blocked), env.store)
-    assert sign_form(tech, env.slide_id).status_code == 303  # the signature stands
+    _signed(client_as(_lab(env, blocked), env.store), env.slide_id)  # the signature stands
     with env.store.session() as s:
         assert s.scalars(select(Review)).one().exported_at is None
     with pytest.raises(ExportError, match="not-a-folder"):
         export_reports(env.store, _lab(env, blocked))
 
     out = tmp_path / "lis"
-    [done] = export_reports(env.store, _lab(env, out))  # the folder is back
+    [done] = export_reports(env.store, _lab(env, out)).exported  # the folder is back
     assert (done.issue, done.kind) == (1, "report") and len(done.paths) == 3
 
-    # A sign-off from before the folder was set up goes only when asked for.
+    # A sign-off from before exporting began goes only when asked for.
     with env.store.session() as s:
         s.execute(update(Review).values(exported_at=None,
                                         at=datetime.now(timezone.utc) - timedelta(days=30)))
     for p in out.iterdir():
         p.unlink()
-    assert export_reports(env.store, _lab(env, out)) == []
+    assert export_reports(env.store, _lab(env, out)).exported == []
     lab = tmp_path / "lab.yaml"
     lab.write_text(f"store:\n  url: {env.url}\n  data_dir: {env.root / 'data'}\n"
                    f"review:\n  export_dir: {out}\n")
@@ -93,4 +103,34 @@ def test_a_folder_away_loses_nothing_and_history_is_sent_only_on_purpose(review_
                                    "--config", str(lab)])
     assert res.exit_code == 0, res.output
     assert "BCCD review slide issue 1 (report)" in res.output
-    assert sorted(p.name for p in out.iterdir()) == [f"{STEM}-issue1.{f}" for f in ("json", "pdf")]
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{_stem(env)}-issue1.{f}" for f in ("json", "pdf")]
+
+
+def test_slides_never_overwrite_each_other_and_one_bad_item_stops_nothing(review_env,
+                                                                         tmp_path):
+    """"BCCD review/slide" makes the same file-safe name as "BCCD review slide"; a name too
+    long for the file system fails alone."""
+    env = review_env
+    tax = {env.cfg.taxonomy: env.cfg.classes}
+    who = actions.Reviewer("tech", "technician")
+    twin = env.store.create_slide("BCCD review/slide", "folder", "", 300, env.cfg.taxonomy)
+    long_name = env.store.create_slide("Ж" * 150, "folder", "", 300, env.cfg.taxonomy)
+    for sid in (long_name, env.slide_id, twin):
+        if sid != env.slide_id:  # counted to nothing, as a slide with no field would be
+            env.store.set_status(sid, "acquiring")
+            env.store.set_status(sid, "awaiting_review")
+        with env.store.session() as s:
+            actions.sign(s, sid, who, "specimen inadequate", taxonomies=tax)
+        freeze_report(env.store, sid, env.cfg, at_sign_off=True)
+    out = tmp_path / "lis"
+    run = export_reports(env.store, _lab(env, out))
+    assert sorted(e.slide for e in run.exported) == ["BCCD review slide", "BCCD review/slide"]
+    a = json.loads((out / f"{_stem(env)}-issue1.json").read_text())
+    b = json.loads((out / f"BCCD_review_slide-{twin}-issue1.json").read_text())
+    assert (a["slide"]["id"], b["slide"]["id"]) == (env.slide_id, twin)
+    [failed] = run.failed
+    assert f"slide {long_name} sign" in failed and "too long" in failed.lower()
+    with env.store.session() as s:  # left for the next run, after the folder is fixed
+        assert s.scalars(select(Review).where(Review.slide_id == long_name)).one(
+            ).exported_at is None

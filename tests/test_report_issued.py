@@ -98,7 +98,7 @@ def test_a_signed_report_prints_as_issued_after_the_config_changes(review_env, t
     write_report(env.store, env.slide_id, changed, "pdf", pdf)
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
     assert f"issue 1, issued {when_text(issued['generated_at'])}" in text and "printed " in text
-    assert "BCCD review slide · issue 1 page 1 of 1" in text  # the footer of every page
+    assert "issue 1 · BCCD review slide page 1 of 1" in text  # the footer of every page
     assert "Amended report" not in text and "after the sign-off" not in text
     assert f"myeloid {issued['differential']['myeloid']}," in text
 

@@ -60,11 +60,10 @@ def review(
         err_console.print(f"[yellow]warning:[/] serving on {bind} without HTTPS; put a TLS "
                           "proxy in front and set review.secure_cookies: true")
     console.print(f"review app on http://{bind}:{bind_port}/ (store {store.data_dir})")
-    from daemon.report_export import export_quietly
-
-    export_quietly(store, cfg)  # what a failed export left behind goes out now
+    app = create_app(cfg, store)
+    app.state.exporter.kick()  # what a failed export left behind goes out now
     try:
-        uvicorn.run(create_app(cfg, store), host=bind, port=bind_port, log_level="info")
+        uvicorn.run(app, host=bind, port=bind_port, log_level="info")
     finally:
         store.close()
 
@@ -276,8 +275,8 @@ def export_reviewed_cmd(
 def export_reports_cmd(
     since: Annotated[Optional[datetime], typer.Option(
         "--since", formats=["%Y-%m-%d"],
-        help="Also sign-offs and reopenings since this date (UTC); default: the last "
-             "7 days.")] = None,
+        help="Also sign-offs and reopenings since this date (UTC); default: since "
+             "exporting began.")] = None,
     db: DbOption = None,
     data_dir: DataDirOption = None,
     config: Optional[Path] = ConfigOpt,
@@ -293,14 +292,18 @@ def export_reports_cmd(
         raise MarrowError("review.export_dir is not set in the config: there is no folder to "
                           "export reports to")
     try:
-        done = export_reports(store, cfg, since.replace(tzinfo=timezone.utc) if since else None)
+        run = export_reports(store, cfg, since.replace(tzinfo=timezone.utc) if since else None)
     finally:
         store.close()
-    for e in done:
+    for e in run.exported:
         console.print(f"{e.slide} issue {e.issue} ({e.kind}): "
                       f"{', '.join(p.name for p in e.paths)}", highlight=False)
-    console.print(f"{len(done)} exported to {cfg.resolve(cfg.review.export_dir)}",
+    for line in run.failed:
+        err_console.print(f"[yellow]not exported:[/] {line}", highlight=False)
+    console.print(f"{len(run.exported)} exported to {cfg.resolve(cfg.review.export_dir)}",
                   highlight=False)
+    if run.failed:
+        raise typer.Exit(1)
 
 
 @app.command("purge-images")

@@ -42,7 +42,7 @@ from daemon.report import (
     pixel_text,
     slide_methods,
 )
-from daemon.report_export import export_quietly
+from daemon.report_export import BackgroundExporter
 from daemon.review import actions
 from daemon.review.actions import Reviewer, ReviewError
 from daemon.review.auth import (
@@ -140,6 +140,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     app = FastAPI(title="marrowcount review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
+    # Signed reports and withdrawals to the LIS folder, off the request threads.
+    exporter = app.state.exporter = BackgroundExporter(store, cfg)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     # -- sessions -----------------------------------------------------------------------
@@ -604,7 +606,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             freeze_report(store, slide_id, cfg, at_sign_off=True)
         except Exception:  # the signature stands; a reopening or the first print keeps it
             log.exception("slide %d signed, but its report was not kept yet", slide_id)
-        export_quietly(store, cfg)
+        exporter.kick()
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/pre-review")
@@ -635,7 +637,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                           slide_id, exc)
         with store.session() as s:
             actions.reopen(s, slide_id, reviewer(who), reason[:2000], not_kept)
-        export_quietly(store, cfg)  # the LIS learns the result is withdrawn
+        exporter.kick()  # the LIS learns the result is withdrawn
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.get("/slides/{slide_id}/audit", response_class=HTMLResponse)

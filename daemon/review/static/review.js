@@ -162,6 +162,7 @@
   function apply(data, verb) {
     const all = tiles();
     const ids = new Set(data.changed.map((c) => c.id));
+    let extra = "";
     // Focus moves on to the next cell that was not part of the change.
     let next = null;
     const wasFlag = checking && focused && focused.classList.contains("needs-review");
@@ -184,18 +185,23 @@
       next = gallery.querySelector('figure.cell[data-id="' + data.changed[0].id + '"]');
       const sec = next && next.closest("details");
       if (sec) sec.open = true;
-    } else if (wasFlag && next && openFlags()) {
-      // Checking flags: on to the next one, not to the neighbour a second key press would hit.
-      // Keys typed meanwhile were meant for the cell just checked: they are dropped, so that
-      // no flag is answered before it was seen.
-      pending.length = 0;
-      focusTile(next, false);
-      nextFlag(true);
-      next = null;
+    } else if (wasFlag) {
+      // Checking flags: keys typed meanwhile were meant for the cell just checked; they are
+      // dropped (an undo is kept), so no cell is changed before it was seen. Then on to the
+      // next flag, not to the neighbour a second key press would hit.
+      const dropped = pending.filter((f) => !f.isUndo);
+      pending.splice(0, pending.length, ...pending.filter((f) => f.isUndo));
+      if (dropped.length) extra = " · " + dropped.length + " more key" +
+        (dropped.length === 1 ? "" : "s") + " ignored: look at the next cell first";
+      if (next && openFlags()) {
+        focusTile(next, false);
+        nextFlag(true);
+        next = null;
+      }
     }
     if (next) focusTile(next);
     const n = data.changed.length;
-    say(n ? verb + " " + n + " cell" + (n === 1 ? "" : "s") + " · " + data.total + " counted"
+    say(n ? verb + " " + n + " cell" + (n === 1 ? "" : "s") + " · " + data.total + " counted" + extra
           : "No change.");
   }
   async function send(path, body, verb) {
@@ -247,6 +253,7 @@
     send("/include", { cells: ts.map((t) => +t.dataset.id) }, "Included");
   }
   const undo = () => send("/undo", {}, "Undid");
+  undo.isUndo = true;
   // Case fields typed but not saved (compared with what the page showed, was_*).
   function caseUnsaved() {
     const form = document.getElementById("case-form");
@@ -294,7 +301,7 @@
     if (ev.altKey) return;
     const k = ev.key;
     if ((ev.ctrlKey || ev.metaKey) && (k === "z" || k === "Z")) {
-      if (!cfg.locked) { ev.preventDefault(); run(undo); }
+      if (!cfg.locked && !ev.repeat) { ev.preventDefault(); run(undo); }
       return;
     }
     if (ev.ctrlKey || ev.metaKey) return;
