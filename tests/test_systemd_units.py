@@ -26,8 +26,9 @@ def _service(path) -> configparser.SectionProxy:
 
 
 def test_the_units_are_shipped():
-    assert [u.name for u in UNITS] == ["marrowcount-backup.service", "marrowcount-purge.service",
-                                       "marrowcount-review.service", "marrowcount.service"]
+    assert [u.name for u in UNITS] == ["marrowcount-backup.service", "marrowcount-export.service",
+                                       "marrowcount-purge.service", "marrowcount-review.service",
+                                       "marrowcount.service"]
 
 
 @pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
@@ -81,3 +82,16 @@ def test_backup_runs_nightly_into_a_folder_it_may_write():
     assert dest in _service(REPO / "systemd" / "marrowcount-backup.service")[
         "ReadWritePaths"].split()
     assert not dest.startswith("/var/lib/marrowcount")  # not beside the store it backs up
+
+
+def test_export_retries_every_quarter_hour_into_the_folder_the_config_names():
+    import yaml
+
+    argv = _timed("marrowcount-export")
+    assert argv[1] == "export-reports"
+    folder = yaml.safe_load((REPO / "systemd" / "marrowcount.yaml").read_text())[
+        "review"]["export_dir"]
+    for unit in ("marrowcount-export.service", "marrowcount-review.service"):
+        writable = [p.lstrip("-") for p in _service(REPO / "systemd" / unit)[
+            "ReadWritePaths"].split()]
+        assert folder in writable, unit  # else the hardened unit cannot write the LIS folder
