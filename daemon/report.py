@@ -279,6 +279,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         "machine_differential": _diff_dict(machine_diff),
         "review": review,
         "flags": flags,
+        "class_labels": taxonomy.labels,
         # Set when a sign-off issues this report (freeze_report), None while preliminary.
         "issue": None,
     }
@@ -549,6 +550,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         story.append(Paragraph(said, st["Normal"]))
         # In the differential's order and words; a class the taxonomy lacks goes last.
         labels = {c["name"]: c["label"] for c in d["classes"]}
+        labels.update({k: v for k, v in rep.get("class_labels", {}).items() if k not in labels})
         # An amended report also shows the counts of the issue it replaces.
         did: list[str] = []
         prev = issue["amends"] if issue and issue["amends"] else None
@@ -601,8 +603,8 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     ids = " · ".join(f"{CASE_LABELS[k]} {case[k]}" for k in ("accession", "patient_id",
                                                               "patient_name") if case.get(k))
     state = ("preliminary, not signed" if not issue else
-             f"amended report, issue {issue['number']}" if issue["amends"] else
-             f"issue {issue['number']}")
+             f"signed amended report, issue {issue['number']}" if issue["amends"] else
+             f"signed report, issue {issue['number']}")
     mark = (("REPLACED BY ISSUE %s: NOT VALID" % sup["by_issue"]) if sup and sup["by_issue"]
             else "WITHDRAWN: SLIDE REOPENED" if sup else None)
     write_whole(path, lambda tmp: SimpleDocTemplate(

@@ -98,7 +98,7 @@ def test_a_signed_report_prints_as_issued_after_the_config_changes(review_env, t
     write_report(env.store, env.slide_id, changed, "pdf", pdf)
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
     assert f"issue 1, issued {when_text(issued['generated_at'])}" in text and "printed " in text
-    assert "issue 1 · BCCD review slide page 1 of 1" in text  # the footer of every page
+    assert "signed report, issue 1 · BCCD review slide page 1 of 1" in text  # every page's foot
     assert "Amended report" not in text and "after the sign-off" not in text
     assert f"myeloid {issued['differential']['myeloid']}," in text
 
@@ -199,7 +199,8 @@ def test_the_review_app_keeps_the_report_and_serves_each_issue(review_env, tmp_p
     assert f'href="/slides/{env.slide_id}/report.pdf?issue=1"' in page
     r = client.get(f"/slides/{env.slide_id}/report.json?issue=1")
     assert r.status_code == 200 and r.json()["issue"]["number"] == 1
-    assert r.headers["content-disposition"].endswith('-signed.json"')
+    assert r.headers["content-disposition"].endswith(
+        f'BCCD_review_slide-{env.slide_id}-signed.json"')
     r = client.get(f"/slides/{env.slide_id}/report.csv?issue=2")
     assert r.status_code == 404 and "has no issue 2" in r.text
 

@@ -204,6 +204,14 @@ def test_a_lab_where_only_a_supervisor_signs(review_env, tmp_path):
     assert f"ready for sign-off: pre-reviewed by {TECH[0]}" in row["flags"]
     with env.store.session() as s:
         assert s.get(Slide, env.slide_id).status == "awaiting_review"  # still open
+    page = tech.get(f"/slides/{env.slide_id}").text
+    assert f"Pre-reviewed by <strong>{TECH[0]}</strong>" in page
+    assert "“2 smudges left in” · ready for sign-off" in page
+    # A change after the hand-on: the queue and the page say so.
+    _post_case(tech, env.slide_id, accession="BM26-00418")
+    row = next(r for r in tech.get("/api/queue").json()["slides"] if r["id"] == env.slide_id)
+    assert f"pre-reviewed by {TECH[0]}, changed since" in row["flags"]
+    assert "changed since</strong>" in tech.get(f"/slides/{env.slide_id}").text
 
     sup = client_as(lab, env.store, SUPER)
     page = sup.get(f"/slides/{env.slide_id}").text

@@ -67,6 +67,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("marrowcount.review")
 HERE = Path(__file__).resolve().parent
 STATUS_ORDER = {"acquiring": 0, "awaiting_review": 1, "failed": 2, "queued": 3, "signed": 4}
+# Audit actions that change what a reviewer hands on or signs: the cells and the case.
+REVIEW_CHANGES = (*actions.CELL_ACTIONS, "undo", "edit_case")
 SIGNED_SHOWN = 50  # signed slides the queue lists; older ones are found by search
 SEARCH_SHOWN = 200
 LOGIN_WINDOW_S, LOGIN_MAX_FAILURES = 300.0, 5
@@ -364,9 +366,15 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 .group_by(Cell.slide_id)).all())
             # Each shown slide's last sign-off, reopening or hand-on: a reopened slide was
             # signed once (not new work); a pre-reviewed one waits for its signer.
-            last_step = {sid: (action, u, note) for sid, action, u, note in s.execute(
-                select(Review.slide_id, Review.action, Review.username, Review.note)
+            last_step = {sid: (action, u, note, at) for sid, action, u, note, at in s.execute(
+                select(Review.slide_id, Review.action, Review.username, Review.note, Review.at)
                 .where(Review.slide_id.in_(ids)).order_by(Review.id))}
+            # When each slide's cells or case last changed: a hand-on older than that is
+            # not the slide as it stands.
+            changed_at = dict(s.execute(
+                select(AuditEvent.slide_id, func.max(AuditEvent.at))
+                .where(AuditEvent.slide_id.in_(ids), AuditEvent.action.in_(REVIEW_CHANGES))
+                .group_by(AuditEvent.slide_id)).all())
         shown = sorted(slides, key=lambda sl: (STATUS_ORDER.get(sl.status, 9),
                                                -(_ts(sl.signed_at) or 0) if sl.status == "signed"
                                                else _ts(sl.created_at) or 0))
@@ -381,7 +389,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             if step and step[0] == "reopen":
                 flags.append(f"reopened by {step[1]}: {step[2]}")
             elif step and step[0] == "pre_review":
-                flags.append(f"ready for sign-off: pre-reviewed by {step[1]}")
+                flags.append(f"ready for sign-off: pre-reviewed by {step[1]}"
+                             if not _after(changed_at.get(sl.id), step[3]) else
+                             f"pre-reviewed by {step[1]}, changed since")
             if pending.get(sl.id) and sl.status != "signed":  # signing answered them
                 flags.append(f"{pending[sl.id]} need review")
             if d is not None:
@@ -454,6 +464,16 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         signs = [r for r in reviews if r.action == "sign"]
         issues = {r.id: n for n, r in enumerate(signs, 1)
                   if r.report is not None or (slide.status == "signed" and r is signs[-1])}
+        # The step the slide is at, said at the top of the page: handed on (and whether it
+        # changed since) or reopened, with the note or reason.
+        step = reviews[-1] if reviews and slide.status != "signed" else None
+        if step is not None and step.action == "pre_review":
+            with store.session() as s:
+                last_change = s.scalar(select(func.max(AuditEvent.at)).where(
+                    AuditEvent.slide_id == slide_id, AuditEvent.action.in_(REVIEW_CHANGES)))
+            step_changed = _after(last_change, step.at)
+        else:
+            step_changed = False
         pixel = pixel_size_checks(store, [slide_id], cfg)[slide_id]
         return page(request, "slide.html", who, methods=methods,
                     case=parse_case(slide.case_info), case_labels=CASE_LABELS,
@@ -464,6 +484,10 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                     tax=tax, sections=_sections(cells, tax),
                     keymap={c.key: c.name for c in tax.classes},
                     n_cells=len(cells), fields=fields, reviews=reviews, issues=issues,
+                    step=step, step_changed=step_changed, no_longer={
+                        **{r.id: "replaced" for r in signs[:-1]},
+                        **({signs[-1].id: "withdrawn"} if signs and slide.status != "signed"
+                           else {})},
                     table_html=render_table(ctx), locked=slide.status == "signed",
                     refresh_s=params.queue_refresh_s,
                     signable=slide.status in actions.SIGNABLE, **ctx)
@@ -701,7 +725,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             data = reports.report_json(rep) if fmt == "json" else reports.report_csv(rep)
         media = {"pdf": "application/pdf", "csv": "text/csv; charset=utf-8",
                  "json": "application/json"}[fmt]
-        name = reports.file_safe(rep["slide"]["name"])
+        name = f"{reports.file_safe(rep['slide']['name'])}-{slide_id}"
         # A signed report, an amended one and a preliminary one must not share a file name
         # in Downloads.
         n = (rep.get("issue") or {}).get("number")
@@ -776,6 +800,12 @@ def _utc(dt: datetime | None) -> datetime | None:
 def _ts(dt: datetime | None) -> float | None:
     dt = _utc(dt)
     return dt.timestamp() if dt else None
+
+
+def _after(a: datetime | None, b: datetime | None) -> bool:
+    """Whether time ``a`` is later than ``b`` (either may be missing or naive UTC)."""
+    a, b = _utc(a), _utc(b)
+    return a is not None and b is not None and a > b
 
 
 def _audit_shown(e: AuditEvent) -> tuple[dict[str, Any], dict[str, Any]]:

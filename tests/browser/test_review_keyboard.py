@@ -3,6 +3,8 @@ changes before a cell is chosen, and a second reviewer's changes stop a stale si
 
 from __future__ import annotations
 
+import re
+
 from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import select
 
@@ -26,6 +28,7 @@ def _reviewed(env, ids) -> dict[int, str | None]:
 def test_keys_act_on_the_cell_in_view_and_are_not_dropped(page: Page, live):
     base, env = live
     cfg = env.cfg
+    check_flags(env.store, env.slide_id)  # fast typing over cells no flag stops (see below)
     key = cfg.classes.get(TARGET).key
     _log_in(page, base, TECH)
     page.goto(f"{base}/slides/{env.slide_id}")
@@ -45,7 +48,8 @@ def test_keys_act_on_the_cell_in_view_and_are_not_dropped(page: Page, live):
     expect(page.locator("figure.cell.focused")).to_have_attribute("data-id", str(nxt))
     page.keyboard.press(key)
     expect(_tile(page, TARGET, nxt)).to_have_count(1)
-    assert _reviewed(env, [clicked, nxt]) == {clicked: None, nxt: TARGET}
+    got = _reviewed(env, [clicked, nxt])
+    assert got[nxt] == TARGET and got[clicked] != TARGET  # (confirmed if it was flagged)
 
     # Five presses with no pause: each moves the next cell, none is dropped.
     page.locator(f'figure.cell[data-id="{int(_others(page, cfg).first.get_attribute("data-id"))}"]'
@@ -95,3 +99,32 @@ def test_a_change_by_another_reviewer_stops_a_stale_sign_off(page: Page, browser
     assert _row_n(page, TARGET) == n_page + 1
     page.click("#sign")
     expect(page.locator("p.locked")).to_have_text("Signed and locked.")
+
+
+def test_a_fast_second_key_never_answers_a_flag_unseen(page: Page, live):
+    """A cell moved with a double press: the second press would land on the next cell; when
+    that one is flagged for review it is dropped (and said so), the flag stays open."""
+    base, env = live
+    cfg = env.cfg
+    key = cfg.classes.get(TARGET).key
+    _log_in(page, base, TECH)
+    page.goto(f"{base}/slides/{env.slide_id}")
+    # A cell outside the target class, not flagged, whose next cell in the gallery is flagged.
+    pair = page.evaluate("""() => {
+        const all = Array.from(document.querySelectorAll('#gallery figure.cell:not(.dup)'))
+            .filter((t) => t.getClientRects().length);
+        for (let i = 0; i + 1 < all.length; i++) {
+            const a = all[i], b = all[i + 1];
+            if (!a.classList.contains('needs-review') && b.classList.contains('needs-review') &&
+                a.closest('details').dataset.section !== '%s') return [+a.dataset.id, +b.dataset.id];
+        }
+        return null; }""" % TARGET)
+    assert pair, "no unflagged cell followed by a flagged one on this slide"
+    plain, flagged = pair
+    page.locator(f'figure.cell[data-id="{plain}"]').click()
+    page.keyboard.press(key)
+    page.keyboard.press(key)  # meant for the same cell, typed before the answer came
+    expect(page.locator("#status")).to_contain_text("1 more key ignored")
+    expect(page.locator(f'figure.cell[data-id="{flagged}"]')).to_have_class(
+        re.compile("needs-review"))
+    assert _reviewed(env, [plain, flagged]) == {plain: TARGET, flagged: None}

@@ -185,15 +185,18 @@
       next = gallery.querySelector('figure.cell[data-id="' + data.changed[0].id + '"]');
       const sec = next && next.closest("details");
       if (sec) sec.open = true;
-    } else if (wasFlag) {
-      // Checking flags: keys typed meanwhile were meant for the cell just checked; they are
-      // dropped (an undo is kept), so no cell is changed before it was seen. Then on to the
-      // next flag, not to the neighbour a second key press would hit.
-      const dropped = pending.filter((f) => !f.isUndo);
-      pending.splice(0, pending.length, ...pending.filter((f) => f.isUndo));
-      if (dropped.length) extra = " · " + dropped.length + " more key" +
-        (dropped.length === 1 ? "" : "s") + " ignored: look at the next cell first";
-      if (next && openFlags()) {
+    } else {
+      // Keys typed meanwhile were meant for the cell just changed. Where the next cell in
+      // focus is a flagged one (or flags are being checked with "?"), they are dropped (an
+      // undo is kept): no flag is answered before someone has looked at its cell.
+      const onFlag = next && next.classList.contains("needs-review");
+      if (wasFlag || onFlag) {
+        const dropped = pending.filter((f) => !f.isUndo);
+        pending.splice(0, pending.length, ...pending.filter((f) => f.isUndo));
+        if (dropped.length) extra = " · " + dropped.length + " more key" +
+          (dropped.length === 1 ? "" : "s") + " ignored: look at the next cell first";
+      }
+      if (wasFlag && next && openFlags()) {  // on to the next flag, not the neighbour
         focusTile(next, false);
         nextFlag(true);
         next = null;
@@ -361,21 +364,24 @@
   if (signForm) signForm.addEventListener("submit", (ev) => {
     const note = document.getElementById("flags-open");
     const n = openFlags();
+    const doing = signForm.action.endsWith("/pre-review") ? "handing it on" : "signing";
     const empty = Array.from(document.querySelectorAll("#case-form input[data-required]"))
       .filter((i) => !i.value.trim());
     if (caseUnsaved()) {
       ev.preventDefault();
-      say("The case has changes not saved: press Save case first (or undo them), then sign.", true);
+      say("The case has changes not saved: press Save case first (or undo them), before " +
+          doing + ".", true);
       document.getElementById("case-save").focus();
     } else if (empty.length) {
       ev.preventDefault();
       say("Fill in " + empty.map((i) => i.dataset.required).join(", ") +
-          " under Case and save it before signing.", true);
+          " under Case and save it before " + doing + ".", true);
       empty[0].focus();
     } else if (note && note.dataset.required === "1" && n) {
       ev.preventDefault();
       say(n + (n === 1 ? " flagged cell is" : " flagged cells are") + " not checked yet: " +
-          "confirm each with its own class key, move or exclude it, then sign.", true);
+          "confirm each with its own class key, move or exclude it, before " + doing + ".",
+          true);
       nextFlag(true);
     }
   });
