@@ -20,8 +20,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
 )
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.elements import ColumnElement
 
 SLIDE_STATUSES = ("queued", "acquiring", "awaiting_review", "signed", "failed")
 
@@ -140,6 +143,20 @@ class Cell(Base):
 
     field: Mapped[Field] = relationship(back_populates="cells")
 
+    @hybrid_property
+    def flag_open(self) -> bool:
+        """Flagged by the machine for review and not yet answered by a reviewer (confirmed,
+        moved or excluded); sign-off waits for these (``review.require_flags_checked``).
+        Also a SQL condition: ``select(...).where(Cell.flag_open)``."""
+        return bool(self.needs_review and self.reviewed_label is None and not self.excluded
+                    and self.duplicate_of is None)
+
+    @flag_open.inplace.expression
+    @classmethod
+    def _flag_open_sql(cls) -> ColumnElement[bool]:
+        return and_(cls.needs_review.is_(True), cls.reviewed_label.is_(None),
+                    cls.excluded.is_(False), cls.duplicate_of.is_(None))
+
 
 class Count(Base):
     """The machine's running count per slide and class, updated with each field's commit."""
@@ -183,10 +200,14 @@ class Review(Base):
     # signed one said, whatever the config has become since.
     report: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON(none_as_null=True),
                                                             nullable=True)
-    # When its report (a sign-off) or withdrawal notice (a reopening) went to
-    # review.export_dir; None: not yet, or no export folder.
+    # When its report (a sign-off) or withdrawal notice (a reopening) was written to
+    # review.export_dir (or found to have nothing to send); None: not yet. An exporter
+    # takes a row on by setting export_claimed_at; a claim older than EXPORT_CLAIM_S was
+    # left by an exporter that died, and is taken again.
     exported_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True),
                                                            nullable=True)
+    export_claimed_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True),
+                                                                 nullable=True)
 
 
 class AuditEvent(Base):

@@ -26,7 +26,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from daemon.case import LABELS as CASE_LABELS, parse_case
-from daemon.models import EXCLUDE_REASONS, Cell, Field, Review, Slide
+from daemon.models import EXCLUDE_REASONS, Cell, Field, Review
 from daemon.provenance import method_text
 from daemon.store import Store, StoreError, lock_slide
 from pipeline.errors import ConfigError
@@ -46,14 +46,19 @@ def iso_time(dt: datetime | None) -> str | None:
     return dt.isoformat(timespec="seconds")
 
 
-def when_text(iso: str | None) -> str:
-    """A stored ISO time as a report prints it for people: 2026-12-02 11:19 UTC."""
-    if not iso:
+def when_text(when: datetime | str | None) -> str:
+    """A time as people read it on reports and pages: 2026-12-02 11:19 UTC. Takes a stored
+    datetime (naive ones are UTC, as SQLite hands them back) or its ISO text."""
+    if not when:
         return "–"
-    dt = datetime.fromisoformat(iso)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if isinstance(when, str):
+        try:
+            when = datetime.fromisoformat(when)
+        except ValueError:
+            return when
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _diff_dict(d: Differential) -> dict[str, Any]:
@@ -180,15 +185,15 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             .where(Field.slide_id == slide.id)).one()
         flagged, flags_open, touched = s.execute(select(
             func.count(Cell.id).filter(Cell.needs_review.is_(True)),
-            func.count(Cell.id).filter(Cell.needs_review.is_(True),
-                                       Cell.reviewed_label.is_(None), Cell.excluded.is_(False)),
+            func.count(Cell.id).filter(Cell.flag_open),
             func.count(Cell.id).filter(or_(Cell.reviewed_label.is_not(None),
                                            Cell.excluded.is_(True))),
         ).where(Cell.slide_id == slide.id, Cell.duplicate_of.is_(None))).one()
+        # Cells review left out of the count (an added cell undone was never in it).
         excluded = dict(s.execute(
             select(Cell.exclude_reason, func.count(Cell.id))
             .where(Cell.slide_id == slide.id, Cell.duplicate_of.is_(None),
-                   Cell.excluded.is_(True))
+                   Cell.excluded.is_(True), Cell.added_by.is_(None))
             .group_by(Cell.exclude_reason)).all())
         reviews = list(s.scalars(select(Review).where(Review.slide_id == slide.id)
                                  .order_by(Review.at, Review.id)))
@@ -294,8 +299,9 @@ def _sign_offs(s: Session, slide_id: int) -> list[Review]:
 
 def freeze_report(store: Store, slide_id: int, cfg: Any, at_sign_off: bool = False
                   ) -> dict[str, Any] | None:
-    """Keep the report of a signed slide's latest sign-off as issued, once; returns it (None
-    when the slide is not signed, or was reopened or signed again while it was built).
+    """Keep the report of a signed slide's latest sign-off as issued, once; returns the kept
+    report (one kept before: that one, even of a slide reopened since), or None when there is
+    none and the slide is not signed, or was reopened or signed again while it was built.
 
     The review app calls it right after signing (``at_sign_off``) and before a reopening;
     a report printed for a signed slide whose copy is missing (signed before reports were
@@ -384,10 +390,13 @@ def superseded_text(sup: dict[str, Any]) -> str:
 
 
 def report_csv(rep: dict[str, Any]) -> str:
-    """One CASE row per case field (patient, specimen; value in ``value``), one row per class,
-    then TOTAL, M:E and BLAST rows, with the machine count beside each and, where the
-    laboratory set one, the reference interval and L/H; then the cells not counted, and one
-    METHOD row per method that analysed fields."""
+    """An ISSUE row (which sign-off issued it), SUPERSEDED and PRINTED rows on a reprint no
+    longer valid or printed again, one CASE row per case field (patient, specimen; value in
+    ``value``), one row per class, then TOTAL, M:E and BLAST rows, with the machine count
+    beside each and, where the laboratory set one, the reference interval and L/H; then the
+    cells not counted, a REVIEW row (flagged cells and how many review checked, in ``n`` and
+    ``value``; cells review left out, by reason), and one METHOD row per method that
+    analysed fields."""
     rep = _rounded(rep)
     d, m = rep["differential"], rep["machine_differential"]
     machine_n = {c["name"]: c["n"] for c in m["classes"]}
@@ -430,6 +439,12 @@ def report_csv(rep: dict[str, Any]) -> str:
     for name, n in sorted(d["not_counted"].items()):
         w.writerow([s, name, "not counted", "", n, "", "", "", "cells", "", basis,
                     *ref(None, None)])
+    rv = rep["review"] or {}
+    left_out = ", ".join(f"{n} {k}" for k, n in (rv.get("excluded") or {}).items())
+    w.writerow([s, "REVIEW", f"flagged cells checked; left out by review: {left_out or 'none'}",
+                "", rep["slide"]["cells_flagged"],
+                rep["slide"]["cells_flagged"] - rep["slide"]["cells_needing_review"], "", "",
+                "cells", "", basis, *ref(None, None)])
     for meth in rep["methods"]:
         w.writerow([s, "METHOD", method_text(meth), "", meth["fields"], "", "", "", "fields", "",
                     basis, *ref(None, None)])
@@ -483,7 +498,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
                   f"instrument {_esc(sl['instrument'] or '-')} · "
                   + (f"report generated {when_text(rep['generated_at'])}" if not issue else
                      f"issue {issue['number']}, issued {when_text(rep['generated_at'])}"
-                     if _kept_at_sign_off(issue, rep["generated_at"]) else
+                     if issue["kept_at_sign_off"] else
                      f"issue {issue['number']}, signed {when_text(issue['signed_at'])}; this "
                      f"report was kept at {when_text(rep['generated_at'])}, after the "
                      "sign-off, under the settings of that time")
@@ -554,8 +569,6 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         # An amended report also shows the counts of the issue it replaces.
         did: list[str] = []
         prev = issue["amends"] if issue and issue["amends"] else None
-        if prev is not None and prev.get("counts") is None:
-            prev = None  # kept before amended reports carried the counts they replace
         cols = [rv["counts_before"], *([prev["counts"]] if prev else []), rv["counts_after"]]
         names = sorted(set().union(*cols),
                        key=lambda n: (list(labels).index(n) if n in labels else len(labels), n))
@@ -697,15 +710,6 @@ def save_report(rep: dict[str, Any], fmt: str, path: Path) -> Path:
         return path
     text = report_json(rep) if fmt == "json" else report_csv(rep)
     return write_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _kept_at_sign_off(issue: dict[str, Any], generated_at: str) -> bool:
-    """Whether an issued report was kept as it was signed; one kept before this was recorded
-    is judged by its time (kept within a minute of the signature)."""
-    if "kept_at_sign_off" in issue:
-        return bool(issue["kept_at_sign_off"])
-    gap = datetime.fromisoformat(generated_at) - datetime.fromisoformat(issue["signed_at"])
-    return gap.total_seconds() < 60
 
 
 def issue_text(issue: dict[str, Any]) -> str:

@@ -10,8 +10,9 @@ kept at the sign-off, without a "printed" time, so writing the same issue again 
 same result.
 
 Each sign-off or reopening is claimed before its files are written (one exporter per row,
-however many review-app workers and timers run) and given back if writing fails, so it goes
-out at the next run: after each sign-off and reopening, at the review app's start, or by
+however many review-app workers and timers run), marked exported only once they are written,
+and given back if writing fails — or taken again when its exporter died holding it — so it
+goes out at the next run: after each sign-off and reopening, at the review app's start, or by
 ``marrowcount export-reports``. One item that cannot be written (a name too long for the
 share) is logged and skipped; the rest go on. Exporting starts a day before the first run
 that finds ``review.export_dir`` set (recorded in the store's data folder): a laboratory's
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -46,6 +48,8 @@ from pipeline.errors import MarrowError
 
 log = logging.getLogger("marrowcount.export")
 
+EXPORT_CLAIM_S = 900
+"""A claim older than this was left by an exporter that died; another takes the row."""
 SINCE_FILE = "export-since.txt"
 """In the store's data folder: when exporting began (sign-offs before it are not sent)."""
 
@@ -79,10 +83,11 @@ def export_reports(store: Store, cfg: Any, since: datetime | None = None) -> Exp
     if cfg.review.export_dir is None:
         return ExportRun([], [])
     folder = cfg.resolve(cfg.review.export_dir)
+    probe = folder / f".marrowcount-probe-{uuid.uuid4().hex}"  # one per exporter
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_whole(folder / ".marrowcount-write-test", lambda p: p.write_text("ok\n"))
-        (folder / ".marrowcount-write-test").unlink()
+        probe.write_text("ok\n")
+        probe.unlink()
     except OSError as exc:
         raise ExportError(f"export folder {folder}: {exc.strerror or exc}") from None
     cutoff = since or _export_began(store)
@@ -94,32 +99,41 @@ def export_reports(store: Store, cfg: Any, since: datetime | None = None) -> Exp
             .order_by(Review.id)))
     run = ExportRun([], [])
     for review_id, slide_id, action in todo:
+        stale = utcnow() - timedelta(seconds=EXPORT_CLAIM_S)
         with store.session() as s:
-            claimed = s.execute(update(Review).where(Review.id == review_id,
-                                                     Review.exported_at.is_(None))
-                                .values(exported_at=utcnow())).rowcount
+            claimed = s.execute(update(Review).where(
+                Review.id == review_id, Review.exported_at.is_(None),
+                or_(Review.export_claimed_at.is_(None), Review.export_claimed_at < stale))
+                .values(export_claimed_at=utcnow())).rowcount
         if not claimed:
             continue  # another exporter has it
         try:
             item = _export_one(store, cfg, folder, review_id, slide_id, action)
-        except _NothingToSend as exc:  # stays claimed: said once, not retried
+        except _NothingToSend as exc:  # marked done: said once, not retried
+            _mark_exported(store, review_id)
             run.failed.append(f"slide {slide_id} {action} (review {review_id}): {exc}")
             log.warning("not exported: %s", exc)
             continue
         except Exception as exc:  # this one waits; the others go on
             with store.session() as s:
                 s.execute(update(Review).where(Review.id == review_id)
-                          .values(exported_at=None))
+                          .values(export_claimed_at=None))
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             run.failed.append(f"slide {slide_id} {action} (review {review_id}): {why}")
             log.error("not exported, tried again at the next run: slide %d %s: %s",
                       slide_id, action, why)
             continue
+        _mark_exported(store, review_id)
         if item is not None:
             run.exported.append(item)
             log.info("exported %s issue %d (%s): %s", item.slide, item.issue, item.kind,
                      ", ".join(p.name for p in item.paths))
     return run
+
+
+def _mark_exported(store: Store, review_id: int) -> None:
+    with store.session() as s:
+        s.execute(update(Review).where(Review.id == review_id).values(exported_at=utcnow()))
 
 
 def _export_one(store: Store, cfg: Any, folder: Path, review_id: int, slide_id: int,
@@ -150,8 +164,9 @@ def _export_one(store: Store, cfg: Any, folder: Path, review_id: int, slide_id: 
         return Exported(name, issue, "withdrawn", (path,))
     if signs[-1].report is None:
         # Signed, but the report was not kept then (e.g. the database was busy): keep it now,
-        # unless the slide has been reopened since, which leaves nothing to send.
-        if freeze_report(store, slide_id, cfg) is None:
+        # unless the slide has been reopened or signed again since: then it never will be.
+        kept = freeze_report(store, slide_id, cfg)
+        if kept is None or kept["issue"]["number"] != issue:
             raise _NothingToSend(f"issue {issue} of {name!r} was reopened before its report "
                                  "was kept; its counts are in the review history only")
     rep = issued_report(store, slide_id, cfg, issue)

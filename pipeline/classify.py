@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from pipeline.classifier_params import Precision, UnknownMethod
+
+from pipeline.classifier_params import ClassifierParams, Precision, UnknownMethod
 from pipeline.errors import CheckpointError, ImageError
 from pipeline.imaging import CROP_SIZE
 from pipeline.model import ARCH_ID, VGG, build, fuse_for_inference, to_input
@@ -28,6 +29,8 @@ from pipeline.taxonomy import Taxonomy
 DICE_KEEP = 0.1
 """Share of the output layer's weights the ``dice`` unknown score keeps: those that carry
 most of the known cells' mean activation (DICE, Sun & Li 2022, its default sparsity 0.9)."""
+
+
 @dataclass(frozen=True)
 class Classification:
     """Per-crop results. ``probs`` float32 ``(N, K)`` (rows sum to 1, dual stage applied,

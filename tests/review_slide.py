@@ -173,7 +173,7 @@ def check_flags(store, slide_id: int, username: str = TECH[0]) -> int:
     cfg = load_config()
     with store.session() as s:
         flagged = [c for c in s.scalars(select(Cell).where(Cell.slide_id == slide_id))
-                   if actions.flag_open(c)]
+                   if c.flag_open]
         for c in flagged:
             actions.reclassify(s, slide_id, [c.id], c.label, actions.Reviewer(username, "technician"),
                                {cfg.taxonomy: cfg.classes})

@@ -91,7 +91,7 @@ def test_a_folder_away_loses_nothing_and_history_is_sent_only_on_purpose(review_
 
     # A sign-off from before exporting began goes only when asked for.
     with env.store.session() as s:
-        s.execute(update(Review).values(exported_at=None,
+        s.execute(update(Review).values(exported_at=None, export_claimed_at=None,
                                         at=datetime.now(timezone.utc) - timedelta(days=30)))
     for p in out.iterdir():
         p.unlink()
@@ -134,3 +134,24 @@ def test_slides_never_overwrite_each_other_and_one_bad_item_stops_nothing(review
     with env.store.session() as s:  # left for the next run, after the folder is fixed
         assert s.scalars(select(Review).where(Review.slide_id == long_name)).one(
             ).exported_at is None
+
+
+def test_a_claim_left_by_a_dead_exporter_is_taken_again(review_env, tmp_path):
+    """An exporter that died between claiming a sign-off and writing it: a fresh claim is
+    another exporter at work (skipped); one older than EXPORT_CLAIM_S is taken again."""
+    from daemon.report_export import EXPORT_CLAIM_S
+
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, actions.Reviewer("tech", "technician"))
+    freeze_report(env.store, env.slide_id, env.cfg, at_sign_off=True)
+    out = tmp_path / "lis"
+    now = datetime.now(timezone.utc)
+    with env.store.session() as s:
+        s.execute(update(Review).values(export_claimed_at=now))
+    assert export_reports(env.store, _lab(env, out)).exported == []
+    with env.store.session() as s:
+        s.execute(update(Review).values(
+            export_claimed_at=now - timedelta(seconds=EXPORT_CLAIM_S + 60)))
+    [done] = export_reports(env.store, _lab(env, out)).exported
+    assert done.issue == 1 and all(p.exists() for p in done.paths)

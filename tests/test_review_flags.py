@@ -25,7 +25,7 @@ from tests.review_slide import (  # noqa: F401  (fixtures)
 def _flagged(env) -> list[Cell]:
     with env.store.session() as s:
         return [c for c in s.scalars(select(Cell).where(Cell.slide_id == env.slide_id)
-                                     .order_by(Cell.id)) if actions.flag_open(c)]
+                                     .order_by(Cell.id)) if c.flag_open]
 
 
 

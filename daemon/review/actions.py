@@ -92,18 +92,10 @@ def is_counted(cell: Cell, taxonomy: Taxonomy) -> bool:
     )
 
 
-def flag_open(cell: Cell) -> bool:
-    """A cell the machine flagged for review that no reviewer has looked at yet: not
-    confirmed, moved or excluded."""
-    return bool(cell.needs_review and cell.reviewed_label is None and not cell.excluded
-                and cell.duplicate_of is None)
-
-
 def open_flags(s: Session, slide_id: int) -> int:
-    """How many of the slide's cells are ``flag_open``."""
-    return s.scalar(select(func.count(Cell.id)).where(
-        Cell.slide_id == slide_id, Cell.needs_review.is_(True), Cell.reviewed_label.is_(None),
-        Cell.excluded.is_(False), Cell.duplicate_of.is_(None))) or 0
+    """How many of the slide's cells are flagged and not yet answered (``Cell.flag_open``)."""
+    return s.scalar(select(func.count(Cell.id)).where(Cell.slide_id == slide_id,
+                                                      Cell.flag_open)) or 0
 
 
 def cell_state(cell: Cell) -> dict[str, Any]:
@@ -189,7 +181,7 @@ def reclassify(s: Session, slide_id: int, cell_ids: list[int], label: str, who: 
         raise ReviewError(f"{label!r} is not a class of taxonomy {slide.taxonomy!r}")
 
     def apply(cell: Cell) -> str | None:
-        confirm = flag_open(cell) and cell.label == label
+        confirm = cell.flag_open and cell.label == label
         if final_label(cell) != label or cell.excluded or confirm:
             cell.reviewed_label = label
         cell.excluded, cell.exclude_reason = False, None
@@ -385,7 +377,8 @@ def changes_since(s: Session, slide_id: int, seen: int, upto: int | None = None
 
 def _check_complete(s: Session, slide: Slide, who: Reviewer, verb: str, note: str | None,
                     required_case: Sequence[str], seen: int | None,
-                    taxonomies: dict[str, Taxonomy] | None, flags_checked: bool) -> None:
+                    taxonomies: dict[str, Taxonomy] | None,
+                    require_flags_checked: bool) -> None:
     """What a slide's review must have done before it is signed or handed on for sign-off
     (``sign``, ``pre_review``): raises the first thing missing."""
     slide_id = slide.id
@@ -403,28 +396,29 @@ def _check_complete(s: Session, slide: Slide, who: Reviewer, verb: str, note: st
             (f"you made {n} change{'s' * (n != 1)} in another window" if u == who.username
              else f"{u} made {n} change{'s' * (n != 1)}") for u, n in sorted(since.items()))
             + " since this page was loaded; reload it and check first")
-    if flags_checked and (n := open_flags(s, slide_id)):
-        raise ReviewError(
-            f"{n} cell{' flagged for review is' if n == 1 else 's flagged for review are'} "
-            "not checked yet: confirm each with its own class key, move it to its class or "
-            "exclude it first (the ? key goes to the next one)")
+    # In the order the page checks them.
     missing = parse_case(slide.case_info).missing(list(required_case))
     if missing:
         raise ReviewError(f"fill in {', '.join(missing)} under Case first: slide "
                           f"{slide.name!r} is not {verb}")
+    if require_flags_checked and (n := open_flags(s, slide_id)):
+        raise ReviewError(
+            f"{n} cell{' flagged for review is' if n == 1 else 's flagged for review are'} "
+            "not checked yet: confirm each with its own class key, move it to its class or "
+            "exclude it first (the ? key goes to the next one)")
 
 
 def pre_review(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
                required_case: Sequence[str] = (), seen: int | None = None,
                taxonomies: dict[str, Taxonomy] | None = None,
-               flags_checked: bool = False) -> Review:
+               require_flags_checked: bool = False) -> Review:
     """A reviewer who does not sign (``review.sign_roles`` [supervisor]) hands the slide on
     as reviewed, after the checks a sign-off makes: the slide stays open (the signer may
     still change it), the queue shows it ready for sign-off, and the report's history names
     who pre-reviewed it."""
     slide = editable_slide(s, slide_id)
     _check_complete(s, slide, who, "handed on", note, required_case, seen, taxonomies,
-                    flags_checked)
+                    require_flags_checked)
     counts = reviewed_counts(s, slide_id)
     review = Review(slide_id=slide_id, username=who.username, action="pre_review",
                     counts_before=machine_counts(s, slide_id), counts_after=counts,
@@ -440,13 +434,13 @@ def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
          required_case: Sequence[str] = (), seen: int | None = None,
          taxonomies: dict[str, Taxonomy] | None = None,
          roles: Sequence[str] = ("technician", "supervisor"),
-         flags_checked: bool = False) -> Review:
+         require_flags_checked: bool = False) -> Review:
     """Sign the slide off: it is locked, and the counts before and after review are kept.
     ``required_case``: case fields that must be filled in first (``review.require_case``).
     ``seen``: the last audit event the signer's page showed; a change by someone else since
     then refuses the signature (nobody signs counts they have not seen). With
     ``taxonomies``, a slide with no counted leukocyte is signed only with a note saying why.
-    ``roles``: who may sign (``review.sign_roles``). ``flags_checked``: every cell the
+    ``roles``: who may sign (``review.sign_roles``). ``require_flags_checked``: every cell the
     machine flagged for review must be confirmed, moved or excluded first
     (``review.require_flags_checked``)."""
     if who.role not in roles:
@@ -454,7 +448,7 @@ def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
                         f"{' or '.join(roles)} signs (review.sign_roles)")
     slide = editable_slide(s, slide_id)
     _check_complete(s, slide, who, "signed", note, required_case, seen, taxonomies,
-                    flags_checked)
+                    require_flags_checked)
     now = utcnow()
     before, after = machine_counts(s, slide_id), reviewed_counts(s, slide_id)
     review = Review(slide_id=slide_id, username=who.username, action="sign", at=now,

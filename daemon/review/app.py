@@ -38,6 +38,7 @@ from daemon.report import (
     HISTORY_VERBS,
     freeze_report,
     iso_time,
+    when_text,
     pixel_size_checks,
     pixel_text,
     slide_methods,
@@ -76,7 +77,8 @@ LOGIN_WINDOW_S, LOGIN_MAX_FAILURES = 300.0, 5
 SeenHeader = Annotated[int | None, Header(alias="X-Seen")]
 GALLERY_COLUMNS = (Cell.id, Cell.field_id, Cell.label, Cell.first_label, Cell.reviewed_label,
                    Cell.confidence, Cell.guided, Cell.needs_review, Cell.excluded,
-                   Cell.exclude_reason, Cell.duplicate_of, Cell.duplicate_reason, Cell.added_by)
+                   Cell.exclude_reason, Cell.duplicate_of, Cell.duplicate_reason, Cell.added_by,
+                   Cell.flag_open.label("flag_open"))
 
 
 class NotLoggedIn(Exception):
@@ -132,7 +134,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     codec = SessionCodec(load_secret(store.data_dir), params.session_hours * 3600)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["age"] = _age
-    templates.env.filters["when"] = _when
+    templates.env.filters["when"] = when_text
     templates.env.globals["exclude_reasons"] = actions.EXCLUDE_REASONS
     templates.env.globals["history_verbs"] = HISTORY_VERBS
     templates.env.globals["inf"] = float("inf")
@@ -360,21 +362,14 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 counts[sid][label] = int(n)
             pending = dict(s.execute(
                 select(Cell.slide_id, func.count())
-                .where(Cell.slide_id.in_(ids), Cell.needs_review.is_(True),
-                       Cell.reviewed_label.is_(None), Cell.excluded.is_(False),
-                       Cell.duplicate_of.is_(None))
+                .where(Cell.slide_id.in_(ids), Cell.flag_open)
                 .group_by(Cell.slide_id)).all())
             # Each shown slide's last sign-off, reopening or hand-on: a reopened slide was
             # signed once (not new work); a pre-reviewed one waits for its signer.
             last_step = {sid: (action, u, note, at) for sid, action, u, note, at in s.execute(
                 select(Review.slide_id, Review.action, Review.username, Review.note, Review.at)
                 .where(Review.slide_id.in_(ids)).order_by(Review.id))}
-            # When each slide's cells or case last changed: a hand-on older than that is
-            # not the slide as it stands.
-            changed_at = dict(s.execute(
-                select(AuditEvent.slide_id, func.max(AuditEvent.at))
-                .where(AuditEvent.slide_id.in_(ids), AuditEvent.action.in_(REVIEW_CHANGES))
-                .group_by(AuditEvent.slide_id)).all())
+            changed_at = _last_changes(s, ids)
         shown = sorted(slides, key=lambda sl: (STATUS_ORDER.get(sl.status, 9),
                                                -(_ts(sl.signed_at) or 0) if sl.status == "signed"
                                                else _ts(sl.created_at) or 0))
@@ -469,9 +464,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         step = reviews[-1] if reviews and slide.status != "signed" else None
         if step is not None and step.action == "pre_review":
             with store.session() as s:
-                last_change = s.scalar(select(func.max(AuditEvent.at)).where(
-                    AuditEvent.slide_id == slide_id, AuditEvent.action.in_(REVIEW_CHANGES)))
-            step_changed = _after(last_change, step.at)
+                step_changed = _after(_last_changes(s, [slide_id]).get(slide_id), step.at)
         else:
             step_changed = False
         pixel = pixel_size_checks(store, [slide_id], cfg)[slide_id]
@@ -520,7 +513,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             "changed": [{"id": c.id, "label": actions.final_label(c), "excluded": c.excluded,
                          "exclude_reason": c.exclude_reason,
                          "changed": c.reviewed_label not in (None, c.label),
-                         "flag": ("open" if actions.flag_open(c) else "checked"
+                         "flag": ("open" if c.flag_open else "checked"
                                   if c.needs_review else None)} for c in changed],
             "table_html": render_table(ctx),
             "total": ctx["diff"].total,
@@ -802,6 +795,15 @@ def _ts(dt: datetime | None) -> float | None:
     return dt.timestamp() if dt else None
 
 
+def _last_changes(s: Any, slide_ids: list[int]) -> dict[int, datetime]:
+    """When each slide's cells or case last changed: a hand-on older than that is not the
+    slide as it stands."""
+    return dict(s.execute(
+        select(AuditEvent.slide_id, func.max(AuditEvent.at))
+        .where(AuditEvent.slide_id.in_(slide_ids), AuditEvent.action.in_(REVIEW_CHANGES))
+        .group_by(AuditEvent.slide_id)).all())
+
+
 def _after(a: datetime | None, b: datetime | None) -> bool:
     """Whether time ``a`` is later than ``b`` (either may be missing or naive UTC)."""
     a, b = _utc(a), _utc(b)
@@ -817,17 +819,6 @@ def _audit_shown(e: AuditEvent) -> tuple[dict[str, Any], dict[str, Any]]:
     keys = ["label"] + [k for k in before if k != "label" and before[k] != after.get(k, before[k])]
     return ({k: before[k] for k in keys if k in before},
             {k: after[k] for k in [*keys, "undoes", "note"] if k in after})
-
-
-def _when(dt: datetime | str | None) -> str:
-    """A time as the pages show it; also an ISO text as audit events store it."""
-    if isinstance(dt, str):
-        try:
-            dt = datetime.fromisoformat(dt)
-        except ValueError:
-            return dt
-    dt = _utc(dt)
-    return dt.strftime("%Y-%m-%d %H:%M UTC") if dt else "–"
 
 
 def _age(dt: datetime | None) -> str:

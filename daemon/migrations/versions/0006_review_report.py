@@ -20,6 +20,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Not batch mode: on SQLite it rebuilds the table, and dropping the old one deletes every
-    # row that references it (ON DELETE CASCADE, foreign keys on). SQLite 3.35+ drops a column.
+    # Plain DROP COLUMN (SQLite 3.35+), as in the other downgrades. The issued reports go
+    # with it: a reprint after upgrading again is rebuilt under the config of that time.
     op.drop_column("reviews", "report")

@@ -1,5 +1,6 @@
-"""reviews.exported_at: when a sign-off's report or a reopening's withdrawal notice was
-written to the laboratory's export folder (daemon.report_export).
+"""reviews.exported_at / export_claimed_at: when a sign-off's report or a reopening's
+withdrawal notice was written to the laboratory's export folder, and when an exporter took it
+on (daemon.report_export).
 
 Revision ID: 0007
 Revises: 0006
@@ -18,9 +19,12 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("reviews", sa.Column("exported_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("reviews", sa.Column("export_claimed_at", sa.DateTime(timezone=True),
+                                       nullable=True))
 
 
 def downgrade() -> None:
-    # Not batch mode: on SQLite it rebuilds the table, and dropping the old one deletes every
-    # row that references it (ON DELETE CASCADE, foreign keys on). SQLite 3.35+ drops a column.
+    # Plain DROP COLUMN (SQLite 3.35+), as in the other downgrades. Upgrading again forgets
+    # what was exported: every sign-off since exporting began goes to the folder again.
+    op.drop_column("reviews", "export_claimed_at")
     op.drop_column("reviews", "exported_at")

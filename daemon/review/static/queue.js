@@ -5,9 +5,7 @@
   const every = 1000 * parseFloat(table.dataset.refreshS || "5");
   async function refresh() {
     try {
-      const q = table.dataset.q || "";
-      const resp = await fetch("/api/queue" + (q ? "?q=" + encodeURIComponent(q) : ""),
-                               { credentials: "same-origin" });
+      const resp = await fetch("/api/queue", { credentials: "same-origin" });
       if (resp.status === 401) {
         location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
         return;
@@ -20,5 +18,6 @@
         ? "Refreshing every " + every / 1000 + " s while slides are acquiring." : "";
     } catch (e) { /* the service may be restarting; try again next time */ }
   }
-  setInterval(refresh, every);
+  // A search's result is a lookup, not a queue to watch: only the queue refreshes itself.
+  if (!table.dataset.q) setInterval(refresh, every);
 })();

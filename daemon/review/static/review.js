@@ -13,7 +13,7 @@
   // cell in view); one built with Space, Ctrl- or Shift-click stays put while you move.
   let pinned = false;
   // Actions asked for while a request is in flight run in turn after it, each on the cells
-  // as they are then (fast typing is not dropped).
+  // as they are then (fast typing is not dropped), unless a flagged cell comes into focus.
   const pending = [];
 
   // Cells in collapsed sections are out of keyboard reach until their section is opened.
