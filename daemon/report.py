@@ -551,6 +551,12 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         story.append(Paragraph(f"• {_esc(f)}", st["Normal"]))
     rv = rep["review"]
     story.append(Paragraph("Review", st["Heading3"]))
+    if sl.get("cells_flagged"):  # on every report, preliminary ones too
+        left = sl["cells_needing_review"]
+        story.append(Paragraph(
+            f"{sl['cells_flagged']} cells flagged by the machine for review: "
+            + (f"{left} not checked yet." if left else "all checked by the reviewer."),
+            st["Normal"]))
     if rv is None:
         story.append(Paragraph("Not reviewed.", st["Normal"]))
     else:
@@ -583,10 +589,6 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
                                 ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
                                 ("ALIGN", (1, 0), (-1, -1), "RIGHT")]))
         story.append(tb)
-        if sl.get("cells_flagged"):
-            left = sl["cells_needing_review"]
-            did.append(f"{sl['cells_flagged']} cells flagged by the machine for review: "
-                       + (f"{left} not checked" if left else "all checked by the reviewer"))
         if rv.get("excluded"):
             did.append("left out of the count by review: " + ", ".join(
                 f"{n} {EXCLUDE_REASONS.get(k, str(k).replace('_', ' ')).lower()}"

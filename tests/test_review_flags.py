@@ -46,7 +46,13 @@ def test_sign_off_waits_until_every_flagged_cell_is_checked(review_env, tmp_path
 
     confirm, move, drop, *rest = flagged
     api = f"/api/slides/{env.slide_id}"
-    assert build_report(env.store, env.slide_id, env.cfg)["basis"] == "machine"
+    prelim = build_report(env.store, env.slide_id, env.cfg)
+    assert prelim["basis"] == "machine"
+    report_pdf(prelim, tmp_path / "prelim.pdf")
+    text = " ".join(" ".join(p.extract_text() for p in PdfReader(tmp_path / "prelim.pdf")
+                             .pages).split())
+    n = len(flagged)
+    assert f"{n} cells flagged by the machine for review: {n} not checked yet." in text
     r = tech.post(f"{api}/reclassify", json={"cells": [confirm.id], "label": confirm.label})
     # Looked at by a reviewer: the report says so though no count moved.
     assert build_report(env.store, env.slide_id, env.cfg)["basis"] == "review in progress"
