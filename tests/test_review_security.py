@@ -316,3 +316,40 @@ def test_a_malformed_form_is_a_bad_request_not_a_missing_page(app, review_env):
     r = client.post(f"/slides/{review_env.slide_id}/sign",
                     data={"csrf_token": token, "seen": "abc"})
     assert r.status_code == 400 and "the form sent was incomplete" in r.text
+
+
+def test_sign_off_can_ask_for_the_signers_password(review_env):
+    """review.sign_password: a session left open is not a signature; wrong passwords count
+    toward the login lockout, and the note typed is kept."""
+    env = review_env
+    check_flags(env.store, env.slide_id)
+    lab = env.cfg.model_copy(update={"review": env.cfg.review.model_copy(update={
+        "sign_password": True})})
+    plain = TestClient(create_app(env.cfg, env.store))  # without the setting: no password
+    login(plain, TECH)
+    page = plain.get(f"/slides/{env.slide_id}").text
+    assert 'id="sign-form"' in page and 'id="sign-password"' not in page
+    client = TestClient(create_app(lab, env.store))
+    token = login(client, TECH)
+    assert 'id="sign-password"' in client.get(f"/slides/{env.slide_id}").text
+    sign = f"/slides/{env.slide_id}/sign"
+    r = client.post(sign, data={"csrf_token": token, "note": "thin smear"},
+                    follow_redirects=False)
+    assert r.status_code == 403 and "the password is not yours: not signed" in r.text
+    assert "thin smear" in r.text  # the note, to give again
+    for _ in range(4):
+        client.post(sign, data={"csrf_token": token, "password": "guess"},
+                    follow_redirects=False)
+    r = client.post(sign, data={"csrf_token": token, "password": TECH[1]},
+                    follow_redirects=False)
+    assert r.status_code == 403 and "too many wrong passwords" in r.text
+    with review_env.store.session() as s:
+        assert s.get(Slide, env.slide_id).status == "awaiting_review"
+
+    fresh = TestClient(create_app(lab, env.store))  # the lockout has passed (a new app)
+    token = login(fresh, TECH)
+    r = fresh.post(sign, data={"csrf_token": token, "password": TECH[1]},
+                   follow_redirects=False)
+    assert r.status_code == 303
+    with review_env.store.session() as s:
+        assert s.get(Slide, env.slide_id).signed_by == TECH[0]

@@ -279,11 +279,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         if not data or not csrf_matches(data["csrf"], csrf_token):
             raise CsrfError("the login form expired; reload the page and try again")
         now = time.monotonic()
-        with failures_lock:
-            recent = failures[username]
-            while recent and now - recent[0] > LOGIN_WINDOW_S:
-                recent.popleft()
-            wait_s = LOGIN_WINDOW_S - (now - recent[0]) if len(recent) >= LOGIN_MAX_FAILURES else 0
+        wait_s = lockout_left_s(username, now)
         if wait_s > 0:
             # Attempts during the pause do not extend it (else a user who keeps trying, or
             # anyone typing their name, keeps them locked out), and the form says how long.
@@ -316,6 +312,32 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         resp = RedirectResponse(_local(next), status_code=303)
         set_session(resp, user_id)  # a fresh CSRF token with every login
         return resp
+
+    def lockout_left_s(username: str, now: float) -> float:
+        """Seconds left of the pause after too many wrong passwords for ``username`` (at
+        login or sign-off); 0 when there is none."""
+        with failures_lock:
+            recent = failures[username]
+            while recent and now - recent[0] > LOGIN_WINDOW_S:
+                recent.popleft()
+            return (LOGIN_WINDOW_S - (now - recent[0]) if len(recent) >= LOGIN_MAX_FAILURES
+                    else 0.0)
+
+    def check_signature(username: str, password: str) -> None:
+        """The signer's password, given again at sign-off (``review.sign_password``); wrong
+        ones count toward the login lockout (the form must not be a way to guess it)."""
+        now = time.monotonic()
+        if (wait_s := lockout_left_s(username, now)) > 0:
+            raise actions.Forbidden("too many wrong passwords: not signed; try again in "
+                                    f"{max(1, round(wait_s / 60))} min")
+        with store.session() as s:
+            ok = authenticate(s, username, password) is not None
+        if not ok:
+            with failures_lock:
+                failures[username].append(now)
+            log.warning("sign-off by %r refused: wrong password", username)
+            raise actions.Forbidden("the password is not yours: not signed (sign-off asks for "
+                                    "your password again, review.sign_password)")
 
     @app.post("/logout")
     def logout(who: Viewer = Depends(changer)) -> Response:
@@ -471,6 +493,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return page(request, "slide.html", who, methods=methods,
                     case=parse_case(slide.case_info), case_labels=CASE_LABELS,
                     case_required=params.require_case, seen=seen, flags_open=flags_open,
+                    sign_password=params.sign_password,
                     flags_required=params.require_flags_checked,
                     may_sign=who.role in params.sign_roles, user=who.username,
                     pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
@@ -610,8 +633,10 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     @app.post("/slides/{slide_id}/sign")
     def sign(slide_id: int, note: str = Form(""), seen: int | None = Form(None),
-             who: Viewer = Depends(changer)) -> Response:
+             password: str = Form(""), who: Viewer = Depends(changer)) -> Response:
         try:
+            if params.sign_password:
+                check_signature(who.username, password)
             with store.session() as s:
                 actions.sign(s, slide_id, reviewer(who), note.strip()[:2000],
                              params.require_case, seen, taxonomies, params.sign_roles,

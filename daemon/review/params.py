@@ -33,3 +33,7 @@ class ReviewParams(Params):
                     "report and each withdrawal notice is written there (none: off)")
     export_formats: list[Literal["pdf", "json", "csv"]] = Field(
         min_length=1, description="formats of the exported reports")
+    sign_password: bool = Field(
+        description="sign-off asks for the signer's password again (an electronic signature "
+                    "bound to the person, as 21 CFR Part 11 asks); wrong ones count toward "
+                    "the login lockout")
