@@ -15,11 +15,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -28,7 +26,7 @@ from sqlalchemy.orm import Session
 from daemon.case import LABELS as CASE_LABELS, parse_case
 from daemon.models import EXCLUDE_REASONS, Cell, Field, Review
 from daemon.provenance import method_text
-from daemon.store import Store, StoreError, lock_slide
+from daemon.store import Store, StoreError, lock_slide, write_whole
 from pipeline.errors import ConfigError
 from pipeline.stats import Differential, differential
 
@@ -627,21 +625,6 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         rightMargin=18 * mm, topMargin=16 * mm, bottomMargin=20 * mm).build(
             story, canvasmaker=_footed_canvas(state, " · ".join(x for x in (sl["name"], ids)
                                                                  if x), mark)))
-
-
-def write_whole(path: Path, write: Callable[[Path], None]) -> Path:
-    """Make ``path`` appear whole or not at all: ``write`` fills a temporary file of its own
-    beside it (two writers never share one), which is flushed to disk and renamed over
-    ``path``. A folder another system watches never sees a half-written report."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _footed_canvas(state: str, who: str, mark: str | None) -> type:

@@ -5,7 +5,7 @@ watches — the way most instruments hand results over.
 Files are ``<slide>-<slide id>-issue<N>.<fmt>`` (the formats in ``review.export_formats``;
 the id keeps two slides whose names differ only in characters a file name cannot hold apart)
 and ``…-issue<N>-withdrawn.json``. An amended report is a new issue, so no file is ever
-replaced by other content; each appears whole (``report.write_whole``). The report is the one
+replaced by other content; each appears whole (``store.write_whole``). The report is the one
 kept at the sign-off, without a "printed" time, so writing the same issue again gives the
 same result.
 
@@ -35,15 +35,8 @@ from sqlalchemy import or_, select, update
 
 from daemon.case import parse_case
 from daemon.models import Review, Slide, utcnow
-from daemon.report import (
-    file_safe,
-    freeze_report,
-    issued_report,
-    iso_time,
-    save_report,
-    write_whole,
-)
-from daemon.store import Store
+from daemon.report import file_safe, freeze_report, issued_report, iso_time, save_report
+from daemon.store import Store, write_whole
 from pipeline.errors import MarrowError
 
 log = logging.getLogger("marrowcount.export")

@@ -98,6 +98,21 @@ def write_file(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def write_whole(path: Path, write: Callable[[Path], None]) -> Path:
+    """Make ``path`` appear whole or not at all: ``write`` fills a temporary file of its own
+    beside it (two writers never share one), which is flushed to disk and renamed over
+    ``path``. A reader (a folder the LIS watches, the review page) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def _fsync_dir(path: Path) -> None:
     """Make the names in ``path`` (new files, a rename into it) survive a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

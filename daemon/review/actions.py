@@ -8,7 +8,6 @@ multi-cell move at once) and is itself audited.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from daemon.models import (
     Slide,
     utcnow,
 )
-from daemon.store import lock_slide
+from daemon.store import lock_slide, write_whole
 from pipeline.errors import MarrowError
 from pipeline.imaging import CROP_SIZE, crop_at, read_rgb
 from pipeline.taxonomy import Taxonomy
@@ -508,6 +507,4 @@ def _write_png_atomic(path: Path, rgb: np.ndarray) -> None:
     if not ok:
         raise ReviewError("could not encode the crop")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data.tobytes())
-    os.replace(tmp, path)
+    write_whole(path, lambda tmp: tmp.write_bytes(data.tobytes()))

@@ -476,19 +476,16 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             ctx = table_context(s, slide, tax)
             seen = actions.last_event(s, slide_id)
             flags_open = actions.open_flags(s, slide_id)
+            # The step the slide is at, said at the top of the page: handed on (and whether
+            # it changed since) or reopened, with the note or reason.
+            step = reviews[-1] if reviews and slide.status != "signed" else None
+            step_changed = step is not None and step.action == "pre_review" and _after(
+                _last_changes(s, [slide_id]).get(slide_id), step.at)
         # Each sign-off's issue number, where its report can be printed (kept, or the
         # current signature's, which the first print keeps).
         signs = [r for r in reviews if r.action == "sign"]
         issues = {r.id: n for n, r in enumerate(signs, 1)
                   if r.report is not None or (slide.status == "signed" and r is signs[-1])}
-        # The step the slide is at, said at the top of the page: handed on (and whether it
-        # changed since) or reopened, with the note or reason.
-        step = reviews[-1] if reviews and slide.status != "signed" else None
-        if step is not None and step.action == "pre_review":
-            with store.session() as s:
-                step_changed = _after(_last_changes(s, [slide_id]).get(slide_id), step.at)
-        else:
-            step_changed = False
         pixel = pixel_size_checks(store, [slide_id], cfg)[slide_id]
         return page(request, "slide.html", who, methods=methods,
                     case=parse_case(slide.case_info), case_labels=CASE_LABELS,
@@ -727,7 +724,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         if fmt not in reports.FORMATS:
             raise actions.NotFound(f"no {fmt} report; ask for pdf, csv or json")
         with store.session() as s:
-            actions.get_slide(s, slide_id)
+            actions.get_slide(s, slide_id)  # "no slide N", not the store's own message
         try:
             rep = reports.issued_report(store, slide_id, cfg, issue)
         except StoreError as exc:
