@@ -49,12 +49,14 @@ class Config(Params):
             raise ValueError(
                 f"taxonomy {self.taxonomy!r} is not one of {sorted(self.taxonomies)}"
             )
-        names = Taxonomy(name=self.taxonomy, classes=self.taxonomies[self.taxonomy]).names
+        names = Taxonomy(name=self.taxonomy,
+                         classes=self.taxonomies[self.taxonomy]).model_names
         unknown = sorted({c for pair in (*self.train.local_pairs, *self.train.local_own_body)
                           for c in pair} - set(names))
         if unknown:
-            raise ValueError(f"train.local_pairs / local_own_body: {unknown} not in taxonomy "
-                             f"{self.taxonomy!r}")
+            raise ValueError(f"train.local_pairs / local_own_body: {unknown} not among the "
+                             f"model classes of taxonomy {self.taxonomy!r} (reviewer_only "
+                             "classes have no model)")
         # Any taxonomy's class may have an interval: a store holds slides of several.
         known = {c.name for classes in self.taxonomies.values() for c in classes}
         stray = sorted(set(self.stats.reference_intervals) - known - {ME_RATIO})

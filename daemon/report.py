@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from daemon.models import EXCLUDE_REASONS, Cell, Field, Review
 from daemon.provenance import method_text
 from daemon.store import Store, StoreError, lock_slide, write_whole
 from pipeline.errors import ConfigError
-from pipeline.stats import Differential, differential
+from pipeline.stats import Differential, differential, interval_text, round_out, value_text
 
 FORMATS = ("json", "csv", "pdf")
 # A review step as the report and the slide page name it.
@@ -70,18 +71,22 @@ def _diff_dict(d: Differential) -> dict[str, Any]:
             {"name": r.name, "label": r.label, "lineage": r.lineage, "blast": r.blast, "n": r.n,
              "pct": r.pct, "ci_low_pct": r.ci_low_pct, "ci_high_pct": r.ci_high_pct,
              "reference_pct": None if r.reference is None else list(r.reference),
-             "outside": r.outside}
+             "outside": r.outside, "reviewer_only": r.reviewer_only}
             for r in d.rows
         ],
         "myeloid": d.myeloid,
         "erythroid": d.erythroid,
+        "myeloid_classes": list(d.myeloid_classes),
+        "erythroid_classes": list(d.erythroid_classes),
         "me_ratio": d.me_ratio,
-        "me_ci": None if d.me_ci is None else list(d.me_ci),
+        # JSON has no infinity: an upper bound of infinity (no erythroid cell) is null.
+        "me_ci": None if d.me_ci is None else [None if math.isinf(x) else x for x in d.me_ci],
         "me_reference": None if d.me_reference is None else list(d.me_reference),
         "me_outside": d.me_outside,
         "blast_n": d.blast_n,
         "blast_pct": d.blast_pct,
         "blast_ci_pct": None if d.blast_ci_pct is None else list(d.blast_ci_pct),
+        "blast_reviewer_only": d.blast_reviewer_only,
         "not_counted": d.not_counted,
         "threshold_flags": [f.message for f in d.flags],
     }
@@ -91,18 +96,29 @@ def _diff_dict(d: Differential) -> dict[str, Any]:
 # (the precision the L / H marks are judged at, pipeline.stats).
 _DECIMALS = {"pct": 2, "ci_low_pct": 2, "ci_high_pct": 2, "blast_pct": 2, "blast_ci_pct": 2,
              "me_ratio": 3, "me_ci": 3}
+# Interval bounds round outward (pipeline.stats.round_out): a [low, high] list, or a key.
+_LOWER, _UPPER = {"ci_low_pct"}, {"ci_high_pct"}
 
 
 def _rounded(rep: dict[str, Any]) -> dict[str, Any]:
     """``rep`` with its differentials' values rounded for JSON and CSV."""
+    def one(k: str, x: float | None, i: int | None = None) -> float | None:
+        if x is None:
+            return None
+        if k in _LOWER or i == 0:
+            return round_out(x, _DECIMALS[k], False)
+        if k in _UPPER or i == 1:
+            return round_out(x, _DECIMALS[k], True)
+        return round(x, _DECIMALS[k])
+
     def rnd(d: dict[str, Any]) -> dict[str, Any]:
         out = {}
         for k, v in d.items():
             if k == "classes":
                 v = [rnd(c) for c in v]
             elif k in _DECIMALS and v is not None:
-                v = ([round(x, _DECIMALS[k]) for x in v] if isinstance(v, list)
-                     else round(v, _DECIMALS[k]))
+                v = ([one(k, x, i) for i, x in enumerate(v)] if isinstance(v, list)
+                     else one(k, v))
             out[k] = v
         return out
 
@@ -113,6 +129,28 @@ def _rounded(rep: dict[str, Any]) -> dict[str, Any]:
 def report_json(rep: dict[str, Any]) -> str:
     """The report as JSON text, values rounded as the CSV has them."""
     return json.dumps(_rounded(rep), indent=2) + "\n"
+
+
+def me_definition(myeloid: Sequence[str] | None, erythroid: Sequence[str], classes: Sequence[str],
+                  labels: dict[str, str]) -> str:
+    """What each side of the M:E ratio counts, by class label ("myeloid (Promyelocyte, …) :
+    erythroid (Erythroblast); Monocyte, Lymphocyte in neither"); ``myeloid`` None (a report
+    kept before the sides were recorded) says only "myeloid : erythroid"."""
+    if myeloid is None:
+        return "myeloid : erythroid"
+    neither = [c for c in classes if c not in {*myeloid, *erythroid}]
+
+    def names(xs: Sequence[str]) -> str:
+        return ", ".join(labels.get(x, x) for x in xs) or "none"
+
+    return (f"myeloid ({names(myeloid)}) : erythroid ({names(erythroid)})"
+            + (f"; {names(neither)} in neither" if neither else ""))
+
+
+def _me_definition(rep: dict[str, Any]) -> str:
+    d = rep["differential"]
+    return me_definition(d.get("myeloid_classes"), d.get("erythroid_classes", ()),
+                         [c["name"] for c in d["classes"]], rep.get("class_labels") or {})
 
 
 def reference_text(interval: Sequence[float] | None) -> str:
@@ -175,7 +213,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
                           "under `taxonomies` to report the slide")
     taxonomy = cfg.model_copy(update={"taxonomy": slide.taxonomy}).classes
     machine = store.counts(slide.id)
-    machine_diff = differential(machine, taxonomy, cfg.stats)
+    machine_diff = differential(machine, taxonomy, cfg.stats, machine=True)
     with store.session() as s:
         n_fields, n_skipped = s.execute(
             select(func.count(Field.id),
@@ -204,14 +242,21 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     # (even with the counts unchanged).
     in_review = (final_counts != {k: n for k, n in machine.items() if n} or bool(reviews)
                  or bool(touched))
-    final = differential(final_counts, taxonomy, cfg.stats)
     basis = "reviewed" if signed else "review in progress" if in_review else "machine"
+    final = differential(final_counts, taxonomy, cfg.stats, machine=basis == "machine")
 
     flags = [f.message for f in final.flags]
     counted = machine_diff.total
-    if slide.stopped_because == "area_exhausted":
-        flags.append(f"target not reached: {counted} of {slide.target} cells counted before "
-                     "the counting area was used up")
+    if (slide.status not in ("queued", "acquiring") and final.total < slide.target
+            and slide.stopped_because != "adaptive_stop"):
+        why = []
+        if slide.stopped_because == "area_exhausted":
+            why.append("the counting area was used up")
+        if final.total < counted:
+            why.append(f"review left {counted - final.total} of the machine's {counted} out")
+        flags.append(f"target not reached: {final.total} of {slide.target} cells counted"
+                     + (f" ({'; '.join(why)})" if why else "")
+                     + ": every interval is wider than the target count would give")
     if slide.stopped_because == "adaptive_stop":
         flags.append(f"stopped early at {counted} of {slide.target} cells: every blast "
                      "threshold was already decided")
@@ -236,8 +281,18 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         flags.append("no leukocyte counted: no differential, M:E ratio or blast % can be "
                      "reported" + (f" (all {n_fields} fields were skipped)"
                                    if n_fields and n_skipped == n_fields else ""))
-    if final.blast_pct is None:
-        flags.append(f"taxonomy {taxonomy.name!r} has no blast class: blast % not reported")
+    if not any(c.blast for c in taxonomy.classes):
+        flags.append(f"taxonomy {taxonomy.name!r} has no blast class: blast % not reported, "
+                     "and blasts present were counted under other classes")
+    elif final.blast_reviewer_only and final.blast_pct is None:
+        flags.append("the model does not recognise blasts: blast % is not reported until a "
+                     "reviewer has named them, and this count cannot exclude a blast excess")
+    elif final.blast_reviewer_only:
+        flags.append("blasts are counted only where a reviewer named them (the model does not "
+                     "recognise blasts): the blast % rests on the review")
+    if final.total and final.myeloid and not final.erythroid:
+        flags.append(f"no erythroid cell counted: the M:E ratio is infinite "
+                     f"({final.myeloid} : 0)")
 
     review = None
     if reviews or in_review:
@@ -260,7 +315,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     prescan = None if not pre else {k: pre[k] for k in (
         "objective", "um_per_px", "planned", "kept", "left_out_by_reason")}
     return {
-        "report_version": 5,
+        "report_version": 6,
         "generated_at": iso_time(datetime.now(timezone.utc)),
         "slide": {
             "id": slide.id, "name": slide.name, "source": slide.source,
@@ -388,13 +443,15 @@ def superseded_text(sup: dict[str, Any]) -> str:
 
 
 def report_csv(rep: dict[str, Any]) -> str:
-    """An ISSUE row (which sign-off issued it), SUPERSEDED and PRINTED rows on a reprint no
+    """A STATUS row (the slide's state, and in ``basis`` whose counts these are), an ISSUE
+    row (which sign-off issued it), SUPERSEDED and PRINTED rows on a reprint no
     longer valid or printed again, one CASE row per case field (patient, specimen; value in
     ``value``), one row per class, then TOTAL, M:E and BLAST rows, with the machine count
     beside each and, where the laboratory set one, the reference interval and L/H; then the
     cells not counted, a REVIEW row (flagged cells and how many review checked, in ``n`` and
-    ``value``; cells review left out, by reason), and one METHOD row per method that
-    analysed fields."""
+    ``value``; cells review left out, by reason), one METHOD row per method that
+    analysed fields, and one FLAG row per flag of the report (what a reader must know:
+    preliminary, target not reached, an interval across a blast threshold, …)."""
     rep = _rounded(rep)
     d, m = rep["differential"], rep["machine_differential"]
     machine_n = {c["name"]: c["n"] for c in m["classes"]}
@@ -407,6 +464,8 @@ def report_csv(rep: dict[str, Any]) -> str:
     def ref(interval: list[float] | None, outside: str | None) -> list[Any]:
         return ["", "", ""] if interval is None else [*interval, outside or ""]
 
+    w.writerow([s, "STATUS", rep["slide"]["status"].replace("_", " "), "", "", "", "", "", "",
+                "", basis, *ref(None, None)])
     if (issue := rep.get("issue")) is not None:
         w.writerow([s, "ISSUE", issue_text(issue), "", issue["number"], issue["signed_at"], "",
                     "", "", "", basis, *ref(None, None)])
@@ -426,8 +485,9 @@ def report_csv(rep: dict[str, Any]) -> str:
     # Every row has the header's 14 columns; the reference columns stay empty where none apply.
     w.writerow([s, "TOTAL", "counted leukocytes", "", d["total"], "", "", "", "cells",
                 m["total"], basis, *ref(None, None)])
-    me_ci = d["me_ci"] or ["", ""]
-    w.writerow([s, "M:E", "myeloid : erythroid", "", f"{d['myeloid']}:{d['erythroid']}",
+    me_ci = ["" if x is None else x for x in d["me_ci"] or [None, None]]
+    w.writerow([s, "M:E", _me_definition(rep), "",
+                f"{d['myeloid']}:{d['erythroid']}",
                 "" if d["me_ratio"] is None else d["me_ratio"], *me_ci, "ratio", "", basis,
                 *ref(d["me_reference"], d["me_outside"])])
     if d["blast_pct"] is not None:
@@ -446,6 +506,8 @@ def report_csv(rep: dict[str, Any]) -> str:
     for meth in rep["methods"]:
         w.writerow([s, "METHOD", method_text(meth), "", meth["fields"], "", "", "", "fields", "",
                     basis, *ref(None, None)])
+    for f in rep["flags"]:
+        w.writerow([s, "FLAG", f, "", "", "", "", "", "", "", basis, *ref(None, None)])
     return buf.getvalue()
 
 
@@ -513,8 +575,9 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     rows = [["Class", "Lineage", "n", "%", f"{conf} CI (%)", *ref_head, "machine n"]]
     for c in d["classes"]:
         ref = [reference_text(c["reference_pct"]), c["outside"] or ""] if has_ref else []
-        rows.append([c["label"], c["lineage"], c["n"], f"{c['pct']:.1f}",
-                     f"{c['ci_low_pct']:.1f} – {c['ci_high_pct']:.1f}", *ref,
+        rows.append([c["label"] + (" †" if c.get("reviewer_only") else ""), c["lineage"],
+                     c["n"], value_text(c["pct"], 1, c["outside"], c["reference_pct"], 2),
+                     interval_text(c["ci_low_pct"], c["ci_high_pct"], 1, " – "), *ref,
                      m_n.get(c["name"], 0)])
     rows.append(["Total", "", d["total"], "100.0" if d["total"] else "0.0", "",
                  *["" for _ in ref_head], rep["machine_differential"]["total"]])
@@ -528,17 +591,34 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         ("ALIGN", (2, 0), (-1, -1), "RIGHT"),
         ("ROWBACKGROUNDS", (0, 1), (-1, -2), [colors.white, colors.HexColor("#f2f2f2")]),
     ]))
-    story += [t, Spacer(1, 4 * mm)]
-    me = ("not defined (no erythroid cells)" if d["me_ratio"] is None else
-          f"{d['me_ratio']:.2f} ({conf} CI {d['me_ci'][0]:.2f} – {d['me_ci'][1]:.2f}); "
-          f"myeloid {d['myeloid']}, erythroid {d['erythroid']}"
-          + ("" if d["me_reference"] is None else
-             f"; reference {reference_text(d['me_reference'])}"
-             + (f" <b>{d['me_outside']}</b>" if d["me_outside"] else "")))
+    story.append(t)
+    if any(c.get("reviewer_only") for c in d["classes"]):
+        story.append(Paragraph("† named by a reviewer only: the model does not recognise this "
+                               "class, so its machine count is always 0", st["Normal"]))
+    story.append(Spacer(1, 4 * mm))
+    if not d["myeloid"] and not d["erythroid"]:
+        me = "not defined (no myeloid or erythroid cells)"
+    else:
+        # A report kept before M:E had an interval without erythroid cells has none.
+        me_ci = d["me_ci"] and [math.inf if x is None else x for x in d["me_ci"]]
+        me = (f"{value_text(d['me_ratio'], 2, d['me_outside'], d['me_reference'], 3)}"
+              f"{' (no erythroid cells)' if d['me_ratio'] is None else ''} "
+              + (f"({conf} CI {interval_text(*me_ci, 2, ' – ')})" if me_ci else "") + "; "
+              f"myeloid {d['myeloid']}, erythroid {d['erythroid']}"
+              + ("" if d["me_reference"] is None else
+                 f"; reference {reference_text(d['me_reference'])}"
+                 + (f" <b>{d['me_outside']}</b>" if d["me_outside"] else "")))
     story.append(Paragraph(f"<b>M:E ratio</b>: {me}", st["Normal"]))
-    blast = ("not reported (no blast class in this taxonomy)" if d["blast_pct"] is None else
-             f"{d['blast_pct']:.1f}% ({conf} CI {d['blast_ci_pct'][0]:.1f} – "
-             f"{d['blast_ci_pct'][1]:.1f}%) of all nucleated cells, n = {d['blast_n']}")
+    story.append(Paragraph(_esc(f"M:E counts {_me_definition(rep)}."), st["Normal"]))
+    if d["blast_pct"] is None:
+        blast = ("not reported until a reviewer has named the blasts (the model does not "
+                 "recognise them)" if d.get("blast_reviewer_only")
+                 else "not reported (no blast class in this taxonomy)")
+    else:
+        blast = (f"{d['blast_pct']:.1f}% ({conf} CI "
+                 f"{interval_text(*d['blast_ci_pct'], 1, ' – ')}%) of all nucleated cells, "
+                 f"n = {d['blast_n']}"
+                 + (", as named by the reviewer" if d.get("blast_reviewer_only") else ""))
     story.append(Paragraph(f"<b>Blasts</b>: {blast}", st["Normal"]))
     if d["not_counted"]:
         nc = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(d["not_counted"].items()))

@@ -141,7 +141,7 @@ def classifier_split_paths(cfg: Any, part: str = "test") -> set[str]:
         if src.train_only:
             continue  # never in val or test, and the others' split does not depend on them
         samples += read_source(src, REPO_ROOT, cfg.train.seed + i)
-    index = label_index(cfg.classes.names)
+    index = label_index(cfg.classes.model_names)
     labels = np.array([index[x.label] for x in samples], dtype=np.int64)
     train_only = np.array([x.train_only for x in samples], dtype=bool)
     chosen = split(labels, cfg.train.seed, cfg.train.val_fraction, train_only)[part]

@@ -315,10 +315,10 @@ def load_classifier(path: str | Path, taxonomy: Taxonomy | None = None, *,
     architecture, or when its classes differ from ``taxonomy``'s."""
     path = Path(path)
     ckpt = read_checkpoint(path)
-    if taxonomy is not None and list(ckpt.get("classes", [])) != taxonomy.names:
+    if taxonomy is not None and list(ckpt.get("classes", [])) != taxonomy.model_names:
         raise CheckpointError(
             f"{path}: checkpoint classes {list(ckpt.get('classes', []))} do not match taxonomy "
-            f"{taxonomy.name!r} {taxonomy.names}; retrain with this taxonomy or choose a matching "
+            f"{taxonomy.name!r} {taxonomy.model_names}; retrain with this taxonomy or choose a matching "
             "checkpoint")
     if params is None:
         return Classifier(ckpt, path, unknown_method=unknown_method)

@@ -233,8 +233,10 @@ def check_labels(samples: Sequence[Sample], classes: Sequence[str]) -> None:
     ``ANY_LEUKOCYTE``."""
     unknown = sorted({s.label for s in samples} - set(label_index(classes)))
     if unknown:
-        raise DatasetError(f"unknown class name(s) {unknown}; the taxonomy has {list(classes)}"
-                           f" (and {ANY_LEUKOCYTE!r} for a white cell of unknown type)")
+        raise DatasetError(f"unknown class name(s) {unknown}; the taxonomy's model has "
+                           f"{list(classes)} (and {ANY_LEUKOCYTE!r} for a white cell of unknown "
+                           "type); a reviewer_only class has no model: set reviewer_only: "
+                           "false on it to train one, or leave its crops out (`exclude`)")
 
 
 def data_hash(samples: Iterable[Sample]) -> str:

@@ -4,14 +4,16 @@ each value against the laboratory's reference interval.
 ``differential(counts, taxonomy, params)`` turns a slide's counts per class into the numbers
 a lab report gives. Intervals are exact Clopper–Pearson intervals from scipy. Percentages are
 of all counted (nucleated) cells: non-leukocytes never enter the denominator (WHO counts
-blasts among all nucleated marrow cells).
+blasts among all nucleated marrow cells). ``value_text`` and ``interval_text`` write them
+for people: a value as precise as its L / H mark needs, an interval rounded outward.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import Field, model_validator
 
@@ -55,6 +57,7 @@ class ClassRow:
 
     ``reference`` is the laboratory's reference interval in % (None when none is set);
     ``outside`` is "L" or "H" when ``pct`` lies below or above it, else None.
+    ``reviewer_only``: the model never outputs this class, only a reviewer names it.
     """
 
     name: str
@@ -67,6 +70,7 @@ class ClassRow:
     ci_high_pct: float
     reference: tuple[float, float] | None = None
     outside: str | None = None
+    reviewer_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,11 +88,14 @@ class ThresholdFlag:
 class Differential:
     """A slide's differential. ``total`` counted cells; percentages are of ``total``.
 
-    ``me_ratio`` is myeloid / erythroid (None when no erythroid cell was counted) with an
+    ``me_ratio`` is myeloid / erythroid (None when no erythroid cell was counted: with
+    myeloid cells it is infinite, its interval ``(low, inf)`` and above any reference) with an
     exact interval from the binomial split M / (M + E), and ``me_reference`` / ``me_outside``
-    as for a class row. ``blast_pct`` is None when the
-    taxonomy has no blast class. ``not_counted`` holds classes left out of the differential
-    (non-leukocytes, labels outside the taxonomy).
+    as for a class row; ``myeloid_classes`` / ``erythroid_classes`` name what each side counts.
+    ``blast_pct`` is None when the taxonomy has no blast class, or when only a reviewer
+    names blasts (``blast_reviewer_only``) and these are the machine's counts.
+    ``not_counted`` holds classes left out of the differential (non-leukocytes, labels
+    outside the taxonomy).
     """
 
     total: int
@@ -105,6 +112,9 @@ class Differential:
     not_counted: dict[str, int] = field(default_factory=dict)
     me_reference: tuple[float, float] | None = None
     me_outside: str | None = None
+    myeloid_classes: tuple[str, ...] = ()
+    erythroid_classes: tuple[str, ...] = ()
+    blast_reviewer_only: bool = False
 
     @property
     def decisive(self) -> bool:
@@ -137,8 +147,13 @@ def proportion_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, floa
     return (float(ci.low), float(ci.high))
 
 
-def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams) -> Differential:
-    """The differential of ``counts`` (class name -> cells) under ``taxonomy``."""
+def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams, *,
+                 machine: bool = False) -> Differential:
+    """The differential of ``counts`` (class name -> cells) under ``taxonomy``.
+
+    ``machine``: the counts are the model's alone, so a reviewer-only class is empty by
+    construction, not by observation; the blast % is then not given when every blast class
+    is reviewer-only (a count the model made cannot say there are no blasts)."""
     counted = set(taxonomy.counted)
     total = sum(int(n) for name, n in counts.items() if name in counted)
     not_counted = {name: int(n) for name, n in counts.items() if name not in counted and n}
@@ -154,20 +169,28 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
         ref = refs.get(cls.name)
         rows.append(ClassRow(cls.name, cls.label, cls.lineage, cls.blast, n,
                              _pct(n, total), 100 * lo, 100 * hi, ref,
-                             outside_reference(_pct(n, total) if total else None, ref, 2)))
+                             outside_reference(_pct(n, total) if total else None, ref, 2),
+                             cls.reviewer_only))
 
     myeloid = sum(r.n for r in rows if r.lineage == "myeloid")
     erythroid = sum(r.n for r in rows if r.lineage == "erythroid")
     me_ratio = me_ci = None
-    if erythroid:
-        me_ratio = myeloid / erythroid
+    if myeloid + erythroid:
         lo, hi = proportion_ci(myeloid, myeloid + erythroid, conf)
         # p = M / (M + E) maps monotonically onto M:E = p / (1 - p).
-        me_ci = (lo / (1 - lo), float("inf") if hi >= 1 else hi / (1 - hi))
+        me_ci = (lo / (1 - lo) if lo < 1 else math.inf, math.inf if hi >= 1 else hi / (1 - hi))
+        if erythroid:
+            me_ratio = myeloid / erythroid
+    me_ref = refs.get(ME_RATIO)
+    # Myeloid cells and no erythroid one: the ratio is infinite, above any interval.
+    me_outside = ("H" if me_ref is not None and myeloid and not erythroid
+                  else outside_reference(me_ratio, me_ref, 3))
 
+    blasts = [c for c in taxonomy.classes if c.blast and c.counted]
+    reviewer_only = bool(blasts) and all(c.reviewer_only for c in blasts)
     blast_n = blast_pct = blast_ci = None
     flags: list[ThresholdFlag] = []
-    if any(r.blast for r in rows):
+    if blasts and not (machine and reviewer_only):
         blast_n = sum(r.n for r in rows if r.blast)
         blast_pct = _pct(blast_n, total)
         lo, hi = proportion_ci(blast_n, total, conf)
@@ -176,14 +199,17 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
             if blast_ci[0] < t < blast_ci[1]:
                 flags.append(ThresholdFlag(
                     "blast %", t, blast_ci[0], blast_ci[1],
-                    f"blast % {conf:.0%} interval {blast_ci[0]:.1f}–{blast_ci[1]:.1f}% "
+                    f"blast % {conf:.0%} interval {interval_text(*blast_ci, 1)}% "
                     f"straddles {t:g}%: the count cannot tell which side",
                 ))
     return Differential(
         total=total, confidence=conf, rows=tuple(rows), myeloid=myeloid, erythroid=erythroid,
         me_ratio=me_ratio, me_ci=me_ci, blast_n=blast_n, blast_pct=blast_pct,
         blast_ci_pct=blast_ci, flags=tuple(flags), not_counted=not_counted,
-        me_reference=refs.get(ME_RATIO), me_outside=outside_reference(me_ratio, refs.get(ME_RATIO), 3),
+        me_reference=me_ref, me_outside=me_outside,
+        myeloid_classes=tuple(r.name for r in rows if r.lineage == "myeloid"),
+        erythroid_classes=tuple(r.name for r in rows if r.lineage == "erythroid"),
+        blast_reviewer_only=reviewer_only,
     )
 
 
@@ -200,6 +226,38 @@ def outside_reference(value: float | None, reference: tuple[float, float] | None
     return "L" if value < lo else "H" if value > hi else None
 
 
+def value_text(value: float | None, decimals: int, outside: str | None = None,
+               reference: Sequence[float] | None = None, judged_at: int | None = None) -> str:
+    """``value`` for a person, to ``decimals`` places; one that ``outside_reference`` marked L
+    or H gets the places it was judged at (``judged_at``) when the shorter text would sit on
+    the interval's bound ("5.0 H" against 0–5 reads as a contradiction: it is 5.03).
+    None (no erythroid cell: M:E) reads "∞"."""
+    if value is None:
+        return "∞"
+    text = f"{value:.{decimals}f}"
+    if outside and reference is not None and judged_at is not None:
+        shown = float(text)
+        if reference[0] <= shown <= reference[1]:
+            text = f"{value:.{judged_at}f}"
+    return text
+
+
+def interval_text(low: float, high: float, decimals: int, sep: str = "–") -> str:
+    """An interval rounded outward to ``decimals`` places (so it never looks narrower than it
+    is: 0.5–5.04% must not read 0.5–5.0% beside a flag saying it straddles 5%); an infinite
+    upper bound reads "∞"."""
+    return f"{round_out(low, decimals, False):.{decimals}f}{sep}" + (
+        "∞" if math.isinf(high) else f"{round_out(high, decimals, True):.{decimals}f}")
+
+
+def round_out(x: float, decimals: int, up: bool) -> float:
+    """``x`` rounded to ``decimals`` places away from the inside of an interval (down for a
+    lower bound, up for an upper one); the 1e-9 keeps an exact 20.0 from becoming 20.1."""
+    scale = 10 ** decimals
+    v = x * scale
+    return (math.ceil(v - 1e-9) if up else math.floor(v + 1e-9)) / scale
+
+
 def adaptive_stop_reason(
     counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
 ) -> str | None:
@@ -210,7 +268,7 @@ def adaptive_stop_reason(
     """
     if not params.adaptive_stop or not params.blast_thresholds_pct:
         return None
-    d = differential(counts, taxonomy, params)
+    d = differential(counts, taxonomy, params, machine=True)
     if d.total < params.adaptive_min_cells or d.blast_ci_pct is None or d.flags:
         return None
     lo, hi = d.blast_ci_pct

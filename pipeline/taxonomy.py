@@ -19,6 +19,11 @@ class CellClass(Params):
     lineage: Lineage
     blast: bool
     key: str = Field(min_length=1, max_length=1)
+    reviewer_only: bool = Field(
+        default=False,
+        description="a class the model does not output, which only a reviewer assigns: a cell "
+        "type the lab counts but has no training crops for (blasts, plasma cells on the "
+        "shipped model); it enters the differential like any other class")
 
     @property
     def counted(self) -> bool:
@@ -37,6 +42,9 @@ class Taxonomy(Params):
             dup = {v for v in values if values.count(v) > 1}
             if dup:
                 raise ValueError(f"duplicate class {attr}(s): {sorted(dup)}")
+        if len(self.model_names) < 2:
+            raise ValueError("a taxonomy needs at least two classes a model outputs "
+                             "(not reviewer_only)")
         return self
 
     @property
@@ -51,6 +59,12 @@ class Taxonomy(Params):
     @property
     def counted(self) -> list[str]:
         return [c.name for c in self.classes if c.counted]
+
+    @property
+    def model_names(self) -> list[str]:
+        """The classes a model of this taxonomy outputs, in its output order (every class but
+        the reviewer-only ones)."""
+        return [c.name for c in self.classes if not c.reviewer_only]
 
     def get(self, name: str) -> CellClass:
         for c in self.classes:

@@ -172,7 +172,7 @@ def test_lobed_classes_reach_further_than_round_cells(config):
     round cells (7-9 µm apart in marrow), so both are counted."""
     from pipeline.analyze import find_duplicates
 
-    classes = tuple(config.classes.names)
+    classes = tuple(config.classes.model_names)
     um = 0.13
     pts = np.array([[100.0, 100.0], [100.0 + 9.0 / um, 100.0]])
     boxes = [(60, 60, 140, 140), (129, 60, 209, 140)]
@@ -193,7 +193,7 @@ def test_a_split_monocyte_is_one_cell_two_touching_ones_are_two(config):
     small round cells touching."""
     from pipeline.analyze import find_duplicates
 
-    classes = tuple(config.classes.names)
+    classes = tuple(config.classes.model_names)
     um = 0.13
     for label, apart_um, suppressed in (("monocyte", 8.0, True), ("monocyte", 12.0, False),
                                         ("lymphocyte", 8.0, False)):
@@ -213,7 +213,7 @@ def test_two_whole_neutrophil_nuclei_are_two_cells_a_split_off_part_is_not(confi
     neutrophil and a part of it the detector split off."""
     from pipeline.analyze import find_duplicates
 
-    classes = tuple(config.classes.names)
+    classes = tuple(config.classes.model_names)
     um = 0.13
     assert 25.0 < config.analysis.two_nuclei_min_um2 <= 40.0
     pts = np.array([[100.0, 100.0], [100.0 + 10.0 / um, 100.0]])
@@ -235,7 +235,7 @@ def test_an_uncertain_lobe_beside_a_neutrophil_is_its_lobe_a_confident_cell_is_n
     round cell); called with confidence it is an erythroblast beside it and both count."""
     from pipeline.analyze import find_duplicates
 
-    classes = tuple(config.classes.names)
+    classes = tuple(config.classes.model_names)
     um = 0.13
     p = config.analysis
     assert p.lobe_max_um2 < 25.0 <= p.lobe_uncertain_max_um2

@@ -142,10 +142,10 @@ def shipped(config):
 @pytest.fixture(scope="module")
 def fixed_sample(config):
     """Ten real PBC cells per class (platelets stand for non_leukocyte)."""
-    labels = [c for c in config.classes.names if c != "non_leukocyte"] + ["platelet"]
+    labels = [c for c in config.classes.model_names if c != "non_leukocyte"] + ["platelet"]
     samples = [Sample(s.path, "non_leukocyte" if s.label == "platelet" else s.label, s.um_per_px)
                for s in _samples(labels, 10, offset=5)]
-    return load_crops(samples, config.classes.names, config.train.um_per_px, size=96, threads=1)
+    return load_crops(samples, config.classes.model_names, config.train.um_per_px, size=96, threads=1)
 
 
 def test_shipped_model_scores_above_floor(shipped, fixed_sample):
@@ -291,8 +291,8 @@ def test_dual_stage_probabilities_are_a_distribution(shipped, fixed_sample):
 
 
 def test_temperature_scaling_improves_ece(shipped, config):
-    labels = [c for c in config.classes.names if c != "non_leukocyte"]
-    data = load_crops(_samples(labels, 12, offset=11), config.classes.names,
+    labels = [c for c in config.classes.model_names if c != "non_leukocyte"]
+    data = load_crops(_samples(labels, 12, offset=11), config.classes.model_names,
                       config.train.um_per_px, size=96, threads=1)
     logits = shipped.global_logits(data.crops)
     t = fit_temperature(torch.from_numpy(logits), data.labels)
@@ -377,7 +377,7 @@ def test_unknown_class_in_folder_tree_and_empty_folder(tmp_path, config):
             shutil.copy(s.path, root / lab / Path(s.path).name)
     samples = read_folder_tree(root, PBC_UM_PER_PX)
     with pytest.raises(DatasetError, match="plasma_cell"):
-        check_labels(samples, config.classes.names)
+        check_labels(samples, config.classes.model_names)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images"):
         read_folder_tree(tmp_path / "empty", PBC_UM_PER_PX)
@@ -408,7 +408,7 @@ def test_corrupt_crop_is_reported_and_the_rest_classified(tmp_path, config):
         assert abs(sum(x["probabilities"].values()) - 1) < 1e-3
     # load_crops keeps going past a corrupt file too.
     data = load_crops([Sample(str(tmp_path / "corrupt.jpg"), "lymphocyte", 0.1)] + good,
-                      config.classes.names, config.train.um_per_px, size=CACHE_SIZE, threads=1)
+                      config.classes.model_names, config.train.um_per_px, size=CACHE_SIZE, threads=1)
     assert len(data.labels) == 4 and len(data.problems) == 1
 
 
@@ -463,9 +463,9 @@ def test_white_cells_of_unknown_type_keep_the_real_classes_split(config):
     samples = []
     for i, src in enumerate(config.train.sources):
         samples += read_source(src, REPO, config.train.seed + i)
-    index = label_index(config.classes.names)
+    index = label_index(config.classes.model_names)
     labels = np.array([index[s.label] for s in samples])
-    k = len(config.classes.names)
+    k = len(config.classes.model_names)
     wbc = labels == k
     assert wbc.sum() > 300 and {s.label for s in np.array(samples, object)[wbc]} == {ANY_LEUKOCYTE}
     new = split(labels, config.train.seed, config.train.val_fraction)

@@ -13,8 +13,19 @@ def test_defaults_validate_and_expose_taxonomy():
     tax = cfg.classes
     assert tax.name == "pbc11"
     assert "non_leukocyte" in tax.names and "non_leukocyte" not in tax.counted
-    assert len(tax.counted) == 10
+    # The shipped model's ten leukocyte classes, plus three a reviewer names (blasts, plasma
+    # cells, any other nucleated cell) so that no cell is forced into a wrong class.
+    assert len(tax.counted) == 13 and len(tax.model_names) == 11
+    assert [c.name for c in tax.classes if c.reviewer_only] == [
+        "myeloblast", "plasma_cell", "other_nucleated"]
     assert "myeloblast" in [c.name for c in cfg.taxonomies["seed10"] if c.blast]
+
+
+def test_reviewer_only_class_cannot_be_a_local_pair(tmp_path):
+    p = tmp_path / "lab.yaml"
+    p.write_text("train:\n  local_pairs: [[myeloblast, promyelocyte]]\n")
+    with pytest.raises(ConfigError, match="reviewer_only classes have no model"):
+        load_config(p)
 
 
 def test_bad_value_names_the_key(tmp_path):
@@ -48,7 +59,8 @@ def test_lab_override_merges_over_defaults(tmp_path):
     p.write_text("taxonomy: seed10\nacquisition:\n  target: 300\n")
     cfg = load_config(p)
     assert cfg.acquisition.target == 300
-    assert cfg.classes.name == "seed10" and len(cfg.classes.counted) == 10
+    assert cfg.classes.name == "seed10" and len(cfg.classes.model_names) == 11
+    assert len(cfg.classes.counted) == 16  # the ten stages and six reviewer-only classes
     assert cfg.analysis.guidance_threshold == 0.8
 
 

@@ -109,8 +109,16 @@ def test_csv_rows_match_json(filled, config):
     by = {r["quantity"]: r for r in rows}
     for c in rep["differential"]["classes"]:
         assert int(by[c["name"]]["n"]) == c["n"]
-        assert float(by[c["name"]]["ci_high"]) == round(c["ci_high_pct"], 2)
+        # Bounds round outward: the interval printed holds the exact one.
+        lo, hi = float(by[c["name"]]["ci_low"]), float(by[c["name"]]["ci_high"])
+        assert lo <= c["ci_low_pct"] < lo + 0.01 and hi - 0.01 < c["ci_high_pct"] <= hi
     assert int(by["TOTAL"]["n"]) == rep["differential"]["total"]
+    assert by["STATUS"]["label"] == rep["slide"]["status"].replace("_", " ")
+    # Every flag of the report reaches the CSV, which a LIS may read alone.
+    assert [r["label"] for r in rows if r["quantity"] == "FLAG"] == rep["flags"]
+    assert "target not reached" in " ".join(rep["flags"])
+    assert by["M:E"]["label"].startswith("myeloid (Myeloblast, Promyelocyte")
+    assert "Monocyte, Lymphocyte, Plasma cell, Other nucleated cell in neither" in by["M:E"]["label"]
     assert float(by["M:E"]["value"]) == round(rep["differential"]["me_ratio"], 3)
     assert int(by["non_leukocyte"]["n"]) == rep["differential"]["not_counted"]["non_leukocyte"]
 

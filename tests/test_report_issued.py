@@ -98,7 +98,9 @@ def test_a_signed_report_prints_as_issued_after_the_config_changes(review_env, t
     write_report(env.store, env.slide_id, changed, "pdf", pdf)
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
     assert f"issue 1, issued {when_text(issued['generated_at'])}" in text and "printed " in text
-    assert "signed report, issue 1 · BCCD review slide page 1 of 1" in text  # every page's foot
+    pages = len(PdfReader(pdf).pages)
+    for page in range(1, pages + 1):  # every page's foot
+        assert f"signed report, issue 1 · BCCD review slide page {page} of {pages}" in text
     assert "Amended report" not in text and "after the sign-off" not in text
     assert f"myeloid {issued['differential']['myeloid']}," in text
 

@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
 
+from daemon.report import build_report
 from daemon.models import AuditEvent, Cell, Count, Field, Review, Slide
 from daemon.review.app import create_app
 from tests.review_slide import (  # noqa: F401  (fixtures)
@@ -152,7 +153,7 @@ def test_bad_changes_are_refused_and_change_nothing(review_env, tech):
     n0 = len(_events(env))
     sid = env.slide_id
     assert tech.post(f"/api/slides/{sid}/reclassify",
-                     json={"cells": [a.id], "label": "myeloblast"}).status_code == 400
+                     json={"cells": [a.id], "label": "megakaryocyte"}).status_code == 400
     assert tech.post(f"/api/slides/{sid}/reclassify",
                      json={"cells": [999999], "label": "monocyte"}).status_code == 404
     assert tech.post(f"/api/slides/{sid}/reclassify",
@@ -285,17 +286,17 @@ def test_only_a_slide_awaiting_review_can_be_signed(review_env, tech):
 
 
 def test_blast_calls_flag_intervals_that_straddle_a_threshold(review_env):
-    """A lab taxonomy with a blast class: reviewer-called blasts drive the blast % and its flags."""
-    from daemon.config import load_config
-
+    """The shipped model does not know blasts (a reviewer-only class): reviewer-called blasts
+    drive the blast % and its flags, and the report gives no blast % until review."""
     env = review_env
-    base = [c.model_dump() for c in env.cfg.taxonomies[env.cfg.taxonomy]]
-    lab = load_config(overrides={"taxonomies": {env.cfg.taxonomy: base + [
-        {"name": "myeloblast", "label": "Myeloblast", "lineage": "myeloid", "blast": True,
-         "key": "b"}]}})
+    lab = env.cfg
+    assert "myeloblast" not in lab.classes.model_names
     client = TestClient(create_app(lab, env.store))
     client.headers["X-CSRF-Token"] = login(client, TECH)
     sid = env.slide_id
+    rep = build_report(env.store, sid, lab)
+    assert rep["basis"] == "machine" and rep["differential"]["blast_pct"] is None
+    assert any("does not recognise blasts" in f and "cannot exclude" in f for f in rep["flags"])
     assert client.get(f"/api/slides/{sid}").json()["differential"]["blast_pct"] == 0.0
     blasts = _counted(env)[:2]
     r = client.post(f"/api/slides/{sid}/reclassify",
@@ -311,6 +312,9 @@ def test_blast_calls_flag_intervals_that_straddle_a_threshold(review_env):
     assert sum("straddles" in f for f in row["flags"]) == len(straddled)
     page = client.get(f"/slides/{sid}").text
     assert '<kbd>b</kbd> Myeloblast <span class="n">2</span>' in page
+    rep = build_report(env.store, sid, lab)
+    assert rep["differential"]["blast_n"] == 2 and rep["basis"] == "review in progress"
+    assert any("blast % rests on the review" in f for f in rep["flags"])
 
 
 def test_reference_intervals_follow_the_review(review_env):
@@ -349,7 +353,7 @@ def test_a_slide_with_no_counted_cell_is_signed_only_with_a_reason(review_env, t
     needs a note (no 0.0% differential goes out unexplained)."""
     import dataclasses
 
-    from daemon.report import build_report, write_report
+    from daemon.report import write_report
     from tests.daemon_fixtures import make_field
 
     env = review_env

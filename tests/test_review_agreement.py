@@ -63,7 +63,8 @@ def _review_and_sign(env) -> dict:
         counted = [c for c in cells if c.label != "non_leukocyte"]
         assert len(counted) >= 4, "the pipeline found too few leukocytes on the test fields"
         a, b, c, d = counted[:4]
-        target = next(n for n in env.cfg.classes.counted if n not in {a.label, b.label})
+        target = next(n for n in env.cfg.classes.counted
+                      if n not in {a.label, b.label} and n in env.cfg.classes.model_names)
         done = {"n": len(cells), "reclassified": [(a.label, target), (b.label, target)],
                 "not_leukocyte": c.label, "smudge": d.label}
         actions.reclassify(s, env.slide_id, [a.id, b.id], target, WHO, taxonomies)
@@ -155,7 +156,7 @@ def test_export_writes_a_training_folder_of_the_reviewers_classes(review_env):
         if c.final is not None:
             final[c.final] += 1
     samples = read_folder_tree(out, 0.2)
-    check_labels(samples, env.cfg.classes.names)  # a valid `folder` training source
+    check_labels(samples, env.cfg.classes.model_names)  # a valid `folder` training source
     assert Counter(s.label for s in samples) == final
     assert sum(final.values()) == done["n"] + 1 - 1  # the added cell in, the smudge out
     rows = list(csv.DictReader(open(out / "cells.csv", encoding="utf-8")))

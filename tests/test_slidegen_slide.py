@@ -103,7 +103,7 @@ def test_cells_come_only_from_the_classifier_test_split(config, small):
     samples = []
     for i, src in enumerate(config.train.sources):
         samples += read_source(src, REPO_ROOT, config.train.seed + i)
-    index = label_index(config.classes.names)
+    index = label_index(config.classes.model_names)
     labels = np.array([index[s.label] for s in samples])
     sp = split(labels, config.train.seed, config.train.val_fraction)
     trained = {str(Path(samples[i].path).resolve()) for i in np.concatenate([sp["train"], sp["val"]])}
@@ -191,7 +191,7 @@ def test_a_slide_of_training_cells_trains_as_points_and_never_reaches_the_test_s
     assert [(p.label, p.center) for p in pts] == [(c["class"], (c["x"], c["y"]))
                                                  for c in s.truth["cells"]]
     assert all(p.train_only for p in pts)
-    crops = load_crops(pts, config.classes.names, 0.2, size=96)
+    crops = load_crops(pts, config.classes.model_names, 0.2, size=96)
     assert len(crops.crops) == len(pts) and not crops.problems
     # A stained nucleus (blue over green) sits at the centre of each crop, not at its rim.
     c = crops.crops.astype(np.int16)
@@ -201,7 +201,7 @@ def test_a_slide_of_training_cells_trains_as_points_and_never_reaches_the_test_s
     base = []
     for i, source in enumerate(config.train.sources):
         base += read_source(source, REPO_ROOT, config.train.seed + i)
-    index = label_index(config.classes.names)
+    index = label_index(config.classes.model_names)
     labels = np.array([index[x.label] for x in base + pts])
     mask = np.arange(len(labels)) >= len(base)
     old = split(labels[~mask], config.train.seed, config.train.val_fraction)

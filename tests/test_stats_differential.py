@@ -10,7 +10,14 @@ from collections import Counter
 import pytest
 from scipy.stats import beta
 
-from pipeline.stats import StatsParams, adaptive_stop_reason, differential, proportion_ci
+from pipeline.stats import (
+    StatsParams,
+    adaptive_stop_reason,
+    differential,
+    interval_text,
+    proportion_ci,
+    value_text,
+)
 from tests.conftest import PBC
 
 
@@ -53,9 +60,10 @@ def test_intervals_percentages_and_me_ratio(config):
         assert r.ci_low_pct <= r.pct <= r.ci_high_pct
     # M:E is granulocytes and their precursors against erythroid precursors: monocytes and
     # lymphocytes are in neither side (ICSH).
-    granulocytic = {"promyelocyte", "myelocyte", "metamyelocyte", "band_neutrophil",
-                    "segmented_neutrophil", "eosinophil", "basophil"}
+    granulocytic = {"myeloblast", "promyelocyte", "myelocyte", "metamyelocyte",
+                    "band_neutrophil", "segmented_neutrophil", "eosinophil", "basophil"}
     assert {c.name for c in tax.classes if c.lineage == "myeloid"} == granulocytic
+    assert set(d.myeloid_classes) == granulocytic and d.erythroid_classes == ("erythroblast",)
     myeloid = sum(v for k, v in counted.items() if k in granulocytic)
     assert counted["monocyte"] > 0 and d.myeloid == myeloid and d.erythroid == counted["erythroblast"]
     assert d.me_ratio == pytest.approx(myeloid / counted["erythroblast"])
@@ -63,8 +71,44 @@ def test_intervals_percentages_and_me_ratio(config):
     assert lo < d.me_ratio < hi
     plo, phi = _cp(myeloid, myeloid + d.erythroid)
     assert lo == pytest.approx(plo / (1 - plo)) and hi == pytest.approx(phi / (1 - phi))
-    # pbc11 has no blast class: no blast % is reported rather than a misleading 0%.
-    assert d.blast_pct is None and d.flags == ()
+    # pbc11's blasts are named only by a reviewer: the machine's count gives no blast %
+    # rather than a misleading 0%; reviewed counts with none named give 0%.
+    assert d.blast_reviewer_only and d.blast_pct == 0.0 and d.flags == ()
+    m = differential(counts, tax, config.stats, machine=True)
+    assert m.blast_pct is None and m.blast_ci_pct is None and m.blast_reviewer_only
+    assert [r.pct for r in m.rows] == [r.pct for r in d.rows]
+
+
+def test_a_reviewer_only_class_counts_in_the_denominator(config):
+    """A blast the model cannot name, put right by a reviewer, lowers every other share: left
+    out instead, it would have raised them (90 of 500, not 90 of 400)."""
+    tax = config.classes
+    assert "myeloblast" not in tax.model_names and "myeloblast" in tax.names
+    counts = {"myeloblast": 90, "lymphocyte": 100, "segmented_neutrophil": 250,
+              "erythroblast": 60, "non_leukocyte": 7}
+    d = differential(counts, tax, config.stats)
+    assert d.total == 500 and d.blast_n == 90 and d.blast_pct == pytest.approx(18.0)
+    lo, hi = _cp(90, 500)
+    assert d.blast_ci_pct == pytest.approx((100 * lo, 100 * hi), abs=1e-6)
+    assert d.row("myeloblast").reviewer_only and not d.row("lymphocyte").reviewer_only
+    assert d.myeloid == 340  # blasts are myeloid precursors in M:E
+
+
+def test_display_rounds_intervals_outward_and_marks_agree(config):
+    # 4 of 200: the upper bound is 5.04%, so the interval must not read as ending at 5.0.
+    lo, hi = proportion_ci(4, 200)
+    assert 5.0 < 100 * hi < 5.05 and interval_text(100 * lo, 100 * hi, 1).endswith("5.1")
+    lo, hi = proportion_ci(52, 201)
+    assert 19.95 < 100 * lo < 20.0 and interval_text(100 * lo, 100 * hi, 1).startswith("19.9")
+    lo, hi = proportion_ci(0, 500)
+    assert interval_text(100 * lo, 100 * hi, 1) == "0.0–0.8"
+    assert interval_text(20.0, 30.0, 1) == "20.0–30.0"  # exact bounds are not widened
+    # 25 of 497 lymphocytes = 5.03% against 0-5: "5.0 H" would contradict itself.
+    d = differential({"lymphocyte": 25, "segmented_neutrophil": 472}, config.classes,
+                     _params(config, reference_intervals={"lymphocyte": (0.0, 5.0)}))
+    r = d.row("lymphocyte")
+    assert r.outside == "H" and value_text(r.pct, 1, r.outside, r.reference, 2) == "5.03"
+    assert value_text(12.345, 1, None, (0.0, 5.0), 2) == "12.3"
 
 
 def test_zero_count_interval_is_the_exact_rule_of_three():
@@ -87,9 +131,14 @@ def test_blast_flags_when_interval_straddles_threshold(config):
     big = {k: v * 4 for k, v in base.items()}
     d2 = differential({**big, "myeloblast": 10}, seed10, config.stats)
     assert d2.blast_ci_pct[1] < 5.0 and d2.decisive
-    # No erythroid cell: M:E is undefined, not infinite.
-    d3 = differential({"myeloblast": 3, "myelocyte": 10}, seed10, config.stats)
-    assert d3.me_ratio is None and d3.me_ci is None
+    # No erythroid cell: M:E is infinite (no number), with an exact lower bound, and above
+    # any reference interval.
+    d3 = differential({"myeloblast": 3, "myelocyte": 10}, seed10,
+                      _params(config, reference_intervals={"me_ratio": (2.0, 4.0)}))
+    plo, _ = _cp(13, 13)
+    assert d3.me_ratio is None and d3.me_ci == pytest.approx((plo / (1 - plo), math.inf))
+    assert d3.me_outside == "H" and value_text(d3.me_ratio, 2) == "∞"
+    assert differential({"lymphocyte": 5}, seed10, config.stats).me_ci is None
 
 
 def test_adaptive_stop_only_when_decisive(config):

@@ -66,11 +66,11 @@ def train_cmd(
         from pipeline.classify import read_checkpoint
 
         start = read_checkpoint(init)
-    data, dhash = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
+    data, dhash = load_sources(p.sources, REPO_ROOT, cfg.classes.model_names, p.seed, p.um_per_px,
                                cache_dir=cache_dir)
     for line in data.problems:
         err_console.print(f"skipped: {line}", highlight=False)
-    console.print(f"{len(data.labels)} crops, {len(cfg.classes.names)} classes, data hash {dhash[:12]}")
+    console.print(f"{len(data.labels)} crops, {len(cfg.classes.model_names)} classes, data hash {dhash[:12]}")
 
     def on_epoch(r: EpochReport) -> None:
         console.print(f"[{r.stage}] epoch {r.epoch}/{r.epochs}  loss {r.loss:.4f}  "
@@ -80,12 +80,12 @@ def train_cmd(
     if p.cv_folds > 1:
         from pipeline.train import cross_validate
 
-        accs = cross_validate(data, cfg.classes.names, p, on_epoch=on_epoch, threads=threads,
+        accs = cross_validate(data, cfg.classes.model_names, p, on_epoch=on_epoch, threads=threads,
                               counted=cfg.classes.counted)
         console.print(f"{p.cv_folds}-fold validation accuracy: "
                       + ", ".join(f"{a:.4f}" for a in accs)
                       + f"; mean {sum(accs) / len(accs):.4f}")
-    res = train_classifier(data, cfg.classes.names, p, taxonomy=cfg.taxonomy, data_hash=dhash,
+    res = train_classifier(data, cfg.classes.model_names, p, taxonomy=cfg.taxonomy, data_hash=dhash,
                            on_epoch=on_epoch, threads=threads,
                            max_seconds=None if max_minutes is None else max_minutes * 60,
                            snapshot=None if snapshot is None else
@@ -174,7 +174,7 @@ def eval_classify_cmd(
     ckpt = checkpoint or cfg.resolve(cfg.classifier.checkpoint)
     if folder is None:
         p = cfg.train
-        data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
+        data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.model_names, p.seed, p.um_per_px,
                                cache_dir=cache_dir)
         test = split(data.labels, p.seed, p.val_fraction, data.train_only)["test"]
         result = evaluate_split(ckpt, data, test, cfg.classes, png=png, params=cfg.classifier)
@@ -215,11 +215,11 @@ def eval_unknown_cmd(
     cfg = _config(config)
     p = cfg.train
     clf = load_classifier(checkpoint, cfg.classes)
-    data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
+    data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.model_names, p.seed, p.um_per_px,
                            cache_dir=cache_dir)
     test = split(data.labels, p.seed, p.val_fraction, data.train_only)["test"]
     # White cells of unknown type (ANY_LEUKOCYTE) have no class to be known as.
-    known = centre(data.crops[test[data.labels[test] < len(cfg.classes.names)]])
+    known = centre(data.crops[test[data.labels[test] < len(cfg.classes.model_names)]])
     samples = []
     for i, src in enumerate(p.sources):
         src = src.model_copy(update={"exclude": tuple(x for x in src.exclude if x != unseen)})
@@ -247,7 +247,7 @@ def _checkpoint_and_sources(checkpoint: Optional[Path], config: Optional[Path],
     src = checkpoint or cfg.resolve(cfg.classifier.checkpoint)
     ckpt = read_checkpoint(src)
     p = cfg.train
-    data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.names, p.seed, p.um_per_px,
+    data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.model_names, p.seed, p.um_per_px,
                            cache_dir=cache_dir)
     return cfg, src, ckpt, data
 
@@ -296,7 +296,7 @@ def quantize_cmd(
     from pipeline.train import int8_calibration_crops
 
     cfg, src, ckpt, data = _checkpoint_and_sources(checkpoint, config, cache_dir)
-    crops = int8_calibration_crops(data, len(cfg.classes.names), cfg.train)
+    crops = int8_calibration_crops(data, len(cfg.classes.model_names), cfg.train)
     ckpt = with_int8(ckpt, crops, src)
     dest = out or src
     _save_atomic(ckpt, dest)

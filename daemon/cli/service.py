@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from daemon.cli.app import ConfigOpt, app, console, err_console
-
+from pipeline.stats import interval_text, value_text
 
 
 def _store(cfg: Any, existing: bool = False) -> Any:
@@ -193,14 +194,17 @@ def differential_table(rep: dict[str, Any]) -> Table:
     for col, just in (("class", "left"), ("n", "right"), ("%", "right"), (conf, "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for c in d["classes"]:
-        t.add_row(c["label"], str(c["n"]), f"{c['pct']:.1f}",
-                  f"{c['ci_low_pct']:.1f} – {c['ci_high_pct']:.1f}")
-    me = ("n/a" if d["me_ratio"] is None else
-          f"{d['me_ratio']:.2f}  ({d['me_ci'][0]:.2f} – {d['me_ci'][1]:.2f})")
+        t.add_row(c["label"] + (" †" if c.get("reviewer_only") else ""), str(c["n"]),
+                  value_text(c["pct"], 1, c["outside"], c["reference_pct"], 2),
+                  interval_text(c["ci_low_pct"], c["ci_high_pct"], 1, " – "))
+    me = ("n/a" if not d["me_ci"] else
+          f"{value_text(d['me_ratio'], 2, d['me_outside'], d['me_reference'], 3)}  "
+          f"({interval_text(d['me_ci'][0], d['me_ci'][1] or math.inf, 2, ' – ')})")
     t.add_section()
     t.add_row("M:E ratio", f"{d['myeloid']}:{d['erythroid']}", "", me)
-    blast = ("not in taxonomy" if d["blast_pct"] is None else
-             f"{d['blast_pct']:.1f}%  ({d['blast_ci_pct'][0]:.1f} – {d['blast_ci_pct'][1]:.1f})")
+    blast = (("until reviewed" if d.get("blast_reviewer_only") else "not in taxonomy")
+             if d["blast_pct"] is None else
+             f"{d['blast_pct']:.1f}%  ({interval_text(*d['blast_ci_pct'], 1, ' – ')})")
     t.add_row("Blasts", "" if d["blast_n"] is None else str(d["blast_n"]), "", blast)
     return t
 

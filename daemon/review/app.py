@@ -38,6 +38,7 @@ from daemon.report import (
     HISTORY_VERBS,
     freeze_report,
     iso_time,
+    me_definition,
     when_text,
     pixel_size_checks,
     pixel_text,
@@ -58,7 +59,7 @@ from daemon.review.auth import (
 )
 from daemon.store import StoreError
 from pipeline.errors import ConfigError
-from pipeline.stats import Differential, differential
+from pipeline.stats import Differential, differential, interval_text, value_text
 from pipeline.taxonomy import Taxonomy
 
 if TYPE_CHECKING:
@@ -135,9 +136,10 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["age"] = _age
     templates.env.filters["when"] = when_text
+    templates.env.globals.update(value_text=value_text, interval_text=interval_text,
+                                 me_definition=me_definition)
     templates.env.globals["exclude_reasons"] = actions.EXCLUDE_REASONS
     templates.env.globals["history_verbs"] = HISTORY_VERBS
-    templates.env.globals["inf"] = float("inf")
     crop_um_per_px = cfg.train.um_per_px
     failures: dict[str, deque[float]] = defaultdict(deque)  # recent failed logins per name
     failures_lock = threading.Lock()
