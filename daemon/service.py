@@ -115,7 +115,9 @@ def submit_slide(
     ``.cfg``) with its ``case`` (patient, specimen) if known; returns the slide id.
     ``um_per_px`` overrides the file's or the microscope's pixel size. Refuses a file that
     does not exist or cannot be read, and an image file that states no pixel size when none
-    is given (the daemon could never count it)."""
+    is given (the daemon could never count it), and a microscope slide while another on the
+    same microscope is still queued or being counted (its stage holds one slide: the second
+    would be counted on the first one's glass, under another patient's name)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ServiceError(f"{p}: no such slide file; nothing was queued")
@@ -126,6 +128,13 @@ def submit_slide(
     um = um_per_px
     if p.suffix.lower() == ".cfg":
         kind = "microscope"
+        busy = [s for s in store.slides(("queued", "acquiring"))
+                if s.source == "microscope" and s.source_ref == str(p)]
+        if busy:
+            raise ServiceError(
+                f"slide {busy[0].name!r} on the microscope of {p.name} is still "
+                f"{busy[0].status}: submit the next slide once it is counted and the glass "
+                "is changed (nothing was queued)")
     else:
         from drivers.slide_image import open_slide
 
@@ -356,7 +365,7 @@ class Service:
     # -- counting one slide ---------------------------------------------------------------
 
     def _count(self, slide: Any) -> None:
-        from drivers.acquisition import count_slide
+        from drivers.acquisition import HardwareFault, count_slide
         from pipeline.stats import adaptive_stop_reason
 
         prog = self.store.progress(slide.id)
@@ -383,12 +392,18 @@ class Service:
             self._model_error = None
         try:
             source, close = self._open_source(slide, prog.n_fields)
-        except MarrowError as exc:
-            self._fail(slide, str(exc))
-            return
-        except Exception as exc:  # a device adapter's own error type
-            log.exception("cannot open slide", extra={"data": ctx})
-            self._fail(slide, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a MarrowError, or a device adapter's own error type
+            why = str(exc) if isinstance(exc, MarrowError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, MarrowError):
+                log.exception("cannot open slide", extra={"data": ctx})
+            if slide.source == "microscope":
+                # The glass stays on the stage while someone mends the config or plugs the
+                # camera in again: the slide waits, resumable, and people are told once.
+                reason = f"microscope not ready: {why}"
+                self._pause(slide, prog.counted, reason,
+                            alert=not (slide.error or "").startswith(reason))
+                return
+            self._fail(slide, why)
             return
         counted = prog.counted
         adaptive: list[str] = []
@@ -433,9 +448,16 @@ class Service:
                 source, analyze, slide.target, start_index=prog.next_index,
                 counted_so_far=prog.counted, on_field=on_field,
                 should_stop=lambda: self._stop.is_set() or bool(adaptive),
+                fault_after=self.cfg.acquisition.quality.fault_after_fields,
             )
         except FieldCommitError as exc:
             self._pause(slide, counted, str(exc))
+            return
+        except HardwareFault as exc:
+            # Told once: each retry finds the same fault until someone mends it.
+            reason = f"hardware fault: {exc}"
+            self._pause(slide, counted, reason,
+                        alert=not (stale_error[0] or "").startswith(reason))
             return
         except MarrowError as exc:
             self._fail(slide, str(exc))
@@ -587,7 +609,7 @@ class Service:
         cfg = self.cfg
         path = cfg.resolve(cfg.classifier.checkpoint)
         identity = _file_identity(path)
-        key = (path, identity, cfg.classifier.model_dump_json(), tuple(cfg.classes.names))
+        key = (path, identity, cfg.classifier.model_dump_json(), tuple(cfg.classes.model_names))
         if self._classifier is None or self._classifier_key != key:
             t0 = time.monotonic()
             try:
@@ -634,6 +656,10 @@ class Service:
             scope = open_microscope(cfg.acquisition, mm_config=slide.source_ref,
                                     um_per_px=slide.um_per_px)
         try:
+            # The config's pixel size, never range-checked when the slide was submitted (a
+            # camera pixel not divided by the magnification reads as 6.45 µm/px).
+            check_field_scale(scope.um_per_px, cfg.detect,
+                              f"{Path(slide.source_ref).name}: pixel size")
             plan = self._stage_plan(slide, scope)
             source = MicroscopeFieldSource(scope, plan, cfg.acquisition, cfg.detect)
             if n_committed:

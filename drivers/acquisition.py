@@ -22,10 +22,15 @@ from drivers.autofocus import AutofocusParams
 from drivers.virtual import VirtualParams
 from pipeline.errors import ImageError, MarrowError
 from pipeline.params import Params
-from pipeline.quality import QualityParams
+from pipeline.quality import HARDWARE_REASONS, QualityParams
 
 if TYPE_CHECKING:
     from pipeline.analyze import CellResult
+
+
+class HardwareFault(MarrowError):
+    """The microscope delivers fields no smear explains (dark, none in focus): the slide waits
+    for the hardware to be mended instead of counting on through its area."""
 
 
 class AcquisitionError(MarrowError):
@@ -123,6 +128,7 @@ def count_slide(
     counted_so_far: int = 0,
     on_field: Callable[[FieldResult], None] = lambda f: None,
     should_stop: Callable[[], bool] = lambda: False,
+    fault_after: int = 0,
 ) -> str:
     """Count a slide's fields until ``target`` counted leukocytes, then stop acquisition.
 
@@ -134,6 +140,11 @@ def count_slide(
 
     Returns why it stopped: "target_reached", "area_exhausted", "stopped" (``should_stop()``
     became true) or "failed: <reason>" (the source raised AcquisitionError).
+
+    A field the gate found dark or out of focus waits: the next good field hands it on as
+    skipped, but ``fault_after`` such fields in a row (0: never) raise HardwareFault with none
+    of them handed on, so the slide resumes at the first of them once the lamp, shutter or
+    focus is mended (a dark lamp had "used up" a slide's whole area with 0 cells counted).
     """
     if target <= 0:
         raise AcquisitionError(f"target must be a positive number of cells, got {target}")
@@ -143,6 +154,7 @@ def count_slide(
         return "target_reached"
     counted = counted_so_far
     next_index = start_index
+    suspect: list[FieldResult] = []
     fields = source.fields(start_index)
     try:
         for fld in fields:
@@ -151,13 +163,28 @@ def count_slide(
             if fld.index < next_index:
                 continue  # a repeat of a field already handed on: never count it twice
             next_index = fld.index + 1
+            if fld.skipped_reason and fld.skipped_reason.startswith(HARDWARE_REASONS):
+                suspect.append(fld)
+                if fault_after and len(suspect) >= fault_after:
+                    raise HardwareFault(
+                        f"{len(suspect)} fields in a row from field {suspect[0].index} were "
+                        f"{suspect[-1].skipped_reason}: check the lamp, shutter, camera "
+                        "exposure and focus")
+                continue
+            for s in suspect:
+                on_field(s)
+            suspect.clear()
             if fld.skipped_reason is None:
                 fld = _analysed(fld, analyze)
             on_field(fld)
             counted += fld.n_counted
             if counted >= target:
                 return "target_reached"
-        return "stopped" if should_stop() else "area_exhausted"
+        if should_stop():
+            return "stopped"
+        for s in suspect:
+            on_field(s)
+        return "area_exhausted"
     except AcquisitionError as exc:
         return f"failed: {exc}"
     finally:

@@ -43,14 +43,18 @@ from pipeline.quality import assess_field
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: How far from the requested position (a fraction of the field of view) a stage may stop.
+XY_TOLERANCE_FOV = 0.05
 
 
-def rgb_from_camera(img: np.ndarray) -> np.ndarray:
+def rgb_from_camera(img: np.ndarray, bit_depth: int = 16) -> np.ndarray:
     """A camera frame as RGB uint8 ``(H, W, 3)``.
 
     Accepts a 3-channel RGB frame (Python cameras, or ``getImage(fix=True)`` output), a 2-D
     uint32 32bitRGB frame (BGRA bytes packed per pixel, as real colour cameras deliver) or an
-    ``(H, W, 4)`` BGRA frame. 16-bit colour is scaled to 8 bits. Refuses a monochrome camera.
+    ``(H, W, 4)`` BGRA frame. 16-bit colour is scaled to 8 bits from the camera's
+    ``bit_depth`` (a 12-bit camera's 4095 is white; shifting by 8 made it 15, every field
+    black and "out of focus"). Refuses a monochrome camera.
     """
     if img.ndim == 2 and img.dtype == np.uint32:
         bgra = img.view(np.uint8).reshape(*img.shape, 4)
@@ -59,7 +63,8 @@ def rgb_from_camera(img: np.ndarray) -> np.ndarray:
         img = img[..., [2, 1, 0]]
     if img.ndim == 3 and img.shape[2] == 3:
         if img.dtype == np.uint16:
-            img = (img >> 8).astype(np.uint8)
+            top = (1 << min(max(int(bit_depth), 9), 16)) - 1
+            img = (np.minimum(img, top).astype(np.float32) * (255.0 / top) + 0.5).astype(np.uint8)
         if img.dtype == np.uint8:
             return np.ascontiguousarray(img)
     raise AcquisitionError(
@@ -116,6 +121,11 @@ class Microscope:
             raise AcquisitionError("the Micro-Manager config names no camera")
         if not core.getXYStageDevice():
             raise AcquisitionError("the Micro-Manager config names no XY stage")
+        # One component of 1 or 2 bytes is grey; 4 bytes is 32bitRGB packed in one word.
+        if core.getNumberOfComponents() == 1 and core.getBytesPerPixel() in (1, 2):
+            raise AcquisitionError(
+                f"camera {core.getCameraDevice()!r} is monochrome: a colour (RGB) camera is "
+                "required (a monochrome camera cannot show the stain)")
         if not core.getShutterDevice():
             core.setAutoShutter(False)  # else the MDA fails at its first frame
         px = float(um_per_px) if um_per_px else float(core.getPixelSizeUm())
@@ -155,8 +165,28 @@ class Microscope:
             core.loadSystemConfiguration(str(p.resolve()))
         except Exception as exc:  # pymmcore raises OSError/RuntimeError with multi-line text
             release_core(core)
-            first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-            raise AcquisitionError(f"{p}: cannot load the Micro-Manager config: {first}") from None
+            # Every line: the first names the config line, the ones after it the cause
+            # (an adapter library that is not installed, a port that does not open).
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            why = "; ".join(lines) or type(exc).__name__
+            hint = ("" if "adapter" not in why.lower() else
+                    " (is Micro-Manager installed with this device adapter? pymmcore-plus "
+                    "looks in its MICROMANAGER_PATH or `mmcore install` folder)")
+            raise AcquisitionError(
+                f"{p}: cannot load the Micro-Manager config: {why}{hint}") from None
+        pre = params.prescan
+        if (pre.enabled and core.isGroupDefined(pre.config_group)
+                and core.isConfigDefined(pre.config_group, pre.counting_objective)):
+            # A run cut short during a pre-scan leaves the turret on the pre-scan objective,
+            # and the pixel size read next would be that objective's.
+            try:
+                core.setConfig(pre.config_group, pre.counting_objective)
+                core.waitForConfig(pre.config_group, pre.counting_objective)
+            except Exception as exc:
+                release_core(core)
+                raise AcquisitionError(
+                    f"{p}: cannot select the counting objective {pre.counting_objective!r}: "
+                    f"{exc}") from None
         return cls(core, params, um_per_px=um_per_px)
 
     @classmethod
@@ -268,9 +298,17 @@ class Microscope:
         raise AssertionError("unreachable")
 
     def move_xy(self, x: float, y: float) -> None:
+        """Move and read the position back: a stage stopped at its travel limit (or by a
+        dropped command) reports success and would show one place as many fields."""
+        tol = XY_TOLERANCE_FOV * min(self.fov_um)
+
         def move() -> None:
             self.core.setXYPosition(x, y)
             self.core.waitForDevice(self.core.getXYStageDevice())
+            at_x, at_y = self.core.getXYPosition()
+            if abs(at_x - x) > tol or abs(at_y - y) > tol:
+                raise RuntimeError(f"the stage is at ({at_x:.1f}, {at_y:.1f}) µm after the "
+                                   "move (a travel limit, or the stage did not move)")
 
         self._retry(f"XY stage move to ({x:.1f}, {y:.1f}) µm", move)
         self.xy_moves += 1
@@ -293,7 +331,7 @@ class Microscope:
             self.core.snapImage()
             return self.core.getImage(fix=True)
 
-        return rgb_from_camera(self._retry("camera snap", snap))
+        return rgb_from_camera(self._retry("camera snap", snap), self.core.getImageBitDepth())
 
     def focus(self, z0: float | None) -> tuple[float | None, bool]:
         """Focus the current field; returns (z, found). Hardware autofocus when the config
@@ -302,8 +340,13 @@ class Microscope:
         if not self.core.getFocusDevice() or not af.enabled:
             return self.get_z(), False
         if af.use_hardware and self.core.getAutoFocusDevice():
-            self._retry("hardware autofocus", self.core.fullFocus)
-            return self.get_z(), True
+            try:
+                self._retry("hardware autofocus", self.core.fullFocus)
+                return self.get_z(), True
+            except AcquisitionError as exc:
+                # A field the device cannot lock on (a gap in the smear, a bubble) is no
+                # reason to fail the slide: the image-based search decides this field.
+                log.warning("%s; searching by image instead", exc)
         start = self.get_z() if z0 is None else z0
         if start is None:
             return None, False
@@ -411,25 +454,35 @@ class MicroscopeFieldSource:
                 except queue.Full:
                     continue
 
-        source = self
+        core = self.scope.core
 
-        class _Handler:
-            def frameReady(self, img: np.ndarray, event: useq.MDAEvent, meta: Any) -> None:
-                index = int(event.pos_name or -1)
-                if index in seen or closing.is_set():  # never hand a field on twice
-                    return
-                seen.add(index)
-                source.frames_acquired += 1
-                put(source._field(index, img, event, meta))
+        # Connected to the signal itself, so it runs on the MDA thread between events: a full
+        # queue holds the stage (an ``output=`` handler runs on a relay thread of its own
+        # with an unbounded queue: the stage toured the whole plan before a field was
+        # counted, and a handler's error was only logged while the field went missing).
+        def on_frame(img: np.ndarray, event: useq.MDAEvent, meta: Any) -> None:
+            index = int(event.pos_name or -1)
+            if index in seen or closing.is_set() or errors:  # never hand a field on twice
+                return
+            try:
+                item = self._field(index, img, event, meta)
+            except BaseException as exc:  # the runner would only log it
+                errors.append(exc)
+                core.mda.cancel()
+                return
+            seen.add(index)
+            self.frames_acquired += 1
+            put(item)
 
         def run() -> None:
-            core = self.scope.core
             core.mda.set_engine(_FieldEngine(self.scope, self))
+            core.mda.events.frameReady.connect(on_frame)
             try:
-                core.mda.run(seq, output=[_Handler()])
+                core.mda.run(seq)
             except BaseException as exc:
                 errors.append(exc)
             finally:
+                core.mda.events.frameReady.disconnect(on_frame)
                 put(_DONE)
 
         thread = threading.Thread(target=run, name="marrowcount-mda", daemon=True)
@@ -453,7 +506,7 @@ class MicroscopeFieldSource:
                 exc = errors[0]
                 if isinstance(exc, AcquisitionError):
                     raise exc
-                raise AcquisitionError(f"acquisition failed: {exc}") from exc
+                raise AcquisitionError(f"acquisition failed: {type(exc).__name__}: {exc}") from exc
             missing = sorted(set(range(start_index, start_index + len(positions))) - seen)
             if missing:
                 raise AcquisitionError(

@@ -9,7 +9,11 @@ coarse scale, which costs a few milliseconds per field:
 - *dense*: nuclear stain covers more than ``max_nuclear_fraction`` of the field: the centre
   of a marrow particle, where cells overlap and cannot be told apart;
 - *clumped*: most nuclear area lies in blobs larger than any single cell;
-- *out of focus*: sharpness (variance of the Laplacian of luminance) below ``min_sharpness``.
+- *out of focus*: sharpness (variance of the Laplacian of luminance) below ``min_sharpness``;
+- *dark*: mean brightness below ``min_brightness``: no light reached the camera (lamp,
+  shutter, exposure), judged first. ``drivers.acquisition.count_slide`` stops a slide whose
+  fields are dark or out of focus ``fault_after_fields`` times in a row: a hardware fault,
+  not a thin smear.
 """
 
 from __future__ import annotations
@@ -37,6 +41,14 @@ class QualityParams(Params):
     max_clumped_fraction: float = Field(gt=0, le=1)
     min_sharpness: float = Field(ge=0, description="variance of Laplacian at sharpness scale")
     sharpness_um_per_px: float = Field(gt=0, description="scale sharpness is measured at")
+    min_brightness: float = Field(ge=0, le=255, description="mean brightness (0-255) below "
+                                  "which a field is dark: no light reached the camera")
+    fault_after_fields: int = Field(ge=1, description="fields dark or out of focus in a row "
+                                    "that stop a slide as a hardware fault")
+
+
+#: How the reasons a failing lamp, shutter, exposure or focus drive gives begin.
+HARDWARE_REASONS = ("dark:", "out of focus:")
 
 
 @dataclass(frozen=True)
@@ -48,10 +60,12 @@ class FieldQuality:
     nuclear_fraction: float
     clumped_fraction: float
     sharpness: float
+    brightness: float = 255.0
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         return {
             "reason": self.reason,
+            "brightness": round(self.brightness, 1),
             "nucleated": self.nucleated,
             "nuclear_fraction": round(self.nuclear_fraction, 4),
             "clumped_fraction": round(self.clumped_fraction, 4),
@@ -81,6 +95,7 @@ def assess_field(
     sharp = sharpness(rgb, um_per_px, params.sharpness_um_per_px)
     work = max(um_per_px, params.work_um_per_px)
     small = resample(rgb, um_per_px, work)
+    bright = float(small.mean())
     mask = (nucleus_map(small, detect_params) >= detect_params.min_saturation).astype(np.uint8)
     # Lobes of one neutrophil are fragments of one nucleus: close the gaps before counting.
     gap_px = max(1, int(round(detect_params.merge_gap_um / work)))
@@ -98,7 +113,10 @@ def assess_field(
     nucleated = int(np.ceil(nuclei / params.max_cell_area_um2).sum())
     reason = None
     if params.enabled:
-        if nucleated < params.min_nucleated:
+        if bright < params.min_brightness:
+            reason = (f"dark: mean brightness {bright:.0f} < {params.min_brightness:g} "
+                      "(lamp, shutter or camera exposure)")
+        elif nucleated < params.min_nucleated:
             reason = f"thin: {nucleated} nucleated cells < {params.min_nucleated} (blood dilution)"
         elif fraction > params.max_nuclear_fraction:
             reason = (
@@ -109,4 +127,4 @@ def assess_field(
             reason = f"clumped: {clumped:.0%} of nuclear area in clumps"
         elif sharp < params.min_sharpness:
             reason = f"out of focus: sharpness {sharp:.1f} < {params.min_sharpness:g}"
-    return FieldQuality(reason, nucleated, fraction, clumped, sharp)
+    return FieldQuality(reason, nucleated, fraction, clumped, sharp, bright)

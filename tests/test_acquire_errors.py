@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from drivers.acquisition import AcquisitionError
 from drivers.micromanager import open_microscope
 from pipeline.errors import ImageError
-from tests.acquire_fixtures import acquisition_params, bccd_slide, write_cfg
+from tests.acquire_fixtures import CfgCamera, acquisition_params, bccd_slide, write_cfg
 
 
 def test_missing_config_file(tmp_path):
@@ -29,8 +30,30 @@ def test_unreadable_config_file(tmp_path):
 def test_config_whose_device_cannot_load(tmp_path):
     cfg = tmp_path / "demo.cfg"
     cfg.write_text("Device,Camera,DemoCamera,DCam\nProperty,Core,Initialize,1\n")
-    with pytest.raises(AcquisitionError, match="cannot load the Micro-Manager config.*DemoCamera"):
+    # The config line and its cause (the adapter library is not there), with where to look.
+    with pytest.raises(AcquisitionError, match=r"cannot load the Micro-Manager config: Line 1: "
+                       r"Device,Camera,DemoCamera,DCam; Failed to load device adapter "
+                       r"\"DemoCamera\".*is Micro-Manager installed"):
         open_microscope(acquisition_params(), mm_config=cfg)
+
+
+class GreyCamera(CfgCamera):
+    """The test rig's camera delivering grey frames, loaded by the .cfg below."""
+
+    def sensor_shape(self):
+        return super().sensor_shape()[:2]
+
+    def snap(self, buffer):
+        buffer[:] = self.render().mean(axis=2).astype(np.uint8)
+        return {}
+
+
+def test_a_monochrome_camera_is_refused_before_the_stage_moves(tmp_path):
+    cfg = write_cfg(tmp_path / "grey.cfg")
+    cfg.write_text(cfg.read_text().replace("tests.acquire_fixtures,CfgCamera",
+                                           f"{__name__},GreyCamera"))
+    with pytest.raises(AcquisitionError, match="'Cam' is monochrome"):
+        open_microscope(acquisition_params(), mm_config=cfg, um_per_px=0.072)
 
 
 def test_config_without_camera_or_xy_stage(tmp_path):

@@ -95,6 +95,30 @@ def test_submit_refuses_missing_and_unreadable_slides(tmp_path):
     assert res.exit_code == 0 and "S1 (queued)" in res.stdout and "0/300" in res.stdout
 
 
+def test_one_slide_at_a_time_on_a_microscope(tmp_path):
+    """The stage holds one glass: a second slide submitted for the same microscope while the
+    first is queued would be counted on the first one's glass under another patient."""
+    from daemon.store import Store
+    from tests.acquire_fixtures import write_cfg
+
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'q.db'}")
+    scope = write_cfg(tmp_path / "scope.cfg")
+    ok = runner.invoke(app, ["submit", str(scope), "--name", "BM-A", "--patient-id", "P1",
+                             "--config", str(config)])
+    assert ok.exit_code == 0, ok.output
+    _fails(["submit", str(scope), "--name", "BM-B", "--patient-id", "P2", "--config",
+            str(config)], Exception, "slide 'BM-A' on the microscope of scope.cfg is still queued")
+    other = write_cfg(tmp_path / "scope2.cfg")  # another microscope is free
+    assert runner.invoke(app, ["submit", str(other), "--name", "BM-C", "--config",
+                               str(config)]).exit_code == 0
+    with Store(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "data") as store:
+        sid = next(s.id for s in store.slides(None) if s.name == "BM-A")
+        store.claim(sid, "scope-1")
+        store.set_status(sid, "awaiting_review")
+    assert runner.invoke(app, ["submit", str(scope), "--name", "BM-B", "--config",
+                               str(config)]).exit_code == 0
+
+
 def test_submit_needs_a_pixel_size_the_daemon_can_use(tmp_path):
     from daemon.store import Store
 

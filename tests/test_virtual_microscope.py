@@ -90,6 +90,18 @@ def test_packed_32bit_rgb_camera_gives_the_right_channel_order(slide):
     packed_scope.close()
 
 
+def test_twelve_bit_colour_is_scaled_by_the_camera_bit_depth(slide):
+    """A 12-bit colour camera's white is 4095: scaled by its bit depth it is 255 (shifting
+    by 8 bits made every field nearly black)."""
+    scope = virtual_scope(slide)
+    rgb = scope.snap_rgb()
+    scope.close()
+    twelve = (rgb.astype(np.uint32) * 4095 // 255).astype(np.uint16)
+    back = rgb_from_camera(twelve, 12)
+    assert np.abs(back.astype(int) - rgb).max() <= 1 and back.max() == rgb.max()
+    assert rgb_from_camera(twelve).max() <= 16  # read as 16-bit it is dark
+
+
 def test_monochrome_frames_are_refused():
     with pytest.raises(AcquisitionError, match="colour"):
         rgb_from_camera(np.zeros((4, 4), np.uint16))

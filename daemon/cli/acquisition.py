@@ -117,7 +117,8 @@ def acquire(
                 )
 
         source = MicroscopeFieldSource(scope, plan, params, cfg.detect)
-        stopped = count_slide(source, analyze, n_target, on_field=on_field)
+        stopped = count_slide(source, analyze, n_target, on_field=on_field,
+                              fault_after=params.quality.fault_after_fields)
     finally:
         scope.close()
     counts = Counter(c.label for f in fields for c in f.cells if c.counted)
@@ -134,19 +135,21 @@ def acquire(
             "stopped_because": stopped,
         }))
         return
-    from pipeline.stats import differential
+    from pipeline.stats import differential, interval_text, value_text
 
-    diff = differential(counts_all, cfg.classes, cfg.stats)
+    diff = differential(counts_all, cfg.classes, cfg.stats, machine=True)
     table = Table(title=f"Differential: {diff.total} cells ({stopped})")
     for col in ("class", "n", "%", f"{diff.confidence:.0%} CI"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for row in diff.rows:
-        table.add_row(
-            row.label, str(row.n), f"{row.pct:.1f}", f"{row.ci_low_pct:.1f}–{row.ci_high_pct:.1f}"
-        )
+        table.add_row(row.label + (" †" if row.reviewer_only else ""), str(row.n),
+                      f"{row.pct:.1f}", interval_text(row.ci_low_pct, row.ci_high_pct, 1))
     console.print(table)
-    if diff.me_ratio is not None:
-        console.print(f"M:E ratio {diff.me_ratio:.2f}")
+    if any(row.reviewer_only for row in diff.rows):
+        console.print("† named by a reviewer only: the model does not recognise this class")
+    if diff.me_ci is not None:
+        console.print(f"M:E ratio {value_text(diff.me_ratio, 2)} "
+                      f"({interval_text(*diff.me_ci, 2)})")
     skipped = [f for f in fields if f.skipped_reason]
     console.print(f"{len(fields)} fields visited, {len(skipped)} skipped")
     for f in skipped:
