@@ -164,6 +164,7 @@ class Store:
         self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
                                         thread_name_prefix="marrowcount-crops")
         self._host = socket.gethostname()
+        self._busy_timeout_s = busy_timeout_s
         self.engine = _engine(url, busy_timeout_s)
         try:
             self._migrate()
@@ -225,8 +226,18 @@ class Store:
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         head = ScriptDirectory.from_config(cfg).get_current_head()
+        engine = self.engine
+        if engine.dialect.name == "sqlite":
+            # Python's sqlite3 commits each CREATE / ALTER on its own: a migration killed part
+            # way left tables without their version row, and every later start failed on
+            # "table slides already exists". One explicit transaction holds the whole
+            # migration (SQLAlchemy's pysqlite recipe), so it applies completely or not at all.
+            engine = _engine(self.url, self._busy_timeout_s)
+            event.listen(engine, "connect",
+                         lambda dbapi_conn, _rec: setattr(dbapi_conn, "isolation_level", None))
+            event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         try:
-            with self.engine.begin() as conn:
+            with engine.begin() as conn:
                 tables = set(inspect(conn).get_table_names())
                 current = None
                 if "alembic_version" in tables:
@@ -253,6 +264,9 @@ class Store:
             raise StoreError(f"cannot open database {_safe_url(self.url)}: {_first_line(exc)}") from None
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot migrate database {_safe_url(self.url)}: {_first_line(exc)}") from None
+        finally:
+            if engine is not self.engine:
+                engine.dispose()
 
     # -- slides ---------------------------------------------------------------------------
 

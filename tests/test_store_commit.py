@@ -211,6 +211,51 @@ def test_store_from_before_methods_were_recorded_migrates_with_its_fields(tmp_pa
     assert any("not recorded" in f for f in rep["flags"] if f.startswith("counted with 2"))
 
 
+@pytest.mark.parametrize("kill_in", ["0001", "0007"])
+def test_a_migration_killed_part_way_leaves_a_store_that_opens(tmp_path, kill_in):
+    """SIGKILL inside a migration (a power cut while the first start builds the schema, or
+    while an upgrade alters a table): the next start finds the store as before the
+    migration and migrates it whole. Each CREATE / ALTER had been committed on its own, and
+    every later start failed on "table slides already exists"."""
+    from alembic import command
+
+    url, data = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "data"
+    if kill_in == "0007":  # a store of the release before, with a slide in it
+        with Store(url, data) as store:
+            sid = store.create_slide("BM-1", "virtual", "slide.tif", 500, "pbc11")
+            store.commit_field(sid, make_field(0))
+            counts = store.counts(sid)
+            with store.engine.begin() as conn:
+                command.downgrade(_alembic(conn), "0006")
+    # The second schema change of the migration kills the process, as a power cut would.
+    hook = "create_index" if kill_in == "0001" else "add_column"
+    code = textwrap.dedent(f"""
+        import os, signal
+        import alembic.op as op
+        real, calls = op.{hook}, []
+        def dying(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **k)
+        op.{hook} = dying
+        from daemon.store import Store
+        Store({url!r}, {str(data)!r})
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True)
+    assert p.returncode == -9, p.stderr.decode()[-2000:]
+    with Store(url, data) as store:  # opens, and migrates the rest
+        if kill_in == "0007":
+            assert store.counts(sid) == counts
+        sid2 = store.create_slide("BM-2", "virtual", "slide.tif", 500, "pbc11")
+        store.commit_field(sid2, make_field(0))
+    db = sqlite3.connect(tmp_path / "m.db")
+    try:
+        assert db.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
+    finally:
+        db.close()
+
+
 def test_downgrading_to_the_first_schema_and_back_keeps_every_row(tmp_path):
     """On SQLite, Alembic's batch mode rebuilds a table to drop a column, and dropping the old
     table deleted every field and cell of every slide (ON DELETE CASCADE)."""
