@@ -610,6 +610,14 @@ class FolderWatcher:
                 planned.append(plan_file(path, sha, folder.um_per_px, self.params.wsi,
                                          self.detect, folder.area_um))
             except ImageError as exc:
+                if not os.path.lexists(path):
+                    # Gone while it was read (a scanner rewriting it): nothing to quarantine,
+                    # and it is taken afresh when it comes back (quarantining a missing file
+                    # left a note in the watch folder and blocked its path until a restart).
+                    log.warning("%s vanished while it was read (%s); it is taken again if it "
+                                "comes back", path, exc)
+                    self._seen.pop(path, None)
+                    continue
                 events.append(self._quarantine(folder, root, path, str(exc), sha))
             except (MemoryError, OSError) as exc:
                 log.warning("%s: cannot plan now (%s); will retry", path, exc)

@@ -22,6 +22,7 @@ content that does not match the extension); a tile that fails later raises Image
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -94,6 +95,8 @@ def open_slide(path: str | os.PathLike[str]) -> "SlideImage":
         raise ImageError(f"{p.name}: extension says {expected.upper()} but the content is "
                          f"{kind.upper()}")
     if vendor is not None and vendor != "generic-tiff":
+        if kind == "tiff":
+            _check_tiff_whole(p, size)
         return OpenSlideImage(p, vendor)
     if kind == "tiff":
         return TiffImage(p)
@@ -390,6 +393,49 @@ class OpenSlideImage(SlideImage):
             self._slide = None
 
 
+def _check_tiff_whole(path: Path, size: int) -> None:
+    """ImageError unless every page of a TIFF-based slide (SVS, NDPI, …) and all its image
+    data lie inside the file: OpenSlide opens a file cut short (still being copied) and
+    reads the pages before the cut, so a partial slide was counted, then counted again."""
+    import tifffile
+
+    with _TiffErrors() as damage:
+        try:
+            with tifffile.TiffFile(str(path)) as tif:
+                end = 0
+                for page in tif.pages:
+                    offsets = getattr(page, "dataoffsets", ())
+                    if len(offsets):
+                        end = max(end, int(np.max(np.asarray(offsets, np.int64)
+                                                  + np.asarray(page.databytecounts, np.int64))))
+        except Exception as exc:  # noqa: BLE001  (TiffFileError, struct errors on truncation)
+            raise ImageError(f"{path.name}: truncated or damaged TIFF: {_reason(exc)}") from None
+    if damage.messages:
+        raise ImageError(f"{path.name}: truncated or damaged TIFF: {damage.messages[0][:200]}")
+    if end > size:
+        raise ImageError(f"{path.name}: truncated: image data runs to byte {end} but the file "
+                         f"has {size} bytes")
+
+
+class _TiffErrors(logging.Handler):
+    """Collects what tifffile logs as an error while a file opens (an IFD offset past the end
+    of the file, a corrupted tag list): it reads on and only logs them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_TiffErrors":
+        logging.getLogger("tifffile").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("tifffile").removeHandler(self)
+
+
 class TiffImage(SlideImage):
     """OME-TIFF, pyramidal and generic TIFF through tifffile, decoding only touched tiles."""
 
@@ -397,18 +443,26 @@ class TiffImage(SlideImage):
         import tifffile
 
         self.path = path
-        try:
-            self._tif = tifffile.TiffFile(str(path))
-        except Exception as exc:  # noqa: BLE001  (TiffFileError, struct errors on truncation)
-            raise ImageError(f"{path.name}: not a readable TIFF: {_reason(exc)}") from None
-        try:
-            self._init(tifffile, cache_bytes)
-        except ImageError:
+        with _TiffErrors() as damage:
+            try:
+                self._tif = tifffile.TiffFile(str(path))
+            except Exception as exc:  # noqa: BLE001  (TiffFileError, struct errors on truncation)
+                raise ImageError(f"{path.name}: not a readable TIFF: {_reason(exc)}") from None
+            try:
+                len(self._tif.pages)  # index every page: a cut IFD chain shows only now
+                self._init(tifffile, cache_bytes)
+            except ImageError:
+                self.close()
+                raise
+            except Exception as exc:  # noqa: BLE001  (malformed tags surface as many types)
+                self.close()
+                raise ImageError(f"{path.name}: malformed TIFF: {_reason(exc)}") from None
+        if damage.messages:
+            # tifffile reads past a page chain cut short (a file still being copied) and only
+            # logs it: the pages before the cut open, and a partial slide was counted.
             self.close()
-            raise
-        except Exception as exc:  # noqa: BLE001  (malformed tags surface as many types)
-            self.close()
-            raise ImageError(f"{path.name}: malformed TIFF: {_reason(exc)}") from None
+            raise ImageError(f"{path.name}: truncated or damaged TIFF: "
+                             f"{damage.messages[0][:200]}")
 
     def _init(self, tifffile: Any, cache_bytes: int) -> None:
         tif, name = self._tif, self.path.name

@@ -440,3 +440,29 @@ def test_a_failed_slides_file_that_was_gone_counts_again_when_put_back(config, s
     assert [(e.kind, Path(e.path).name) for e in evs] == [("slide", "gone.jpg")]
     assert sorted((s.name, s.status) for s in slides(store)) == [
         ("gone.jpg", "failed"), ("gone.jpg (2)", "queued")]
+
+
+def test_a_file_that_vanishes_while_read_is_taken_when_it_comes_back(
+        config, store, inbox, pyramid_bytes, monkeypatch):
+    """A scanner deletes and rewrites a file while the watcher reads it: nothing is
+    quarantined (it had been, as "no such file", with a note left in the watch folder and
+    its path blocked until a restart), and the whole file delivered again is counted."""
+    import drivers.folder as folder
+
+    target = inbox / "s1.tif"
+    real, gone = folder.plan_file, []
+
+    def vanishing(path, *a, **k):
+        if Path(path) == target and not gone:
+            gone.append(path)
+            os.unlink(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(folder, "plan_file", vanishing)
+    w = watcher(config, store, make_params(config, inbox, stable_seconds=0.0))
+    target.write_bytes(pyramid_bytes)
+    assert [e.kind for e in scan_until_idle(w, passes=8)] == [] and gone
+    assert sorted(os.listdir(inbox)) == [] and slides(store) == []
+    target.write_bytes(pyramid_bytes)  # delivered again, whole
+    assert [e.kind for e in scan_until_idle(w)] == ["slide"]
+    assert len(slides(store)) == 1 and not (inbox / "quarantine").exists()

@@ -99,6 +99,23 @@ def test_broken_fixtures_are_refused_with_reason(name, reason):
         open_slide(WSI / name)
 
 
+@pytest.mark.parametrize("name", ["CMU-1-Small-Region.svs", "small.svs"])
+def test_a_scanner_file_cut_short_is_refused_as_truncated(tmp_path, name):
+    """A real SVS cut at 77% and at 99% (still being copied): OpenSlide or tifffile opened
+    the pages before the cut, and the partial slide was counted, then counted again whole."""
+    from tests.conftest import WSI
+
+    whole = (WSI / name).read_bytes()
+    for frac in (0.77, 0.99):
+        cut = tmp_path / f"cut-{frac}.svs"
+        cut.write_bytes(whole[: int(len(whole) * frac)])
+        with pytest.raises(ImageError, match="truncated"):
+            open_slide(cut)
+    ok = tmp_path / "whole.svs"
+    ok.write_bytes(whole)
+    open_slide(ok).close()
+
+
 def test_broken_files_refused(tmp_path, mosaic):
     empty = tmp_path / "empty.tif"
     empty.write_bytes(b"")
