@@ -8,6 +8,7 @@ registry, so several daemons in one test process never collide.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 
@@ -25,7 +26,9 @@ class Metrics:
         self.errors = Counter("marrowcount_errors", "Errors by kind", ["kind"], registry=r)
         self.slides = Counter("marrowcount_slides_finished", "Slides finished by outcome",
                               ["outcome"], registry=r)
-        self.queue_length = Gauge("marrowcount_queue_length", "Slides queued", registry=r)
+        self.queue_length = Gauge("marrowcount_queue_length",
+                                  "Slides waiting to be counted (queued, or started and not "
+                                  "finished: paused or being counted)", registry=r)
         self.fields_per_s = Gauge("marrowcount_fields_per_second",
                                   f"Fields committed per second over the last {window_s:g} s",
                                   registry=r)
@@ -36,6 +39,11 @@ class Metrics:
                                    "Counted leukocytes of the slide being counted", registry=r)
         self._window = window_s
         self._recent: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()  # the HTTP thread reads the rates as the daemon adds
+        # Worked out at each scrape, so an idle daemon's rates fall to 0 (they had kept the
+        # last field's value for ever).
+        self.fields_per_s.set_function(lambda: self._rates()[0])
+        self.cells_per_s.set_function(lambda: self._rates()[1])
         self._server = None
 
     def serve(self, port: int, host: str) -> None:
@@ -49,17 +57,21 @@ class Metrics:
             self._server = None
 
     def field_committed(self, n_counted: int, slide_counted: int) -> None:
-        now = time.monotonic()
+        """A field newly committed (not one found already stored)."""
         self.fields.inc()
         self.cells.inc(n_counted)
         self.slide_counted.set(slide_counted)
-        self._recent.append((now, n_counted))
-        while self._recent and now - self._recent[0][0] > self._window:
-            self._recent.popleft()
-        span = max(now - self._recent[0][0], 1e-3) if len(self._recent) > 1 else None
-        if span is not None:
-            self.fields_per_s.set((len(self._recent) - 1) / span)
-            self.cells_per_s.set(sum(n for _, n in list(self._recent)[1:]) / span)
+        with self._lock:
+            self._recent.append((time.monotonic(), n_counted))
+
+    def _rates(self) -> tuple[float, float]:
+        """(fields/s, cells/s) over the last ``window_s`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and now - self._recent[0][0] > self._window:
+                self._recent.popleft()
+            n_fields, n_cells = len(self._recent), sum(n for _, n in self._recent)
+        return n_fields / self._window, n_cells / self._window
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind=kind).inc()

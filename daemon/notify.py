@@ -8,6 +8,7 @@ acquisition must stop the pings so systemd restarts the service.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import sdnotify
@@ -32,6 +33,24 @@ class Notifier:
     def status(self, text: str) -> None:
         self._send(f"STATUS={text}")
         self.watchdog()
+
+    @property
+    def ping_every(self) -> float | None:
+        """Seconds between watchdog pings (None outside a systemd watchdog): no wait of the
+        daemon's loop may be longer, or systemd kills an idle daemon."""
+        return self._every
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        """``event.wait(seconds)``, pinging the watchdog at least every ``ping_every`` while
+        it waits; True when the event was set."""
+        end = time.monotonic() + seconds
+        while True:
+            self.watchdog()
+            left = end - time.monotonic()
+            if left <= 0:
+                return event.is_set()
+            if event.wait(left if self._every is None else min(left, self._every)):
+                return True
 
     def watchdog(self) -> None:
         if self._every is None:

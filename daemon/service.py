@@ -264,6 +264,8 @@ class Service:
         def on_watch(ev: Any) -> None:
             level = (logging.INFO if ev.kind in ("slide", "done", "duplicate", "grouped")
                      else logging.WARNING)
+            if ev.kind in ("quarantined", "refused"):
+                self.metrics.error("quarantine")
             log.log(level, "watch: %s %s", ev.kind, ev.path, extra={"data": {
                 "path": ev.path, "slide": ev.slide_id, "reason": ev.reason}})
 
@@ -294,12 +296,12 @@ class Service:
                 if self._reload:
                     self._reload_config()
                 slide = self._next_slide()
-                self.metrics.queue_length.set(len(self.store.slides(["queued"])))
+                self.metrics.queue_length.set(len(self.store.slides(["queued", "acquiring"])))
                 if slide is None:
                     if exit_when_idle and not self._paused_until:
                         break
                     self.notifier.status(f"idle on {self.instrument}")
-                    self._wake.wait(self._idle_wait())
+                    self.notifier.wait(self._wake, self._idle_wait())
                     self._wake.clear()
                     continue
                 self._count(slide)
@@ -408,6 +410,7 @@ class Service:
         counted = prog.counted
         adaptive: list[str] = []
         t0 = time.monotonic()
+        self.metrics.slide_counted.set(counted)  # a resumed slide starts where it stood
         n_measured = self.store.red_cells([slide.id])[slide.id][1]
         to_check = n_measured < self.cfg.calibrate.check_fields  # a resumed slide was checked
 
@@ -423,6 +426,7 @@ class Service:
                 f = dataclasses.replace(f, image=None)
             if self._commit(slide, f, None if f.skipped_reason else method):
                 counted += f.n_counted
+                self.metrics.field_committed(f.n_counted, counted)
                 if measure and RED_CELLS in f.quality:
                     n_measured += 1
                     if n_measured == self.cfg.calibrate.check_fields:
@@ -430,7 +434,6 @@ class Service:
             if stale_error[0]:  # the failure noted earlier is over
                 self._note(slide.id, None)
                 stale_error[0] = None
-            self.metrics.field_committed(f.n_counted, counted)
             self.notifier.status(f"{slide.name}: {counted}/{slide.target} cells, field {f.index}")
             log.info("field committed", extra={"data": {
                 **ctx, "field": f.index, "cells": f.n_counted, "counted": counted,
@@ -451,7 +454,9 @@ class Service:
                 fault_after=self.cfg.acquisition.quality.fault_after_fields,
             )
         except FieldCommitError as exc:
-            self._pause(slide, counted, str(exc))
+            # A full disk fails every retry alike: told once, not every retry_slide_after_s.
+            self._pause(slide, counted, str(exc),
+                        alert=not (stale_error[0] or "").startswith(str(exc)))
             return
         except HardwareFault as exc:
             # Told once: each retry finds the same fault until someone mends it.
@@ -468,6 +473,7 @@ class Service:
             return
         finally:
             close()
+            self.metrics.slide_counted.set(0)  # no slide is being counted
         if (to_check and 0 < n_measured < self.cfg.calibrate.check_fields
                 and (result in ("target_reached", "area_exhausted") or adaptive)):
             self._check_scale(slide, counted)  # a slide of fewer fields than check_fields
@@ -554,16 +560,29 @@ class Service:
                     self._note(slide.id, None)
                 return ok
             except (OSError, SQLAlchemyError, StoreError) as exc:
-                why = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+                # Where it failed too: the database, or which file of the data folder.
+                if isinstance(exc, OSError) and exc.strerror:
+                    why = exc.strerror + (f" ({self._where(exc.filename)})"
+                                          if exc.filename else "")
+                else:
+                    why = (("database: " if isinstance(exc, SQLAlchemyError) else "")
+                           + (str(exc).splitlines() or [type(exc).__name__])[0])
                 self.metrics.error("commit")
                 log.warning("field %d of %s failed to commit (%s); attempt %d of %d",
                             f.index, slide.name, why, attempt + 1, p.commit_retries + 1,
                             extra={"data": {"slide": slide.id, "field": f.index}})
                 self._note(slide.id, f"field {f.index} failed: {why}; retrying")
-                if attempt == p.commit_retries or self._stop.wait(delay):
+                if attempt == p.commit_retries or self.notifier.wait(self._stop, delay):
                     raise FieldCommitError(f"field {f.index} failed: {why}") from None
                 delay *= 2
         raise AssertionError("unreachable")
+
+    def _where(self, filename: Any) -> str:
+        """A failed file named by its folder: the data folder for any file in it (a staging
+        name differs at every retry, and a repeated pause is known by its reason)."""
+        path = Path(os.fsdecode(filename))
+        data = self.store.data_dir
+        return f"data folder {data}" if path.is_relative_to(data) else str(path)
 
     def _note(self, slide_id: int, text: str | None) -> None:
         try:
@@ -586,7 +605,9 @@ class Service:
             from daemon.webhook import Webhook, event_text
 
             if self._webhook is None:
-                self._webhook = Webhook(p.webhook_url)
+                self._webhook = Webhook(
+                    p.webhook_url, on_drop=lambda n: self.metrics.errors.labels(
+                        kind="webhook").inc(n))
             self._webhook.post({
                 "event": kind, "text": event_text(kind, slide.name, counted, slide.target,
                                                   self.instrument, data),

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -56,8 +57,9 @@ class Webhook:
     ``backoff_s`` apart, doubling."""
 
     def __init__(self, url: str, timeout_s: float = 5.0, retries: int = 3,
-                 backoff_s: float = 2.0) -> None:
+                 backoff_s: float = 2.0, on_drop: Callable[[int], None] | None = None) -> None:
         self.url = url
+        self.on_drop = on_drop or (lambda n: None)
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -72,7 +74,7 @@ class Webhook:
         try:
             self._queue.put_nowait(message)
         except queue.Full:  # the endpoint has been down for a long time: keep counting
-            self.dropped += 1
+            self._dropped(1)
             log.warning("webhook queue full; message dropped")
 
     def close(self, wait_s: float = 10.0) -> None:
@@ -84,16 +86,30 @@ class Webhook:
         self._thread.join(wait_s)
         self._closing.set()
         self._thread.join(self.timeout_s + 1.0)
+        left = 0
+        while True:  # the thread takes no message once closing: what is left is ours
+            try:
+                left += self._queue.get_nowait() is not _STOP
+            except queue.Empty:
+                break
+        if left:  # they vanished without a word when a hung endpoint held the shutdown
+            self._dropped(left)
+            log.warning("webhook %s: %d unsent message(s) discarded at shutdown",
+                        safe_url(self.url), left)
+
+    def _dropped(self, n: int) -> None:
+        self.dropped += n
+        self.on_drop(n)
 
     def _run(self) -> None:
-        while True:
+        while not self._closing.is_set():
             message = self._queue.get()
             if message is _STOP:
                 return
             try:
                 self._send(message)
             except Exception:  # e.g. a message that is not JSON: drop it, keep the thread
-                self.dropped += 1
+                self._dropped(1)
                 log.exception("webhook message dropped")
 
     def _send(self, message: dict[str, Any]) -> None:
@@ -110,7 +126,7 @@ class Webhook:
             except Exception as exc:  # any reply or transport failure: never end the thread
                 why = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
                 if attempt == self.retries or self._closing.wait(delay):
-                    self.dropped += 1
+                    self._dropped(1)
                     log.warning("webhook %s failed %d time(s) (%s); message dropped",
                                 safe_url(self.url), attempt + 1, why)
                     return

@@ -199,7 +199,8 @@ def test_full_disk_marks_field_failed_then_retries(tmp_path, slide, reference):
         # commit_retries=1: attempts 1 and 2 fail, the slide pauses and resumes from field 4,
         # attempt 3 fails, attempt 4 (the retry) commits.
         assert len(attempts) == 4 and len(paused) == 1
-        assert paused[0].data["reason"] == "field 4 failed: No space left on device"
+        assert paused[0].data["reason"] == ("field 4 failed: No space left on device (data "
+                                            f"folder {tmp_path / 'data'})")
         snap = snapshot(store)
         assert snap == reference
         assert store.slide("BCCD-mosaic").error is None  # cleared once fields commit again

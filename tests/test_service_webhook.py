@@ -68,3 +68,46 @@ def test_a_garbage_reply_drops_that_message_and_the_next_is_still_sent(caplog):
         garbage.server_close()
     assert (hook.sent, hook.dropped) == (0, 2)  # the thread outlived the first bad reply
     assert sum("message dropped" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_an_endpoint_that_never_answers_loses_no_message_unsaid(caplog):
+    """A hung endpoint holds the shutdown: what is still queued when it gives up is counted
+    as dropped and said in the log (they had vanished without a word)."""
+    import socket
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # accepts connections, never answers
+    drops: list[int] = []
+    try:
+        hook = Webhook(f"http://127.0.0.1:{hung.getsockname()[1]}/", timeout_s=0.5,
+                       retries=0, on_drop=drops.append)
+        with caplog.at_level(logging.WARNING, logger="marrowcount.webhook"):
+            for i in range(6):
+                hook.post({"event": i})
+            hook.close(wait_s=0.3)
+    finally:
+        hung.close()
+    assert hook.sent == 0 and hook.dropped == 6 and sum(drops) == 6
+    assert any("unsent message(s) discarded at shutdown" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_metrics_rates_fall_to_zero_when_idle():
+    import time
+
+    from daemon.metrics import Metrics
+
+    m = Metrics(window_s=0.5)
+
+    def value(name: str) -> float:
+        return m.registry.get_sample_value(name) or 0.0
+
+    m.field_committed(7, 7)
+    m.field_committed(5, 12)
+    assert value("marrowcount_fields_per_second") == 4.0  # 2 fields in 0.5 s
+    assert value("marrowcount_cells_per_second") == 24.0
+    time.sleep(0.6)
+    assert value("marrowcount_fields_per_second") == 0.0  # idle: no longer the last rate
+    assert value("marrowcount_cells_per_second") == 0.0
+    assert value("marrowcount_fields_total") == 2.0 and value("marrowcount_slide_counted") == 12

@@ -95,3 +95,40 @@ def test_export_retries_every_quarter_hour_into_the_folder_the_config_names():
         writable = [p.lstrip("-") for p in _service(REPO / "systemd" / unit)[
             "ReadWritePaths"].split()]
         assert folder in writable, unit  # else the hardened unit cannot write the LIS folder
+
+
+def test_an_idle_wait_longer_than_the_watchdog_still_pings(tmp_path, monkeypatch):
+    """poll_seconds (or a commit back-off) longer than the watchdog interval: the wait pings
+    on time (the idle daemon had pinged every poll_seconds and systemd killed it)."""
+    import socket
+    import threading
+    import time
+
+    from daemon.notify import Notifier
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    monkeypatch.setenv("WATCHDOG_USEC", "3000000")  # systemd's limit 3 s: a ping each second
+    n = Notifier()
+    assert n.ping_every == 1.0
+    t0 = time.monotonic()
+    assert n.wait(threading.Event(), 3.5) is False  # one poll of 3.5 s
+    pings = []
+    while True:
+        try:
+            msg = sock.recv(1024).decode()
+        except TimeoutError:
+            break
+        pings += [time.monotonic() - t0] if "WATCHDOG=1" in msg else []
+    sock.close()
+    assert len(pings) >= 3
+    woken = threading.Event()
+    threading.Timer(0.2, woken.set).start()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(n.wait(woken, 600.0)))
+    waiter.start()
+    waiter.join(60)  # woken, not run out
+    assert got == [True]
