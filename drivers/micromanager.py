@@ -8,6 +8,8 @@ fields as they arrive (the ``FieldSource`` protocol of ``drivers.acquisition``).
 pymmcore-plus 0.18 pitfalls handled here:
 
 - with no shutter device the MDA fails at the first frame: auto-shutter is switched off;
+- UniMMCore's auto-shutter never opens a Python shutter (every frame black): it is opened
+  and left open;
 - a snap error during an MDA is only logged as a warning and the frame silently missing:
   our engine snaps itself, retries with back-off, fails the slide after ``retries``, and
   every frame is counted by its field index (a frame is never handed on twice, a missing
@@ -126,8 +128,14 @@ class Microscope:
             raise AcquisitionError(
                 f"camera {core.getCameraDevice()!r} is monochrome: a colour (RGB) camera is "
                 "required (a monochrome camera cannot show the stain)")
-        if not core.getShutterDevice():
+        shutter = core.getShutterDevice()
+        if not shutter:
             core.setAutoShutter(False)  # else the MDA fails at its first frame
+        elif getattr(core, "isPyDevice", lambda _label: False)(shutter):
+            # UniMMCore does not open a Python shutter around a snap (auto-shutter on, every
+            # frame black): the lamp stays open while the slide is counted.
+            core.setAutoShutter(False)
+            core.setShutterOpen(True)
         px = float(um_per_px) if um_per_px else float(core.getPixelSizeUm())
         if not px > 0:
             raise AcquisitionError(

@@ -7,6 +7,7 @@ import pytest
 
 from drivers.acquisition import AcquisitionError
 from drivers.micromanager import open_microscope
+from drivers.virtual import VirtualLamp
 from pipeline.errors import ImageError
 from tests.acquire_fixtures import CfgCamera, acquisition_params, bccd_slide, write_cfg
 
@@ -122,3 +123,37 @@ def test_exactly_one_microscope(tmp_path):
         open_microscope(acquisition_params())
     with pytest.raises(AcquisitionError, match="positive"):
         open_microscope(acquisition_params(), virtual_slide=tmp_path / "x.tif", um_per_px=-1)
+
+
+class ShutterCamera(CfgCamera):
+    """The test rig's camera behind the Python shutter the .cfg below loads."""
+
+    def render(self):
+        self._lamp = SHUTTER[0]
+        return super().render()
+
+
+class Shutter(VirtualLamp):
+    def __init__(self) -> None:
+        super().__init__()
+        SHUTTER[:] = [self]
+
+
+SHUTTER: list = []
+
+
+def test_a_python_shutter_is_opened(tmp_path):
+    """UniMMCore's auto-shutter does not open a Python shutter around a snap: every frame was
+    black, and the slide ended as "thin" everywhere with 0 cells."""
+    cfg = write_cfg(tmp_path / "lamp.cfg")
+    text = cfg.read_text().replace("tests.acquire_fixtures,CfgCamera", f"{__name__},ShutterCamera")
+    lines = text.splitlines()
+    lines.insert(0, f"#py pyDevice,Lamp,{__name__},Shutter")
+    lines.append("#py Property,Core,Shutter,Lamp")
+    cfg.write_text("\n".join(lines) + "\n")
+    scope = open_microscope(acquisition_params(), mm_config=cfg, um_per_px=0.072)
+    try:
+        assert scope.core.getShutterDevice() == "Lamp" and scope.core.getShutterOpen()
+        assert scope.snap_rgb().mean() > 100  # a lit smear, not a black frame
+    finally:
+        scope.close()
