@@ -32,6 +32,8 @@ from pipeline.errors import ConfigError
 from pipeline.stats import Differential, differential, interval_text, round_out, value_text
 
 FORMATS = ("json", "csv", "pdf")
+#: How the CSV marks a class only a reviewer names (the PDF and the page: †).
+REVIEWER_ONLY = "(named by a reviewer only)"
 # A review step as the report and the slide page name it.
 HISTORY_VERBS = {"sign": "signed", "reopen": "reopened", "pre_review": "pre-reviewed"}
 
@@ -87,6 +89,7 @@ def _diff_dict(d: Differential) -> dict[str, Any]:
         "blast_pct": d.blast_pct,
         "blast_ci_pct": None if d.blast_ci_pct is None else list(d.blast_ci_pct),
         "blast_reviewer_only": d.blast_reviewer_only,
+        "not_reported": list(d.not_reported),
         "not_counted": d.not_counted,
         "threshold_flags": [f.message for f in d.flags],
     }
@@ -150,7 +153,23 @@ def me_definition(myeloid: Sequence[str] | None, erythroid: Sequence[str], class
 def _me_definition(rep: dict[str, Any]) -> str:
     d = rep["differential"]
     return me_definition(d.get("myeloid_classes"), d.get("erythroid_classes", ()),
-                         [c["name"] for c in d["classes"]], rep.get("class_labels") or {})
+                         [c["name"] for c in d["classes"]] + list(d.get("not_reported", ())),
+                         rep.get("class_labels") or {})
+
+
+def slides_in_review(s: Session, slide_ids: Sequence[int]) -> set[int]:
+    """The slides whose counts are a review's, not the machine's alone: a reviewer changed,
+    confirmed, excluded or added a cell, or the slide was signed once (and reopened since,
+    even with the counts unchanged). The report's basis, the page's and the queue's."""
+    if not slide_ids:
+        return set()
+    touched = s.scalars(select(Cell.slide_id).where(
+        Cell.slide_id.in_(slide_ids), Cell.duplicate_of.is_(None),
+        or_(Cell.reviewed_label.is_not(None), Cell.excluded.is_(True),
+            Cell.added_by.is_not(None))).distinct())
+    reviewed = s.scalars(select(Review.slide_id).where(Review.slide_id.in_(slide_ids))
+                         .distinct())
+    return set(touched) | set(reviewed)
 
 
 def reference_text(interval: Sequence[float] | None) -> str:
@@ -219,12 +238,11 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             select(func.count(Field.id),
                    func.count(Field.skipped_reason))
             .where(Field.slide_id == slide.id)).one()
-        flagged, flags_open, touched = s.execute(select(
+        flagged, flags_open = s.execute(select(
             func.count(Cell.id).filter(Cell.needs_review.is_(True)),
             func.count(Cell.id).filter(Cell.flag_open),
-            func.count(Cell.id).filter(or_(Cell.reviewed_label.is_not(None),
-                                           Cell.excluded.is_(True))),
         ).where(Cell.slide_id == slide.id, Cell.duplicate_of.is_(None))).one()
+        in_review = slide.id in slides_in_review(s, [slide.id])
         # Cells review left out of the count (an added cell undone was never in it).
         excluded = dict(s.execute(
             select(Cell.exclude_reason, func.count(Cell.id))
@@ -238,10 +256,6 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     # The counts as they stand: the machine's until a reviewer changes a cell, then the
     # reviewed ones, signed or not (a report printed mid-review shows what the page shows).
     final_counts = store.reviewed_counts(slide.id)
-    # A reviewer changed, confirmed or excluded a cell, or signed it once and reopened it
-    # (even with the counts unchanged).
-    in_review = (final_counts != {k: n for k, n in machine.items() if n} or bool(reviews)
-                 or bool(touched))
     basis = "reviewed" if signed else "review in progress" if in_review else "machine"
     final = differential(final_counts, taxonomy, cfg.stats, machine=basis == "machine")
 
@@ -479,16 +493,26 @@ def report_csv(rep: dict[str, Any]) -> str:
         w.writerow([s, "CASE", key, "", "", "" if value is None else value, "", "", "", "",
                     basis, *ref(None, None)])
     for c in d["classes"]:
-        w.writerow([s, c["name"], c["label"], c["lineage"], c["n"], c["pct"], c["ci_low_pct"],
+        label = c["label"] + (f" {REVIEWER_ONLY}" if c.get("reviewer_only") else "")
+        w.writerow([s, c["name"], label, c["lineage"], c["n"], c["pct"], c["ci_low_pct"],
                     c["ci_high_pct"], "%", machine_n.get(c["name"], 0), basis,
                     *ref(c["reference_pct"], c["outside"])])
+    labels = rep.get("class_labels") or {}
+    for name in d.get("not_reported", ()):  # a class the machine's count cannot hold
+        w.writerow([s, name, f"{labels.get(name, name)} {REVIEWER_ONLY}: not reported until "
+                    "review", "", "", "", "", "", "%", "", basis, *ref(None, None)])
     # Every row has the header's 14 columns; the reference columns stay empty where none apply.
     w.writerow([s, "TOTAL", "counted leukocytes", "", d["total"], "", "", "", "cells",
                 m["total"], basis, *ref(None, None)])
-    me_ci = ["" if x is None else x for x in d["me_ci"] or [None, None]]
+    # Myeloid cells and no erythroid one: infinite, written "inf" (a number to a spreadsheet
+    # or a LIS, where an empty cell would read as missing).
+    infinite = d["me_ratio"] is None and bool(d["myeloid"])
+    me_ci = (["", ""] if not d["me_ci"] else
+             [x if x is not None else "inf" for x in d["me_ci"]])
     w.writerow([s, "M:E", _me_definition(rep), "",
                 f"{d['myeloid']}:{d['erythroid']}",
-                "" if d["me_ratio"] is None else d["me_ratio"], *me_ci, "ratio", "", basis,
+                "inf" if infinite else "" if d["me_ratio"] is None else d["me_ratio"], *me_ci,
+                "ratio", "", basis,
                 *ref(d["me_reference"], d["me_outside"])])
     if d["blast_pct"] is not None:
         w.writerow([s, "BLAST", "blasts of all nucleated cells", "", d["blast_n"],
@@ -595,6 +619,11 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     if any(c.get("reviewer_only") for c in d["classes"]):
         story.append(Paragraph("† named by a reviewer only: the model does not recognise this "
                                "class, so its machine count is always 0", st["Normal"]))
+    if d.get("not_reported"):
+        names = ", ".join(rep.get("class_labels", {}).get(n, n) for n in d["not_reported"])
+        story.append(Paragraph(_esc(f"Not reported until review: {names} (named by a "
+                                    "reviewer only; the model does not recognise them)."),
+                               st["Normal"]))
     story.append(Spacer(1, 4 * mm))
     if not d["myeloid"] and not d["erythroid"]:
         me = "not defined (no myeloid or erythroid cells)"
@@ -656,8 +685,9 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         cols = [rv["counts_before"], *([prev["counts"]] if prev else []), rv["counts_after"]]
         names = sorted(set().union(*cols),
                        key=lambda n: (list(labels).index(n) if n in labels else len(labels), n))
-        changed = [[labels.get(n, n.replace("_", " ")), *(c.get(n, 0) for c in cols)]
-                   for n in names]
+        marked = {c["name"] for c in d["classes"] if c.get("reviewer_only")}
+        changed = [[labels.get(n, n.replace("_", " ")) + (" †" if n in marked else ""),
+                    *(c.get(n, 0) for c in cols)] for n in names]
         head = ["Class", "before review", *([f"issue {prev['number']}"] if prev else []),
                 "after review"]
         tb = Table([head] + changed, hAlign="LEFT")

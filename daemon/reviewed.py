@@ -172,7 +172,10 @@ def agreement(cells: Sequence[ReviewedCell], taxonomy: Taxonomy) -> dict[str, An
         "agreement": round(observed, 4),
         "kappa": round(kappa, 4),
         "confusion": cm.tolist(),
-        "per_class": {c: v for c, v in m["per_class"].items() if c != NONE},
+        # A reviewer-only class is never the machine's call: its precision is 0/0, not 0.
+        "per_class": {c: ({**v, "precision": None, "f1": None, "reviewer_only": True}
+                          if c in taxonomy.reviewer_only else v)
+                      for c, v in m["per_class"].items() if c != NONE},
         "missed": int(cm[:, idx[NONE]].sum()),
         "excluded": int(cm[idx[NONE], :].sum()),
         "slides": slides,

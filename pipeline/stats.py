@@ -93,7 +93,9 @@ class Differential:
     exact interval from the binomial split M / (M + E), and ``me_reference`` / ``me_outside``
     as for a class row; ``myeloid_classes`` / ``erythroid_classes`` name what each side counts.
     ``blast_pct`` is None when the taxonomy has no blast class, or when only a reviewer
-    names blasts (``blast_reviewer_only``) and these are the machine's counts.
+    names blasts (``blast_reviewer_only``) and these are the machine's counts; the machine's
+    counts have no row for a reviewer-only class either (``not_reported`` names them: a 0%
+    there is not an observation).
     ``not_counted`` holds classes left out of the differential (non-leukocytes, labels
     outside the taxonomy).
     """
@@ -115,6 +117,7 @@ class Differential:
     myeloid_classes: tuple[str, ...] = ()
     erythroid_classes: tuple[str, ...] = ()
     blast_reviewer_only: bool = False
+    not_reported: tuple[str, ...] = ()
 
     @property
     def decisive(self) -> bool:
@@ -152,8 +155,9 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
     """The differential of ``counts`` (class name -> cells) under ``taxonomy``.
 
     ``machine``: the counts are the model's alone, so a reviewer-only class is empty by
-    construction, not by observation; the blast % is then not given when every blast class
-    is reviewer-only (a count the model made cannot say there are no blasts)."""
+    construction, not by observation: it gets no row (``not_reported``), and the blast % is
+    not given when every blast class is reviewer-only (a count the model made cannot say
+    there are no blasts)."""
     counted = set(taxonomy.counted)
     total = sum(int(n) for name, n in counts.items() if name in counted)
     not_counted = {name: int(n) for name, n in counts.items() if name not in counted and n}
@@ -161,8 +165,12 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
 
     refs = params.reference_intervals
     rows = []
+    not_reported = []
     for cls in taxonomy.classes:
         if not cls.counted:
+            continue
+        if machine and cls.reviewer_only:
+            not_reported.append(cls.name)
             continue
         n = int(counts.get(cls.name, 0))
         lo, hi = proportion_ci(n, total, conf)
@@ -190,7 +198,8 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
     reviewer_only = bool(blasts) and all(c.reviewer_only for c in blasts)
     blast_n = blast_pct = blast_ci = None
     flags: list[ThresholdFlag] = []
-    if blasts and not (machine and reviewer_only):
+    # No cell counted: no blast %, and no interval of 0-100% across every threshold.
+    if blasts and total and not (machine and reviewer_only):
         blast_n = sum(r.n for r in rows if r.blast)
         blast_pct = _pct(blast_n, total)
         lo, hi = proportion_ci(blast_n, total, conf)
@@ -207,9 +216,11 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
         me_ratio=me_ratio, me_ci=me_ci, blast_n=blast_n, blast_pct=blast_pct,
         blast_ci_pct=blast_ci, flags=tuple(flags), not_counted=not_counted,
         me_reference=me_ref, me_outside=me_outside,
-        myeloid_classes=tuple(r.name for r in rows if r.lineage == "myeloid"),
-        erythroid_classes=tuple(r.name for r in rows if r.lineage == "erythroid"),
-        blast_reviewer_only=reviewer_only,
+        myeloid_classes=tuple(c.name for c in taxonomy.classes
+                              if c.counted and c.lineage == "myeloid"),
+        erythroid_classes=tuple(c.name for c in taxonomy.classes
+                                if c.counted and c.lineage == "erythroid"),
+        blast_reviewer_only=reviewer_only, not_reported=tuple(not_reported),
     )
 
 

@@ -41,7 +41,7 @@ def filled(tmp_path, config):
 def test_json_report_is_the_machine_differential(filled, config):
     store, sid, fields, _url, _ = filled
     rep = build_report(store, "BM-2024-17", config)
-    want = differential(expected_counts(fields), config.classes, config.stats)
+    want = differential(expected_counts(fields), config.classes, config.stats, machine=True)
     d = rep["differential"]
     assert rep["basis"] == "machine" and rep["review"] is None
     assert d["total"] == want.total == sum(f.n_counted for f in fields)

@@ -185,3 +185,28 @@ def test_export_writes_a_training_folder_of_the_reviewers_classes(review_env):
     # Never into a folder that holds something: an export does not mix with an older one.
     r = runner.invoke(app, ["export-reviewed", str(out), "--config", _lab_yaml(env)])
     assert r.exit_code != 0 and "not an empty folder" in str(r.exception)
+
+
+def test_an_export_with_reviewer_only_cells_is_a_source_train_accepts(review_env):
+    """A reviewer named a plasma cell (a class the model does not learn): the export keeps
+    its crop, and the source line it prints leaves it out, so `train` takes the source as
+    printed (it had refused the whole export)."""
+    from pipeline.datasets import SourceParams, read_source
+
+    env = review_env
+    taxonomies = {env.cfg.taxonomy: env.cfg.classes}
+    with env.store.session() as s:
+        cell = next(c for c in s.scalars(select(Cell).where(Cell.slide_id == env.slide_id,
+                                                            Cell.duplicate_of.is_(None)))
+                    if c.label != "non_leukocyte")
+        actions.reclassify(s, env.slide_id, [cell.id], "plasma_cell", WHO, taxonomies)
+        actions.sign(s, env.slide_id, WHO)
+    out = env.root / "export"
+    r = CliRunner().invoke(app, ["export-reviewed", str(out), "--config", _lab_yaml(env)])
+    assert r.exit_code == 0, r.output
+    assert (out / "plasma_cell").is_dir() and "exclude: [plasma_cell]" in r.output
+    line = next(ln for ln in r.output.splitlines() if "kind: folder" in ln)
+    src = SourceParams(**yaml.safe_load(line.strip().removeprefix("- ")))
+    got = read_source(src, env.root, 0)
+    check_labels(got, env.cfg.classes.model_names, reviewer_only=env.cfg.classes.reviewer_only)
+    assert got and "plasma_cell" not in {s.label for s in got}

@@ -218,9 +218,13 @@ def agreement_cmd(
     t = Table("reviewer's class", "n", "sensitivity", "precision", "F1",
               title="Machine against reviewer, per class")
     for name, v in res["per_class"].items():
-        t.add_row(name, str(v["n"]), f"{v['recall']:.3f}", f"{v['precision']:.3f}",
-                  f"{v['f1']:.3f}")
+        t.add_row(name + (" †" if v.get("reviewer_only") else ""), str(v["n"]),
+                  f"{v['recall']:.3f}",
+                  *("–" if v[k] is None else f"{v[k]:.3f}" for k in ("precision", "f1")))
     console.print(t)
+    if any(v.get("reviewer_only") for v in res["per_class"].values()):
+        console.print("† named by a reviewer only: the machine never calls it, so every such "
+                      "cell is a disagreement", highlight=False)
     s = Table("slide", "cells", "calls changed", "counted (machine → reviewed)",
               "largest share change", title="What review changed")
     for name, v in res["slides"].items():
@@ -264,11 +268,19 @@ def export_reviewed_cmd(
     for why, n in res["skipped"].items():
         console.print(f"  skipped {n}: {why}", highlight=False)
     # train_only: a first export is small; kept out of validation and test, it leaves the
-    # shipped sources' split (and every model-card figure) comparable.
+    # shipped sources' split (and every model-card figure) comparable. Cells of a
+    # reviewer-only class are exported (they are the crops a model of it needs one day) but
+    # left out of this source: the model does not learn such a class.
+    aside = [c for c in cfg.classes.reviewer_only if res["per_class"].get(c)]
+    exclude = f", exclude: [{', '.join(aside)}]" if aside else ""
     console.print("Fine-tune on them with this source added to the shipped ones in your lab "
                   "config (train.sources; see the README):\n"
                   f"  - {{kind: folder, path: {out.resolve()}, um_per_px: {um_per_px:g}, "
-                  "train_only: true}", highlight=False, soft_wrap=True)
+                  f"train_only: true{exclude}}}", highlight=False, soft_wrap=True,
+                  markup=False)  # "[a, b]" is YAML here, not rich markup
+    if aside:
+        console.print(f"  ({', '.join(aside)}: reviewer-only, so left out; their crops stay in "
+                      "the folder for a model that learns them)", highlight=False)
 
 
 @app.command("export-reports")

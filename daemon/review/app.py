@@ -37,8 +37,10 @@ from daemon.provenance import method_text
 from daemon.report import (
     HISTORY_VERBS,
     freeze_report,
+    build_report,
     iso_time,
     me_definition,
+    slides_in_review,
     when_text,
     pixel_size_checks,
     pixel_text,
@@ -394,6 +396,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 select(Review.slide_id, Review.action, Review.username, Review.note, Review.at)
                 .where(Review.slide_id.in_(ids)).order_by(Review.id))}
             changed_at = _last_changes(s, ids)
+            in_review = slides_in_review(s, ids)
         shown = sorted(slides, key=lambda sl: (STATUS_ORDER.get(sl.status, 9),
                                                -(_ts(sl.signed_at) or 0) if sl.status == "signed"
                                                else _ts(sl.created_at) or 0))
@@ -401,7 +404,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         rows = []
         for sl in shown:
             tax = taxonomies.get(sl.taxonomy)
-            d = differential(counts[sl.id], tax, cfg.stats) if tax else None
+            d = (differential(counts[sl.id], tax, cfg.stats, machine=sl.id not in in_review)
+                 if tax else None)
             total = d.total if d else 0
             flags = []
             step = last_step.get(sl.id) if sl.status == "awaiting_review" else None
@@ -415,7 +419,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 flags.append(f"{pending[sl.id]} need review")
             if d is not None:
                 flags += [f.message for f in d.flags]
-            if sl.status not in ("queued", "acquiring") and total < sl.target:
+            if (sl.status not in ("queued", "acquiring") and total < sl.target
+                    and sl.stopped_because != "adaptive_stop"):
                 flags.append(f"target not reached ({total}/{sl.target})")
             if tax is None:
                 flags.append(f"unknown taxonomy {sl.taxonomy}")
@@ -453,10 +458,14 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     def table_context(s: Any, slide: Slide, tax: Taxonomy) -> dict[str, Any]:
         machine = actions.machine_counts(s, slide.id)
         reviewed = actions.reviewed_counts(s, slide.id)
-        return {"slide": slide, "diff": differential(reviewed, tax, cfg.stats),
+        begun = slide.id in slides_in_review(s, [slide.id])
+        return {"slide": slide,
+                "diff": differential(reviewed, tax, cfg.stats, machine=not begun),
                 "machine": machine, "machine_total": sum(
                     n for k, n in machine.items() if k in tax.counted),
-                "labels": tax.labels}
+                "labels": tax.labels,
+                # The report's flags, word for word: the page is where people sign.
+                "flags": build_report(store, slide.id, cfg)["flags"]}
 
     def render_table(ctx: dict[str, Any]) -> str:
         return templates.get_template("_table.html").render(**ctx)
