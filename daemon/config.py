@@ -79,7 +79,11 @@ class Config(Params):
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "taxonomies":
+        if key == "taxonomies" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            # A taxonomy is replaced whole (a class list does not merge), the others kept: a
+            # lab that redefines seed10 must not lose pbc11, whose slides it still reviews.
+            out[key] = {**out[key], **value}
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value

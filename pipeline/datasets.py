@@ -29,6 +29,7 @@ jittered scales without touching the disk again.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import json
 import os
@@ -107,11 +108,21 @@ def read_folder_tree(root: Path, um_per_px: float) -> list[Sample]:
     """Samples from ``root/<label>/<image>``; every sub-folder name is taken as a label."""
     if not root.is_dir():
         raise DatasetError(f"{root}: folder not found")
-    out = []
+    out, unread = [], []
+    for f in sorted(root.iterdir()):
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            unread.append(f.name)  # no class folder: whose is it?
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in sorted(sub.iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 out.append(Sample(str(f), sub.name, um_per_px))
+            elif f.is_dir() and any(x.suffix.lower() in IMAGE_SUFFIXES for x in f.rglob("*")):
+                unread.append(f"{sub.name}/{f.name}/")  # crops sorted by batch or date
+    if unread:
+        # Silently skipped, a class sorted into sub-folders looked empty ("no training cells").
+        raise DatasetError(f"{root}: images outside the class folders are not read: "
+                           f"{', '.join(unread[:5])}{' …' if len(unread) > 5 else ''}; put "
+                           "each class's images directly in root/<class>/")
     if not out:
         raise DatasetError(f"{root}: no images in class sub-folders (expected root/<class>/*.png)")
     return out
@@ -228,15 +239,30 @@ def label_index(classes: Sequence[str]) -> dict[str, int]:
     return {**{c: i for i, c in enumerate(classes)}, ANY_LEUKOCYTE: len(classes)}
 
 
-def check_labels(samples: Sequence[Sample], classes: Sequence[str]) -> None:
-    """Raise DatasetError naming every label that is neither one of ``classes`` nor
-    ``ANY_LEUKOCYTE``."""
+def check_labels(samples: Sequence[Sample], classes: Sequence[str], *, where: str = "",
+                 reviewer_only: Sequence[str] = ()) -> None:
+    """Raise DatasetError naming every label that is neither one of ``classes`` (a model's)
+    nor ``ANY_LEUKOCYTE``, with what to do: a ``reviewer_only`` class of the taxonomy is left
+    out or given a model, a near miss is probably a typo. ``where`` names the source."""
     unknown = sorted({s.label for s in samples} - set(label_index(classes)))
-    if unknown:
-        raise DatasetError(f"unknown class name(s) {unknown}; the taxonomy's model has "
-                           f"{list(classes)} (and {ANY_LEUKOCYTE!r} for a white cell of unknown "
-                           "type); a reviewer_only class has no model: set reviewer_only: "
-                           "false on it to train one, or leave its crops out (`exclude`)")
+    if not unknown:
+        return
+    parts = []
+    named = [u for u in unknown if u in reviewer_only]
+    if named:
+        parts.append(f"{named}: reviewer_only class(es) of the taxonomy, which the model does "
+                     f"not learn: leave them out of this source (exclude: {named}) or set "
+                     "reviewer_only: false on them in the taxonomy to train them")
+    other = [u for u in unknown if u not in reviewer_only]
+    if other:
+        hints = [f"{u!r} -> {m[0]!r}?" for u in other
+                 for m in [difflib.get_close_matches(u, [*classes, *reviewer_only], 1, 0.8)]
+                 if m]
+        parts.append(f"{other}: not classes of the taxonomy"
+                     + (f" (a typo? {', '.join(hints)})" if hints else ""))
+    raise DatasetError(f"{where + ': ' if where else ''}{'; '.join(parts)}. The model's classes: "
+                       f"{list(classes)} (and {ANY_LEUKOCYTE!r} for a white cell of unknown "
+                       "type)")
 
 
 def data_hash(samples: Iterable[Sample]) -> str:
@@ -360,13 +386,16 @@ def centre(cached: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
 
 def load_sources(sources: Sequence[SourceParams], root: Path, classes: Sequence[str], seed: int,
                  work_um_per_px: float, cache_dir: Path | None = None,
-                 threads: int = 2) -> tuple[CropSet, str]:
-    """Read every source, check its labels against ``classes``, cut the crops (reusing
-    ``cache_dir/crops-<hash>.npz`` when present). Returns the crops and the data hash."""
+                 threads: int = 2, reviewer_only: Sequence[str] = ()) -> tuple[CropSet, str]:
+    """Read every source, check its labels against ``classes`` (``check_labels``), cut the
+    crops (reusing ``cache_dir/crops-<hash>.npz`` when present). Returns the crops and the
+    data hash."""
     samples: list[Sample] = []
     for i, src in enumerate(sources):
-        samples += read_source(src, root, seed + i)
-    check_labels(samples, classes)
+        got = read_source(src, root, seed + i)
+        check_labels(got, classes, where=f"train.sources[{i}] ({src.kind} {src.path})",
+                     reviewer_only=reviewer_only)
+        samples += got
     dhash = data_hash(samples)
     key = hashlib.sha1(f"{dhash}|{work_um_per_px}|{CACHE_SIZE}|{list(classes)}".encode()).hexdigest()
     cached = None if cache_dir is None else Path(cache_dir) / f"crops-{key[:16]}.npz"

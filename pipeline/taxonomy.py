@@ -66,6 +66,11 @@ class Taxonomy(Params):
         the reviewer-only ones)."""
         return [c.name for c in self.classes if not c.reviewer_only]
 
+    @property
+    def reviewer_only(self) -> list[str]:
+        """The classes only a reviewer names (no model outputs them)."""
+        return [c.name for c in self.classes if c.reviewer_only]
+
     def get(self, name: str) -> CellClass:
         for c in self.classes:
             if c.name == name:

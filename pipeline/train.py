@@ -293,8 +293,9 @@ def _check_splits(known: dict[str, np.ndarray], labels: np.ndarray, classes: Seq
             "cannot train: " + "; ".join(problems) + " (cells per class: "
             + ", ".join(f"{c} {n}" for c, n in zip(classes, have)) + "). A class reaches every "
             "split from about 12 cells (a sixth is held out for test, a tenth of the rest for "
-            "validation); add cells, or keep the shipped sources beside your own "
-            "(train.sources) when fine-tuning")
+            "validation); add cells, keep the shipped sources beside your own "
+            "(train.sources) when fine-tuning, or mark a class you have no crops for "
+            "`reviewer_only: true` in the taxonomy (a reviewer names it; the model does not)")
 
 
 def _stored_reference(ckpt: dict[str, Any]) -> StainReference | None:

@@ -376,8 +376,21 @@ def test_unknown_class_in_folder_tree_and_empty_folder(tmp_path, config):
         for s in _samples(["lymphocyte"], paths):
             shutil.copy(s.path, root / lab / Path(s.path).name)
     samples = read_folder_tree(root, PBC_UM_PER_PX)
-    with pytest.raises(DatasetError, match="plasma_cell"):
-        check_labels(samples, config.classes.model_names)
+    # plasma_cell is a class of pbc11, but only a reviewer names it: the error says what to do.
+    with pytest.raises(DatasetError, match=r"\['plasma_cell'\]: reviewer_only class.*exclude: "
+                       r"\['plasma_cell'\]"):
+        check_labels(samples, config.classes.model_names, where="my crops",
+                     reviewer_only=config.classes.reviewer_only)
+    typo = [Sample(s.path, "promyelocye", s.um_per_px) for s in samples[:1]]
+    with pytest.raises(DatasetError, match=r"^my crops: \['promyelocye'\]: not classes of the "
+                       r"taxonomy \(a typo\? 'promyelocye' -> 'promyelocyte'\?\)"):
+        check_labels(typo, config.classes.model_names, where="my crops")
+    # Crops sorted into batch folders inside a class folder are not silently passed over.
+    (root / "lymphocyte" / "batch1").mkdir()
+    shutil.copy(samples[0].path, root / "lymphocyte" / "batch1" / "x.jpg")
+    with pytest.raises(DatasetError, match=r"outside the class folders are not read: "
+                       r"lymphocyte/batch1/"):
+        read_folder_tree(root, PBC_UM_PER_PX)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images"):
         read_folder_tree(tmp_path / "empty", PBC_UM_PER_PX)

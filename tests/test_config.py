@@ -21,6 +21,21 @@ def test_defaults_validate_and_expose_taxonomy():
     assert "myeloblast" in [c.name for c in cfg.taxonomies["seed10"] if c.blast]
 
 
+def test_a_lab_taxonomy_replaces_only_its_own(tmp_path):
+    """A lab that redefines seed10 (e.g. marks stages it has no crops for reviewer-only)
+    keeps pbc11, whose slides it still reviews and reports."""
+    p = tmp_path / "lab.yaml"
+    p.write_text("taxonomy: seed10\ntaxonomies:\n  seed10:\n"
+                 "    - {name: myeloblast, label: Myeloblast, lineage: myeloid, blast: true, key: '1'}\n"
+                 "    - {name: segmented_neutrophil, label: Seg, lineage: myeloid, blast: false, key: '2'}\n"
+                 "    - {name: lymphocyte, label: Lymph, lineage: lymphoid, blast: false, key: l, reviewer_only: true}\n"
+                 "    - {name: non_leukocyte, label: Not a leukocyte, lineage: non_leukocyte, blast: false, key: x}\n"
+                 "train: {local_pairs: [], local_own_body: []}\n")
+    cfg = load_config(p)
+    assert cfg.classes.model_names == ["myeloblast", "segmented_neutrophil", "non_leukocyte"]
+    assert cfg.taxonomies["pbc11"] == load_config().taxonomies["pbc11"]
+
+
 def test_reviewer_only_class_cannot_be_a_local_pair(tmp_path):
     p = tmp_path / "lab.yaml"
     p.write_text("train:\n  local_pairs: [[myeloblast, promyelocyte]]\n")

@@ -65,9 +65,11 @@ def train_cmd(
     if init is not None:
         from pipeline.classify import read_checkpoint
 
-        start = read_checkpoint(init)
+        # As the config's paths are: relative to the repository unless it is here.
+        start = read_checkpoint(init if init.is_absolute() or init.exists()
+                                else cfg.resolve(init))
     data, dhash = load_sources(p.sources, REPO_ROOT, cfg.classes.model_names, p.seed, p.um_per_px,
-                               cache_dir=cache_dir)
+                               cache_dir=cache_dir, reviewer_only=cfg.classes.reviewer_only)
     for line in data.problems:
         err_console.print(f"skipped: {line}", highlight=False)
     console.print(f"{len(data.labels)} crops, {len(cfg.classes.model_names)} classes, data hash {dhash[:12]}")
@@ -94,7 +96,16 @@ def train_cmd(
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(res.checkpoint, out)
     console.print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    metrics = evaluate_split(out, data, res.split["test"], cfg.classes)
+    names = cfg.classes.model_names
+    tested = set(data.labels[res.split["test"]].tolist())
+    unscored = [c for i, c in enumerate(names) if i not in tested]
+    if unscored:  # e.g. a class whose only cells come from `train_only` sources
+        err_console.print(f"warning: no test cells of {', '.join(unscored)}: trained, but no "
+                          "figure below says how well (add cells from a source that is not "
+                          "train_only)", highlight=False)
+    # The configured classifier settings (unknown-cell method, precision, pairs), as
+    # eval-classify and the daemon use them.
+    metrics = evaluate_split(out, data, res.split["test"], cfg.classes, params=cfg.classifier)
     console.print(json.dumps(metrics["summary"], indent=1))
     if report:
         report.write_text(json.dumps(metrics, indent=1))
@@ -166,16 +177,19 @@ def eval_classify_cmd(
 ) -> None:
     """Accuracy, macro precision/recall/F1, per-class specificity, ECE and a confusion matrix."""
     from daemon.config import REPO_ROOT
+    from pipeline.classify import load_classifier
     from pipeline.datasets import load_sources, split
     from pipeline.errors import MarrowError
     from pipeline.evaluate_classifier import evaluate_folder, evaluate_split
 
     cfg = _config(config)
     ckpt = checkpoint or cfg.resolve(cfg.classifier.checkpoint)
+    # The checkpoint against the taxonomy first: the sources' labels mean nothing otherwise.
+    load_classifier(ckpt, cfg.classes)
     if folder is None:
         p = cfg.train
         data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.model_names, p.seed, p.um_per_px,
-                               cache_dir=cache_dir)
+                               cache_dir=cache_dir, reviewer_only=cfg.classes.reviewer_only)
         test = split(data.labels, p.seed, p.val_fraction, data.train_only)["test"]
         result = evaluate_split(ckpt, data, test, cfg.classes, png=png, params=cfg.classifier)
     else:
@@ -216,7 +230,7 @@ def eval_unknown_cmd(
     p = cfg.train
     clf = load_classifier(checkpoint, cfg.classes)
     data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.model_names, p.seed, p.um_per_px,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, reviewer_only=cfg.classes.reviewer_only)
     test = split(data.labels, p.seed, p.val_fraction, data.train_only)["test"]
     # White cells of unknown type (ANY_LEUKOCYTE) have no class to be known as.
     known = centre(data.crops[test[data.labels[test] < len(cfg.classes.model_names)]])
@@ -248,7 +262,7 @@ def _checkpoint_and_sources(checkpoint: Optional[Path], config: Optional[Path],
     ckpt = read_checkpoint(src)
     p = cfg.train
     data, _ = load_sources(p.sources, REPO_ROOT, cfg.classes.model_names, p.seed, p.um_per_px,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, reviewer_only=cfg.classes.reviewer_only)
     return cfg, src, ckpt, data
 
 
