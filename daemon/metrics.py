@@ -61,17 +61,21 @@ class Metrics:
         self.fields.inc()
         self.cells.inc(n_counted)
         self.slide_counted.set(slide_counted)
+        now = time.monotonic()
         with self._lock:
-            self._recent.append((time.monotonic(), n_counted))
+            self._recent.append((now, n_counted))
+            self._prune(now)  # unscraped, the window must not grow with every field
 
     def _rates(self) -> tuple[float, float]:
         """(fields/s, cells/s) over the last ``window_s`` seconds."""
-        now = time.monotonic()
         with self._lock:
-            while self._recent and now - self._recent[0][0] > self._window:
-                self._recent.popleft()
+            self._prune(time.monotonic())
             n_fields, n_cells = len(self._recent), sum(n for _, n in self._recent)
         return n_fields / self._window, n_cells / self._window
+
+    def _prune(self, now: float) -> None:
+        while self._recent and now - self._recent[0][0] > self._window:
+            self._recent.popleft()
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind=kind).inc()

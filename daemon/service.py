@@ -81,6 +81,11 @@ class ServiceError(MarrowError):
     """The daemon cannot start or a submission is refused."""
 
 
+class MicroscopeNotReady(MarrowError):
+    """The microscope of a slide cannot be opened now (a config or adapter that does not
+    load, a camera unplugged, a pixel size no field can be counted at): the slide waits."""
+
+
 class FieldCommitError(MarrowError):
     """A field could not be committed after every retry (e.g. the disk stays full)."""
 
@@ -134,7 +139,8 @@ def submit_slide(
             raise ServiceError(
                 f"slide {busy[0].name!r} on the microscope of {p.name} is still "
                 f"{busy[0].status}: submit the next slide once it is counted and the glass "
-                "is changed (nothing was queued)")
+                f"is changed, or cancel it (marrowcount cancel {busy[0].name} --reason …); "
+                "nothing was queued")
     else:
         from drivers.slide_image import open_slide
 
@@ -156,6 +162,30 @@ def submit_slide(
     log.info("slide submitted", extra={"data": {"slide": sid, "name": name or p.stem,
                                                 "source": kind, "target": n}})
     return sid
+
+
+def cancel_slide(store: Store, ref: int | str, who: str, reason: str) -> Any:
+    """End a slide that is queued, or started and waiting on a fault (a microscope that will
+    not open, a lamp that stays dark), as ``failed`` with ``reason``; audited as ``cancel``.
+    Its counted fields stay on record. A slide being counted right now is refused: stop the
+    daemon first. Returns the slide as it was."""
+    slide = store.slide(ref)
+    if not reason.strip():
+        raise ServiceError("say why the slide is cancelled (--reason)")
+    if slide.status not in ("queued", "acquiring"):
+        raise ServiceError(f"slide {slide.name!r} is {slide.status.replace('_', ' ')}: only a "
+                           "queued or waiting slide can be cancelled")
+    if slide.status == "acquiring" and not slide.error:
+        # A waiting slide carries the reason it waits; one without is being counted.
+        raise ServiceError(f"slide {slide.name!r} is being counted: stop the daemon first "
+                           "(systemctl stop marrowcount), then cancel it")
+    text = f"cancelled by {who}: {reason.strip()}"
+    if not store.set_status(slide.id, "failed", expect=slide.status, error=text,
+                            stopped_because="failed"):
+        raise ServiceError(f"slide {slide.name!r} changed meanwhile; nothing was cancelled")
+    store.audit(who, "cancel", slide.id, before={"status": slide.status, "error": slide.error},
+                after={"status": "failed", "reason": reason.strip()})
+    return slide
 
 
 def _watch_settings(cfg: Any) -> tuple[Any, ...]:
@@ -204,6 +234,9 @@ class Service:
         """Why the model last failed to load; no new slide is claimed until it loads again."""
         self._webhook: Any = None
         self._paused_until: dict[int, float] = {}
+        # Slides paused again for the reason they were paused before: a fault that persists.
+        self._repeated: set[int] = set()
+        self._exit_when_idle = False
         self._only: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -279,6 +312,7 @@ class Service:
         """Count slides until stopped (or, with ``exit_when_idle``, until the queue is empty).
         With ``only_slide`` just that slide is counted. Returns 0."""
         self._only = only_slide
+        self._exit_when_idle = exit_when_idle
         self._analyzer()  # a missing or mismatched model is an error at start, not per slide
         try:
             self.metrics.serve(self.cfg.service.metrics_port, self.cfg.service.metrics_host)
@@ -298,7 +332,13 @@ class Service:
                 slide = self._next_slide()
                 self.metrics.queue_length.set(len(self.store.slides(["queued", "acquiring"])))
                 if slide is None:
-                    if exit_when_idle and not self._paused_until:
+                    if exit_when_idle and set(self._paused_until) <= self._repeated:
+                        # Only slides whose fault persisted through a retry are left: waiting
+                        # on them would never end (`demo`, `watch --once`, --exit-when-idle).
+                        if self._repeated:
+                            log.warning("exiting with %d slide(s) waiting on a fault that "
+                                        "persists; a daemon retries them",
+                                        len(self._repeated))
                         break
                     self.notifier.status(f"idle on {self.instrument}")
                     self.notifier.wait(self._wake, self._idle_wait())
@@ -356,7 +396,8 @@ class Service:
         self._paused_until = {k: t for k, t in self._paused_until.items() if t > now}
         for s in self.store.slides(["acquiring"]):
             if (s.worker in (None, self.instrument) and s.id not in self._paused_until
-                    and self._only in (None, s.id)):
+                    and self._only in (None, s.id)
+                    and not (self._exit_when_idle and s.id in self._repeated)):
                 return s
         if self._model_error:
             return None  # a broken model would only pause every queued slide in turn
@@ -394,18 +435,19 @@ class Service:
             self._model_error = None
         try:
             source, close = self._open_source(slide, prog.n_fields)
-        except Exception as exc:  # a MarrowError, or a device adapter's own error type
-            why = str(exc) if isinstance(exc, MarrowError) else f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, MarrowError):
-                log.exception("cannot open slide", extra={"data": ctx})
-            if slide.source == "microscope":
-                # The glass stays on the stage while someone mends the config or plugs the
-                # camera in again: the slide waits, resumable, and people are told once.
-                reason = f"microscope not ready: {why}"
-                self._pause(slide, prog.counted, reason,
-                            alert=not (slide.error or "").startswith(reason))
-                return
-            self._fail(slide, why)
+        except MicroscopeNotReady as exc:
+            # The glass stays on the stage while someone mends the config or plugs the
+            # camera in again: the slide waits, resumable, and people are told once.
+            reason = f"microscope not ready: {exc}"
+            self._pause(slide, prog.counted, reason,
+                        alert=not (slide.error or "").startswith(reason))
+            return
+        except MarrowError as exc:  # a stored plan that no longer fits, a pre-scan that kept none
+            self._fail(slide, str(exc))
+            return
+        except Exception as exc:  # a bug, or a device adapter's own error type
+            log.exception("cannot open slide", extra={"data": ctx})
+            self._fail(slide, f"{type(exc).__name__}: {exc}")
             return
         counted = prog.counted
         adaptive: list[str] = []
@@ -451,7 +493,10 @@ class Service:
                 source, analyze, slide.target, start_index=prog.next_index,
                 counted_so_far=prog.counted, on_field=on_field,
                 should_stop=lambda: self._stop.is_set() or bool(adaptive),
-                fault_after=self.cfg.acquisition.quality.fault_after_fields,
+                # Only hardware can be mended: a scanned file's dark or blurred fields are
+                # the file's, and a slide paused for them would wait for ever.
+                fault_after=(self.cfg.acquisition.quality.fault_after_fields
+                             if slide.source == "microscope" else 0),
             )
         except FieldCommitError as exc:
             # A full disk fails every retry alike: told once, not every retry_slide_after_s.
@@ -534,6 +579,7 @@ class Service:
         ``alert``: log it as an error and send it to the webhook (not for a repeat)."""
         pause = self.cfg.service.retry_slide_after_s
         self._paused_until[slide.id] = time.monotonic() + pause
+        (self._repeated.discard if alert else self._repeated.add)(slide.id)
         self._note(slide.id, f"{reason}; retrying in {pause:g} s")
         log.log(logging.ERROR if alert else logging.INFO, "slide paused: %s", reason,
                 extra={"data": {"slide": slide.id, "name": slide.name}})
@@ -674,13 +720,22 @@ class Service:
             scope = open_microscope(cfg.acquisition, virtual_slide=slide.source_ref,
                                     um_per_px=slide.um_per_px)
         else:
-            scope = open_microscope(cfg.acquisition, mm_config=slide.source_ref,
-                                    um_per_px=slide.um_per_px)
+            try:
+                scope = open_microscope(cfg.acquisition, mm_config=slide.source_ref,
+                                        um_per_px=slide.um_per_px)
+                # The config's pixel size, never range-checked when the slide was submitted
+                # (a camera pixel not divided by the magnification reads as 6.45 µm/px).
+                try:
+                    check_field_scale(scope.um_per_px, cfg.detect,
+                                      f"{Path(slide.source_ref).name}: pixel size")
+                except MarrowError:
+                    scope.close()
+                    raise
+            except Exception as exc:  # MarrowError, or a device adapter's own error type
+                raise MicroscopeNotReady(
+                    str(exc) if isinstance(exc, MarrowError)
+                    else f"{type(exc).__name__}: {exc}") from exc
         try:
-            # The config's pixel size, never range-checked when the slide was submitted (a
-            # camera pixel not divided by the magnification reads as 6.45 µm/px).
-            check_field_scale(scope.um_per_px, cfg.detect,
-                              f"{Path(slide.source_ref).name}: pixel size")
             plan = self._stage_plan(slide, scope)
             source = MicroscopeFieldSource(scope, plan, cfg.acquisition, cfg.detect)
             if n_committed:

@@ -166,10 +166,11 @@ def count_slide(
             if fld.skipped_reason and fld.skipped_reason.startswith(HARDWARE_REASONS):
                 suspect.append(fld)
                 if fault_after and len(suspect) >= fault_after:
+                    reason = suspect[-1].skipped_reason
                     raise HardwareFault(
                         f"{len(suspect)} fields in a row from field {suspect[0].index} were "
-                        f"{suspect[-1].skipped_reason}: check the lamp, shutter, camera "
-                        "exposure and focus")
+                        f"{reason}" + ("" if reason.startswith("dark") else
+                                       ": check the focus drive and the rough focus"))
                 continue
             for s in suspect:
                 on_field(s)

@@ -424,9 +424,13 @@ class _TiffErrors(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.messages: list[str] = []
+        # The logger is the process's: the watcher thread plans one file while the counting
+        # thread reads another, and neither may take the other's damage for its own.
+        self._thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        if record.thread == self._thread:
+            self.messages.append(record.getMessage())
 
     def __enter__(self) -> "_TiffErrors":
         logging.getLogger("tifffile").addHandler(self)

@@ -117,6 +117,44 @@ def test_one_slide_at_a_time_on_a_microscope(tmp_path):
         store.set_status(sid, "awaiting_review")
     assert runner.invoke(app, ["submit", str(scope), "--name", "BM-B", "--config",
                                str(config)]).exit_code == 0
+    # A slide that will never be counted (its glass was taken off) is cancelled, with why.
+    _fails(["cancel", "BM-B", "--reason", " ", "--config", str(config)], Exception,
+           "say why")
+    res = runner.invoke(app, ["cancel", "BM-B", "--reason", "slide broken on the stage",
+                              "--config", str(config)])
+    assert res.exit_code == 0, res.output
+    _fails(["cancel", "BM-B", "--reason", "again", "--config", str(config)], Exception,
+           "is failed: only a queued or waiting slide can be cancelled")
+    assert runner.invoke(app, ["submit", str(scope), "--name", "BM-D", "--config",
+                               str(config)]).exit_code == 0
+    with Store(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "data") as store:
+        b = store.slide("BM-B")
+        assert b.status == "failed" and b.error.endswith(": slide broken on the stage")
+        store.claim(store.slide("BM-D").id, "scope-1")  # being counted: no note
+    _fails(["cancel", "BM-D", "--reason", "x", "--config", str(config)], Exception,
+           "is being counted: stop the daemon first")
+
+
+def test_a_microscope_that_will_not_open_waits_and_exit_when_idle_ends(tmp_path):
+    """A .cfg whose adapter does not load: the slide waits (not failed: the glass is still on
+    the stage), told once; `--exit-when-idle` returns once the fault has persisted through a
+    retry instead of waiting for ever."""
+    from daemon.store import Store
+    from tests.daemon_fixtures import run_in_process
+
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'q.db'}")
+    scope = tmp_path / "scope.cfg"
+    scope.write_text("Device,Camera,DemoCamera,DCam\nProperty,Core,Initialize,1\n")
+    assert runner.invoke(app, ["submit", str(scope), "--name", "BM-A", "--um-per-px", "0.072",
+                               "--config", str(config)]).exit_code == 0
+    paused = []
+    run_in_process(config, on_event=lambda e: paused.append(e) if e.kind == "slide_paused"
+                   else None)
+    assert len(paused) >= 2 and [e.data.get("notify", True) for e in paused][:1] == [True]
+    with Store(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "data") as store:
+        s = store.slide("BM-A")
+        assert s.status == "acquiring" and s.error.startswith(
+            "microscope not ready: ") and "DemoCamera" in s.error
 
 
 def test_submit_needs_a_pixel_size_the_daemon_can_use(tmp_path):

@@ -70,7 +70,7 @@ def acquire(
 ) -> None:
     """Count one slide: fields in serpentine order, autofocus, quality gate, stop at N."""
     from daemon.config import load_config
-    from drivers.acquisition import count_slide
+    from drivers.acquisition import HardwareFault, count_slide
     from drivers.micromanager import MicroscopeFieldSource, open_microscope
 
     cfg = load_config(config)
@@ -117,12 +117,17 @@ def acquire(
                 )
 
         source = MicroscopeFieldSource(scope, plan, params, cfg.detect)
-        stopped = count_slide(source, analyze, n_target, on_field=on_field,
-                              fault_after=params.quality.fault_after_fields)
+        try:
+            stopped = count_slide(source, analyze, n_target, on_field=on_field,
+                                  fault_after=params.quality.fault_after_fields)
+        except HardwareFault as exc:  # the fields counted so far are still reported
+            stopped = f"failed: hardware fault: {exc}"
     finally:
         scope.close()
     counts = Counter(c.label for f in fields for c in f.cells if c.counted)
-    counts_all = {name: counts.get(name, 0) for name in cfg.classes.counted}
+    # The machine's classes: a reviewer-only one is no count of the model's.
+    counts_all = {name: counts.get(name, 0) for name in cfg.classes.counted
+                  if name in cfg.classes.model_names}
     if json_out:
         print(json.dumps({
             "counts": counts_all,
@@ -142,11 +147,9 @@ def acquire(
     for col in ("class", "n", "%", f"{diff.confidence:.0%} CI"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for row in diff.rows:
-        table.add_row(row.label + (" †" if row.reviewer_only else ""), str(row.n),
-                      f"{row.pct:.1f}", interval_text(row.ci_low_pct, row.ci_high_pct, 1))
+        table.add_row(row.label, str(row.n), f"{row.pct:.1f}",
+                      interval_text(row.ci_low_pct, row.ci_high_pct, 1))
     console.print(table)
-    if any(row.reviewer_only for row in diff.rows):
-        console.print("† named by a reviewer only: the model does not recognise this class")
     if diff.me_ci is not None:
         console.print(f"M:E ratio {value_text(diff.me_ratio, 2)} "
                       f"({interval_text(*diff.me_ci, 2)})")

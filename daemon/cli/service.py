@@ -86,6 +86,26 @@ def submit_cmd(
                       highlight=False)
 
 
+@app.command("cancel")
+def cancel_cmd(
+    slide: str = typer.Argument(..., help="Slide name or id."),
+    reason: str = typer.Option(..., "--reason", help="Why, for the record."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """End a queued slide, or one waiting on a fault (a microscope that will not open, a
+    dark lamp), as failed with the reason; its counted fields stay on record. The next slide
+    can then be submitted on that microscope."""
+    import getpass
+
+    from daemon.config import load_config
+    from daemon.service import cancel_slide
+
+    cfg = load_config(config)
+    with _store(cfg, existing=True) as store:
+        s = cancel_slide(store, slide, getpass.getuser(), reason)
+    console.print(f"cancelled slide {s.name!r} (was {s.status}): {reason}", highlight=False)
+
+
 def _status_rows(store: Any, statuses: list[str] | None) -> list[dict[str, Any]]:
     rows = []
     for s in store.slides(statuses):
