@@ -131,7 +131,11 @@ class Differential:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain, JSON-ready data: an infinite M:E bound (no erythroid cell) is None."""
+        out = asdict(self)
+        if self.me_ci is not None:
+            out["me_ci"] = [None if math.isinf(x) else x for x in self.me_ci]
+        return out
 
 
 @lru_cache(maxsize=65536)

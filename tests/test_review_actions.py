@@ -467,3 +467,21 @@ def actions_last_event(env) -> int:
 
     with env.store.session() as s:
         return actions.last_event(s, env.slide_id)
+
+
+def test_a_slide_with_no_erythroid_cell_serves_and_reports_an_infinite_me(review_env, tech):
+    """Every erythroblast called something else: M:E is infinite. The page's JSON has no
+    infinity in it (the API answered 500: 'Out of range float values are not JSON
+    compliant'), and the report marks it."""
+    env = review_env
+    ery = [c.id for c in _counted(env) if (c.reviewed_label or c.label) == "erythroblast"]
+    if ery:
+        r = tech.post(f"/api/slides/{env.slide_id}/reclassify",
+                      json={"cells": ery, "label": "segmented_neutrophil"})
+        assert r.status_code == 200
+    d = _api(env, tech)["differential"]
+    assert d["erythroid"] == 0 and d["myeloid"] > 0 and d["me_ratio"] is None
+    assert d["me_ci"][0] > 0 and d["me_ci"][1] is None
+    rep = build_report(env.store, env.slide_id, env.cfg)
+    assert any(f.startswith("no erythroid cell counted: the M:E ratio is infinite")
+               for f in rep["flags"])
