@@ -45,6 +45,15 @@ from pipeline.quality import assess_field
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def _not_our_cancel(record: logging.LogRecord) -> bool:
+    # Every slide that reaches its target cancels its MDA: pymmcore-plus warns of it with the
+    # whole position list, a screenful each time, for nothing that went wrong.
+    return not record.getMessage().startswith("MDA Canceled")
+
+
+logging.getLogger("pymmcore-plus").addFilter(_not_our_cancel)
 #: How far from the requested position (a fraction of the field of view) a stage may stop.
 XY_TOLERANCE_FOV = 0.05
 
