@@ -641,7 +641,8 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     story.append(Paragraph(_esc(f"M:E counts {_me_definition(rep)}."), st["Normal"]))
     if d["blast_pct"] is None:
         blast = ("not reported until a reviewer has named the blasts (the model does not "
-                 "recognise them)" if d.get("blast_reviewer_only")
+                 "recognise them)" if d.get("blast_reviewer_only") and d["total"]
+                 else "not reported (no cell counted)" if not d["total"]
                  else "not reported (no blast class in this taxonomy)")
     else:
         blast = (f"{d['blast_pct']:.1f}% ({conf} CI "

@@ -164,27 +164,54 @@ def submit_slide(
     return sid
 
 
+def daemon_lock(data_dir: Path, instrument: str) -> Any:
+    """The open file whose exclusive lock says the daemon of ``instrument`` is running; held
+    for as long as the file stays open. ServiceError when another process holds it."""
+    path = Path(data_dir) / f".daemon-{_safe(instrument)}.lock"
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ServiceError(f"another marrowcount daemon for instrument {instrument!r} is "
+                           f"running (lock {path})") from None
+    return fh
+
+
 def cancel_slide(store: Store, ref: int | str, who: str, reason: str) -> Any:
-    """End a slide that is queued, or started and waiting on a fault (a microscope that will
-    not open, a lamp that stays dark), as ``failed`` with ``reason``; audited as ``cancel``.
-    Its counted fields stay on record. A slide being counted right now is refused: stop the
-    daemon first. Returns the slide as it was."""
+    """End a queued slide, or a started one whose daemon is not running (stopped while the
+    slide waited on a fault, or killed), as ``failed`` with ``reason``; audited as
+    ``cancel``. Its counted fields stay on record. Returns the slide as it was.
+
+    A started slide's daemon may be counting or retrying it at any moment: it is refused
+    while that daemon holds its lock, and the lock is held here until the slide is failed,
+    so no daemon starts on it meanwhile."""
     slide = store.slide(ref)
     if not reason.strip():
         raise ServiceError("say why the slide is cancelled (--reason)")
     if slide.status not in ("queued", "acquiring"):
         raise ServiceError(f"slide {slide.name!r} is {slide.status.replace('_', ' ')}: only a "
-                           "queued or waiting slide can be cancelled")
-    if slide.status == "acquiring" and not slide.error:
-        # A waiting slide carries the reason it waits; one without is being counted.
-        raise ServiceError(f"slide {slide.name!r} is being counted: stop the daemon first "
-                           "(systemctl stop marrowcount), then cancel it")
-    text = f"cancelled by {who}: {reason.strip()}"
-    if not store.set_status(slide.id, "failed", expect=slide.status, error=text,
-                            stopped_because="failed"):
-        raise ServiceError(f"slide {slide.name!r} changed meanwhile; nothing was cancelled")
-    store.audit(who, "cancel", slide.id, before={"status": slide.status, "error": slide.error},
-                after={"status": "failed", "reason": reason.strip()})
+                           "queued or started slide can be cancelled")
+    held = None
+    if slide.status == "acquiring":
+        try:
+            held = daemon_lock(store.data_dir, slide.worker or "")
+        except ServiceError:
+            raise ServiceError(
+                f"slide {slide.name!r} is with the running daemon of {slide.worker!r}, "
+                "which counts or retries it: stop that daemon first (systemctl stop "
+                "marrowcount), then cancel it") from None
+    try:
+        text = f"cancelled by {who}: {reason.strip()}"
+        if not store.set_status(slide.id, "failed", expect=slide.status, error=text,
+                                stopped_because="failed"):
+            raise ServiceError(f"slide {slide.name!r} changed meanwhile; nothing was cancelled")
+        store.audit(who, "cancel", slide.id,
+                    before={"status": slide.status, "error": slide.error},
+                    after={"status": "failed", "reason": reason.strip()})
+    finally:
+        if held is not None:
+            held.close()
     return slide
 
 
@@ -242,17 +269,11 @@ class Service:
     # -- lifecycle ------------------------------------------------------------------------
 
     def _lock(self) -> Any:
-        path = self.store.data_dir / f".daemon-{_safe(self.instrument)}.lock"
-        fh = open(path, "a+")
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
+            fh = daemon_lock(self.store.data_dir, self.instrument)
+        except ServiceError:
             self.store.close()
-            raise ServiceError(
-                f"another marrowcount daemon for instrument {self.instrument!r} is running "
-                f"(lock {path})"
-            ) from None
+            raise
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
@@ -439,8 +460,9 @@ class Service:
             # The glass stays on the stage while someone mends the config or plugs the
             # camera in again: the slide waits, resumable, and people are told once.
             reason = f"microscope not ready: {exc}"
+            # Told once: a fault that reads a little differently at each retry is the same.
             self._pause(slide, prog.counted, reason,
-                        alert=not (slide.error or "").startswith(reason))
+                        alert=not (slide.error or "").startswith("microscope not ready:"))
             return
         except MarrowError as exc:  # a stored plan that no longer fits, a pre-scan that kept none
             self._fail(slide, str(exc))
@@ -506,8 +528,9 @@ class Service:
         except HardwareFault as exc:
             # Told once: each retry finds the same fault until someone mends it.
             reason = f"hardware fault: {exc}"
+            # A dim lamp reads another brightness at each retry: the same fault, told once.
             self._pause(slide, counted, reason,
-                        alert=not (stale_error[0] or "").startswith(reason))
+                        alert=not (stale_error[0] or "").startswith("hardware fault:"))
             return
         except MarrowError as exc:
             self._fail(slide, str(exc))
@@ -736,7 +759,18 @@ class Service:
                     str(exc) if isinstance(exc, MarrowError)
                     else f"{type(exc).__name__}: {exc}") from exc
         try:
-            plan = self._stage_plan(slide, scope)
+            try:
+                plan = self._stage_plan(slide, scope)
+            except (ServiceError, KeyboardInterrupt):
+                raise  # a stored plan that no longer fits this microscope: resubmit
+            except Exception as exc:
+                if slide.source != "microscope":
+                    raise
+                # The pre-scan's objective group missing from the .cfg, a lamp dark at 10x,
+                # an adapter failing: mended while the glass stays on the stage.
+                raise MicroscopeNotReady(
+                    str(exc) if isinstance(exc, MarrowError)
+                    else f"{type(exc).__name__}: {exc}") from exc
             source = MicroscopeFieldSource(scope, plan, cfg.acquisition, cfg.detect)
             if n_committed:
                 # Start each focus search where the committed neighbours were in focus, as

@@ -251,8 +251,9 @@ def check_labels(samples: Sequence[Sample], classes: Sequence[str], *, where: st
     named = [u for u in unknown if u in reviewer_only]
     if named:
         parts.append(f"{named}: reviewer_only class(es) of the taxonomy, which the model does "
-                     f"not learn: leave them out of this source (exclude: {named}) or set "
-                     "reviewer_only: false on them in the taxonomy to train them")
+                     f"not learn: leave them out of this source (exclude: {named}, under the "
+                     "source's own label names if it renames them) or set reviewer_only: "
+                     "false on them in the taxonomy to train them")
     other = [u for u in unknown if u not in reviewer_only]
     if other:
         hints = [f"{u!r} -> {m[0]!r}?" for u in other

@@ -124,15 +124,21 @@ def test_one_slide_at_a_time_on_a_microscope(tmp_path):
                               "--config", str(config)])
     assert res.exit_code == 0, res.output
     _fails(["cancel", "BM-B", "--reason", "again", "--config", str(config)], Exception,
-           "is failed: only a queued or waiting slide can be cancelled")
+           "is failed: only a queued or started slide can be cancelled")
     assert runner.invoke(app, ["submit", str(scope), "--name", "BM-D", "--config",
                                str(config)]).exit_code == 0
+    from daemon.service import daemon_lock
+
     with Store(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "data") as store:
         b = store.slide("BM-B")
         assert b.status == "failed" and b.error.endswith(": slide broken on the stage")
-        store.claim(store.slide("BM-D").id, "scope-1")  # being counted: no note
+        store.claim(store.slide("BM-D").id, "scope-1")
+        running = daemon_lock(store.data_dir, "scope-1")  # its daemon counts or retries it
     _fails(["cancel", "BM-D", "--reason", "x", "--config", str(config)], Exception,
-           "is being counted: stop the daemon first")
+           "is with the running daemon of 'scope-1'")
+    running.close()  # the daemon stopped (or was killed) with the slide started
+    assert runner.invoke(app, ["cancel", "BM-D", "--reason", "glass taken off",
+                               "--config", str(config)]).exit_code == 0
 
 
 def test_a_microscope_that_will_not_open_waits_and_exit_when_idle_ends(tmp_path):

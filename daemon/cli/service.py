@@ -92,9 +92,9 @@ def cancel_cmd(
     reason: str = typer.Option(..., "--reason", help="Why, for the record."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """End a queued slide, or one waiting on a fault (a microscope that will not open, a
-    dark lamp), as failed with the reason; its counted fields stay on record. The next slide
-    can then be submitted on that microscope."""
+    """End a queued slide, or a started one whose daemon is not running (stop it first), as
+    failed with the reason; its counted fields stay on record. The next slide can then be
+    submitted on that microscope."""
     import getpass
 
     from daemon.config import load_config
@@ -222,7 +222,8 @@ def differential_table(rep: dict[str, Any]) -> Table:
           f"({interval_text(d['me_ci'][0], d['me_ci'][1] or math.inf, 2, ' – ')})")
     t.add_section()
     t.add_row("M:E ratio", f"{d['myeloid']}:{d['erythroid']}", "", me)
-    blast = (("until reviewed" if d.get("blast_reviewer_only") else "not in taxonomy")
+    blast = (("no cell counted" if not d["total"] else "until reviewed"
+              if d.get("blast_reviewer_only") else "not in taxonomy")
              if d["blast_pct"] is None else
              f"{d['blast_pct']:.1f}%  ({interval_text(*d['blast_ci_pct'], 1, ' – ')})")
     t.add_row("Blasts", "" if d["blast_n"] is None else str(d["blast_n"]), "", blast)
