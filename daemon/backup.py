@@ -15,6 +15,7 @@ way leaves the previous one whole. PostgreSQL stores are backed up with ``pg_dum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from sqlalchemy import create_engine, select, update
 from sqlalchemy.engine import make_url
 
 from daemon.models import Cell, Field
+from daemon.report_export import SINCE_FILE
 from daemon.store import Store, StoreError
 
 DB_NAME = "marrowcount.db"
@@ -76,6 +78,23 @@ def backup_store(store: Store, dest: str | Path) -> BackupResult:
     if dest.is_dir() and {p.name for p in dest.iterdir()} - ours:
         raise StoreError(f"{dest} holds files that are not a marrowcount backup "
                          f"({MANIFEST}); give an empty or new folder")
+    try:
+        return _backup(store, dest, src_db, data)
+    except OSError as exc:
+        # A full or read-only backup disk: a message, not a traceback, and no half-written
+        # files left to keep the disk full (the backup there before is whole: its database
+        # is only ever replaced after every file it names).
+        for leftover in [dest / f".{DB_NAME}.partial", dest / (MANIFEST + ".partial"),
+                         *(dest / DATA_NAME).rglob("*.partial")]:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        raise StoreError(f"backup to {dest} failed: {exc.strerror or exc}"
+                         + (f" ({exc.filename})" if exc.filename else "")
+                         + "; the backup there before this run is unchanged") from None
+
+
+def _backup(store: Store, dest: Path, src_db: Path, data: Path) -> BackupResult:
+    """The copying part of ``backup_store``, its checks done."""
     (dest / DATA_NAME).mkdir(parents=True, exist_ok=True)
 
     taken_at = datetime.now(timezone.utc)
@@ -84,6 +103,10 @@ def backup_store(store: Store, dest: str | Path) -> BackupResult:
     _snapshot(src_db, tmp_db)
     images, crops, slides = _named_files(tmp_db)
     names = images | crops
+    # When exporting to the LIS began: a restored store without it would export only from a
+    # day before its first run, and a sign-off the LIS never got before would never be sent.
+    if (store.data_dir / SINCE_FILE).is_file():
+        names.add(SINCE_FILE)
 
     done: list[int | None] = []  # per file: bytes copied, or None when already current
     late = []

@@ -117,6 +117,14 @@ def test_repeated_failures_lock_the_name_for_a_while(app):
     r = client.post("/login", data={"username": TECH[0], "password": TECH[1],
                                     "csrf_token": token}, follow_redirects=False)
     assert r.status_code == 303  # other accounts are unaffected
+    # The same name with spaces around it is the same account, locked too (each spelling
+    # had had a counter of its own: guessing never paused).
+    other = TestClient(app)
+    token = csrf_of(other.get("/login").text)
+    for name in (f" {TECH2[0]}", f"{TECH2[0]}\t", f"\u3000{TECH2[0]}"):
+        r = other.post("/login", data={"username": name, "password": TECH2[1],
+                                       "csrf_token": token}, follow_redirects=False)
+        assert r.status_code == 429, name
 
 
 def test_attempts_during_a_lockout_do_not_extend_it(app, monkeypatch):
@@ -275,23 +283,50 @@ def test_images_are_served_only_from_the_data_directory(app, review_env):
     assert client.get("/images/cells/999999").status_code == 404
 
 
-def test_a_deactivated_account_loses_its_session(app, review_env):
+@pytest.mark.parametrize("change", ["deactivated", "new password"])
+def test_an_account_change_ends_its_sessions(app, review_env, change):
+    """A deactivated account, or one given a new password (whoever held the old one keeps
+    no session: the signed cookie had stayed valid until it expired)."""
+    from daemon.review.auth import update_user
+
     client = TestClient(app)
     login(client, TECH2)
     assert client.get("/", follow_redirects=False).status_code == 200
     with review_env.store.session() as s:
-        s.execute(update(User).where(User.username == TECH2[0]).values(active=False))
-    assert client.get("/", follow_redirects=False).status_code == 303
+        if change == "deactivated":
+            s.execute(update(User).where(User.username == TECH2[0]).values(active=False))
+        else:
+            update_user(s, TECH2[0], password="a-brand-new-password-1")
+    assert client.get("/", follow_redirects=False).status_code == 303  # log in again
     assert client.get("/api/queue").status_code == 401
 
 
 def test_logout_ends_the_session(app):
     client = TestClient(app)
     token = login(client, TECH)
+    copied = client.cookies.get(SESSION_COOKIE)
     r = client.post("/logout", data={"csrf_token": token}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/login"
     assert client.get("/", follow_redirects=False).status_code == 303
     assert re.search(r"Log in", client.get("/login").text)
+    # On the server too: a copy of the cookie taken before logging out is no session.
+    thief = TestClient(app)
+    thief.cookies.set(SESSION_COOKIE, copied)
+    assert thief.get("/", follow_redirects=False).status_code == 303
+    assert thief.get("/api/queue").status_code == 401
+
+
+
+def test_a_slide_named_outside_latin1_has_its_report_downloaded(app, review_env):
+    with review_env.store.session() as s:
+        s.execute(update(Slide).where(Slide.id == review_env.slide_id)
+                  .values(name="Łódź ✓ 骨髄"))
+    client = TestClient(app)
+    login(client, TECH)
+    for fmt in ("csv", "json", "pdf"):
+        r = client.get(f"/slides/{review_env.slide_id}/report.{fmt}")
+        assert r.status_code == 200, fmt
+        assert f"filename*=UTF-8''%C5%81%C3%B3d%C5%BA" in r.headers["content-disposition"]
 
 
 def test_wrong_addresses_get_a_page_with_the_navigation_and_a_way_back(app, review_env):

@@ -225,3 +225,46 @@ def test_an_image_purged_after_the_snapshot_is_not_called_lost(review_env, tmp_p
         assert all(f.image_path is None for f in restored.fields(env.slide_id))
     finally:
         restored.close()
+
+
+def test_the_lis_export_start_travels_with_the_backup(review_env, tmp_path):
+    """When exporting to the LIS began is kept in the data folder: a restored store without
+    it exported only from a day before its first run, and an older sign-off the LIS never got
+    was never sent."""
+    from daemon.report_export import SINCE_FILE
+
+    env = review_env
+    (env.store.data_dir / SINCE_FILE).write_text("2026-11-01T00:00:00+00:00\n")
+    res = backup_store(env.store, tmp_path / "bk")
+    copy = tmp_path / "bk" / DATA_NAME / SINCE_FILE
+    assert copy.read_text() == "2026-11-01T00:00:00+00:00\n" and res.missing == []
+    assert backup_store(env.store, tmp_path / "bk").removed == 0 and copy.is_file()
+
+
+def test_a_full_backup_disk_is_a_message_and_leaves_no_partial_files(review_env, tmp_path,
+                                                                      monkeypatch):
+    import errno
+    import shutil
+
+    import pytest
+
+    import daemon.backup as backup
+    from daemon.store import StoreError
+
+    calls = []
+
+    def filling(src, dst, *a, **k):
+        calls.append(dst)
+        if len(calls) > 5:  # the disk fills part way through a file
+            with open(dst, "wb") as fh:
+                fh.write(b"\0" * 10)
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return shutil.copy2(src, dst, *a, **k)
+
+    monkeypatch.setattr(backup.shutil, "copy2", filling)
+    with pytest.raises(StoreError, match=r"backup to .* failed: No space left on device "
+                                         r"\(.*\.partial\); the backup there before this run "
+                                         r"is unchanged"):
+        backup_store(review_env.store, tmp_path / "bk")
+    assert not list((tmp_path / "bk").rglob("*.partial"))
+    assert not (tmp_path / "bk" / DB_NAME).exists()  # no database naming what is not there

@@ -154,8 +154,10 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     # -- sessions -----------------------------------------------------------------------
 
-    def set_session(resp: Response, uid: int | None, csrf: str | None = None) -> None:
-        resp.set_cookie(SESSION_COOKIE, codec.dumps(uid, csrf), max_age=int(codec.max_age_s),
+    def set_session(resp: Response, uid: int | None, csrf: str | None = None,
+                    epoch: int = 0) -> None:
+        resp.set_cookie(SESSION_COOKIE, codec.dumps(uid, csrf, epoch),
+                        max_age=int(codec.max_age_s),
                         httponly=True, samesite="strict", secure=params.secure_cookies, path="/")
 
     def viewer(request: Request) -> Viewer:
@@ -164,7 +166,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             raise NotLoggedIn()
         with store.session() as s:
             user = s.get(User, data["uid"])
-            if user is None or not user.active:
+            # Logged out since, or a new password: a cookie from before is no session.
+            if user is None or not user.active or data.get("epoch", 0) != user.session_epoch:
                 raise NotLoggedIn()
             return Viewer(user.id, user.username, user.role, data["csrf"])
 
@@ -282,6 +285,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         data = codec.loads(request.cookies.get(SESSION_COOKIE))
         if not data or not csrf_matches(data["csrf"], csrf_token):
             raise CsrfError("the login form expired; reload the page and try again")
+        # The name as the account is looked up: " tech" and "tech\t" had each had a lockout
+        # counter of their own, so guessing never paused.
+        username = username.strip()
         now = time.monotonic()
         wait_s = lockout_left_s(username, now)
         if wait_s > 0:
@@ -297,6 +303,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         with store.session() as s:
             user = authenticate(s, username, password)
             user_id = user.id if user is not None else None
+            epoch = user.session_epoch if user is not None else 0
         if user_id is None:
             with failures_lock:
                 if len(failures) > 10_000:  # many names tried: forget old ones, bound memory
@@ -314,7 +321,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         with failures_lock:
             failures.pop(username, None)
         resp = RedirectResponse(_local(next), status_code=303)
-        set_session(resp, user_id)  # a fresh CSRF token with every login
+        set_session(resp, user_id, epoch=epoch)  # a fresh CSRF token with every login
         return resp
 
     def lockout_left_s(username: str, now: float) -> float:
@@ -330,6 +337,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     def check_signature(username: str, password: str) -> None:
         """The signer's password, given again at sign-off (``review.sign_password``); wrong
         ones count toward the login lockout (the form must not be a way to guess it)."""
+        username = username.strip()
         now = time.monotonic()
         if (wait_s := lockout_left_s(username, now)) > 0:
             raise actions.Forbidden("too many wrong passwords: not signed; try again in "
@@ -345,6 +353,12 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     @app.post("/logout")
     def logout(who: Viewer = Depends(changer)) -> Response:
+        # Ends the session on the server, not only in this browser: a copy of the cookie is
+        # refused from now on (and so are this user's other sessions).
+        with store.session() as s:
+            user = s.get(User, who.id)
+            if user is not None:
+                user.session_epoch += 1
         resp = RedirectResponse("/login", status_code=303)
         set_session(resp, None)
         return resp
@@ -757,8 +771,13 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         n = (rep.get("issue") or {}).get("number")
         state = ("preliminary" if n is None else "signed" if n == 1 else f"amended-{n}") + (
             "-superseded" if rep.get("superseded") else "")
+        filename = f"{name}-{state}.{fmt}"
+        # Headers are Latin-1: a slide named "Łódź 骨髄" had no report to download (500). The
+        # plain name falls back to ASCII; filename* (RFC 6266) gives browsers the real one.
+        plain = filename.encode("ascii", "replace").decode().replace("?", "_")
         return Response(data, media_type=media, headers={
-            "Content-Disposition": f'attachment; filename="{name}-{state}.{fmt}"'})
+            "Content-Disposition": f'attachment; filename="{plain}"; '
+                                   f"filename*=UTF-8''{quote(filename)}"})
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:

@@ -89,6 +89,7 @@ def update_user(session: Session, username: str, *, password: str | None = None,
     if password is not None:
         _password_ok(password)
         user.password_hash = hash_password(password)
+        user.session_epoch += 1  # whoever held the old password is logged out
     if active is not None:
         user.active = active
     session.flush()
@@ -129,14 +130,16 @@ def load_secret(data_dir: Path) -> bytes:
 
 
 class SessionCodec:
-    """Signs and checks the session cookie's payload ``{"uid": int|None, "csrf": str}``."""
+    """Signs and checks the session cookie's payload ``{"uid": int|None, "csrf": str,
+    "epoch": int}`` (``epoch``: the user's ``session_epoch`` when it was issued)."""
 
     def __init__(self, secret: bytes, max_age_s: float) -> None:
         self._s = URLSafeTimedSerializer(secret, salt="marrowcount-review-session")
         self.max_age_s = max_age_s
 
-    def dumps(self, uid: int | None, csrf: str | None = None) -> str:
-        return self._s.dumps({"uid": uid, "csrf": csrf or secrets.token_urlsafe(24)})
+    def dumps(self, uid: int | None, csrf: str | None = None, epoch: int = 0) -> str:
+        return self._s.dumps({"uid": uid, "csrf": csrf or secrets.token_urlsafe(24),
+                              "epoch": epoch})
 
     def loads(self, cookie: str | None) -> dict[str, Any] | None:
         if not cookie:
