@@ -459,10 +459,8 @@ class Service:
         except MicroscopeNotReady as exc:
             # The glass stays on the stage while someone mends the config or plugs the
             # camera in again: the slide waits, resumable, and people are told once.
-            reason = f"microscope not ready: {exc}"
-            # Told once: a fault that reads a little differently at each retry is the same.
-            self._pause(slide, prog.counted, reason,
-                        alert=not (slide.error or "").startswith("microscope not ready:"))
+            self._pause(slide, prog.counted, f"microscope not ready: {exc}",
+                        previous=slide.error)
             return
         except MarrowError as exc:  # a stored plan that no longer fits, a pre-scan that kept none
             self._fail(slide, str(exc))
@@ -521,16 +519,10 @@ class Service:
                              if slide.source == "microscope" else 0),
             )
         except FieldCommitError as exc:
-            # A full disk fails every retry alike: told once, not every retry_slide_after_s.
-            self._pause(slide, counted, str(exc),
-                        alert=not (stale_error[0] or "").startswith(str(exc)))
+            self._pause(slide, counted, str(exc), previous=stale_error[0])
             return
         except HardwareFault as exc:
-            # Told once: each retry finds the same fault until someone mends it.
-            reason = f"hardware fault: {exc}"
-            # A dim lamp reads another brightness at each retry: the same fault, told once.
-            self._pause(slide, counted, reason,
-                        alert=not (stale_error[0] or "").startswith("hardware fault:"))
+            self._pause(slide, counted, f"hardware fault: {exc}", previous=stale_error[0])
             return
         except MarrowError as exc:
             self._fail(slide, str(exc))
@@ -597,9 +589,16 @@ class Service:
         else:
             log.info("pixel size checked", extra={"data": data})
 
-    def _pause(self, slide: Any, counted: int, reason: str, alert: bool = True) -> None:
+    def _pause(self, slide: Any, counted: int, reason: str, alert: bool | None = None,
+               previous: str | None = None) -> None:
         """Leave the slide where it is and retry it after ``service.retry_slide_after_s``;
-        ``alert``: log it as an error and send it to the webhook (not for a repeat)."""
+        ``alert``: log it as an error and send it to the webhook. By default a slide is
+        alerted unless ``previous`` (the note it carried) was a pause of the same kind: the
+        text before the reason's first colon ("hardware fault", "field 4 failed"), as a dim
+        lamp or a full disk reads a little differently at each retry and is still one fault."""
+        if alert is None:
+            kind = reason.split(":", 1)[0] + ":"
+            alert = not (previous or "").startswith(kind)
         pause = self.cfg.service.retry_slide_after_s
         self._paused_until[slide.id] = time.monotonic() + pause
         (self._repeated.discard if alert else self._repeated.add)(slide.id)

@@ -472,14 +472,13 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     def table_context(s: Any, slide: Slide, tax: Taxonomy) -> dict[str, Any]:
         machine = actions.machine_counts(s, slide.id)
         reviewed = actions.reviewed_counts(s, slide.id)
-        begun = slide.id in slides_in_review(s, [slide.id])
+        # The report's basis and flags, word for word: the page is where people sign.
+        rep = build_report(store, slide.id, cfg)
         return {"slide": slide,
-                "diff": differential(reviewed, tax, cfg.stats, machine=not begun),
+                "diff": differential(reviewed, tax, cfg.stats, machine=rep["basis"] == "machine"),
                 "machine": machine, "machine_total": sum(
                     n for k, n in machine.items() if k in tax.counted),
-                "labels": tax.labels,
-                # The report's flags, word for word: the page is where people sign.
-                "flags": build_report(store, slide.id, cfg)["flags"]}
+                "labels": tax.labels, "flags": rep["flags"]}
 
     def render_table(ctx: dict[str, Any]) -> str:
         return templates.get_template("_table.html").render(**ctx)
