@@ -259,6 +259,9 @@ class Service:
         self._model_sha = ""
         self._model_error: str | None = None
         """Why the model last failed to load; no new slide is claimed until it loads again."""
+        self._commit_error: str | None = None
+        """Why the last field could not be committed (a full disk, a database refusing
+        writes): it would fail alike on every slide, so none is claimed until one commits."""
         self._webhook: Any = None
         self._paused_until: dict[int, float] = {}
         # Slides paused again for the reason they were paused before: a fault that persists.
@@ -420,8 +423,8 @@ class Service:
                     and self._only in (None, s.id)
                     and not (self._exit_when_idle and s.id in self._repeated)):
                 return s
-        if self._model_error:
-            return None  # a broken model would only pause every queued slide in turn
+        if self._model_error or self._commit_error:
+            return None  # a broken model or a full disk would only pause every queued slide
         if self._only is not None:
             return self.store.claim(self._only, self.instrument)
         return self.store.claim_next(self.instrument)
@@ -519,6 +522,7 @@ class Service:
                              if slide.source == "microscope" else 0),
             )
         except FieldCommitError as exc:
+            self._commit_error = str(exc)
             self._pause(slide, counted, str(exc), previous=stale_error[0])
             return
         except HardwareFault as exc:
@@ -626,6 +630,7 @@ class Service:
                 ok = self.store.commit_field(slide.id, f, method)
                 if attempt:
                     self._note(slide.id, None)
+                self._commit_error = None
                 return ok
             except (OSError, SQLAlchemyError, StoreError) as exc:
                 # Where it failed too: the database, or which file of the data folder.

@@ -266,16 +266,16 @@ def kill9(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def snapshot(store) -> dict:
+def snapshot(store, slide_id: int = 1) -> dict:
     """What a finished slide is, for comparing two runs: per field its cells' labels."""
     from daemon.models import Cell, Field, Slide
     from sqlalchemy import select
 
     with store.session() as s:
-        slide = s.scalars(select(Slide)).one()
-        fields = {f.id: f.index for f in s.scalars(select(Field))}
+        slide = s.get(Slide, slide_id)
+        fields = {f.id: f.index for f in s.scalars(select(Field).where(Field.slide_id == slide_id))}
         cells = sorted((fields[c.field_id], c.index, c.label, c.duplicate_of)
-                       for c in s.scalars(select(Cell)))
+                       for c in s.scalars(select(Cell).where(Cell.slide_id == slide_id)))
     return {"status": slide.status, "stopped_because": slide.stopped_because,
             "fields": sorted(fields.values()), "cells": cells,
             "counts": store.counts(slide.id), "progress": store.progress(slide.id)}

@@ -173,28 +173,35 @@ def test_full_disk_marks_field_failed_then_retries(tmp_path, slide, reference):
     """ENOSPC while a field's crops are written: that field is rolled back and noted on the
     slide, the slide pauses and resumes, and the end result equals the reference."""
     config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'full.db'}",
-                           commit_retries=1)
+                           commit_retries=1, retry_slide_after_s=1.0)
     cfg = load_config(config)
     attempts: set[str] = set()
     lock = threading.Lock()
 
     def disk(path: Path, data: bytes) -> None:
-        # The disk is full for the first three attempts at committing field 4 (each attempt
-        # writes into its own staging folder), then space is freed.
+        # The disk is full for the first three attempts at committing the first slide's field
+        # 4 (each attempt writes into its own staging folder), then space is freed.
         with lock:
-            if "-f4-" in path.parent.name:
+            if path.parent.name.startswith("s1-f4-"):
                 attempts.add(path.parent.name)
-            full = "-f4-" in path.parent.name and len(attempts) <= 3
+            full = path.parent.name.startswith("s1-f4-") and len(attempts) <= 3
         if full:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         write_file(path, data)
 
     store = Store(f"sqlite:///{tmp_path / 'full.db'}", tmp_path / "data", writer=disk)
     submit_slide(store, cfg, slide, name="BCCD-mosaic")
+    # A second slide waits behind it: a full disk would fail its fields alike, so it is
+    # not claimed while the first one waits for space.
+    second = submit_slide(store, cfg, slide, name="next-in-queue", target=10)
     events = []
     svc = Service(cfg, config, on_event=events.append, store=store)
     try:
         svc.run(exit_when_idle=True)
+        started = [e.name for e in events if e.kind == "slide_started"]
+        assert started == ["BCCD-mosaic", "BCCD-mosaic", "next-in-queue"]
+        assert store.slide(second).status == "awaiting_review"
+        events = [e for e in events if e.name == "BCCD-mosaic"]
         paused = [e for e in events if e.kind == "slide_paused"]
         # commit_retries=1: attempts 1 and 2 fail, the slide pauses and resumes from field 4,
         # attempt 3 fails, attempt 4 (the retry) commits.
