@@ -303,7 +303,8 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
                      "reviewer has named them, and this count cannot exclude a blast excess")
     elif final.blast_reviewer_only:
         flags.append("blasts are counted only where a reviewer named them (the model does not "
-                     "recognise blasts): the blast % rests on the review")
+                     "recognise blasts): the blast % rests on the review"
+                     + ("" if signed else ", which is not finished: it may still rise"))
     if final.total and final.myeloid and not final.erythroid:
         flags.append(f"no erythroid cell counted: the M:E ratio is infinite "
                      f"({final.myeloid} : 0)")
