@@ -29,7 +29,14 @@ from daemon.models import EXCLUDE_REASONS, Cell, Field, Review
 from daemon.provenance import method_text
 from daemon.store import Store, StoreError, lock_slide, write_whole
 from pipeline.errors import ConfigError
-from pipeline.stats import Differential, differential, interval_text, round_out, value_text
+from pipeline.stats import (
+    Differential,
+    confidence_text,
+    differential,
+    interval_text,
+    round_out,
+    value_text,
+)
 
 FORMATS = ("json", "csv", "pdf")
 #: How the CSV marks a class only a reviewer names (the PDF and the page: †).
@@ -81,6 +88,7 @@ def _diff_dict(d: Differential) -> dict[str, Any]:
         "myeloid_classes": list(d.myeloid_classes),
         "erythroid_classes": list(d.erythroid_classes),
         "me_ratio": d.me_ratio,
+        "me_infinite": d.me_infinite,
         # JSON has no infinity: an upper bound of infinity (no erythroid cell) is null.
         "me_ci": None if d.me_ci is None else [None if math.isinf(x) else x for x in d.me_ci],
         "me_reference": None if d.me_reference is None else list(d.me_reference),
@@ -249,6 +257,14 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             .where(Cell.slide_id == slide.id, Cell.duplicate_of.is_(None),
                    Cell.excluded.is_(True), Cell.added_by.is_(None))
             .group_by(Cell.exclude_reason)).all())
+        # Each way apart: 20 left out and 5 added is not "15 left out".
+        was_in = Cell.added_by.is_(None) & Cell.label.in_(taxonomy.counted)
+        is_in = (Cell.excluded.is_(False)
+                 & func.coalesce(Cell.reviewed_label, Cell.label).in_(taxonomy.counted))
+        left_out, added = s.execute(select(
+            func.count(Cell.id).filter(was_in & ~is_in),
+            func.count(Cell.id).filter(~was_in & is_in),
+        ).where(Cell.slide_id == slide.id, Cell.duplicate_of.is_(None))).one()
         reviews = list(s.scalars(select(Review).where(Review.slide_id == slide.id)
                                  .order_by(Review.at, Review.id)))
         methods = slide_methods(s, slide.id)
@@ -261,17 +277,24 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
 
     flags = [f.message for f in final.flags]
     counted = machine_diff.total
+    # An adaptive stop rests on the machine's blast calls; a review that leaves a threshold
+    # undecided takes away its reason, and the short count is a short count again.
+    stopped_early = slide.stopped_because == "adaptive_stop" and not final.flags
     if (slide.status not in ("queued", "acquiring") and final.total < slide.target
-            and slide.stopped_because != "adaptive_stop"):
+            and not stopped_early):
         why = []
         if slide.stopped_because == "area_exhausted":
             why.append("the counting area was used up")
-        if final.total < counted:
-            why.append(f"review left {counted - final.total} of the machine's {counted} out")
+        if slide.stopped_because == "adaptive_stop":
+            why.append(f"counting stopped at {counted} because the machine's count decided "
+                       "every blast threshold; the reviewed count does not")
+        if left_out:
+            why.append(f"review left {left_out} of the machine's {counted} out"
+                       + (f" and added {added}" if added else ""))
         flags.append(f"target not reached: {final.total} of {slide.target} cells counted"
                      + (f" ({'; '.join(why)})" if why else "")
                      + ": every interval is wider than the target count would give")
-    if slide.stopped_because == "adaptive_stop":
+    if stopped_early:
         flags.append(f"stopped early at {counted} of {slide.target} cells: every blast "
                      "threshold was already decided")
     if slide.status == "failed":
@@ -298,13 +321,20 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     if not any(c.blast for c in taxonomy.classes):
         flags.append(f"taxonomy {taxonomy.name!r} has no blast class: blast % not reported, "
                      "and blasts present were counted under other classes")
-    elif final.blast_reviewer_only and final.blast_pct is None:
+    elif final.blast_reviewer_only and final.blast_pct is None and final.total:
         flags.append("the model does not recognise blasts: blast % is not reported until a "
                      "reviewer has named them, and this count cannot exclude a blast excess")
     elif final.blast_reviewer_only:
         flags.append("blasts are counted only where a reviewer named them (the model does not "
                      "recognise blasts): the blast % rests on the review"
                      + ("" if signed else ", which is not finished: it may still rise"))
+    unknown_to_model = [c.label for c in taxonomy.classes
+                        if c.reviewer_only and c.counted and not c.blast]
+    if unknown_to_model and final.total:
+        # A 0% plasma-cell row (myeloma starts at 10%) is only what the review named.
+        flags.append(f"the model does not recognise {', '.join(unknown_to_model)}: such cells "
+                     "count only where a reviewer named them, and are otherwise counted "
+                     "under the model's classes")
     if final.total and final.myeloid and not final.erythroid:
         flags.append(f"no erythroid cell counted: the M:E ratio is infinite "
                      f"({final.myeloid} : 0)")
@@ -330,7 +360,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     prescan = None if not pre else {k: pre[k] for k in (
         "objective", "um_per_px", "planned", "kept", "left_out_by_reason")}
     return {
-        "report_version": 6,
+        "report_version": 7,
         "generated_at": iso_time(datetime.now(timezone.utc)),
         "slide": {
             "id": slide.id, "name": slide.name, "source": slide.source,
@@ -560,7 +590,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
 
     st = getSampleStyleSheet()
     sl, d = rep["slide"], rep["differential"]
-    conf = f"{d['confidence']:.0%}"
+    conf = confidence_text(d["confidence"])
     case = sl["case"]
     issue, sup = rep.get("issue"), rep.get("superseded")
     warn = [text for text, show in ((superseded_text(sup) if sup else "", sup),
@@ -631,7 +661,8 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
     else:
         # A report kept before M:E had an interval without erythroid cells has none.
         me_ci = d["me_ci"] and [math.inf if x is None else x for x in d["me_ci"]]
-        me = (f"{value_text(d['me_ratio'], 2, d['me_outside'], d['me_reference'], 3)}"
+        ratio = value_text(d["me_ratio"], 2, d["me_outside"], d["me_reference"], 3, missing="∞")
+        me = (f"{ratio}"
               f"{' (no erythroid cells)' if d['me_ratio'] is None else ''} "
               + (f"({conf} CI {interval_text(*me_ci, 2, ' – ')})" if me_ci else "") + "; "
               f"myeloid {d['myeloid']}, erythroid {d['erythroid']}"
@@ -646,7 +677,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
                  else "not reported (no cell counted)" if not d["total"]
                  else "not reported (no blast class in this taxonomy)")
     else:
-        blast = (f"{d['blast_pct']:.1f}% ({conf} CI "
+        blast = (f"{value_text(d['blast_pct'], 1)}% ({conf} CI "
                  f"{interval_text(*d['blast_ci_pct'], 1, ' – ')}%) of all nucleated cells, "
                  f"n = {d['blast_n']}"
                  + (", as named by the reviewer" if d.get("blast_reviewer_only") else ""))

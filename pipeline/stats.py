@@ -11,6 +11,7 @@ for people: a value as precise as its L / H mark needs, an interval rounded outw
 from __future__ import annotations
 
 import math
+from decimal import ROUND_HALF_UP, Decimal
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any, Sequence
@@ -35,6 +36,9 @@ class StatsParams(Params):
         description="stop a slide before its target once every flagged interval is decisive"
     )
     adaptive_min_cells: int = Field(gt=0, description="never stop adaptively below this count")
+    adaptive_confidence: float = Field(
+        gt=0.5, lt=1, description="coverage of the interval that decides an adaptive stop "
+        "(stricter than `confidence`: the count is looked at after every field)")
     reference_intervals: dict[str, tuple[float, float]] = Field(
         description="the laboratory's reference interval per class name (% of counted cells) "
         "and for 'me_ratio'; a value outside is marked L or H"
@@ -53,7 +57,8 @@ class StatsParams(Params):
 
 @dataclass(frozen=True)
 class ClassRow:
-    """One class of the differential: ``n`` cells, ``pct`` of counted, exact interval in %.
+    """One class of the differential: ``n`` cells, ``pct`` of counted, exact interval in %
+    (all three None when no cell was counted: 0 of 0 is no observation, not 0%).
 
     ``reference`` is the laboratory's reference interval in % (None when none is set);
     ``outside`` is "L" or "H" when ``pct`` lies below or above it, else None.
@@ -65,9 +70,9 @@ class ClassRow:
     lineage: str
     blast: bool
     n: int
-    pct: float
-    ci_low_pct: float
-    ci_high_pct: float
+    pct: float | None
+    ci_low_pct: float | None
+    ci_high_pct: float | None
     reference: tuple[float, float] | None = None
     outside: str | None = None
     reviewer_only: bool = False
@@ -120,6 +125,11 @@ class Differential:
     not_reported: tuple[str, ...] = ()
 
     @property
+    def me_infinite(self) -> bool:
+        """Myeloid cells and no erythroid one (``me_ratio`` None means this or "not defined")."""
+        return bool(self.myeloid and not self.erythroid)
+
+    @property
     def decisive(self) -> bool:
         """True when no interval straddles a threshold."""
         return not self.flags
@@ -131,8 +141,10 @@ class Differential:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-ready data: an infinite M:E bound (no erythroid cell) is None."""
+        """Plain, JSON-ready data: an infinite M:E bound (no erythroid cell) is None, and
+        ``me_infinite`` tells an infinite ratio from an undefined one."""
         out = asdict(self)
+        out["me_infinite"] = self.me_infinite
         if self.me_ci is not None:
             out["me_ci"] = [None if math.isinf(x) else x for x in self.me_ci]
         return out
@@ -177,12 +189,13 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
             not_reported.append(cls.name)
             continue
         n = int(counts.get(cls.name, 0))
-        lo, hi = proportion_ci(n, total, conf)
         ref = refs.get(cls.name)
-        rows.append(ClassRow(cls.name, cls.label, cls.lineage, cls.blast, n,
-                             _pct(n, total), 100 * lo, 100 * hi, ref,
-                             outside_reference(_pct(n, total) if total else None, ref, 2),
-                             cls.reviewer_only))
+        pct = lo = hi = None
+        if total:
+            pct = 100.0 * n / total
+            lo, hi = (100 * x for x in proportion_ci(n, total, conf))
+        rows.append(ClassRow(cls.name, cls.label, cls.lineage, cls.blast, n, pct, lo, hi, ref,
+                             outside_reference(pct, ref, 2), cls.reviewer_only))
 
     myeloid = sum(r.n for r in rows if r.lineage == "myeloid")
     erythroid = sum(r.n for r in rows if r.lineage == "erythroid")
@@ -205,14 +218,14 @@ def differential(counts: dict[str, int], taxonomy: Taxonomy, params: StatsParams
     # No cell counted: no blast %, and no interval of 0-100% across every threshold.
     if blasts and total and not (machine and reviewer_only):
         blast_n = sum(r.n for r in rows if r.blast)
-        blast_pct = _pct(blast_n, total)
+        blast_pct = 100.0 * blast_n / total
         lo, hi = proportion_ci(blast_n, total, conf)
         blast_ci = (100 * lo, 100 * hi)
         for t in params.blast_thresholds_pct:
             if blast_ci[0] < t < blast_ci[1]:
                 flags.append(ThresholdFlag(
                     "blast %", t, blast_ci[0], blast_ci[1],
-                    f"blast % {conf:.0%} interval {interval_text(*blast_ci, 1)}% "
+                    f"blast % {confidence_text(conf)} interval {interval_text(*blast_ci, 1)}% "
                     f"straddles {t:g}%: the count cannot tell which side",
                 ))
     return Differential(
@@ -241,26 +254,44 @@ def outside_reference(value: float | None, reference: tuple[float, float] | None
     return "L" if value < lo else "H" if value > hi else None
 
 
+def confidence_text(confidence: float) -> str:
+    """An interval's coverage as a report heads it: "95%", "97.5%" (never rounded to "98%")."""
+    return f"{100 * confidence:.10g}%"
+
+
 def value_text(value: float | None, decimals: int, outside: str | None = None,
-               reference: Sequence[float] | None = None, judged_at: int | None = None) -> str:
+               reference: Sequence[float] | None = None, judged_at: int | None = None,
+               *, missing: str = "–") -> str:
     """``value`` for a person, to ``decimals`` places; one that ``outside_reference`` marked L
     or H gets the places it was judged at (``judged_at``) when the shorter text would sit on
     the interval's bound ("5.0 H" against 0–5 reads as a contradiction: it is 5.03).
-    None (no erythroid cell: M:E) reads "∞"."""
+    None reads ``missing``: "–" (no cell counted), or "∞" for an M:E ratio with no
+    erythroid cell."""
     if value is None:
-        return "∞"
-    text = f"{value:.{decimals}f}"
+        return missing
+    text = _half_up(value, decimals)
     if outside and reference is not None and judged_at is not None:
         shown = float(text)
         if reference[0] <= shown <= reference[1]:
-            text = f"{value:.{judged_at}f}"
+            text = _half_up(value, judged_at)
     return text
 
 
-def interval_text(low: float, high: float, decimals: int, sep: str = "–") -> str:
+def _half_up(value: float, decimals: int) -> str:
+    """``value`` to ``decimals`` places, a half rounded up as people do on paper (1 of 400 is
+    0.25% → "0.3", M:E 9:8 = 1.125 → "1.13"; Python's format gave "0.2" and "1.12")."""
+    value = float(value) + 0.0  # a numpy scalar's repr is not a number; -0.0 reads 0.0
+    if not math.isfinite(value):
+        return "∞" if value > 0 else str(value)
+    return str(Decimal(repr(value)).quantize(Decimal(1).scaleb(-decimals), ROUND_HALF_UP))
+
+
+def interval_text(low: float | None, high: float | None, decimals: int, sep: str = "–") -> str:
     """An interval rounded outward to ``decimals`` places (so it never looks narrower than it
     is: 0.5–5.04% must not read 0.5–5.0% beside a flag saying it straddles 5%); an infinite
-    upper bound reads "∞"."""
+    upper bound reads "∞", no interval at all (no cell counted) "–"."""
+    if low is None or high is None:
+        return "–"
     return f"{round_out(low, decimals, False):.{decimals}f}{sep}" + (
         "∞" if math.isinf(high) else f"{round_out(high, decimals, True):.{decimals}f}")
 
@@ -279,17 +310,22 @@ def adaptive_stop_reason(
     """Why a slide may stop before its target, or None to keep counting.
 
     Only with ``adaptive_stop`` on, at least ``adaptive_min_cells`` counted, a taxonomy that
-    has a blast class, and every blast threshold decided by the interval.
+    has a blast class, and every blast threshold decided by the blast interval at
+    ``adaptive_confidence``. The count is looked at after every field, and each look is one
+    more chance to stop on a chance excursion: deciding at the reported 95% after each field
+    put 2% of slides at 5.5% or 21% blasts on the wrong side of 5% or 20% (0.8% for a fixed
+    500-cell count), so each look uses a stricter interval (99.9%: the Haybittle–Peto rule
+    for interim looks), and the reported interval keeps its stated coverage.
     """
     if not params.adaptive_stop or not params.blast_thresholds_pct:
         return None
     d = differential(counts, taxonomy, params, machine=True)
-    if d.total < params.adaptive_min_cells or d.blast_ci_pct is None or d.flags:
+    if d.total < params.adaptive_min_cells or d.blast_n is None:
         return None
-    lo, hi = d.blast_ci_pct
-    return (f"adaptive stop at {d.total} cells: blast % interval {lo:.1f}–{hi:.1f}% "
-            f"decides every threshold ({', '.join(f'{t:g}%' for t in params.blast_thresholds_pct)})")
-
-
-def _pct(n: int, total: int) -> float:
-    return 100.0 * n / total if total else 0.0
+    lo, hi = (100 * x for x in proportion_ci(d.blast_n, d.total, params.adaptive_confidence))
+    if any(lo < t < hi for t in params.blast_thresholds_pct):
+        return None
+    return (f"adaptive stop at {d.total} cells: blast % "
+            f"{confidence_text(params.adaptive_confidence)} interval "
+            f"{interval_text(lo, hi, 1)}% decides every threshold "
+            f"({', '.join(f'{t:g}%' for t in params.blast_thresholds_pct)})")

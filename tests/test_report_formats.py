@@ -68,6 +68,18 @@ def test_signed_report_shows_reviewer_and_counts_before_after(filled, config):
                           ).first()
         other.excluded, other.exclude_reason = True, "smudged"
         excluded_label = other.label
+        # A third cell leaves the count as "not a leukocyte" (a change of class, not an
+        # exclusion): the report still says review left two out, not one.
+        debris = s.scalars(select(Cell).where(
+            Cell.slide_id == sid, Cell.duplicate_of.is_(None),
+            Cell.label.not_in(["non_leukocyte", "myelocyte", "promyelocyte", "erythroblast"]),
+            Cell.id.not_in([cell.id, other.id]))).first()
+        debris.reviewed_label = "non_leukocyte"
+        # And a cell the machine missed is added: two out and one in, not "one out".
+        s.add(Cell(field_id=cell.field_id, slide_id=sid, index=1000, x=5.0, y=5.0,
+                   box=[0, 0, 10, 10], probabilities={}, first_label="lymphocyte",
+                   label="lymphocyte", confidence=0.0, guided=False, needs_review=False,
+                   reviewed_label="lymphocyte", excluded=False, added_by="tech.anna"))
     after = store.reviewed_counts(sid)
     at = datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc)
     with store.session() as s:
@@ -86,8 +98,19 @@ def test_signed_report_shows_reviewer_and_counts_before_after(filled, config):
     assert d == {k: after.get(k, 0) for k in d}
     assert d["promyelocyte"] == m["promyelocyte"] + 1 - (excluded_label == "promyelocyte")
     assert d["myelocyte"] == m["myelocyte"] - 1 - (excluded_label == "myelocyte")
-    assert rep["differential"]["total"] == rep["machine_differential"]["total"] - 1
+    machine_total = rep["machine_differential"]["total"]
+    assert rep["differential"]["total"] == machine_total - 1
     assert not any(f.startswith("preliminary") for f in rep["flags"])
+    assert any(f"review left 2 of the machine's {machine_total} out and added 1)" in f
+               for f in rep["flags"]), rep["flags"]
+    # `status` shows the machine's count (acquisition progress) and the count review left.
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(f"store:\n  url: {_url}\n  data_dir: {tmp_path / 'data'}\n")
+    res = CliRunner().invoke(app, ["status", "--json", "--config", str(lab)])
+    row = json.loads(res.stdout)[0]
+    assert (row["counted"], row["reviewed"]) == (machine_total, machine_total - 1)
+    res = CliRunner().invoke(app, ["status", "--config", str(lab)])
+    assert res.exit_code == 0 and f"{machine_total}/500" in res.stdout, res.output
 
     pdf = tmp_path / "signed.pdf"
     write_report(store, sid, config, "pdf", pdf)
@@ -98,6 +121,33 @@ def test_signed_report_shows_reviewer_and_counts_before_after(filled, config):
     assert "target not reached" in text
     assert "signed by tech.anna" in text  # the sign-off comment, escaped, on the report
     assert "dysplastic <neutrophils> & ringed sideroblasts" in text.replace("\n", " ")
+
+
+def test_a_review_that_undecides_an_adaptive_stop_reports_a_short_count(filled, config):
+    """The count stopped early because the machine's blast interval decided every threshold;
+    reviewers then name blasts and the interval straddles 5%: the signed report must not also
+    say the thresholds were decided, and the short count is flagged."""
+    store, sid, *_ = filled
+    store.set_status(sid, "awaiting_review", stopped_because="adaptive_stop")
+    counted = build_report(store, sid, config)["differential"]["total"]
+    assert not any("target not reached" in f for f in build_report(store, sid, config)["flags"])
+    with store.session() as s:
+        cells = s.scalars(select(Cell).where(
+            Cell.slide_id == sid, Cell.duplicate_of.is_(None),
+            Cell.label.in_(config.classes.counted)).limit(max(1, round(0.055 * counted)))).all()
+        for c in cells:
+            c.reviewed_label = "myeloblast"
+        slide = s.get(Slide, sid)
+        slide.status, slide.signed_by = "signed", "tech.anna"
+        slide.signed_at = datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc)
+    rep = build_report(store, sid, config)
+    assert any("straddles 5%" in f for f in rep["flags"]), rep["flags"]
+    assert not any(f.startswith("stopped early") for f in rep["flags"])
+    short = [f for f in rep["flags"] if f.startswith(f"target not reached: {counted} of 500")]
+    assert short and "the reviewed count does not" in short[0]
+    # The lab must still read which cell types only a reviewer could have named.
+    assert any(f.startswith("the model does not recognise Plasma cell, Other nucleated cell")
+               for f in rep["flags"]), rep["flags"]
 
 
 def test_csv_rows_match_json(filled, config):

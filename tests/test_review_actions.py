@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -395,6 +398,14 @@ def test_a_slide_with_no_counted_cell_is_signed_only_with_a_reason(review_env, t
                              .pages).split())
     assert "No field was analysed (3 of 3 skipped)" in text and "not recorded" not in text
     assert "aspirate dilute: inadequate" in text
+    # No class is at 0.0% of nothing: a LIS reading the value column imports no result.
+    from daemon.report import report_csv
+
+    rep = build_report(env.store, sid, env.cfg)
+    rows = {r["quantity"]: r for r in csv.DictReader(io.StringIO(report_csv(rep)))}
+    for c in rep["differential"]["classes"]:
+        assert c["pct"] is None and rows[c["name"]]["value"] == rows[c["name"]]["ci_low"] == ""
+    assert not any("until a reviewer has named them" in f for f in rep["flags"]), rep["flags"]
 
 
 def test_the_audit_page_lists_every_change_readably(review_env, tech):
@@ -488,7 +499,9 @@ def test_a_slide_with_no_erythroid_cell_serves_and_reports_an_infinite_me(review
         assert r.status_code == 200
     d = _api(env, tech)["differential"]
     assert d["erythroid"] == 0 and d["myeloid"] > 0 and d["me_ratio"] is None
-    assert d["me_ci"][0] > 0 and d["me_ci"][1] is None
+    assert d["me_ci"][0] > 0 and d["me_ci"][1] is None and d["me_infinite"]
     rep = build_report(env.store, env.slide_id, env.cfg)
+    # JSON has no infinity: a LIS tells this null from "not defined" by me_infinite.
+    assert rep["differential"]["me_ratio"] is None and rep["differential"]["me_infinite"]
     assert any(f.startswith("no erythroid cell counted: the M:E ratio is infinite")
                for f in rep["flags"])

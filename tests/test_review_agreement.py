@@ -21,7 +21,14 @@ from daemon.cli import app
 from daemon.models import Cell, Field
 from daemon.review import actions
 from daemon.review.app import create_app
-from daemon.reviewed import NONE, ReviewedError, agreement, reviewed_cells, signed_slides
+from daemon.reviewed import (
+    NONE,
+    ReviewedCell,
+    ReviewedError,
+    agreement,
+    reviewed_cells,
+    signed_slides,
+)
 from pipeline.datasets import check_labels, read_folder_tree
 from tests.conftest import BCCD
 from tests.review_slide import (  # noqa: F401  (fixtures)
@@ -72,9 +79,15 @@ def _review_and_sign(env) -> dict:
         actions.exclude(s, env.slide_id, [d.id], "smudge", WHO)
         # The first white cell BCCD marks where the machine found none (the reviewer adds
         # it); a marked cell the machine did find cannot be added again.
-        fld, x, y = next(_missed_white_cells(s, env.slide_id))
+        missed = _missed_white_cells(s, env.slide_id)
+        fld, x, y = next(missed)
         actions.add_cell(s, env.slide_id, fld.id, x, y, "lymphocyte", WHO, taxonomies,
                          env.store.data_dir, 0.2)
+        # A second one added by mistake and undone was never a cell: not missed, not excluded.
+        fld, x, y = next(missed)
+        actions.add_cell(s, env.slide_id, fld.id, x, y, "monocyte", WHO, taxonomies,
+                         env.store.data_dir, 0.2)
+        actions.undo(s, env.slide_id, WHO)
         actions.sign(s, env.slide_id, WHO)
     return done
 
@@ -111,6 +124,13 @@ def test_agreement_counts_each_review_decision(review_env):
     assert slide["reviewed_counted"] == sum(n for k, n in reviewed.items()
                                             if k in env.cfg.classes.counted)
     assert 0 < res["kappa"] <= res["agreement"]
+    # The headline leaves out cells neither side counted (agreeing "not a leukocyte" calls).
+    both_out = sum(c.machine not in env.cfg.classes.counted
+                   and (c.final or NONE) not in env.cfg.classes.counted for c in cells)
+    leuk = res["leukocytes"]
+    assert leuk["cells"] == res["cells"] - both_out
+    assert leuk["agreement"] == pytest.approx((leuk["cells"] - changed) / leuk["cells"],
+                                              abs=1e-4)
     # Sensitivity of the reviewer's lymphocytes: the added one was missed by the machine.
     lym = res["per_class"]["lymphocyte"]
     assert lym["n"] == sum(row == "lymphocyte" for row in (c.final for c in cells))
@@ -119,7 +139,7 @@ def test_agreement_counts_each_review_decision(review_env):
     client = TestClient(create_app(env.cfg, env.store))
     login(client, TECH)
     page = client.get("/agreement").text
-    assert f"agree on <strong>{100 * res['agreement']:.1f}%</strong>" in page
+    assert f"agree on <strong>{100 * leuk['agreement']:.1f}%</strong>" in page
     assert f"<td>{SLIDE_NAME}</td><td>{res['cells']}</td><td>{changed}</td>" in page
     assert f"<tr><td>Lymphocyte</td><td>{lym['n']}</td>" in page  # labels, not class names
     assert "no signed slides" in client.get("/agreement?since=2999-01-01").text
@@ -135,6 +155,28 @@ def test_agreement_counts_each_review_decision(review_env):
     assert r.exit_code == 0 and json.loads(r.stdout)["cells"] == res["cells"]
     r = runner.invoke(app, ["agreement", "--since", "2999-01-01", "--config", _lab_yaml(env)])
     assert isinstance(r.exception, ReviewedError) and "signed since 2999-01-01" in str(r.exception)
+
+
+def test_agreement_headline_is_over_leukocytes_and_undefined_values_are_none(config):
+    """400 leukocytes (100 myelocytes called metamyelocyte by the reviewer) and 400 debris
+    calls both sides agree on: 75% agree on leukocytes, not the 87.5% of all cells; a
+    kappa or specificity with nothing to measure is None, not 1.0 or NaN."""
+    def cell(i: int, machine: str, final: str | None) -> ReviewedCell:
+        return ReviewedCell(slide="S", field_index=0, cell_id=i, index=i, x=0.0, y=0.0,
+                            machine=machine, final=final, field_image=None,
+                            field_um_per_px=0.1, crop=None, crop_um_per_px=None)
+
+    calls = ([("myelocyte", "metamyelocyte")] * 100 + [("myelocyte", "myelocyte")] * 100
+             + [("metamyelocyte", "metamyelocyte")] * 200
+             + [("non_leukocyte", "non_leukocyte")] * 400)
+    res = agreement([cell(i, m, f) for i, (m, f) in enumerate(calls)], config.classes)
+    assert res["agreement"] == 0.875 and res["leukocytes"]["cells"] == 400
+    assert res["leukocytes"]["agreement"] == 0.75
+    assert res["leukocytes"]["kappa"] < res["kappa"]
+    same = agreement([cell(i, "myelocyte", "myelocyte") for i in range(50)], config.classes)
+    assert same["agreement"] == 1.0 and same["kappa"] is None
+    assert same["per_class"]["myelocyte"]["specificity"] is None
+    json.loads(json.dumps(same, allow_nan=False))
 
 
 def test_export_writes_a_training_folder_of_the_reviewers_classes(review_env):

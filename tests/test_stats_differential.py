@@ -13,6 +13,7 @@ from scipy.stats import beta
 from pipeline.stats import (
     StatsParams,
     adaptive_stop_reason,
+    confidence_text,
     differential,
     interval_text,
     proportion_ci,
@@ -140,8 +141,26 @@ def test_blast_flags_when_interval_straddles_threshold(config):
                       _params(config, reference_intervals={"me_ratio": (2.0, 4.0)}))
     plo, _ = _cp(13, 13)
     assert d3.me_ratio is None and d3.me_ci == pytest.approx((plo / (1 - plo), math.inf))
-    assert d3.me_outside == "H" and value_text(d3.me_ratio, 2) == "∞"
+    assert d3.me_outside == "H" and value_text(d3.me_ratio, 2, missing="∞") == "∞"
     assert differential({"lymphocyte": 5}, seed10, config.stats).me_ci is None
+
+
+def test_values_for_people_round_a_half_up():
+    """1 of 400 cells is 0.25%: "0.3" as on paper (Python's own format gave "0.2"); M:E 9:8."""
+    assert value_text(100 * 1 / 400, 1) == "0.3" and value_text(9 / 8, 2) == "1.13"
+    assert value_text(100 * 6 / 13, 1) == "46.2" and value_text(-0.0, 1) == "0.0"
+    assert confidence_text(0.975) == "97.5%" and confidence_text(0.95) == "95%"
+
+
+def test_no_counted_cell_gives_no_percentages(config):
+    """0 of 0 is no observation: a slide with only non-leukocytes has no class at 0.0% (a LIS
+    reading the value column imported thirteen zero results) and no 0-100% interval."""
+    d = differential({"non_leukocyte": 40}, config.classes, config.stats)
+    assert d.total == 0 and d.rows and d.blast_pct is None and d.me_ci is None
+    assert all((r.n, r.pct, r.ci_low_pct, r.ci_high_pct) == (0, None, None, None)
+               for r in d.rows)
+    row = d.rows[0]
+    assert value_text(row.pct, 1) == "–" and interval_text(row.ci_low_pct, row.ci_high_pct, 1) == "–"
 
 
 def test_adaptive_stop_only_when_decisive(config):
@@ -156,6 +175,16 @@ def test_adaptive_stop_only_when_decisive(config):
     assert adaptive_stop_reason(near, seed10, on) is None
     few = {"myelocyte": 50, "myeloblast": 1}
     assert adaptive_stop_reason(few, seed10, on) is None  # below adaptive_min_cells
+    # 8 blasts in 312: the reported 95% interval (1.1-5.0%) lies below 5%, but the count is
+    # looked at after every field, so the stop waits for the 99.9% interval (0.6-7.0%).
+    eight = {**clear, "myeloblast": 8}
+    assert differential(eight, seed10, on).decisive
+    assert adaptive_stop_reason(eight, seed10, on) is None
+    assert adaptive_stop_reason(eight, seed10, _params(config, adaptive_stop=True,
+                                                       adaptive_min_cells=200,
+                                                       adaptive_confidence=0.95))
+    strict = interval_text(*(100 * x for x in proportion_ci(2, 312, 0.999)), 1)
+    assert f"99.9% interval {strict}%" in reason
 
 
 def test_confidence_level_widens_intervals(config):

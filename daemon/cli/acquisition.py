@@ -140,18 +140,18 @@ def acquire(
             "stopped_because": stopped,
         }))
         return
-    from pipeline.stats import differential, interval_text, value_text
+    from pipeline.stats import confidence_text, differential, interval_text, value_text
 
     diff = differential(counts_all, cfg.classes, cfg.stats, machine=True)
     table = Table(title=f"Differential: {diff.total} cells ({stopped})")
-    for col in ("class", "n", "%", f"{diff.confidence:.0%} CI"):
+    for col in ("class", "n", "%", f"{confidence_text(diff.confidence)} CI"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for row in diff.rows:
-        table.add_row(row.label, str(row.n), f"{row.pct:.1f}",
+        table.add_row(row.label, str(row.n), value_text(row.pct, 1),
                       interval_text(row.ci_low_pct, row.ci_high_pct, 1))
     console.print(table)
     if diff.me_ci is not None:
-        console.print(f"M:E ratio {value_text(diff.me_ratio, 2)} "
+        console.print(f"M:E ratio {value_text(diff.me_ratio, 2, missing='∞')} "
                       f"({interval_text(*diff.me_ci, 2)})")
     skipped = [f for f in fields if f.skipped_reason]
     console.print(f"{len(fields)} fields visited, {len(skipped)} skipped")

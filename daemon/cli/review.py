@@ -206,21 +206,27 @@ def agreement_cmd(
 
         from pipeline.evaluate_classifier import save_confusion_png
 
-        save_confusion_png({f"reviewer × machine ({res['agreement']:.1%} agree)":
+        save_confusion_png({f"reviewer × machine ({res['agreement'] or 0:.1%} agree)":
                             np.array(res["confusion"])}, res["classes"], png)
     if as_json:
         typer.echo(json.dumps(res))
         return
-    console.print(f"{res['cells']} cells on {len(res['slides'])} signed slides: machine and "
-                  f"reviewer agree on {res['agreement']:.1%} (Cohen's kappa "
-                  f"{res['kappa']:.3f}); {res['missed']} cells added by reviewers (missed), "
+    def num(x: float | None, fmt: str) -> str:
+        return "–" if x is None else format(x, fmt)
+
+    leuk = res["leukocytes"]
+    console.print(f"{leuk['cells']} leukocytes (called so by the machine or a reviewer) on "
+                  f"{len(res['slides'])} signed slides: machine and reviewer agree on "
+                  f"{num(leuk['agreement'], '.1%')} (Cohen's kappa "
+                  f"{num(leuk['kappa'], '.3f')}); all {res['cells']} cells, non-leukocytes "
+                  f"included: {num(res['agreement'], '.1%')}, kappa {num(res['kappa'], '.3f')}; "
+                  f"{res['missed']} cells added by reviewers (missed), "
                   f"{res['excluded']} left out as smudge or duplicate", highlight=False)
     t = Table("reviewer's class", "n", "sensitivity", "precision", "F1",
               title="Machine against reviewer, per class")
     for name, v in res["per_class"].items():
         t.add_row(name + (" †" if v.get("reviewer_only") else ""), str(v["n"]),
-                  f"{v['recall']:.3f}",
-                  *("–" if v[k] is None else f"{v[k]:.3f}" for k in ("precision", "f1")))
+                  *(num(v[k], ".3f") for k in ("recall", "precision", "f1")))
     console.print(t)
     if any(v.get("reviewer_only") for v in res["per_class"].values()):
         console.print("† named by a reviewer only: the machine never calls it, so every such "

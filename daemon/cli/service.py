@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from daemon.cli.app import ConfigOpt, app, console, err_console
-from pipeline.stats import interval_text, value_text
+from pipeline.stats import confidence_text, interval_text, value_text
 
 
 def _store(cfg: Any, existing: bool = False) -> Any:
@@ -106,14 +106,26 @@ def cancel_cmd(
     console.print(f"cancelled slide {s.name!r} (was {s.status}): {reason}", highlight=False)
 
 
-def _status_rows(store: Any, statuses: list[str] | None) -> list[dict[str, Any]]:
+def _status_rows(store: Any, cfg: Any, statuses: list[str] | None) -> list[dict[str, Any]]:
+    """Per slide its acquisition progress; ``counted`` is the machine's count, ``reviewed`` the
+    count a review has left (None before any review), which the report gives."""
+    from daemon.report import slides_in_review
+
+    slides = store.slides(statuses)
+    with store.session() as sess:
+        in_review = slides_in_review(sess, [s.id for s in slides])
     rows = []
-    for s in store.slides(statuses):
+    for s in slides:
         prog = store.progress(s.id)
+        reviewed = None
+        if s.id in in_review and s.taxonomy in cfg.taxonomies:
+            counted = {c.name for c in cfg.taxonomies[s.taxonomy] if c.counted}
+            reviewed = sum(n for k, n in store.reviewed_counts(s.id).items() if k in counted)
         rows.append({"id": s.id, "name": s.name, "source": s.source, "status": s.status,
-                     "counted": prog.counted, "target": s.target, "fields": prog.n_fields,
-                     "stopped_because": s.stopped_because, "error": s.error,
-                     "instrument": s.worker, "accession": (s.case_info or {}).get("accession")})
+                     "counted": prog.counted, "reviewed": reviewed, "target": s.target,
+                     "fields": prog.n_fields, "stopped_because": s.stopped_because,
+                     "error": s.error, "instrument": s.worker,
+                     "accession": (s.case_info or {}).get("accession")})
     return rows
 
 
@@ -133,8 +145,10 @@ def _status_view(rows: list[dict[str, Any]]) -> Any:
         table.add_column(col)
     for r in done[-20:]:
         note = r["error"] or r["stopped_because"] or ""
+        counted = f"{r['counted']}/{r['target']}" + (
+            "" if r["reviewed"] in (None, r["counted"]) else f" ({r['reviewed']} after review)")
         table.add_row(str(r["id"]), escape(r["name"]), escape(r["accession"] or ""), r["status"],
-                      f"{r['counted']}/{r['target']}", str(r["fields"]), escape(note))
+                      counted, str(r["fields"]), escape(note))
     return Group(prog, table) if active else table
 
 
@@ -150,10 +164,10 @@ def status_cmd(
     cfg = load_config(config)
     with _store(cfg, existing=True) as store:
         if json_out:
-            typer.echo(json.dumps(_status_rows(store, None)))
+            typer.echo(json.dumps(_status_rows(store, cfg, None)))
             return
         if not watch:
-            console.print(_status_view(_status_rows(store, None)))
+            console.print(_status_view(_status_rows(store, cfg, None)))
             return
         if not console.is_terminal:
             # Piped to a file or a log: a live display shows nothing until it ends, so print
@@ -161,17 +175,17 @@ def status_cmd(
             try:
                 while True:
                     console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}", highlight=False)
-                    console.print(_status_view(_status_rows(store, None)))
+                    console.print(_status_view(_status_rows(store, cfg, None)))
                     console.file.flush()
                     time.sleep(5.0)
             except KeyboardInterrupt:
                 return
         try:
-            with Live(_status_view(_status_rows(store, None)), console=console,
+            with Live(_status_view(_status_rows(store, cfg, None)), console=console,
                       refresh_per_second=2) as live:
                 while True:
                     time.sleep(1.0)
-                    live.update(_status_view(_status_rows(store, None)))
+                    live.update(_status_view(_status_rows(store, cfg, None)))
         except KeyboardInterrupt:
             pass
 
@@ -208,7 +222,7 @@ def report_cmd(
 def differential_table(rep: dict[str, Any]) -> Table:
     """The report's differential as a rich table, with M:E and blast % beneath."""
     d = rep["differential"]
-    conf = f"{d['confidence']:.0%} CI"
+    conf = f"{confidence_text(d['confidence'])} CI"
     t = Table(title=f"{rep['slide']['name']}: {d['total']} leukocytes (counts: {rep['basis']})",
               title_justify="left")
     for col, just in (("class", "left"), ("n", "right"), ("%", "right"), (conf, "right")):
@@ -218,14 +232,14 @@ def differential_table(rep: dict[str, Any]) -> Table:
                   value_text(c["pct"], 1, c["outside"], c["reference_pct"], 2),
                   interval_text(c["ci_low_pct"], c["ci_high_pct"], 1, " – "))
     me = ("n/a" if not d["me_ci"] else
-          f"{value_text(d['me_ratio'], 2, d['me_outside'], d['me_reference'], 3)}  "
+          f"{value_text(d['me_ratio'], 2, d['me_outside'], d['me_reference'], 3, missing='∞')}  "
           f"({interval_text(d['me_ci'][0], d['me_ci'][1] or math.inf, 2, ' – ')})")
     t.add_section()
     t.add_row("M:E ratio", f"{d['myeloid']}:{d['erythroid']}", "", me)
     blast = (("no cell counted" if not d["total"] else "until reviewed"
               if d.get("blast_reviewer_only") else "not in taxonomy")
              if d["blast_pct"] is None else
-             f"{d['blast_pct']:.1f}%  ({interval_text(*d['blast_ci_pct'], 1, ' – ')})")
+             f"{value_text(d['blast_pct'], 1)}%  ({interval_text(*d['blast_ci_pct'], 1, ' – ')})")
     t.add_row("Blasts", "" if d["blast_n"] is None else str(d["blast_n"]), "", blast)
     return t
 

@@ -61,7 +61,7 @@ from daemon.review.auth import (
 )
 from daemon.store import StoreError
 from pipeline.errors import ConfigError
-from pipeline.stats import Differential, differential, interval_text, value_text
+from pipeline.stats import Differential, confidence_text, differential, interval_text, value_text
 from pipeline.taxonomy import Taxonomy
 
 if TYPE_CHECKING:
@@ -139,6 +139,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     templates.env.filters["age"] = _age
     templates.env.filters["when"] = when_text
     templates.env.globals.update(value_text=value_text, interval_text=interval_text,
+                                 confidence_text=confidence_text,
                                  me_definition=me_definition)
     templates.env.globals["exclude_reasons"] = actions.EXCLUDE_REASONS
     templates.env.globals["history_verbs"] = HISTORY_VERBS
@@ -433,8 +434,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 flags.append(f"{pending[sl.id]} need review")
             if d is not None:
                 flags += [f.message for f in d.flags]
+            # As on the report: a review that undecides a threshold undoes an adaptive stop.
             if (sl.status not in ("queued", "acquiring") and total < sl.target
-                    and sl.stopped_because != "adaptive_stop"):
+                    and not (sl.stopped_because == "adaptive_stop" and d and d.decisive)):
                 flags.append(f"target not reached ({total}/{sl.target})")
             if tax is None:
                 flags.append(f"unknown taxonomy {sl.taxonomy}")
