@@ -74,7 +74,9 @@ def backup_store(store: Store, dest: str | Path) -> BackupResult:
         raise StoreError(f"backup folder {dest} would overwrite or lie inside the store itself")
     # Anything else in the folder is someone else's: refused. A first backup killed part way
     # leaves only these names, and the next run finishes it.
-    ours = {DB_NAME, DATA_NAME, MANIFEST, f".{DB_NAME}.partial", MANIFEST + ".partial"}
+    # lost+found: the root of a freshly made ext4 file system, mounted there for backups.
+    ours = {DB_NAME, DATA_NAME, MANIFEST, f".{DB_NAME}.partial", MANIFEST + ".partial",
+            "lost+found"}
     if dest.is_dir() and {p.name for p in dest.iterdir()} - ours:
         raise StoreError(f"{dest} holds files that are not a marrowcount backup "
                          f"({MANIFEST}); give an empty or new folder")

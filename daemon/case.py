@@ -49,6 +49,17 @@ class CaseInfo(Params):
             return v or None
         return v
 
+    @field_validator("collected_on", mode="before")
+    @classmethod
+    def _iso_date(cls, v: Any) -> Any:
+        # 02/12/2026 is 2 December in one lab and February 12 in another: only ISO is taken.
+        if isinstance(v, str) and v:
+            try:
+                date.fromisoformat(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not a date as YYYY-MM-DD (e.g. 2026-12-02)") from None
+        return v
+
     @field_validator("collected_on")
     @classmethod
     def _not_in_the_future(cls, v: Optional[date]) -> Optional[date]:

@@ -76,6 +76,9 @@ def export_reports(store: Store, cfg: Any, since: datetime | None = None) -> Exp
     if cfg.review.export_dir is None:
         return ExportRun([], [])
     folder = cfg.resolve(cfg.review.export_dir)
+    # Exporting begins at the first attempt, not the first success: sign-offs made while
+    # the folder was still missing or not writable are owed to the LIS once it works.
+    began = _export_began(store)
     probe = folder / f".marrowcount-probe-{uuid.uuid4().hex}"  # one per exporter
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ def export_reports(store: Store, cfg: Any, since: datetime | None = None) -> Exp
         probe.unlink()
     except OSError as exc:
         raise ExportError(f"export folder {folder}: {exc.strerror or exc}") from None
-    cutoff = since or _export_began(store)
+    cutoff = since or began
     with store.session() as s:
         todo = list(s.execute(
             select(Review.id, Review.slide_id, Review.action)

@@ -396,6 +396,10 @@ class Service:
         else:
             if new.store != self.cfg.store:
                 log.warning("store settings changed: they apply after a restart")
+            fixed = ("metrics_host", "metrics_port", "instrument")
+            if any(getattr(new.service, k) != getattr(self.cfg.service, k) for k in fixed):
+                log.warning("service.metrics_host, metrics_port and instrument changes apply "
+                            "after a restart")
             old, self.cfg = self.cfg, new
             log.info("config reloaded", extra={"data": {"path": str(self.config_path)}})
             if _watch_settings(old) != _watch_settings(new):
@@ -829,14 +833,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """A line for people: the message, then the record's data as key=value (the slide, field
+    and counts a JSON line carries, which a plain format string drops)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        data = getattr(record, "data", None)
+        if not data:
+            return line
+        head, nl, rest = line.partition("\n")  # a traceback stays below the line
+        return head + "".join(f" {k}={v}" for k, v in data.items()) + nl + rest
+
+
 def setup_logging(fmt: str, level: str, stream: Any = None) -> None:
     """One handler for every line on stderr, so with ``json`` every line is JSON (journald):
     marrowcount's own records at ``level``; everything else at WARNING and up, through the
     root logger: drivers, pipeline, libraries (tifffile on a damaged page, pymmcore-plus once
     ``drivers.pymmcore_logging`` removed its own handlers) and Python warnings."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler._marrowcount = True  # type: ignore[attr-defined]
     top = logging.getLogger()
     # Replace a handler of an earlier call, keep anyone else's (a test runner's capture).

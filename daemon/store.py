@@ -304,7 +304,8 @@ class Store:
                 s.flush()
                 return slide.id
         except IntegrityError:
-            raise StoreError(f"a slide named {name!r} already exists") from None
+            raise StoreError(f"a slide named {name!r} already exists (a rescan or a second "
+                             f"try: give it another name, e.g. --name '{name} (2)')") from None
 
     def slide(self, slide_id_or_name: int | str) -> Slide:
         """One slide by id or name (a detached row). Raises StoreError if there is none."""

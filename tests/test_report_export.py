@@ -84,6 +84,15 @@ def test_a_folder_away_loses_nothing_and_history_is_sent_only_on_purpose(review_
         assert s.scalars(select(Review)).one().exported_at is None
     with pytest.raises(ExportError, match="not-a-folder"):
         export_reports(env.store, _lab(env, blocked))
+    # Exporting began with that attempt: the folder is mended three days later (a new
+    # install, its spool folder made last) and the sign-off is still owed to the LIS.
+    marker = env.root / "data" / "export-since.txt"
+    began = datetime.fromisoformat(marker.read_text().strip())
+    with env.store.session() as s:
+        signed_at = s.scalars(select(Review)).one().at.replace(tzinfo=timezone.utc)
+        assert began <= signed_at
+        s.execute(update(Review).values(at=signed_at - timedelta(days=3)))
+    marker.write_text((began - timedelta(days=3)).isoformat() + "\n")
 
     out = tmp_path / "lis"
     [done] = export_reports(env.store, _lab(env, out)).exported  # the folder is back

@@ -130,6 +130,9 @@ def test_submit_takes_the_case_and_refuses_a_bad_date(tmp_path):
     res = runner.invoke(app, ["submit", str(slide), "-c", str(lab), "--collected-on",
                               "2026-02-30", "--accession", "BM26-1"])
     assert res.exit_code != 0 and "Collected:" in str(res.exception)
+    res = runner.invoke(app, ["submit", str(slide), "-c", str(lab), "--collected-on",
+                              "02/12/2026"])  # a day-first or month-first date: neither taken
+    assert "'02/12/2026' is not a date as YYYY-MM-DD" in str(res.exception)
     assert not (tmp_path / "s.db").exists()  # refused before the store was opened
     res = runner.invoke(app, ["submit", str(slide), "-c", str(lab), "--json", "--accession",
                               " BM26-1 ", "--specimen", "bone marrow aspirate",

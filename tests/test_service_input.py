@@ -120,8 +120,10 @@ def test_one_slide_at_a_time_on_a_microscope(tmp_path):
     # A slide that will never be counted (its glass was taken off) is cancelled, with why.
     _fails(["cancel", "BM-B", "--reason", " ", "--config", str(config)], Exception,
            "say why")
+    # Run as the documented `sudo -u marrowcount marrowcount cancel ...`: the audit names
+    # the person, not the service account.
     res = runner.invoke(app, ["cancel", "BM-B", "--reason", "slide broken on the stage",
-                              "--config", str(config)])
+                              "--config", str(config)], env={"SUDO_USER": "tech.anna"})
     assert res.exit_code == 0, res.output
     _fails(["cancel", "BM-B", "--reason", "again", "--config", str(config)], Exception,
            "is failed: only a queued or started slide can be cancelled")
@@ -132,6 +134,7 @@ def test_one_slide_at_a_time_on_a_microscope(tmp_path):
     with Store(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "data") as store:
         b = store.slide("BM-B")
         assert b.status == "failed" and b.error.endswith(": slide broken on the stage")
+        assert "tech.anna" in b.error, b.error
         store.claim(store.slide("BM-D").id, "scope-1")
         running = daemon_lock(store.data_dir, "scope-1")  # its daemon counts or retries it
     _fails(["cancel", "BM-D", "--reason", "x", "--config", str(config)], Exception,
@@ -309,3 +312,25 @@ def test_every_stderr_line_is_json_and_pymmcore_keeps_no_log_file(tmp_path):
     loggers = {r["logger"] for r in records}
     assert {"pymmcore-plus", "tifffile"} <= loggers, proc.stderr
     assert not (tmp_path / "home" / ".local" / "share" / "pymmcore-plus").exists()
+
+
+def test_text_log_lines_keep_the_slide_and_counts():
+    """`service.log_format: text` keeps what a JSON line carries: "field committed" alone did
+    not say which slide, field or count."""
+    import io
+    import logging
+
+    from daemon.service import setup_logging
+
+    loggers = [logging.getLogger(n) for n in ("", "marrowcount", "drivers", "pipeline")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    out = io.StringIO()
+    setup_logging("text", "info", stream=out)
+    try:
+        logging.getLogger("marrowcount.service").info(
+            "field committed", extra={"data": {"slide": 3, "field": 12, "counted": 240}})
+    finally:  # the test runner's own capture comes back
+        logging.captureWarnings(False)
+        for lg, handlers, level, propagate in saved:
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+    assert out.getvalue().rstrip().endswith("field committed slide=3 field=12 counted=240")

@@ -170,6 +170,11 @@ def test_backup_command_names_lost_files_and_refuses_bad_folders(review_env, tmp
         assert res.exit_code != 0 and why in str(res.exception), (dest, res.output)
     assert (tmp_path / "other" / "notes.txt").read_text() == "a lab's own files"
 
+    # A backup disk freshly made and mounted there holds lost+found: still an empty folder.
+    (tmp_path / "disk" / "lost+found").mkdir(parents=True)
+    res = runner.invoke(app, ["backup", str(tmp_path / "disk"), *args])
+    assert res.exit_code == 1 and (tmp_path / "disk" / DB_NAME).is_file(), res.output
+
     res = runner.invoke(app, ["backup", str(tmp_path / "bk2"), "--db",
                               f"sqlite:///{tmp_path / 'nowhere.db'}"])
     assert res.exit_code != 0 and "no store at" in str(res.exception)

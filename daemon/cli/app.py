@@ -26,6 +26,15 @@ def _root() -> None:
     """Unattended bone-marrow leukocyte differential counter."""
 
 
+def operator() -> str:
+    """Who runs this command, for the audit trail: the person behind ``sudo -u marrowcount``
+    (``SUDO_USER``), not the service account every documented command runs as."""
+    import getpass
+    import os
+
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
 def file_error(path: Path, exc: Exception | str) -> None:
     """One error line on stderr for one input file (named once); the others go on."""
     msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"

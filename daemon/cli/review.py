@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from daemon.cli.app import ConfigOpt, app, console, err_console
+from daemon.cli.app import ConfigOpt, app, console, err_console, operator
 from pipeline.errors import MarrowError
 
 user_app = typer.Typer(help="Local review accounts.", no_args_is_help=True)
@@ -351,7 +351,7 @@ def purge_images_cmd(
               if older_than_days is not None else signed_before.replace(tzinfo=timezone.utc))
     _cfg, store = _store(config, db, data_dir, existing=True)
     try:
-        purged = purge_field_images(store, cutoff, by or getpass.getuser(), dry_run)
+        purged = purge_field_images(store, cutoff, by or operator(), dry_run)
     finally:
         store.close()
     verb = "would delete" if dry_run else "deleted"

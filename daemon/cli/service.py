@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from daemon.cli.app import ConfigOpt, app, console, err_console
+from daemon.cli.app import ConfigOpt, app, console, err_console, operator
 from pipeline.stats import confidence_text, interval_text, value_text
 
 
@@ -95,14 +95,12 @@ def cancel_cmd(
     """End a queued slide, or a started one whose daemon is not running (stop it first), as
     failed with the reason; its counted fields stay on record. The next slide can then be
     submitted on that microscope."""
-    import getpass
-
     from daemon.config import load_config
     from daemon.service import cancel_slide
 
     cfg = load_config(config)
     with _store(cfg, existing=True) as store:
-        s = cancel_slide(store, slide, getpass.getuser(), reason)
+        s = cancel_slide(store, slide, operator(), reason)
     console.print(f"cancelled slide {s.name!r} (was {s.status}): {reason}", highlight=False)
 
 
@@ -149,6 +147,8 @@ def _status_view(rows: list[dict[str, Any]]) -> Any:
             "" if r["reviewed"] in (None, r["counted"]) else f" ({r['reviewed']} after review)")
         table.add_row(str(r["id"]), escape(r["name"]), escape(r["accession"] or ""), r["status"],
                       counted, str(r["fields"]), escape(note))
+    if not done:  # no empty table under the queue's bars
+        return Group(prog, f"{len(active)} in the queue, none finished")
     return Group(prog, table) if active else table
 
 
