@@ -242,9 +242,9 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     machine = store.counts(slide.id)
     machine_diff = differential(machine, taxonomy, cfg.stats, machine=True)
     with store.session() as s:
-        n_fields, n_skipped = s.execute(
+        n_fields, n_skipped, field_um = s.execute(
             select(func.count(Field.id),
-                   func.count(Field.skipped_reason))
+                   func.count(Field.skipped_reason), func.max(Field.um_per_px))
             .where(Field.slide_id == slide.id)).one()
         flagged, flags_open = s.execute(select(
             func.count(Cell.id).filter(Cell.needs_review.is_(True)),
@@ -298,7 +298,8 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         flags.append(f"stopped early at {counted} of {slide.target} cells: every blast "
                      "threshold was already decided")
     if slide.status == "failed":
-        flags.append(f"acquisition failed: {slide.error}")
+        flags.append(slide.error if (slide.error or "").startswith("cancelled by ")
+                     else f"acquisition failed: {slide.error}")
     if slide.status in ("queued", "acquiring"):
         flags.append(f"preliminary: slide is still {slide.status}")
     elif slide.status == "awaiting_review":
@@ -366,7 +367,9 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             "id": slide.id, "name": slide.name, "source": slide.source,
             "source_ref": slide.source_ref, "status": slide.status, "target": slide.target,
             "case": parse_case(slide.case_info).model_dump(mode="json"),
-            "taxonomy": taxonomy.name, "um_per_px": slide.um_per_px,
+            # The pixel size counted at: stated on the slide, else the fields' (microscope,
+            # file metadata); every report states it, checked against red cells or not.
+            "taxonomy": taxonomy.name, "um_per_px": slide.um_per_px or field_um,
             "stopped_because": slide.stopped_because, "error": slide.error,
             "created_at": iso_time(slide.created_at), "started_at": iso_time(slide.started_at),
             "finished_at": iso_time(slide.finished_at), "instrument": slide.worker,
@@ -429,11 +432,18 @@ def freeze_report(store: Store, slide_id: int, cfg: Any, at_sign_off: bool = Fal
             reopen = s.scalar(select(Review).where(
                 Review.slide_id == slide_id, Review.action == "reopen", Review.id > prev.id,
                 Review.id < last.id).order_by(Review.id.desc()).limit(1))
+            # A case edited while reopened may move the result to another patient: the
+            # amendment must say so, not only "counts unchanged".
+            was = ((prev.report or {}).get("slide") or {}).get("case") or {}
+            now = rep["slide"]["case"]
+            case_changed = {k: [was.get(k), now.get(k)] for k in now
+                            if prev.report is not None and was.get(k) != now.get(k)}
             amends = {"number": len(signs) - 1, "signed_by": prev.username,
                       "signed_at": iso_time(prev.at), "counts": prev.counts_after,
                       "reopened_by": reopen.username if reopen else None,
                       "reopened_at": iso_time(reopen.at) if reopen else None,
-                      "reason": reopen.note if reopen else None}
+                      "reason": reopen.note if reopen else None,
+                      "case_changed": case_changed}
         rep["issue"] = {"number": len(signs), "signed_by": last.username,
                         "signed_at": iso_time(last.at), "kept_at_sign_off": at_sign_off,
                         "amends": amends}
@@ -558,6 +568,10 @@ def report_csv(rep: dict[str, Any]) -> str:
                 "", rep["slide"]["cells_flagged"],
                 rep["slide"]["cells_flagged"] - rep["slide"]["cells_needing_review"], "", "",
                 "cells", "", basis, *ref(None, None)])
+    sl = rep["slide"]
+    w.writerow([s, "PIXEL", pixel_text(sl.get("pixel_size_check"), sl.get("um_per_px")), "",
+                "", "" if sl.get("um_per_px") is None else sl["um_per_px"], "", "", "µm/px", "",
+                basis, *ref(None, None)])
     for meth in rep["methods"]:
         w.writerow([s, "METHOD", method_text(meth), "", meth["fields"], "", "", "", "fields", "",
                     basis, *ref(None, None)])
@@ -620,7 +634,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
                   + (f" · printed {when_text(rep['printed_at'])}" if rep.get("printed_at")
                      else ""),
                   st["Normal"]),
-        Paragraph(pixel_text(sl["pixel_size_check"]), st["Normal"]),
+        Paragraph(pixel_text(sl["pixel_size_check"], sl.get("um_per_px")), st["Normal"]),
         Spacer(1, 4 * mm),
     ]
     m_n = {c["name"]: c["n"] for c in rep["machine_differential"]["classes"]}
@@ -849,14 +863,20 @@ def issue_text(issue: dict[str, Any]) -> str:
         return text
     why = (f"; reopened by {a['reopened_by']} at {when_text(a['reopened_at'])}: "
            f"“{a['reason']}”" if a["reopened_by"] else "")
+    changed = a.get("case_changed") or {}
+    case = ("; CASE CHANGED since issue {}: {}".format(a["number"], "; ".join(
+        f"{CASE_LABELS.get(k, k)} {old or '(none)'} → {new or '(none)'}"
+        for k, (old, new) in changed.items())) if changed else "")
     return (f"Amended report, {text}; replaces issue {a['number']} signed by {a['signed_by']} "
-            f"at {when_text(a['signed_at'])}{why}")
+            f"at {when_text(a['signed_at'])}{why}{case}")
 
 
-def pixel_text(pixel: dict[str, Any] | None) -> str:
-    """One line on a slide's pixel-size check (``pixel_size_checks``)."""
+def pixel_text(pixel: dict[str, Any] | None, stated: float | None = None) -> str:
+    """One line on a slide's pixel size ``stated`` (µm/px) and its check
+    (``pixel_size_checks``)."""
     if pixel is None:
-        return "Pixel size: not checked"
+        return ("Pixel size: not recorded" if stated is None else
+                f"Pixel size {stated:.4g} µm/px: not checked against red cells")
     if pixel["estimate_um_per_px"] is None:
         return (f"Pixel size {pixel['stated_um_per_px']:.4g} µm/px: too few isolated red cells "
                 f"in {pixel['fields']} fields to check it")

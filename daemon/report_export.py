@@ -94,7 +94,13 @@ def export_reports(store: Store, cfg: Any, since: datetime | None = None) -> Exp
                    or_(Review.action == "sign", Review.action == "reopen"))
             .order_by(Review.id)))
     run = ExportRun([], [])
+    # A slide's results go out in order: once one of its items waits (another exporter has
+    # it, or it failed), its later ones wait too; a withdrawal or issue 2 had reached the LIS
+    # before the issue 1 an interrupted exporter had claimed.
+    held: set[int] = set()
     for review_id, slide_id, action in todo:
+        if slide_id in held:
+            continue
         stale = utcnow() - timedelta(seconds=EXPORT_CLAIM_S)
         with store.session() as s:
             claimed = s.execute(update(Review).where(
@@ -102,7 +108,8 @@ def export_reports(store: Store, cfg: Any, since: datetime | None = None) -> Exp
                 or_(Review.export_claimed_at.is_(None), Review.export_claimed_at < stale))
                 .values(export_claimed_at=utcnow())).rowcount
         if not claimed:
-            continue  # another exporter has it
+            held.add(slide_id)  # another exporter has it
+            continue
         try:
             item = _export_one(store, cfg, folder, review_id, slide_id, action)
         except _NothingToSend as exc:  # marked done: said once, not retried
@@ -114,6 +121,7 @@ def export_reports(store: Store, cfg: Any, since: datetime | None = None) -> Exp
             with store.session() as s:
                 s.execute(update(Review).where(Review.id == review_id)
                           .values(export_claimed_at=None))
+            held.add(slide_id)
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             run.failed.append(f"slide {slide_id} {action} (review {review_id}): {why}")
             log.error("not exported, tried again at the next run: slide %d %s: %s",
@@ -166,7 +174,10 @@ def _export_one(store: Store, cfg: Any, folder: Path, review_id: int, slide_id: 
             raise _NothingToSend(f"issue {issue} of {name!r} was reopened before its report "
                                  "was kept; its counts are in the review history only")
     rep = issued_report(store, slide_id, cfg, issue)
+    # The file is the report as issued, whenever it goes: a late one is not re-rendered as
+    # "superseded" (its withdrawal notice follows it).
     rep.pop("printed_at", None)
+    rep.pop("superseded", None)
     paths = tuple(save_report(rep, fmt, folder / f"{stem}.{fmt}")
                   for fmt in cfg.review.export_formats)
     return Exported(name, issue, "report", paths)

@@ -179,9 +179,11 @@ def daemon_lock(data_dir: Path, instrument: str) -> Any:
 
 
 def cancel_slide(store: Store, ref: int | str, who: str, reason: str) -> Any:
-    """End a queued slide, or a started one whose daemon is not running (stopped while the
-    slide waited on a fault, or killed), as ``failed`` with ``reason``; audited as
-    ``cancel``. Its counted fields stay on record. Returns the slide as it was.
+    """End a queued slide, a started one whose daemon is not running (stopped while the
+    slide waited on a fault, or killed), or a counted one awaiting review that must not be
+    reported (the wrong glass, a rejected specimen: signing would issue a report), as
+    ``failed`` with ``reason``; audited as ``cancel``. Its counted fields stay on record.
+    Returns the slide as it was.
 
     A started slide's daemon may be counting or retrying it at any moment: it is refused
     while that daemon holds its lock, and the lock is held here until the slide is failed,
@@ -189,9 +191,11 @@ def cancel_slide(store: Store, ref: int | str, who: str, reason: str) -> Any:
     slide = store.slide(ref)
     if not reason.strip():
         raise ServiceError("say why the slide is cancelled (--reason)")
-    if slide.status not in ("queued", "acquiring"):
+    if slide.status not in ("queued", "acquiring", "awaiting_review"):
         raise ServiceError(f"slide {slide.name!r} is {slide.status.replace('_', ' ')}: only a "
-                           "queued or started slide can be cancelled")
+                           "queued, started or unsigned slide can be cancelled"
+                           + (" (a signed one is reopened, then cancelled)"
+                              if slide.status == "signed" else ""))
     held = None
     if slide.status == "acquiring":
         try:

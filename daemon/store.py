@@ -65,7 +65,7 @@ STAGING = ".staging"
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     "queued": ("acquiring", "failed"),
     "acquiring": ("awaiting_review", "failed", "queued"),
-    "awaiting_review": ("signed", "queued"),
+    "awaiting_review": ("signed", "queued", "failed"),  # failed: cancelled unsigned
     "signed": ("awaiting_review",),
     "failed": ("queued",),
 }

@@ -158,9 +158,21 @@ def test_a_claim_left_by_a_dead_exporter_is_taken_again(review_env, tmp_path):
     now = datetime.now(timezone.utc)
     with env.store.session() as s:
         s.execute(update(Review).values(export_claimed_at=now))
+    # Meanwhile the slide is reopened and signed again: its withdrawal and issue 2 wait
+    # behind the claimed issue 1 (the LIS must not get them first).
+    sup = actions.Reviewer("super", "supervisor")
+    with env.store.session() as s:
+        actions.reopen(s, env.slide_id, sup, "recount")
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, sup)
+    freeze_report(env.store, env.slide_id, env.cfg, at_sign_off=True)
     assert export_reports(env.store, _lab(env, out)).exported == []
     with env.store.session() as s:
-        s.execute(update(Review).values(
+        s.execute(update(Review).where(Review.export_claimed_at.is_not(None)).values(
             export_claimed_at=now - timedelta(seconds=EXPORT_CLAIM_S + 60)))
-    [done] = export_reports(env.store, _lab(env, out)).exported
-    assert done.issue == 1 and all(p.exists() for p in done.paths)
+    done = export_reports(env.store, _lab(env, out)).exported
+    assert [(d.issue, d.kind) for d in done] == [(1, "report"), (1, "withdrawn"), (2, "report")]
+    assert all(p.exists() for p in done[0].paths)
+    # Issue 1 goes as it was issued, not re-rendered as replaced.
+    first = json.loads(next(p for p in done[0].paths if p.suffix == ".json").read_text())
+    assert first["issue"]["number"] == 1 and "superseded" not in first

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from daemon.cli import app
-from daemon.models import Cell, Review, Slide
+from daemon.models import Cell, Field, Review, Slide
 from daemon.report import build_report, report_csv, write_report
 from daemon.store import Store
 from pipeline.errors import ConfigError
@@ -164,6 +164,11 @@ def test_csv_rows_match_json(filled, config):
         assert lo <= c["ci_low_pct"] < lo + 0.01 and hi - 0.01 < c["ci_high_pct"] <= hi
     assert int(by["TOTAL"]["n"]) == rep["differential"]["total"]
     assert by["STATUS"]["label"] == rep["slide"]["status"].replace("_", " ")
+    # The pixel size counted at is on every report, checked or not (here: the fields').
+    with store.session() as sess:
+        um = sess.scalars(select(Field.um_per_px)).first()
+    assert rep["slide"]["um_per_px"] == um and float(by["PIXEL"]["value"]) == um
+    assert by["PIXEL"]["label"].startswith(f"Pixel size {um:.4g} µm/px")
     # Every flag of the report reaches the CSV, which a LIS may read alone.
     assert [r["label"] for r in rows if r["quantity"] == "FLAG"] == rep["flags"]
     assert "target not reached" in " ".join(rep["flags"])

@@ -123,7 +123,7 @@ def test_signing_again_after_a_reopen_issues_an_amended_report(review_env, tmp_p
         "number": 1, "signed_by": "tech", "signed_at": first["issue"]["signed_at"],
         "counts": first["review"]["counts_after"],
         "reopened_by": "super", "reopened_at": second["issue"]["amends"]["reopened_at"],
-        "reason": "two eosinophils were basophils"}
+        "reason": "two eosinophils were basophils", "case_changed": {}}
     assert _counts(second)["basophil"] == _counts(first)["basophil"] + 1
     # The first issue is still printable as it was.
     one = issued_report(env.store, env.slide_id, env.cfg, issue=1)
@@ -291,8 +291,14 @@ def test_an_amended_report_with_the_same_counts_says_so(review_env, tmp_path):
     _sign(env, tech)
     with env.store.session() as s:
         actions.reopen(s, env.slide_id, sup, "recount")
+    # The patient is corrected while reopened: the same counts now belong to someone else,
+    # and the amendment must say so, not only "counts unchanged".
+    with env.store.session() as s:
+        actions.set_case(s, env.slide_id, {"patient_id": "MRN-999"}, sup)
     second = _sign(env, sup)
+    assert second["issue"]["amends"]["case_changed"] == {"patient_id": [None, "MRN-999"]}
     new = tmp_path / "new.pdf"
     report_pdf(second, new)
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(new).pages).split())
     assert "Amended report, issue 2" in text and "Counts unchanged from issue 1." in text
+    assert "CASE CHANGED since issue 1: Patient ID (none) → MRN-999" in text

@@ -219,6 +219,10 @@ def test_a_lab_where_only_a_supervisor_signs(review_env, tmp_path):
     sup = client_as(lab, env.store, SUPER)
     page = sup.get(f"/slides/{env.slide_id}").text
     assert 'id="sign">' in page and f"pre-reviewed by {TECH[0]}" in page
+    # A signer does not pre-review: "pre-reviewed by super, signed by super" reads as two.
+    r = sup.post(f"/slides/{env.slide_id}/pre-review", data={"csrf_token": sup.token},
+                 follow_redirects=False)
+    assert r.status_code == 403 and "would read as a second person" in r.text
     assert sign_form(sup, env.slide_id).status_code == 303
     with env.store.session() as s:
         assert s.get(Slide, env.slide_id).signed_by == SUPER[0]

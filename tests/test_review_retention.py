@@ -10,7 +10,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from daemon.cli import app
-from daemon.models import AuditEvent, Cell, Field
+from daemon.models import AuditEvent, Cell, Field, Slide
 from daemon.report import build_report
 from daemon.retention import purge_field_images
 from daemon.review import actions
@@ -104,13 +104,19 @@ def test_purge_command_needs_one_cut_off_and_reports_sizes(review_env):
     res = runner.invoke(app, args)
     assert res.exit_code != 0 and "exactly one of --older-than-days" in str(res.exception)
     tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%d")
+    # A date in the future (a mistyped year) would purge slides signed minutes ago.
     res = runner.invoke(app, [*args, "--signed-before", tomorrow, "--dry-run"])
+    assert res.exit_code != 0 and "is in the future" in str(res.exception)
+    with env.store.session() as s:
+        s.get(Slide, env.slide_id).signed_at = datetime.now(timezone.utc) - timedelta(days=10)
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    res = runner.invoke(app, [*args, "--signed-before", today, "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "BCCD review slide" in res.output and "would delete 40 field images" in res.output
     assert all(_images(env, env.slide_id))
     res = runner.invoke(app, [*args, "--older-than-days", "30"])
     assert res.exit_code == 0 and "0 slides signed before" in res.output
-    res = runner.invoke(app, [*args, "--signed-before", tomorrow, "--by", "nightly"])
+    res = runner.invoke(app, [*args, "--signed-before", today, "--by", "nightly"])
     assert res.exit_code == 0 and "deleted 40 field images" in res.output
     assert not any(_images(env, env.slide_id))
 

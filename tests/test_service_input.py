@@ -126,7 +126,11 @@ def test_one_slide_at_a_time_on_a_microscope(tmp_path):
                               "--config", str(config)], env={"SUDO_USER": "tech.anna"})
     assert res.exit_code == 0, res.output
     _fails(["cancel", "BM-B", "--reason", "again", "--config", str(config)], Exception,
-           "is failed: only a queued or started slide can be cancelled")
+           "is failed: only a queued, started or unsigned slide can be cancelled")
+    # A counted slide from the wrong glass: cancelled before anyone signs (and reports) it.
+    res = runner.invoke(app, ["cancel", "BM-A", "--reason", "wrong glass on the stage",
+                              "--config", str(config)])
+    assert res.exit_code == 0 and "was awaiting_review" in res.output, res.output
     assert runner.invoke(app, ["submit", str(scope), "--name", "BM-D", "--config",
                                str(config)]).exit_code == 0
     from daemon.service import daemon_lock

@@ -347,8 +347,12 @@ def purge_images_cmd(
 
     if (older_than_days is None) == (signed_before is None):
         raise MarrowError("give exactly one of --older-than-days N or --signed-before DATE")
-    cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)
+    now = datetime.now(timezone.utc)
+    cutoff = (now - timedelta(days=older_than_days)
               if older_than_days is not None else signed_before.replace(tzinfo=timezone.utc))
+    if cutoff > now:  # a typo'd year would purge every slide signed minutes ago
+        raise MarrowError(f"--signed-before {cutoff:%Y-%m-%d} is in the future: give a date "
+                          "before today")
     _cfg, store = _store(config, db, data_dir, existing=True)
     try:
         purged = purge_field_images(store, cutoff, by or operator(), dry_run)

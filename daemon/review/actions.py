@@ -410,11 +410,16 @@ def _check_complete(s: Session, slide: Slide, who: Reviewer, verb: str, note: st
 def pre_review(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
                required_case: Sequence[str] = (), seen: int | None = None,
                taxonomies: dict[str, Taxonomy] | None = None,
-               require_flags_checked: bool = False) -> Review:
+               require_flags_checked: bool = False,
+               roles: Sequence[str] = ("technician", "supervisor")) -> Review:
     """A reviewer who does not sign (``review.sign_roles`` [supervisor]) hands the slide on
     as reviewed, after the checks a sign-off makes: the slide stays open (the signer may
     still change it), the queue shows it ready for sign-off, and the report's history names
-    who pre-reviewed it."""
+    who pre-reviewed it. One who may sign (``roles``) signs instead: "pre-reviewed by super,
+    signed by super" read as two people's review."""
+    if who.role in roles:
+        raise Forbidden(f"a {who.role} signs slides here (review.sign_roles): a pre-review "
+                        "hands a slide on to a signer, and would read as a second person")
     slide = editable_slide(s, slide_id)
     _check_complete(s, slide, who, "handed on", note, required_case, seen, taxonomies,
                     require_flags_checked)

@@ -681,7 +681,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             with store.session() as s:
                 actions.pre_review(s, slide_id, reviewer(who), note.strip()[:2000],
                                    params.require_case, seen, taxonomies,
-                                   params.require_flags_checked)
+                                   params.require_flags_checked, params.sign_roles)
         except ReviewError as exc:
             exc.kept_note = note.strip()[:2000] or None
             raise
