@@ -115,9 +115,11 @@ def submit_slide(
     target: int | None = None,
     um_per_px: float | None = None,
     case: CaseInfo | None = None,
+    by: str = "system",
 ) -> int:
     """Queue a virtual slide (a slide image file) or a microscope slide (a Micro-Manager
-    ``.cfg``) with its ``case`` (patient, specimen) if known; returns the slide id.
+    ``.cfg``) with its ``case`` (patient, specimen) if known; returns the slide id. The
+    submission, with the case as entered, is audited (``submit``) under ``by``.
     ``um_per_px`` overrides the file's or the microscope's pixel size. Refuses a file that
     does not exist or cannot be read, and an image file that states no pixel size when none
     is given (the daemon could never count it), and a microscope slide while another on the
@@ -159,6 +161,9 @@ def submit_slide(
                                "--um-per-px" if um_per_px is not None else f"{p.name}: pixel size")
     sid = store.create_slide(name or p.stem, kind, str(p), n, cfg.taxonomy, um_per_px=um,
                              case=case)
+    # Who tied this glass to this patient, and when: later case edits are audited too.
+    store.audit(by, "submit", sid, after={"source": str(p), "target": n, "um_per_px": um,
+                                          "case": case.stored() if case is not None else None})
     log.info("slide submitted", extra={"data": {"slide": sid, "name": name or p.stem,
                                                 "source": kind, "target": n}})
     return sid

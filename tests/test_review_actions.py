@@ -49,7 +49,9 @@ def _counted(env) -> list[Cell]:
 
 def _events(env) -> list[AuditEvent]:
     with env.store.session() as s:
-        return list(s.scalars(select(AuditEvent).order_by(AuditEvent.id)))
+        # A slide's events (logins and account changes have none).
+        return list(s.scalars(select(AuditEvent).where(AuditEvent.slide_id.is_not(None))
+                              .order_by(AuditEvent.id)))
 
 
 def _api(env, client) -> dict:

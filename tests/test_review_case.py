@@ -5,8 +5,10 @@ on every report format."""
 from __future__ import annotations
 
 import csv
+import getpass
 import io
 import json
+import os
 
 from pypdf import PdfReader
 from sqlalchemy import select
@@ -143,6 +145,11 @@ def test_submit_takes_the_case_and_refuses_a_bad_date(tmp_path):
                                               "collected_on": "2026-11-30"}
     res = runner.invoke(app, ["status", "-c", str(lab), "--json"])
     assert [r["accession"] for r in json.loads(res.stdout)] == ["BM26-1"]
+    # Who tied the glass to this case at submission is audited, as later edits are.
+    res = runner.invoke(app, ["audit", "-c", str(lab), "--json"])
+    [ev] = [json.loads(x) for x in res.stdout.splitlines()]
+    assert (ev["user"], ev["action"], ev["after"]["case"]["accession"]) == (
+        os.environ.get("SUDO_USER") or getpass.getuser(), "submit", "BM26-1")
 
 
 def _tiny_slide(path):

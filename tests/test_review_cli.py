@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import io
+import json
 import os
 import signal
 import socket
@@ -15,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from daemon.cli import main
-from daemon.models import User
+from daemon.models import AuditEvent, User
 from daemon.store import Store
 
 
@@ -49,6 +51,10 @@ def test_user_add_hashes_the_password_and_refuses_bad_input(monkeypatch, capsys,
         (["bob", "--role", "admin"], "another password\n", "--role must be one of"),
         (["bob", "--role", "technician"], "short\n", "at least 8 characters"),
         (["bad name", "--role", "technician"], "long enough pw\n", "no spaces"),
+        # Names that read as alice's, or as another's through a lookalike letter.
+        (["Alice", "--role", "technician"], "long enough pw\n",
+         "'alice' already exists; 'Alice' would read as the same"),
+        (["\u0455uper", "--role", "supervisor"], "long enough pw\n", "ASCII letters"),
     ]:
         code = _run(monkeypatch, ["user", "add", *args, "--password-stdin", *where], stdin)
         err = capsys.readouterr().err
@@ -82,6 +88,18 @@ def test_user_passwd_and_disable(monkeypatch, capsys, tmp_path, where):
         with store.session() as s:
             assert authenticate(s, "carol", "second password") is not None
         assert _run(monkeypatch, ["user", "list", *where]) == 0
+        # Every account change is in the audit trail, under the person behind sudo.
+        with store.session() as s:
+            events = [(e.username, e.action, (e.after or {}).get("user")) for e in s.scalars(
+                select(AuditEvent).where(AuditEvent.slide_id.is_(None)).order_by(AuditEvent.id))]
+        me = os.environ.get("SUDO_USER") or getpass.getuser()
+        assert events == [(me, "user_add", "carol"), (me, "user_password", "carol"),
+                          (me, "user_disable", "carol"), (me, "user_enable", "carol")]
+        capsys.readouterr()
+        assert _run(monkeypatch, ["audit", "--accounts", "--json", *where]) == 0
+        lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert [(x["action"], x["after"]["user"]) for x in lines] == [
+            (a, u) for _, a, u in events] and all(x["at"].endswith("+00:00") for x in lines)
     finally:
         store.close()
 

@@ -40,7 +40,8 @@ def _ids(env) -> dict[str, int]:
 
 def _audit_count(env) -> int:
     with env.store.session() as s:
-        return s.scalar(select(func.count()).select_from(AuditEvent))
+        return s.scalar(select(func.count()).select_from(AuditEvent)
+                        .where(AuditEvent.slide_id.is_not(None)))  # not logins
 
 
 def _routes(app):
@@ -238,7 +239,8 @@ def test_a_technician_cannot_reopen_a_signed_slide(app, review_env):
     with review_env.store.session() as s:
         slide = s.get(Slide, sid)
         assert slide.status == "awaiting_review" and slide.signed_by is None
-        ev = s.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())).first()
+        ev = s.scalars(select(AuditEvent).where(AuditEvent.slide_id == sid)
+                       .order_by(AuditEvent.id.desc())).first()
         assert (ev.action, ev.username, ev.before["signed_by"], ev.after["reason"]) == (
             "reopen", SUPER[0], TECH[0], "wrong class")
     assert _audit_count(review_env) == n + 1
@@ -301,7 +303,7 @@ def test_an_account_change_ends_its_sessions(app, review_env, change):
     assert client.get("/api/queue").status_code == 401
 
 
-def test_logout_ends_the_session(app):
+def test_logout_ends_the_session(app, review_env):
     client = TestClient(app)
     token = login(client, TECH)
     copied = client.cookies.get(SESSION_COOKIE)
@@ -314,6 +316,12 @@ def test_logout_ends_the_session(app):
     thief.cookies.set(SESSION_COOKIE, copied)
     assert thief.get("/", follow_redirects=False).status_code == 303
     assert thief.get("/api/queue").status_code == 401
+    # Who was logged in at the bench, and until when, is in the audit trail.
+    with review_env.store.session() as s:
+        logins = [(e.username, e.action) for e in s.scalars(
+            select(AuditEvent).where(AuditEvent.action.in_(["login", "logout"]))
+            .order_by(AuditEvent.id))]
+    assert logins == [(TECH[0], "login"), (TECH[0], "logout")]
 
 
 

@@ -86,7 +86,7 @@ def user_add(
     _, store = _store(config, db, data_dir)
     try:
         with store.session() as s:
-            create_user(s, name, password, role)
+            create_user(s, name, password, role, by=operator())
     finally:
         store.close()
     console.print(f"user {name!r} ({role}) created")
@@ -134,9 +134,54 @@ def _update(config: Optional[Path], db: Optional[str], data_dir: Optional[Path],
     _, store = _store(config, db, data_dir, existing=True)
     try:
         with store.session() as s:
-            update_user(s, name, **changes)  # type: ignore[arg-type]
+            update_user(s, name, by=operator(), **changes)  # type: ignore[arg-type]
     finally:
         store.close()
+
+
+@app.command("audit")
+def audit_cmd(
+    since: Annotated[Optional[datetime], typer.Option(
+        "--since", formats=["%Y-%m-%d"], help="Only events on or after this date (UTC).")] = None,
+    accounts: Annotated[bool, typer.Option(
+        "--accounts", help="Only events of no slide: logins, logouts, account changes.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines only.")] = False,
+    db: DbOption = None,
+    data_dir: DataDirOption = None,
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """The audit trail, oldest first: every change a person made (cells, cases, sign-offs,
+    reopenings, cancellations, purges), every account change, login and logout."""
+    import json
+
+    from sqlalchemy import select
+
+    from daemon.models import AuditEvent, Slide
+    from daemon.report import iso_time
+
+    _, store = _store(config, db, data_dir, existing=True)
+    try:
+        with store.session() as s:
+            q = (select(AuditEvent, Slide.name).outerjoin(Slide, AuditEvent.slide_id == Slide.id)
+                 .order_by(AuditEvent.id))
+            if since is not None:
+                q = q.where(AuditEvent.at >= since.replace(tzinfo=timezone.utc))
+            if accounts:
+                q = q.where(AuditEvent.slide_id.is_(None))
+            rows = s.execute(q).all()
+    finally:
+        store.close()
+    for ev, slide in rows:
+        rec = {"id": ev.id, "at": iso_time(ev.at), "user": ev.username, "action": ev.action,
+               "slide": slide, "cell": ev.cell_id, "before": ev.before, "after": ev.after}
+        if as_json:
+            typer.echo(json.dumps(rec, default=str))
+        else:
+            what = "" if slide is None else f" {slide}" + ("" if ev.cell_id is None
+                                                           else f" cell {ev.cell_id}")
+            console.print(f"{rec['at']}  {ev.username}  {ev.action}{what}  "
+                          f"{json.dumps(ev.after, default=str) if ev.after else ''}",
+                          highlight=False, markup=False)
 
 
 @user_app.command("list")

@@ -75,7 +75,7 @@ def submit_cmd(
                        "collected_on": collected_on})
     with _store(cfg) as store:
         sid = submit_slide(store, cfg, slide, name=name, target=target, um_per_px=um_per_px,
-                           case=case)
+                           case=case, by=operator())
         s = store.slide(sid)
     if json_out:
         typer.echo(json.dumps({"id": sid, "name": s.name, "source": s.source,
@@ -268,7 +268,7 @@ def demo_cmd(
     slide_path = build_demo_slide(cfg, seed)
     with _store(cfg) as store:
         name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-        sid = submit_slide(store, cfg, slide_path, name=name, target=target)
+        sid = submit_slide(store, cfg, slide_path, name=name, target=target, by=operator())
     console.print(f"submitted {name} ({slide_path.name}); store {cfg.store.url}", highlight=False)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)

@@ -305,6 +305,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             user = authenticate(s, username, password)
             user_id = user.id if user is not None else None
             epoch = user.session_epoch if user is not None else 0
+            if user is not None:  # who was at the bench, when (failed tries: the log only)
+                s.add(AuditEvent(username=user.username, action="login"))
         if user_id is None:
             with failures_lock:
                 if len(failures) > 10_000:  # many names tried: forget old ones, bound memory
@@ -360,6 +362,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             user = s.get(User, who.id)
             if user is not None:
                 user.session_epoch += 1
+                s.add(AuditEvent(username=user.username, action="logout"))
         resp = RedirectResponse("/login", status_code=303)
         set_session(resp, None)
         return resp

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,14 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from daemon.models import User
+from daemon.models import AuditEvent, User
 from pipeline.errors import MarrowError
 
 ROLES = ("technician", "supervisor")
+USERNAME = re.compile(r"[A-Za-z0-9._@-]{1,100}")
 SESSION_COOKIE = "marrowcount_session"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
@@ -59,18 +61,27 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-def create_user(session: Session, username: str, password: str, role: str) -> User:
-    """Add an active local account. Raises AuthError with the reason when it cannot."""
+def create_user(session: Session, username: str, password: str, role: str,
+                by: str = "system") -> User:
+    """Add an active local account; audited as ``user_add`` by ``by``. Raises AuthError
+    with the reason when it cannot."""
     username = username.strip()
-    if not username or len(username) > 100 or not username.isprintable() or " " in username:
-        raise AuthError(f"user name {username!r} must be 1-100 printable characters, no spaces")
+    if not USERNAME.fullmatch(username):
+        # ASCII only: "ѕuper" (a Cyrillic ѕ) would sign as someone who reads as "super".
+        raise AuthError(f"user name {username!r} must be 1-100 ASCII letters, digits or . _ - @, "
+                        "no spaces")
     if role not in ROLES:
         raise AuthError(f"role {role!r} must be one of {', '.join(ROLES)}")
     _password_ok(password)
-    if session.scalar(select(User).where(User.username == username)) is not None:
-        raise AuthError(f"user {username!r} already exists")
+    taken = session.scalar(select(User.username).where(
+        func.lower(User.username) == username.lower()))
+    if taken is not None:
+        raise AuthError(f"user {username!r} already exists" if taken == username else
+                        f"user {taken!r} already exists; {username!r} would read as the same")
     user = User(username=username, password_hash=hash_password(password), role=role, active=True)
     session.add(user)
+    session.add(AuditEvent(username=by, action="user_add",
+                           after={"user": username, "role": role}))
     session.flush()
     return user
 
@@ -81,8 +92,10 @@ def _password_ok(password: str) -> None:
 
 
 def update_user(session: Session, username: str, *, password: str | None = None,
-                active: bool | None = None) -> User:
-    """Set a new password and/or (de)activate an account; a deactivated user's session ends."""
+                active: bool | None = None, by: str = "system") -> User:
+    """Set a new password and/or (de)activate an account; a deactivated user's session ends.
+    Each change is audited (``user_password``, ``user_disable``, ``user_enable``) by ``by``:
+    an account whose password anyone with a shell reset must not sign unseen."""
     user = session.scalar(select(User).where(User.username == username.strip()))
     if user is None:
         raise AuthError(f"no user {username!r}")
@@ -90,8 +103,13 @@ def update_user(session: Session, username: str, *, password: str | None = None,
         _password_ok(password)
         user.password_hash = hash_password(password)
         user.session_epoch += 1  # whoever held the old password is logged out
-    if active is not None:
+        session.add(AuditEvent(username=by, action="user_password",
+                               after={"user": user.username}))
+    if active is not None and active != user.active:
         user.active = active
+        session.add(AuditEvent(username=by, action="user_enable" if active else "user_disable",
+                               before={"user": user.username, "active": not active},
+                               after={"user": user.username, "active": active}))
     session.flush()
     return user
 
