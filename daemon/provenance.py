@@ -20,11 +20,28 @@ SETTINGS_SECTIONS = ("detect", "analysis")
 classifier's own settings."""
 
 
+@lru_cache(maxsize=1)
 def software_version() -> str:
+    """The package version, with the source commit when run from a git checkout
+    (``0.1.0+g1a2b3c4d5e6f``, ``…-dirty`` with changes not committed): the version number
+    alone named every build since the first, and an editable install runs what is there."""
     try:
-        return version("marrowcount")
+        base = version("marrowcount")
     except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
+        base = "unknown"
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return base
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):  # no git on the machine
+        return base
+    return f"{base}+g{commit}" + ("-dirty" if dirty.strip() else "") if commit else base
 
 
 @lru_cache(maxsize=8)
@@ -61,6 +78,8 @@ def analysis_method(cfg: Any, model: str, model_sha256: str, precision: str,
         "crop_um_per_px": float(crop_um_per_px),
         "taxonomy": cfg.taxonomy,
         "settings": hashlib.sha256(blob).hexdigest()[:12],
+        # The settings themselves, so that the fingerprint on a report can be looked up.
+        "settings_used": settings,
     }
 
 

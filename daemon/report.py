@@ -66,7 +66,7 @@ def when_text(when: datetime | str | None) -> str:
             return when
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")  # events a minute apart stay in order
 
 
 def _diff_dict(d: Differential) -> dict[str, Any]:

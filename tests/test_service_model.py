@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import shutil
+import subprocess
 
 import torch
 from fastapi.testclient import TestClient
@@ -93,6 +95,15 @@ def test_changed_settings_change_the_fingerprint(tmp_path, config):
     batched = config.model_copy(update={"classifier": config.classifier.model_copy(
         update={"checkpoint": tmp_path / "elsewhere.pt", "batch_size": 7})})
     assert analysis_method(batched, "elsewhere.pt", sha, "int8", 0.2)["settings"] == a["settings"]
+    # The fingerprint can be looked up: the settings it was made of are kept beside it.
+    blob = json.dumps(a["settings_used"], sort_keys=True).encode()
+    assert hashlib.sha256(blob).hexdigest()[:12] == a["settings"]
+    assert a["settings_used"]["analysis"]["guidance_threshold"] == 0.8
+    # The software is named down to the source commit it ran from (a checkout, as here).
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO,
+                          capture_output=True, text=True).stdout.strip()
+    if head:
+        assert f"+g{head}" in a["software"]
 
 
 def test_a_damaged_model_file_pauses_counting_until_it_is_fixed(tmp_path):
