@@ -27,7 +27,7 @@ def test_every_field_is_focused_within_1um_of_the_tilted_plane(slide):
     # the plane spans several µm over the slide, so a fixed Z would not do
     zs = [scope.virtual.plane.z_at(x, y) for x, y in plan.positions]
     assert max(zs) - min(zs) > 3
-    assert np.mean(np.abs(errors) <= 1.0) >= 0.95, errors.round(2)
+    assert np.all(np.abs(errors) <= 1.0), errors.round(2)
     # later fields start from their neighbour's focus: few Z moves each
     assert scope.z_moves / len(fields) < 10
     scope.close()

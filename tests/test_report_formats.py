@@ -45,8 +45,10 @@ def test_json_report_is_the_machine_differential(filled, config):
     d = rep["differential"]
     assert rep["basis"] == "machine" and rep["review"] is None
     assert d["total"] == want.total == sum(f.n_counted for f in fields)
+    assert len(d["classes"]) == len(want.rows)
     for got, w in zip(d["classes"], want.rows):
         assert (got["name"], got["n"]) == (w.name, w.n)
+        assert got["pct"] == pytest.approx(w.pct)
         assert got["ci_low_pct"] == pytest.approx(w.ci_low_pct, abs=0.01)
         assert got["ci_high_pct"] == pytest.approx(w.ci_high_pct, abs=0.01)
     assert d["me_ratio"] == pytest.approx(want.me_ratio, abs=1e-3)

@@ -172,7 +172,12 @@ def test_agreement_headline_is_over_leukocytes_and_undefined_values_are_none(con
     res = agreement([cell(i, m, f) for i, (m, f) in enumerate(calls)], config.classes)
     assert res["agreement"] == 0.875 and res["leukocytes"]["cells"] == 400
     assert res["leukocytes"]["agreement"] == 0.75
-    assert res["leukocytes"]["kappa"] < res["kappa"]
+    # By hand: leukocytes p_e = (200·100 + 200·300) / 400² = 0.5, kappa (0.75 − 0.5) / 0.5;
+    # all cells p_e = (200·100 + 200·300 + 400·400) / 800² = 0.375, kappa 0.5 / 0.625.
+    assert (res["leukocytes"]["kappa"], res["kappa"]) == (0.5, 0.8)
+    myelo, meta = res["per_class"]["myelocyte"], res["per_class"]["metamyelocyte"]
+    assert (myelo["n"], myelo["precision"], myelo["recall"]) == (100, 0.5, 1.0)
+    assert (meta["n"], meta["precision"], meta["recall"]) == (300, 1.0, pytest.approx(2 / 3))
     same = agreement([cell(i, "myelocyte", "myelocyte") for i in range(50)], config.classes)
     assert same["agreement"] == 1.0 and same["kappa"] is None
     assert same["per_class"]["myelocyte"]["specificity"] is None

@@ -130,6 +130,10 @@ def test_review_serves_on_localhost(tmp_path, where):
                 time.sleep(0.5)
         assert r.status_code == 200 and 'name="csrf_token"' in r.text
         assert httpx.get(f"http://127.0.0.1:{port}/", follow_redirects=False).status_code == 303
+        # Bound to the loopback address only (patient data): the kernel's listening sockets.
+        rows = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+        mine = [r[1] for r in rows if r[3] == "0A" and r[1].endswith(f":{port:04X}")]
+        assert mine == [f"0100007F:{port:04X}"], mine
         assert (tmp_path / "data" / "review_secret").stat().st_mode & 0o077 == 0
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -303,6 +303,25 @@ def test_an_account_change_ends_its_sessions(app, review_env, change):
     assert client.get("/api/queue").status_code == 401
 
 
+def test_session_cookie_is_secure_behind_tls_only_when_asked(review_env):
+    """`review.secure_cookies: true` (a TLS proxy in front) marks the cookie Secure, so a
+    browser never sends it over plain HTTP; the default keeps it usable on localhost."""
+    def cookie(lab) -> str:
+        client = TestClient(create_app(lab, review_env.store), base_url="https://testserver")
+        page = client.get("/login")
+        r = client.post("/login", data={"username": TECH[0], "password": TECH[1],
+                                        "csrf_token": csrf_of(page.text), "next": "/"},
+                        follow_redirects=False)
+        assert r.status_code == 303
+        return r.headers["set-cookie"]
+
+    plain = cookie(review_env.cfg)
+    secure = cookie(review_env.cfg.model_copy(update={"review": review_env.cfg.review.model_copy(
+        update={"secure_cookies": True})}))
+    assert "httponly" in plain.lower() and "samesite=strict" in plain.lower()
+    assert "; secure" not in plain.lower() and "; secure" in secure.lower()
+
+
 def test_logout_ends_the_session(app, review_env):
     client = TestClient(app)
     token = login(client, TECH)

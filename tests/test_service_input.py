@@ -114,6 +114,10 @@ def test_one_slide_at_a_time_on_a_microscope(tmp_path):
     with Store(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "data") as store:
         sid = next(s.id for s in store.slides(None) if s.name == "BM-A")
         store.claim(sid, "scope-1")
+    # Being counted, it holds the stage just the same.
+    _fails(["submit", str(scope), "--name", "BM-B", "--patient-id", "P2", "--config",
+            str(config)], Exception, "slide 'BM-A' on the microscope of scope.cfg is still")
+    with Store(f"sqlite:///{tmp_path / 'q.db'}", tmp_path / "data") as store:
         store.set_status(sid, "awaiting_review")
     assert runner.invoke(app, ["submit", str(scope), "--name", "BM-B", "--config",
                                str(config)]).exit_code == 0

@@ -185,6 +185,12 @@ def test_adaptive_stop_only_when_decisive(config):
                                                        adaptive_confidence=0.95))
     strict = interval_text(*(100 * x for x in proportion_ci(2, 312, 0.999)), 1)
     assert f"99.9% interval {strict}%" in reason
+    # The shipped taxonomy: the model does not see blasts, so its count decides no threshold
+    # however many cells say nothing of them.
+    pbc11 = config.classes
+    assert all(c.reviewer_only for c in pbc11.classes if c.blast)
+    many = {"segmented_neutrophil": 300, "erythroblast": 150, "lymphocyte": 50}
+    assert adaptive_stop_reason(many, pbc11, on) is None
 
 
 def test_confidence_level_widens_intervals(config):
