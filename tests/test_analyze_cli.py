@@ -125,3 +125,43 @@ def test_a_cell_whose_lobes_cross_the_field_edge_is_cut_not_missed(small_slide):
     # A field that holds its whole box holds the cell.
     whole = FieldWindow(cell["box"][0] - 1, max(0, cell["box"][1] - 50), 1388, 1040)
     assert cell["id"] in {c["id"] for c in true_cells_in(truth, whole)[0]}
+
+
+def test_score_field_tallies_each_category_by_hand():
+    """A hand-made truth of four cells and five detections, scored as the seed scores:
+    one found once and right, one found once and wrong, one found twice and counted twice,
+    one missed; a detection on no cell is false; one outside a cell's radius matches nothing."""
+    from pipeline.analyze import CellResult
+    from pipeline.score_analysis import AnalysisScore, FieldWindow, score_field
+
+    truth = {"um_per_px": 0.1, "cells": [
+        {"x": 200, "y": 200, "r_um": 4.0, "class": "lymphocyte"},
+        {"x": 500, "y": 200, "r_um": 4.0, "class": "monocyte"},
+        {"x": 200, "y": 500, "r_um": 5.0, "class": "band_neutrophil"},
+        {"x": 500, "y": 500, "r_um": 4.0, "class": "eosinophil"},
+    ]}
+    crop = np.zeros((96, 96, 3), np.uint8)
+
+    def det(i, x, y, label, dup=None):
+        return CellResult(i, float(x), float(y), (x - 30, y - 30, x + 30, y + 30), 30.0, crop,
+                          {label: 0.9}, label, label, 0.9, False, dup, None, False)
+
+    cells = [det(0, 205, 195, "lymphocyte"),        # right, 7 px from the centre (r 40 px)
+             det(1, 500, 230, "eosinophil"),        # wrong class, inside the monocyte
+             det(2, 180, 500, "band_neutrophil"),   # one band detected twice, both counted
+             det(3, 225, 500, "band_neutrophil"),
+             det(4, 545, 500, "eosinophil"),        # 45 px off, outside the 40 px radius
+             det(5, 800, 800, "lymphocyte")]        # on no cell at all
+    acc = AnalysisScore()
+    score_field(truth, FieldWindow(0, 0, 1000, 1000), cells, 1.0, acc)
+    assert (acc.true_cells, acc.detections) == (4, 6)
+    assert (acc.correct, acc.multiple, acc.missing, acc.false) == (2, 1, 1, 2)
+    assert (acc.counted_once, acc.counted_twice, acc.not_counted) == (2, 1, 1)
+    assert (acc.classified, acc.classified_right, acc.overall_right) == (3, 2, 1)
+    assert acc.confusion == {("lymphocyte", "lymphocyte"): 1, ("monocyte", "eosinophil"): 1}
+    # Suppress the second band detection: the cell is counted once, and right.
+    cells[3] = det(3, 225, 500, "band_neutrophil", dup=2)
+    acc = AnalysisScore()
+    score_field(truth, FieldWindow(0, 0, 1000, 1000), cells, 1.0, acc)
+    assert (acc.counted_once, acc.counted_twice, acc.overall_right) == (3, 0, 2)
+    assert (acc.duplicates_suppressed, acc.duplicates_wrongly_suppressed) == (1, 0)

@@ -187,6 +187,36 @@ def test_lobed_classes_reach_further_than_round_cells(config):
             assert "same class" in dups[1][1]
 
 
+def test_a_band_and_a_segmented_call_on_one_neutrophil_count_once(config):
+    """One neutrophil found as two nuclei 9 µm apart, one called band and the other
+    segmented (similar probabilities): a neutrophil pair, one suppressed. The same two
+    positions called eosinophil with unlike probabilities and boxes that do not overlap are
+    two cells of one class, both counted (the likeness check, not the class alone)."""
+    from pipeline.analyze import find_duplicates
+
+    classes = tuple(config.classes.model_names)
+    um = 0.13
+    pts = np.array([[100.0, 100.0], [100.0 + 9.0 / um, 100.0]])
+    boxes = [(60, 60, 140, 140), (140, 60, 220, 140)]  # touching, not overlapping
+    areas = np.array([33.0, 32.0])  # neither lobe-sized nor two whole nuclei
+    band, seg = classes.index("band_neutrophil"), classes.index("segmented_neutrophil")
+    probs = np.full((2, len(classes)), 0.005, np.float32)
+    probs[0, [band, seg]] = 0.6, 0.35
+    probs[1, [band, seg]] = 0.35, 0.6
+    dups = find_duplicates(pts, boxes, areas, classes, probs, probs.max(1), um, config.analysis)
+    assert list(dups) == [1] and dups[1][0] == 0 and "neutrophil pair" in dups[1][1], dups
+    eos, baso = classes.index("eosinophil"), classes.index("basophil")
+    unlike = np.full((2, len(classes)), 0.005, np.float32)
+    unlike[0, eos] = 0.95
+    unlike[1, [eos, baso]] = 0.5, 0.45
+    assert find_duplicates(pts, boxes, areas, classes, unlike, unlike.max(1), um,
+                           config.analysis) == {}
+    # The same unlike pair with overlapping boxes is one cell seen twice.
+    overlapping = [(60, 60, 140, 140), (100, 60, 180, 140)]
+    assert list(find_duplicates(pts, overlapping, areas, classes, unlike, unlike.max(1), um,
+                                config.analysis)) == [1]
+
+
 def test_a_split_monocyte_is_one_cell_two_touching_ones_are_two(config):
     """Two monocyte calls 8 µm apart are one monocyte whose folded nucleus was found in two
     parts; 12 µm apart they are two touching monocytes. Two lymphocytes 8 µm apart are two

@@ -285,7 +285,17 @@ def test_dual_stage_probabilities_are_a_distribution(shipped, fixed_sample):
         # A local model only redistributes its pair's mass.
         np.testing.assert_allclose(res.probs[pair][:, [loc.a, loc.b]].sum(1),
                                    res.global_probs[pair][:, [loc.a, loc.b]].sum(1), atol=1e-5)
+        if not pair.any():
+            continue
+        # ... as its calibrated logits plus the offset fitted on validation say (without the
+        # offset this model over-calls band, MODEL_CARD).
+        x = shipped._prep(fixed_sample.crops[pair])
+        z = shipped._local_logits(loc, x, shipped._run(shipped.model, x)[2]) / loc.temperature
+        q = torch.softmax(z + torch.tensor([0.0, loc.offset]), 1).numpy()
+        mass = res.global_probs[pair][:, [loc.a, loc.b]].sum(1, keepdims=True)
+        np.testing.assert_allclose(res.probs[pair][:, [loc.a, loc.b]], mass * q, atol=1e-4)
     assert routed.any() and not routed.all()
+    assert all(abs(loc.offset) > 0.1 for loc in shipped.locals)  # each pair has its own
     np.testing.assert_allclose(res.probs[~routed], res.global_probs[~routed], atol=1e-6)
     assert 0 <= res.confidence.min() and res.confidence.max() <= 1
 
