@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -18,7 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 class Metrics:
     """The daemon's metrics; ``serve(port, host)`` exposes them over HTTP (port 0: off)."""
 
-    def __init__(self, window_s: float = 60.0) -> None:
+    def __init__(self, window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.fields = Counter("marrowcount_fields", "Fields committed", registry=r)
@@ -38,6 +40,7 @@ class Metrics:
         self.slide_counted = Gauge("marrowcount_slide_counted",
                                    "Counted leukocytes of the slide being counted", registry=r)
         self._window = window_s
+        self._clock = clock  # a test steps its own
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()  # the HTTP thread reads the rates as the daemon adds
         # Worked out at each scrape, so an idle daemon's rates fall to 0 (they had kept the
@@ -61,7 +64,7 @@ class Metrics:
         self.fields.inc()
         self.cells.inc(n_counted)
         self.slide_counted.set(slide_counted)
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             self._recent.append((now, n_counted))
             self._prune(now)  # unscraped, the window must not grow with every field
@@ -69,7 +72,7 @@ class Metrics:
     def _rates(self) -> tuple[float, float]:
         """(fields/s, cells/s) over the last ``window_s`` seconds."""
         with self._lock:
-            self._prune(time.monotonic())
+            self._prune(self._clock())
             n_fields, n_cells = len(self._recent), sum(n for _, n in self._recent)
         return n_fields / self._window, n_cells / self._window
 
