@@ -379,3 +379,38 @@ def test_a_scanned_file_past_2_gib_is_recorded(store_url, tmp_path):  # noqa: F8
             s.add(ScannedFile(sha256="a" * 64, path="/scans/big.svs", size=size, state="done"))
         with store.session() as s:
             assert s.scalar(select(ScannedFile.size).where(ScannedFile.sha256 == "a" * 64)) == size
+
+
+def test_every_crop_and_its_folder_are_on_disk_before_the_field_commits(tmp_path, monkeypatch):
+    """A power cut right after a field's commit must not leave a counted cell whose crop is
+    empty: each crop file and the staging folder's names are fsynced before the database
+    transaction commits (os.fsync wrapped, not replaced; the commit seen by SQLAlchemy)."""
+    import os
+    import stat
+
+    from sqlalchemy import event
+
+    store = Store(f"sqlite:///{tmp_path / 'f.db'}", tmp_path / "data")
+    sid = store.create_slide("S", "virtual", "s.tif", 100, "pbc11")
+    store.claim(sid, "scope")
+    log: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        real(fd)
+        kind = "fsync_dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync"
+        with lock:
+            log.append((kind, os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    event.listen(store.engine, "commit", lambda conn: log.append(("commit", "")))
+    fld = make_field(0, seed=5, with_image=True)
+    assert store.commit_field(sid, fld)
+    store.close()
+    commit = max(i for i, (what, _) in enumerate(log) if what == "commit")
+    synced = {Path(p).name for what, p in log[:commit] if what == "fsync"}
+    stage_dirs = [p for what, p in log[:commit] if what == "fsync_dir" and ".staging" in p]
+    crops = {f"c{c.index:04d}.png" for c in fld.cells if c.crop is not None}
+    assert crops and crops | {"field.png"} <= synced, sorted(synced)
+    assert stage_dirs, "the staging folder's names were not fsynced before the commit"
