@@ -158,7 +158,11 @@ def test_a_stage_that_stops_at_its_limit_is_caught(slide, analyze):
 
 
 def test_a_hardware_autofocus_that_loses_lock_falls_back_to_the_image_search(slide, analyze):
-    scope = virtual_scope(slide, **GATE, autofocus={"enabled": True, "use_hardware": True})
+    # A tilted slide: a field left at the last locked Z would be out of focus, so only an
+    # image search that really ran puts each later field in focus.
+    tilted = {"tilt_x_um_per_mm": 25.0, "tilt_y_um_per_mm": -15.0, "focus_z_um": 5.0}
+    scope = virtual_scope(slide, **GATE, virtual=tilted,
+                          autofocus={"enabled": True, "use_hardware": True})
     calls = {"n": 0}
 
     def full_focus():
@@ -171,6 +175,11 @@ def test_a_hardware_autofocus_that_loses_lock_falls_back_to_the_image_search(sli
     source = MicroscopeFieldSource(scope, scope.plan(None), scope.params, detect_params())
     fields: list[FieldResult] = []
     stopped = count_slide(source, analyze, 10_000, on_field=fields.append)
+    plane = scope.virtual.plane
     scope.close()
     assert stopped == "area_exhausted" and [f.index for f in fields] == list(range(12))
     assert calls["n"] > 2 and sum(f.n_counted for f in fields) > 0
+    zs = [plane.z_at(f.stage_x, f.stage_y) for f in fields[2:]]
+    assert max(zs) - min(zs) > 1.5  # the slide's tilt moves focus between these fields
+    errors = [abs(f.stage_z - z) for f, z in zip(fields[2:], zs)]
+    assert max(errors) <= 1.0, errors
