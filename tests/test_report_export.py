@@ -84,24 +84,23 @@ def test_a_folder_away_loses_nothing_and_history_is_sent_only_on_purpose(review_
         assert s.scalars(select(Review)).one().exported_at is None
     with pytest.raises(ExportError, match="not-a-folder"):
         export_reports(env.store, _lab(env, blocked))
-    # Exporting began with that attempt: the folder is mended three days later (a new
-    # install, its spool folder made last) and the sign-off is still owed to the LIS.
+    # Exporting began with that attempt, before the sign-off: when the folder is mended days
+    # later (a new install, its spool folder made last) the sign-off is still owed to the
+    # LIS (the first success had set the start a day before itself, past the sign-off).
     marker = env.root / "data" / "export-since.txt"
     began = datetime.fromisoformat(marker.read_text().strip())
     with env.store.session() as s:
-        signed_at = s.scalars(select(Review)).one().at.replace(tzinfo=timezone.utc)
-        assert began <= signed_at
-        s.execute(update(Review).values(at=signed_at - timedelta(days=3)))
-    marker.write_text((began - timedelta(days=3)).isoformat() + "\n")
+        assert began <= s.scalars(select(Review)).one().at.replace(tzinfo=timezone.utc)
 
     out = tmp_path / "lis"
     [done] = export_reports(env.store, _lab(env, out)).exported  # the folder is back
     assert (done.issue, done.kind) == (1, "report") and len(done.paths) == 3
 
-    # A sign-off from before exporting began goes only when asked for.
+    # A sign-off from before exporting began (a store that exported from a later day on)
+    # goes only when asked for.
     with env.store.session() as s:
-        s.execute(update(Review).values(exported_at=None, export_claimed_at=None,
-                                        at=datetime.now(timezone.utc) - timedelta(days=30)))
+        s.execute(update(Review).values(exported_at=None, export_claimed_at=None))
+    marker.write_text((datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat() + "\n")
     for p in out.iterdir():
         p.unlink()
     assert export_reports(env.store, _lab(env, out)).exported == []

@@ -14,7 +14,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 from pypdf import PdfReader
-from sqlalchemy import select
+from sqlalchemy import select, text as sql
 from typer.testing import CliRunner
 
 from daemon.cli import app
@@ -178,6 +178,8 @@ def test_a_signature_whose_report_was_not_kept_keeps_it_at_the_first_print(revie
 
     # Reopened before anyone printed it: that issue was never kept, and says so.
     with env.store.session() as s:
+        # A store from before reports were kept (and before 0009 kept them fixed).
+        s.execute(sql("DROP TRIGGER reviews_report_once"))
         s.execute(Review.__table__.update().values(report=None))
         actions.reopen(s, env.slide_id, sup, "recount")
     with pytest.raises(StoreError, match="issue 1 of slide .* was signed before marrowcount"):

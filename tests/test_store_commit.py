@@ -414,3 +414,43 @@ def test_every_crop_and_its_folder_are_on_disk_before_the_field_commits(tmp_path
     crops = {f"c{c.index:04d}.png" for c in fld.cells if c.crop is not None}
     assert crops and crops | {"field.png"} <= synced, sorted(synced)
     assert stage_dirs, "the staging folder's names were not fsynced before the commit"
+
+
+
+def test_the_audit_trail_and_sign_offs_cannot_be_changed_or_deleted(store_url, tmp_path):  # noqa: F811
+    """In the database itself (migration 0009): an audit event is never updated or deleted, a
+    sign-off keeps its counts, its report is kept once, and a slide with a history cannot be
+    deleted (one SQL DELETE had erased a signed slide's trail, and the backup followed)."""
+    from sqlalchemy import delete, update
+    from sqlalchemy.exc import DBAPIError
+
+    from daemon.models import AuditEvent, Review
+
+    with Store(store_url, tmp_path / "data") as store:
+        sid = store.create_slide("S", "virtual", "s.tif", 100, "pbc11")
+        store.audit("tech", "edit_case", sid, after={"accession": "A1"})
+        with store.session() as s:
+            s.add(Review(slide_id=sid, username="tech", action="sign", counts_before={"x": 1},
+                         counts_after={"x": 1}))
+        refused = [
+            (update(AuditEvent).values(username="someone else"), "append-only"),
+            (delete(AuditEvent), "append-only"),
+            (update(Review).values(counts_after={"x": 2}), "kept as made"),
+            (delete(Review), "kept as made"),
+            (delete(Slide).where(Slide.id == sid), "kept as made|append-only"),
+        ]
+        for stmt, why in refused:
+            with pytest.raises(DBAPIError, match=why):
+                with store.session() as s:
+                    s.execute(stmt)
+        # What the software itself does to a review still works: the export marks, and the
+        # issued report kept once, after the sign-off's row.
+        with store.session() as s:
+            s.execute(update(Review).values(exported_at=func.now()))
+            s.execute(update(Review).values(report={"issue": 1}))
+        with pytest.raises(DBAPIError, match="kept as issued"):
+            with store.session() as s:
+                s.execute(update(Review).values(report={"issue": 1, "changed": True}))
+        with store.session() as s:
+            assert s.scalar(select(func.count()).select_from(AuditEvent)) == 1
+            assert s.scalars(select(Review)).one().report == {"issue": 1}
