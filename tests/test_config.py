@@ -118,3 +118,30 @@ def test_every_bad_key_is_named_at_once_and_a_short_source_is_enough(tmp_path):
     p.write_text("train:\n  sources:\n    - {kind: folder, path: /data/crops}\n")
     with pytest.raises(ConfigError, match=r"train\.sources\.0\.um_per_px: Field required"):
         load_config(p)
+
+
+def test_check_config_names_each_resolved_path_and_what_is_wrong_with_it(tmp_path):
+    """The schema checks values, not the machine: check-config also says where the store,
+    data, watch and LIS folders resolve to, and warns of a model file that is not there and
+    a folder the service cannot use (a LIS folder sign-offs would wait on)."""
+    from typer.testing import CliRunner
+
+    from daemon.cli import app
+
+    (tmp_path / "scanner").mkdir()
+    lab = tmp_path / "lab.yaml"
+    lab.write_text(f"""
+store: {{url: "sqlite:///{tmp_path}/db/m.db", data_dir: {tmp_path}/data}}
+classifier: {{checkpoint: {tmp_path}/missing.pt}}
+watch: {{folders: [{tmp_path}/scanner, {tmp_path}/not-mounted]}}
+review: {{export_dir: {tmp_path}/lis}}
+""")
+    res = CliRunner().invoke(app, ["check-config", "-c", str(lab)])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert f"store: sqlite:///{tmp_path}/db/m.db" in lines
+    assert f"warning: model {tmp_path}/missing.pt does not exist: the daemon will not start" in lines
+    warned = [x for x in lines if x.startswith("warning:")]
+    assert [x.split()[1:4] for x in warned] == [
+        ["model", f"{tmp_path}/missing.pt", "does"], ["watch", "folder", f"{tmp_path}/not-mounted"],
+        ["LIS", "export", "folder"]], warned  # the store and data folders are made at start
