@@ -255,7 +255,8 @@ def test_sign_off_locks_the_slide_and_keeps_counts_before_and_after(review_env, 
     assert rev.action == "sign" and rev.counts_before == machine
     assert rev.counts_after[target] == machine.get(target, 0) + 1
     assert rev.counts_after.get(a.label, 0) == machine[a.label] - 1
-    assert _events(env)[-1].action == "sign"
+    sign = _events(env)[-1]
+    assert sign.action == "sign" and sign.after["role"] == "technician"  # the role signed under
     audit = tech.get(f"/slides/{env.slide_id}/audit").text
     assert "<td>signed</td>" in audit and "<dt>note</dt><dd>ok</dd>" in audit
     assert "<td>confirmed (flagged cell)</td>" in audit  # check_flags above

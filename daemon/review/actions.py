@@ -429,7 +429,8 @@ def pre_review(s: Session, slide_id: int, who: Reviewer, note: str | None = None
                     note=note or None)
     s.add(review)
     _audit(s, who, "pre_review", slide_id, None, None, {"counts_after": counts,
-                                                       "note": note or None})
+                                                       "note": note or None,
+                                                       "role": who.role})
     s.flush()
     return review
 
@@ -460,7 +461,7 @@ def sign(s: Session, slide_id: int, who: Reviewer, note: str | None = None,
     s.add(review)
     _audit(s, who, "sign", slide_id, None, {"status": slide.status},
            {"status": "signed", "counts_before": before, "counts_after": after,
-            "note": note or None})
+            "note": note or None, "role": who.role})  # the role signed under, kept
     slide.status, slide.signed_at, slide.signed_by = "signed", now, who.username
     s.flush()
     return review
