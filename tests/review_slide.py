@@ -193,7 +193,17 @@ def client_as(cfg, store, user: tuple[str, str] = TECH):
     return client
 
 
-def sign_form(client, slide_id: int):
-    """Post the slide page's sign-off form (no note, no page state)."""
-    return client.post(f"/slides/{slide_id}/sign", data={"csrf_token": client.token},
-                       follow_redirects=False)
+SEEN_RE = re.compile(r'name="seen" value="(\d+)"')
+
+
+def seen_of(client, slide_id: int) -> str:
+    """The last audit event the slide page shows, as its sign-off form posts it."""
+    m = SEEN_RE.search(client.get(f"/slides/{slide_id}").text)
+    assert m, "slide page has no sign-off form"
+    return m.group(1)
+
+
+def sign_form(client, slide_id: int, token: str | None = None, **fields):
+    """Post the slide page's sign-off form as a browser does: the page is read first."""
+    data = {"csrf_token": token or client.token, "seen": seen_of(client, slide_id), **fields}
+    return client.post(f"/slides/{slide_id}/sign", data=data, follow_redirects=False)

@@ -39,6 +39,7 @@ from tests.review_slide import (  # noqa: F401  (fixtures)
     pipeline_fields,
     review_env,
     review_template,
+    sign_form,
 )
 
 tech, sup = actions.Reviewer("tech", "technician"), actions.Reviewer("super", "supervisor")
@@ -192,8 +193,7 @@ def test_the_review_app_keeps_the_report_and_serves_each_issue(review_env, tmp_p
     check_flags(env.store, env.slide_id)
     client = TestClient(create_app(env.cfg, env.store))
     token = login(client, TECH)
-    r = client.post(f"/slides/{env.slide_id}/sign", data={"csrf_token": token},
-                    follow_redirects=False)
+    r = sign_form(client, env.slide_id, token)
     assert r.status_code == 303
     with env.store.session() as s:
         kept = s.scalars(select(Review).where(Review.action == "sign")).one().report

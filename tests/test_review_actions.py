@@ -21,6 +21,8 @@ from tests.review_slide import (  # noqa: F401  (fixtures)
     pipeline_fields,
     review_env,
     review_template,
+    seen_of,
+    sign_form,
 )
 
 
@@ -245,8 +247,7 @@ def test_sign_off_locks_the_slide_and_keeps_counts_before_and_after(review_env, 
     with env.store.session() as s:
         machine = {k: v for k, v in s.execute(select(Count.class_name, Count.n)
                                               .where(Count.slide_id == env.slide_id)).all() if v}
-    r = tech.post(f"/slides/{env.slide_id}/sign", data={"csrf_token": tech.token, "note": "ok"},
-                  follow_redirects=False)
+    r = sign_form(tech, env.slide_id, note="ok")
     assert r.status_code == 303
     with env.store.session() as s:
         slide = s.get(Slide, env.slide_id)
@@ -266,8 +267,9 @@ def test_sign_off_locks_the_slide_and_keeps_counts_before_and_after(review_env, 
                       ("include", {"cells": [a.id]}), ("undo", {})]:
         r = tech.post(f"/api/slides/{env.slide_id}/{url}", json=body)
         assert r.status_code == 409 and "signed" in r.json()["error"], url
-    assert tech.post(f"/slides/{env.slide_id}/sign", data={"csrf_token": tech.token},
-                     follow_redirects=False).status_code == 409
+    r = tech.post(f"/slides/{env.slide_id}/sign", follow_redirects=False, data={
+        "csrf_token": tech.token, "seen": actions_last_event(env)})
+    assert r.status_code == 409 and "supervisor must reopen it first" in r.text
     assert len(_events(env)) == n
     page = tech.get(f"/slides/{env.slide_id}").text
     assert "Signed and locked." in page and 'id="toolbar"' not in page
@@ -279,7 +281,7 @@ def test_only_a_slide_awaiting_review_can_be_signed(review_env, tech):
     env = review_env
     sid = env.store.create_slide("still acquiring", "virtual", "", 300, env.cfg.taxonomy)
     env.store.set_status(sid, "acquiring")
-    r = tech.post(f"/slides/{sid}/sign", data={"csrf_token": tech.token}, follow_redirects=False)
+    r = tech.post(f"/slides/{sid}/sign", data={"csrf_token": tech.token, "seen": 0})
     assert r.status_code == 409 and "acquiring" in r.text
     queue = tech.get("/api/queue").json()
     assert queue["acquiring"] is True
@@ -331,8 +333,7 @@ def test_blast_calls_flag_intervals_that_straddle_a_threshold(review_env):
     # Unsigned, the review may not have reached every blast yet; signed, it has.
     assert any("blast % rests on the review, which is not finished" in f for f in rep["flags"])
     check_flags(env.store, sid)
-    r = client.post(f"/slides/{sid}/sign", data={"csrf_token": client.headers["X-CSRF-Token"]},
-                    follow_redirects=False)
+    r = sign_form(client, sid, client.headers["X-CSRF-Token"])
     assert r.status_code == 303, r.text
     flags = build_report(env.store, sid, lab)["flags"]
     assert any(f.endswith("the blast % rests on the review") for f in flags), flags
@@ -386,15 +387,12 @@ def test_a_slide_with_no_counted_cell_is_signed_only_with_a_reason(review_env, t
     env.store.set_status(sid, "awaiting_review")
     page = tech.get(f"/slides/{sid}").text
     assert "No field was analysed: all 3 were skipped" in page
-    r = tech.post(f"/slides/{sid}/sign", data={"csrf_token": tech.token},
-                  follow_redirects=False)
+    r = sign_form(tech, sid)
     assert r.status_code == 400 and "no leukocyte is counted" in r.text
     rep = build_report(env.store, sid, env.cfg)
     assert any(f.startswith("no leukocyte counted") and "all 3 fields were skipped" in f
                for f in rep["flags"])
-    r = tech.post(f"/slides/{sid}/sign", data={"csrf_token": tech.token,
-                                              "note": "aspirate dilute: inadequate"},
-                  follow_redirects=False)
+    r = sign_form(tech, sid, note="aspirate dilute: inadequate")
     assert r.status_code == 303
     write_report(env.store, sid, env.cfg, "pdf", tmp_path / "blank.pdf")
     from pypdf import PdfReader
@@ -446,8 +444,7 @@ def test_a_stale_page_of_the_signer_too_cannot_sign_and_the_note_is_kept(review_
     """The same reviewer changed a cell in another window: this page never showed it."""
     env = review_env
     check_flags(env.store, env.slide_id)
-    seen = tech.get(f"/slides/{env.slide_id}").text.split('name="seen" value="')[1]
-    seen = int(seen.split('"')[0])
+    seen = int(seen_of(tech, env.slide_id))
     a = _counted(env)[0]
     target = next(n for n in env.cfg.classes.counted if n != a.label)
     r = tech.post(f"/api/slides/{env.slide_id}/reclassify", json={"cells": [a.id],
@@ -463,6 +460,20 @@ def test_a_stale_page_of_the_signer_too_cannot_sign_and_the_note_is_kept(review_
         "csrf_token": tech.token, "seen": now_seen, "note": "all checked"},
         follow_redirects=False)
     assert r.status_code == 303
+
+
+def test_a_sign_off_that_does_not_say_what_its_page_showed_is_refused(review_env, tech):
+    """A form without `seen` (an old page, a hand-made request) would skip the changed-
+    meanwhile check: it is refused, the slide stays open, and the note comes back."""
+    env = review_env
+    check_flags(env.store, env.slide_id)
+    for url in (f"/slides/{env.slide_id}/sign", f"/slides/{env.slide_id}/pre-review"):
+        r = tech.post(url, data={"csrf_token": tech.token, "note": "looked fine"})
+        assert r.status_code == 400 and "reload the slide" in r.text, url
+        assert "looked fine" in r.text
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).status == "awaiting_review"
+    assert sign_form(tech, env.slide_id).status_code == 303
 
 
 def test_a_change_from_a_stale_page_reports_what_that_page_missed(review_env, tech):

@@ -25,6 +25,7 @@ from tests.review_slide import (  # noqa: F401  (fixtures)
     pipeline_fields,
     review_env,
     review_template,
+    seen_of,
     sign_form,
 )
 
@@ -206,8 +207,12 @@ def test_a_lab_where_only_a_supervisor_signs(review_env, tmp_path):
     # Handing on makes the checks a sign-off makes: the flags first.
     hand_on = {"csrf_token": tech.token, "note": "2 smudges left in"}
     r = tech.post(f"/slides/{env.slide_id}/pre-review", data=hand_on, follow_redirects=False)
+    assert r.status_code == 400 and "did not say which changes the page showed" in r.text
+    hand_on["seen"] = seen_of(tech, env.slide_id)
+    r = tech.post(f"/slides/{env.slide_id}/pre-review", data=hand_on, follow_redirects=False)
     assert r.status_code == 400 and "not checked yet" in r.text
     check_flags(env.store, env.slide_id)
+    hand_on["seen"] = seen_of(tech, env.slide_id)
     r = tech.post(f"/slides/{env.slide_id}/pre-review", data=hand_on, follow_redirects=False)
     assert r.status_code == 303
     row = next(r for r in tech.get("/api/queue").json()["slides"] if r["id"] == env.slide_id)
@@ -227,8 +232,8 @@ def test_a_lab_where_only_a_supervisor_signs(review_env, tmp_path):
     page = sup.get(f"/slides/{env.slide_id}").text
     assert 'id="sign">' in page and f"pre-reviewed by {TECH[0]}" in page
     # A signer does not pre-review: "pre-reviewed by super, signed by super" reads as two.
-    r = sup.post(f"/slides/{env.slide_id}/pre-review", data={"csrf_token": sup.token},
-                 follow_redirects=False)
+    r = sup.post(f"/slides/{env.slide_id}/pre-review", follow_redirects=False,
+                 data={"csrf_token": sup.token, "seen": seen_of(sup, env.slide_id)})
     assert r.status_code == 403 and "would read as a second person" in r.text
     assert sign_form(sup, env.slide_id).status_code == 303
     with env.store.session() as s:

@@ -20,6 +20,7 @@ from tests.review_slide import (  # noqa: F401  (fixture)
     count_slide,
     login,
     pipeline_fields,
+    sign_form,
 )
 
 
@@ -53,8 +54,7 @@ def test_review_sign_and_reopen_on_postgresql(pipeline_fields, tmp_path, config)
         r = tech.post(f"/api/slides/{sid}/exclude", json={"cells": [c.id], "reason": "duplicate"})
         assert r.json()["total"] == total - 1
         assert tech.post(f"/api/slides/{sid}/undo").json()["total"] == total
-        assert tech.post(f"/slides/{sid}/sign", data={"csrf_token": ttoken},
-                         follow_redirects=False).status_code == 303
+        assert sign_form(tech, sid, ttoken).status_code == 303
         assert tech.post(f"/api/slides/{sid}/undo").status_code == 409
         assert tech.post(f"/slides/{sid}/reopen", data={"csrf_token": ttoken, "reason": "x"},
                          follow_redirects=False).status_code == 403

@@ -22,6 +22,7 @@ from tests.review_slide import (  # noqa: F401  (fixtures)
     pipeline_fields,
     review_env,
     review_template,
+    sign_form,
 )
 
 
@@ -217,8 +218,7 @@ def test_a_technician_cannot_reopen_a_signed_slide(app, review_env):
     check_flags(review_env.store, sid)
     tech = TestClient(app)
     token = login(tech, TECH)
-    assert tech.post(f"/slides/{sid}/sign", data={"csrf_token": token},
-                     follow_redirects=False).status_code == 303
+    assert sign_form(tech, sid, token).status_code == 303
     page = tech.get(f"/slides/{sid}").text
     assert "Only a supervisor can reopen" in page and "/reopen" not in page
     n = _audit_count(review_env)
@@ -410,8 +410,7 @@ def test_sign_off_can_ask_for_the_signers_password(review_env):
 
     fresh = TestClient(create_app(lab, env.store))  # the lockout has passed (a new app)
     token = login(fresh, TECH)
-    r = fresh.post(sign, data={"csrf_token": token, "password": TECH[1]},
-                   follow_redirects=False)
+    r = sign_form(fresh, env.slide_id, token, password=TECH[1])
     assert r.status_code == 303
     with review_env.store.session() as s:
         assert s.get(Slide, env.slide_id).signed_by == TECH[0]

@@ -657,12 +657,20 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                              was if values.pop("was_shown") else None)
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
+    def page_state(seen: int | None) -> None:
+        # Without the page's last seen event the changed-meanwhile check cannot run, and
+        # counts someone else changed a moment ago would be signed unseen.
+        if seen is None:
+            raise ReviewError("The form did not say which changes the page showed: reload "
+                              "the slide, look at it, and try again.")
+
     @app.post("/slides/{slide_id}/sign")
     def sign(slide_id: int, note: str = Form(""), seen: int | None = Form(None),
              password: str = Form(""), who: Viewer = Depends(changer)) -> Response:
         try:
             if params.sign_password:
                 check_signature(who.username, password)
+            page_state(seen)
             with store.session() as s:
                 actions.sign(s, slide_id, reviewer(who), note.strip()[:2000],
                              params.require_case, seen, taxonomies, params.sign_roles,
@@ -681,6 +689,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     def pre_review(slide_id: int, note: str = Form(""), seen: int | None = Form(None),
                    who: Viewer = Depends(changer)) -> Response:
         try:
+            page_state(seen)
             with store.session() as s:
                 actions.pre_review(s, slide_id, reviewer(who), note.strip()[:2000],
                                    params.require_case, seen, taxonomies,
