@@ -105,7 +105,7 @@ def test_login_sets_a_hardened_cookie_and_rejects_wrong_passwords(app, review_en
     assert headers["cache-control"] == "no-store"
 
 
-def test_repeated_failures_lock_the_name_for_a_while(app):
+def test_repeated_failures_lock_the_name_for_a_while(app, review_env):
     client = TestClient(app)
     token = csrf_of(client.get("/login").text)
     for _ in range(5):
@@ -127,6 +127,47 @@ def test_repeated_failures_lock_the_name_for_a_while(app):
         r = other.post("/login", data={"username": name, "password": TECH2[1],
                                        "csrf_token": token}, follow_redirects=False)
         assert r.status_code == 429, name
+    # Every wrong password is in the audit trail with where it came from; the one that
+    # started the pause says so. The refusals during the pause checked nothing: log only.
+    with review_env.store.session() as s:
+        failed = list(s.scalars(select(AuditEvent).where(AuditEvent.action == "login_failed")
+                                .order_by(AuditEvent.id)))
+        logins = list(s.scalars(select(AuditEvent).where(AuditEvent.action == "login")))
+    assert [e.username for e in failed] == [TECH2[0]] * 5
+    assert [bool(e.after.get("paused")) for e in failed] == [False] * 4 + [True]
+    assert {e.after["client"] for e in failed} == {"testclient"}
+    assert [(e.username, e.after) for e in logins] == [(TECH[0], {"client": "testclient"})]
+
+
+def test_attempts_sent_at_once_get_no_more_tries_than_one_by_one(app):
+    """Each attempt is counted before its password is checked: a burst of parallel guesses
+    had each passed the lockout test before any failure was counted."""
+    import threading
+
+    import daemon.review.app as review_app
+
+    first = TestClient(app)
+    token = csrf_of(first.get("/login").text)
+    clients = []
+    for _ in range(16):
+        c = TestClient(app)
+        c.cookies.update(first.cookies)  # one pre-login session, sent from many sockets
+        clients.append(c)
+    start, codes = threading.Barrier(len(clients)), []
+
+    def guess(c):
+        start.wait()
+        codes.append(c.post("/login", data={"username": TECH2[0], "password": "nope-nope",
+                                            "csrf_token": token}, follow_redirects=False
+                            ).status_code)
+
+    threads = [threading.Thread(target=guess, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == ([401] * review_app.LOGIN_MAX_FAILURES
+                             + [429] * (len(clients) - review_app.LOGIN_MAX_FAILURES))
 
 
 def test_attempts_during_a_lockout_do_not_extend_it(app, monkeypatch):
@@ -285,10 +326,11 @@ def test_images_are_served_only_from_the_data_directory(app, review_env):
     assert client.get("/images/cells/999999").status_code == 404
 
 
-@pytest.mark.parametrize("change", ["deactivated", "new password"])
+@pytest.mark.parametrize("change", ["deactivated", "new password", "disabled, enabled again"])
 def test_an_account_change_ends_its_sessions(app, review_env, change):
     """A deactivated account, or one given a new password (whoever held the old one keeps
-    no session: the signed cookie had stayed valid until it expired)."""
+    no session: the signed cookie had stayed valid until it expired). An account disabled
+    (a suspected compromise) and enabled again does not bring its old cookies back."""
     from daemon.review.auth import update_user
 
     client = TestClient(app)
@@ -297,6 +339,9 @@ def test_an_account_change_ends_its_sessions(app, review_env, change):
     with review_env.store.session() as s:
         if change == "deactivated":
             s.execute(update(User).where(User.username == TECH2[0]).values(active=False))
+        elif change.startswith("disabled"):
+            update_user(s, TECH2[0], active=False)
+            update_user(s, TECH2[0], active=True)
         else:
             update_user(s, TECH2[0], password="a-brand-new-password-1")
     assert client.get("/", follow_redirects=False).status_code == 303  # log in again
@@ -380,6 +425,39 @@ def test_a_malformed_form_is_a_bad_request_not_a_missing_page(app, review_env):
     assert r.status_code == 400 and "the form sent was incomplete" in r.text
 
 
+def test_numbers_past_the_stores_integers_are_refused_with_the_usual_headers(app, review_env):
+    """An id or `seen` of 2**63 or more had been a 500 without the security headers (and a
+    traceback in the log)."""
+    client = TestClient(app, raise_server_exceptions=False)
+    token = login(client, TECH)
+    big = str(2**64)
+    for url in (f"/slides/{big}", f"/slides/{review_env.slide_id}/fields/{big}"):
+        r = client.get(url)
+        assert r.status_code == 404 and "frame-ancestors 'none'" in r.headers[
+            "content-security-policy"], url
+    r = client.get(f"/api/slides/{big}")
+    assert r.status_code == 422 and r.json()["error"] == "a number is too large"
+    r = client.post(f"/api/slides/{review_env.slide_id}/exclude", headers={
+        "X-CSRF-Token": token}, json={"cells": [2**64], "reason": "smudge"})
+    assert r.status_code == 422
+    r = client.post(f"/slides/{review_env.slide_id}/sign", data={"csrf_token": token,
+                                                                "seen": big})
+    assert r.status_code == 400 and "the form sent was incomplete" in r.text
+    with review_env.store.session() as s:
+        assert s.get(Slide, review_env.slide_id).status == "awaiting_review"
+
+
+def test_the_login_page_does_not_end_a_session_that_is_still_valid(app, review_env):
+    """A link to /login (a bookmark, another site's link) had replaced the cookie: a forced
+    logout in the middle of a review."""
+    client = TestClient(app)
+    login(client, TECH)
+    r = client.get(f"/login?next=/slides/{review_env.slide_id}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/slides/{review_env.slide_id}"
+    assert "set-cookie" not in r.headers
+    assert client.get("/", follow_redirects=False).status_code == 200
+
+
 def test_sign_off_can_ask_for_the_signers_password(review_env):
     """review.sign_password: a session left open is not a signature; wrong passwords count
     toward the login lockout, and the note typed is kept."""
@@ -407,6 +485,10 @@ def test_sign_off_can_ask_for_the_signers_password(review_env):
     assert r.status_code == 403 and "too many wrong passwords" in r.text
     with review_env.store.session() as s:
         assert s.get(Slide, env.slide_id).status == "awaiting_review"
+        refused = list(s.scalars(select(AuditEvent).where(
+            AuditEvent.action == "password_refused")))
+    assert [(e.username, e.slide_id) for e in refused] == [(TECH[0], env.slide_id)] * 5
+    assert "refused: wrong password" in client.get(f"/slides/{env.slide_id}/audit").text
 
     fresh = TestClient(create_app(lab, env.store))  # the lockout has passed (a new app)
     token = login(fresh, TECH)
@@ -414,3 +496,17 @@ def test_sign_off_can_ask_for_the_signers_password(review_env):
     assert r.status_code == 303
     with review_env.store.session() as s:
         assert s.get(Slide, env.slide_id).signed_by == TECH[0]
+    # Reopening withdraws the result from the LIS: it asks for the password too.
+    sup = TestClient(create_app(lab, env.store))
+    token = login(sup, SUPER)
+    assert 'id="reopen-password"' in sup.get(f"/slides/{env.slide_id}").text
+    reopen = f"/slides/{env.slide_id}/reopen"
+    r = sup.post(reopen, data={"csrf_token": token, "reason": "wrong patient"})
+    assert r.status_code == 403 and "not reopened" in r.text and "wrong patient" in r.text
+    with review_env.store.session() as s:
+        assert s.get(Slide, env.slide_id).status == "signed"
+    r = sup.post(reopen, data={"csrf_token": token, "reason": "wrong patient",
+                               "password": SUPER[1]}, follow_redirects=False)
+    assert r.status_code == 303
+    with review_env.store.session() as s:
+        assert s.get(Slide, env.slide_id).status == "awaiting_review"

@@ -9,6 +9,7 @@ served only by cell or field id, from paths the store recorded, never from a req
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -242,10 +243,15 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return error_page(request, message, exc.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def _bad_request(request: Request, exc: RequestValidationError) -> Response:
+    @app.exception_handler(OverflowError)
+    async def _bad_request(request: Request, exc: RequestValidationError | OverflowError
+                           ) -> Response:
+        # OverflowError: an id or `seen` past the store's 64-bit integers; it was a 500
+        # without the security headers and a traceback in the log.
         if request.url.path.startswith("/api/"):
-            errors = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
-                               for e in exc.errors())
+            errors = ("; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
+                                for e in exc.errors())
+                      if isinstance(exc, RequestValidationError) else "a number is too large")
             return JSONResponse({"error": errors or "bad request"}, status_code=422)
         if request.method != "GET":
             return error_page(request, "the form sent was incomplete or not valid; reload the "
@@ -271,6 +277,11 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     @app.get("/login", response_class=HTMLResponse)
     def login_form(request: Request, next: str = "/", expired: bool = False) -> Response:
+        # Logged in already: a link to /login (a bookmark, another site) must not end the
+        # session in the middle of a review.
+        with contextlib.suppress(NotLoggedIn):
+            viewer(request)
+            return RedirectResponse(_local(next), status_code=303)
         data = codec.loads(request.cookies.get(SESSION_COOKIE)) or {}
         csrf = data.get("csrf") or secrets.token_urlsafe(24)
         resp = templates.TemplateResponse(
@@ -289,9 +300,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         # The name as the account is looked up: " tech" and "tech\t" had each had a lockout
         # counter of their own, so guessing never paused.
         username = username.strip()
-        now = time.monotonic()
-        wait_s = lockout_left_s(username, now)
-        if wait_s > 0:
+        client = request.client.host if request.client else None
+        user, wait_s = try_password(username, password, "login_failed", client)
+        if user is None and wait_s:
             # Attempts during the pause do not extend it (else a user who keeps trying, or
             # anyone typing their name, keeps them locked out), and the form says how long.
             log.warning("login for %r refused: too many failed attempts", username)
@@ -301,58 +312,79 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                  "error": f"Too many failed attempts for {username}: try again in "
                           f"{max(1, round(wait_s / 60))} min."},
                 status_code=429)
-        with store.session() as s:
-            user = authenticate(s, username, password)
-            user_id = user.id if user is not None else None
-            epoch = user.session_epoch if user is not None else 0
-            if user is not None:  # who was at the bench, when (failed tries: the log only)
-                s.add(AuditEvent(username=user.username, action="login"))
-        if user_id is None:
-            with failures_lock:
-                if len(failures) > 10_000:  # many names tried: forget old ones, bound memory
-                    for name in [n for n, q in failures.items()
-                                 if n != username and (not q or now - q[-1] > LOGIN_WINDOW_S)]:
-                        del failures[name]
-                failures[username].append(now)
-            log.warning("failed login for %r", username)
-            resp = templates.TemplateResponse(
+        if user is None:
+            return templates.TemplateResponse(
                 request, "login.html",
                 {"viewer": None, "csrf": data["csrf"], "next": _local(next),
                  "error": "Wrong user name or password."},
                 status_code=401)
-            return resp
         with failures_lock:
             failures.pop(username, None)
+        with store.session() as s:  # who was at the bench, when, from where
+            s.add(AuditEvent(username=user.username, action="login",
+                             after={"client": client}))
         resp = RedirectResponse(_local(next), status_code=303)
-        set_session(resp, user_id, epoch=epoch)  # a fresh CSRF token with every login
+        set_session(resp, user.id, epoch=user.session_epoch)  # a fresh CSRF token per login
         return resp
 
-    def lockout_left_s(username: str, now: float) -> float:
-        """Seconds left of the pause after too many wrong passwords for ``username`` (at
-        login or sign-off); 0 when there is none."""
+    def try_password(username: str, password: str, failed_action: str, client: str | None,
+                     slide_id: int | None = None) -> tuple[User | None, float]:
+        """Check a password against the lockout: returns the user (None for a wrong password
+        or during a pause) and the seconds left of the pause (0 when there is none).
+
+        The attempt is counted before the password is checked, in the same locked step as
+        the lockout test: requests sent at once had each passed the test before any failure
+        was counted (26 guesses in one burst where 5 were allowed). A wrong password is an
+        audit event ``failed_action`` (21 CFR 11.300(d): attempts are detected and
+        reported); the one that starts a pause says so. Refusals during a pause check
+        nothing and are logged only: they cost an attacker nothing and would flood the trail.
+        """
+        now = time.monotonic()
         with failures_lock:
             recent = failures[username]
             while recent and now - recent[0] > LOGIN_WINDOW_S:
                 recent.popleft()
-            return (LOGIN_WINDOW_S - (now - recent[0]) if len(recent) >= LOGIN_MAX_FAILURES
-                    else 0.0)
-
-    def check_signature(username: str, password: str) -> None:
-        """The signer's password, given again at sign-off (``review.sign_password``); wrong
-        ones count toward the login lockout (the form must not be a way to guess it)."""
-        username = username.strip()
-        now = time.monotonic()
-        if (wait_s := lockout_left_s(username, now)) > 0:
-            raise actions.Forbidden("too many wrong passwords: not signed; try again in "
-                                    f"{max(1, round(wait_s / 60))} min")
+            if len(recent) >= LOGIN_MAX_FAILURES:
+                return None, LOGIN_WINDOW_S - (now - recent[0])
+            if len(failures) > 10_000:  # many names tried: forget old ones, bound memory
+                for name in [n for n, q in failures.items()
+                             if n != username and (not q or now - q[-1] > LOGIN_WINDOW_S)]:
+                    del failures[name]
+            recent.append(now)
+            locks = len(recent) >= LOGIN_MAX_FAILURES
         with store.session() as s:
-            ok = authenticate(s, username, password) is not None
-        if not ok:
+            user = authenticate(s, username, password)
+            if user is None:
+                s.add(AuditEvent(username=username[:100], action=failed_action,
+                                 slide_id=slide_id,
+                                 after={"client": client, "paused": locks} if locks
+                                 else {"client": client}))
+            else:
+                s.expunge(user)
+        if user is not None:
             with failures_lock:
-                failures[username].append(now)
-            log.warning("sign-off by %r refused: wrong password", username)
-            raise actions.Forbidden("the password is not yours: not signed (sign-off asks for "
-                                    "your password again, review.sign_password)")
+                with contextlib.suppress(ValueError):
+                    failures[username].remove(now)
+        else:
+            log.warning("%s for %r from %s%s", failed_action.replace("_", " "), username,
+                        client, ": paused" if locks else "")
+        return user, 0.0
+
+    def check_signature(username: str, password: str, request: Request, slide_id: int,
+                        doing: str = "signed") -> None:
+        """The signer's password, given again at sign-off or reopening
+        (``review.sign_password``); wrong ones count toward the login lockout (the form must
+        not be a way to guess it) and are audited on the slide."""
+        client = request.client.host if request.client else None
+        user, wait_s = try_password(username.strip(), password, "password_refused", client,
+                                    slide_id)
+        if user is None and wait_s:
+            raise actions.Forbidden(f"too many wrong passwords: not {doing}; try again in "
+                                    f"{max(1, round(wait_s / 60))} min")
+        if user is None:
+            raise actions.Forbidden(f"the password is not yours: not {doing} (sign-off and "
+                                    "reopening ask for your password again, "
+                                    "review.sign_password)")
 
     @app.post("/logout")
     def logout(who: Viewer = Depends(changer)) -> Response:
@@ -665,11 +697,12 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                               "the slide, look at it, and try again.")
 
     @app.post("/slides/{slide_id}/sign")
-    def sign(slide_id: int, note: str = Form(""), seen: int | None = Form(None),
-             password: str = Form(""), who: Viewer = Depends(changer)) -> Response:
+    def sign(request: Request, slide_id: int, note: str = Form(""),
+             seen: int | None = Form(None), password: str = Form(""),
+             who: Viewer = Depends(changer)) -> Response:
         try:
             if params.sign_password:
-                check_signature(who.username, password)
+                check_signature(who.username, password, request, slide_id)
             page_state(seen)
             with store.session() as s:
                 actions.sign(s, slide_id, reviewer(who), note.strip()[:2000],
@@ -700,8 +733,17 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return RedirectResponse(f"/slides/{slide_id}", status_code=303)
 
     @app.post("/slides/{slide_id}/reopen")
-    def reopen(slide_id: int, reason: str = Form(""), who: Viewer = Depends(changer)) -> Response:
+    def reopen(request: Request, slide_id: int, reason: str = Form(""),
+               password: str = Form(""), who: Viewer = Depends(changer)) -> Response:
         not_kept = None
+        if who.role == "supervisor" and params.sign_password:
+            # Withdrawing a result from the LIS weighs what issuing it does: an unlocked
+            # supervisor's screen must not do it either.
+            try:
+                check_signature(who.username, password, request, slide_id, "reopened")
+            except ReviewError as exc:
+                exc.kept_note = reason.strip()[:2000] or None
+                raise
         if who.role == "supervisor":
             # The signed report is kept before the slide can change, so the issue stays
             # printable. One that cannot be built now (its taxonomy left the config) must not

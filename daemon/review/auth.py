@@ -107,6 +107,7 @@ def update_user(session: Session, username: str, *, password: str | None = None,
                                after={"user": user.username}))
     if active is not None and active != user.active:
         user.active = active
+        user.session_epoch += 1  # re-enabled, a cookie from before must not come back
         session.add(AuditEvent(username=by, action="user_enable" if active else "user_disable",
                                before={"user": user.username, "active": not active},
                                after={"user": user.username, "active": active}))
