@@ -268,9 +268,10 @@ class Service:
         self._model_sha = ""
         self._model_error: str | None = None
         """Why the model last failed to load; no new slide is claimed until it loads again."""
-        self._commit_error: str | None = None
-        """Why the last field could not be committed (a full disk, a database refusing
-        writes): it would fail alike on every slide, so none is claimed until one commits."""
+        self._commit_error: tuple[int, str] | None = None
+        """The slide whose field could not be committed, and why (a full disk, a database
+        refusing writes): it would fail alike on every slide, so no other is claimed until
+        one commits, or until that slide stops acquiring here (failed, cancelled)."""
         self._webhook: Any = None
         self._paused_until: dict[int, float] = {}
         # Slides paused again for the reason they were paused before: a fault that persists.
@@ -431,11 +432,17 @@ class Service:
     def _next_slide(self) -> Any:
         now = time.monotonic()
         self._paused_until = {k: t for k, t in self._paused_until.items() if t > now}
-        for s in self.store.slides(["acquiring"]):
-            if (s.worker in (None, self.instrument) and s.id not in self._paused_until
-                    and self._only in (None, s.id)
+        mine = [s for s in self.store.slides(["acquiring"]) if s.worker in (None, self.instrument)]
+        for s in mine:
+            if (s.id not in self._paused_until and self._only in (None, s.id)
                     and not (self._exit_when_idle and s.id in self._repeated)):
                 return s
+        if self._commit_error and self._commit_error[0] not in {s.id for s in mine}:
+            # Its retry ended without a commit (the file went, the slide was cancelled):
+            # nothing now says the disk is still full, and the queue must not wait for ever.
+            log.info("queue no longer held: the slide that could not be written stopped "
+                     "acquiring", extra={"data": {"slide": self._commit_error[0]}})
+            self._commit_error = None
         if self._model_error or self._commit_error:
             return None  # a broken model or a full disk would only pause every queued slide
         if self._only is not None:
@@ -535,7 +542,9 @@ class Service:
                              if slide.source == "microscope" else 0),
             )
         except FieldCommitError as exc:
-            self._commit_error = str(exc)
+            self._commit_error = (slide.id, str(exc))
+            log.warning("queue held: no other slide is started until a field of this one can "
+                        "be written", extra={"data": {**ctx, "error": str(exc)}})
             self._pause(slide, counted, str(exc), previous=stale_error[0])
             return
         except HardwareFault as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -212,5 +213,41 @@ def test_full_disk_marks_field_failed_then_retries(tmp_path, slide, reference):
         assert snap == reference
         assert store.slide("BCCD-mosaic").error is None  # cleared once fields commit again
         assert stored_files(tmp_path / "data") == referenced_files(store)
+    finally:
+        svc.close()
+
+
+def test_a_held_queue_goes_on_when_the_slide_that_held_it_fails(tmp_path, slide):
+    """The full disk holds the queue behind the slide that met it; that slide's retry then
+    fails without a commit (its file went): the queue had waited until a restart."""
+    config = daemon_config(tmp_path, f"sqlite:///{tmp_path / 'held.db'}",
+                           commit_retries=0, retry_slide_after_s=0.5)
+    cfg = load_config(config)
+    doomed = tmp_path / "doomed.tif"
+    shutil.copy(slide, doomed)
+
+    def disk(path: Path, data: bytes) -> None:
+        if path.parent.name.startswith("s1-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write_file(path, data)
+
+    store = Store(f"sqlite:///{tmp_path / 'held.db'}", tmp_path / "data", writer=disk)
+    first = submit_slide(store, cfg, doomed, name="doomed")
+    second = submit_slide(store, cfg, slide, name="next-in-queue", target=10)
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        if e.kind == "slide_paused":
+            doomed.unlink(missing_ok=True)
+
+    svc = Service(cfg, config, on_event=on_event, store=store)
+    try:
+        svc.run(exit_when_idle=True)
+        assert store.slide(first).status == "failed"
+        assert "no such file" in store.slide(first).error.lower()
+        assert store.slide(second).status == "awaiting_review"
+        started = [e.name for e in events if e.kind == "slide_started"]
+        assert started == ["doomed", "doomed", "next-in-queue"]
     finally:
         svc.close()
