@@ -218,6 +218,27 @@ class Store:
 
     # -- migrations -----------------------------------------------------------------------
 
+    def _migration_engine(self) -> Engine:
+        """The engine migrations run on. SQLite: Python's sqlite3 commits each CREATE /
+        ALTER on its own, so a migration killed part way left tables without their version
+        row and every later start failed on "table slides already exists"; one explicit
+        transaction holds the whole migration (SQLAlchemy's pysqlite recipe), so it applies
+        completely or not at all. Foreign keys are off meanwhile, as SQLite asks for table
+        rebuilds (alembic batch mode): a rebuilt ``slides`` table is dropped first, and with
+        them on that drop cascades to every review and audit event (refused by the
+        append-only triggers, or, without them, erased); they are checked after."""
+        if self.engine.dialect.name != "sqlite":
+            return self.engine
+        engine = _engine(self.url, self._busy_timeout_s)
+
+        def _connect(dbapi_conn: Any, _rec: Any) -> None:
+            dbapi_conn.execute("PRAGMA foreign_keys=OFF")  # after _engine's pragmas: wins
+            dbapi_conn.isolation_level = None
+
+        event.listen(engine, "connect", _connect)
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+
     def _migrate(self) -> None:
         from alembic import command
         from alembic.config import Config as AlembicConfig
@@ -226,16 +247,7 @@ class Store:
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         head = ScriptDirectory.from_config(cfg).get_current_head()
-        engine = self.engine
-        if engine.dialect.name == "sqlite":
-            # Python's sqlite3 commits each CREATE / ALTER on its own: a migration killed part
-            # way left tables without their version row, and every later start failed on
-            # "table slides already exists". One explicit transaction holds the whole
-            # migration (SQLAlchemy's pysqlite recipe), so it applies completely or not at all.
-            engine = _engine(self.url, self._busy_timeout_s)
-            event.listen(engine, "connect",
-                         lambda dbapi_conn, _rec: setattr(dbapi_conn, "isolation_level", None))
-            event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        engine = self._migration_engine()
         try:
             with engine.begin() as conn:
                 tables = set(inspect(conn).get_table_names())
@@ -257,6 +269,11 @@ class Store:
                 if current != head:
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
+                    if conn.dialect.name == "sqlite" and (
+                            bad := conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()):
+                        raise StoreError(f"migrating {_safe_url(self.url)} to {head} would "
+                                         f"break {len(bad)} references (first: {bad[0]}); "
+                                         "nothing was changed")
                     log.info("store migrated to %s", head)
         except StoreError:
             raise
