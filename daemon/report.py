@@ -42,7 +42,8 @@ FORMATS = ("json", "csv", "pdf")
 #: How the CSV marks a class only a reviewer names (the PDF and the page: †).
 REVIEWER_ONLY = "(named by a reviewer only)"
 # A review step as the report and the slide page name it.
-HISTORY_VERBS = {"sign": "signed", "reopen": "reopened", "pre_review": "pre-reviewed"}
+HISTORY_VERBS = {"sign": "signed", "reopen": "reopened", "pre_review": "pre-reviewed",
+                 "cancel": "cancelled"}
 
 
 def iso_time(dt: datetime | None) -> str | None:
@@ -466,6 +467,9 @@ def issued_report(store: Store, slide_ref: int | str, cfg: Any, issue: int | Non
         last_reopen = s.scalar(select(Review).where(
             Review.slide_id == slide.id, Review.action == "reopen")
             .order_by(Review.id.desc()).limit(1))
+        cancel = s.scalar(select(Review).where(
+            Review.slide_id == slide.id, Review.action == "cancel")
+            .order_by(Review.id.desc()).limit(1))
     if issue is not None and not 1 <= issue <= len(signs):
         raise StoreError(f"slide {slide.name!r} has no issue {issue}: it was signed "
                          f"{len(signs)} time{'s' * (len(signs) != 1)}")
@@ -484,6 +488,9 @@ def issued_report(store: Store, slide_ref: int | str, cfg: Any, issue: int | Non
     elif last_reopen is not None and last_reopen.id > signs[-1][0]:
         superseded = {"by_issue": None, "reopened_by": last_reopen.username,
                       "reopened_at": iso_time(last_reopen.at), "reason": last_reopen.note}
+        if cancel is not None and cancel.id > last_reopen.id:
+            superseded |= {"cancelled_by": cancel.username, "cancelled_at": iso_time(cancel.at),
+                           "cancel_reason": cancel.note}
     return {**rep, "printed_at": iso_time(datetime.now(timezone.utc)), "superseded": superseded}
 
 
@@ -492,9 +499,13 @@ def superseded_text(sup: dict[str, Any]) -> str:
     if sup["by_issue"] is not None:
         return (f"Replaced by issue {sup['by_issue']}, signed by {sup['signed_by']} at "
                 f"{when_text(sup['signed_at'])}: this report is no longer valid")
-    return (f"Withdrawn: the slide was reopened by {sup['reopened_by']} at "
-            f"{when_text(sup['reopened_at'])} (“{sup['reason']}”) and is under review again; "
-            "an amended report will follow")
+    text = (f"Withdrawn: the slide was reopened by {sup['reopened_by']} at "
+            f"{when_text(sup['reopened_at'])} (“{sup['reason']}”)")
+    if sup.get("cancelled_by"):
+        return (f"{text} and then cancelled by {sup['cancelled_by']} at "
+                f"{when_text(sup['cancelled_at'])} (“{sup['cancel_reason']}”): no amended "
+                "report will follow")
+    return f"{text} and is under review again; an amended report will follow"
 
 
 def report_csv(rep: dict[str, Any]) -> str:

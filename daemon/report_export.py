@@ -1,10 +1,11 @@
-"""Issued reports out to the laboratory's systems: each sign-off's report, and a notice for
-each reopening that withdraws one, written into a folder the LIS (or EMR interface engine)
+"""Issued reports out to the laboratory's systems: each sign-off's report, a notice for
+each reopening that withdraws one, and one when a slide withdrawn so is then cancelled (no
+amended report will follow), written into a folder the LIS (or EMR interface engine)
 watches — the way most instruments hand results over.
 
 Files are ``<slide>-<slide id>-issue<N>.<fmt>`` (the formats in ``review.export_formats``;
-the id keeps two slides whose names differ only in characters a file name cannot hold apart)
-and ``…-issue<N>-withdrawn.json``. An amended report is a new issue, so no file is ever
+the id keeps two slides whose names differ only in characters a file name cannot hold apart),
+``…-issue<N>-withdrawn.json`` and ``…-issue<N>-cancelled.json``. An amended report is a new issue, so no file is ever
 replaced by other content; each appears whole (``store.write_whole``). The report is the one
 kept at the sign-off, without a "printed" time, so writing the same issue again gives the
 same result.
@@ -59,7 +60,7 @@ class _NothingToSend(MarrowError):
 class Exported:
     slide: str
     issue: int
-    kind: str  # "report" or "withdrawn"
+    kind: str  # "report", "withdrawn" or "cancelled"
     paths: tuple[Path, ...]
 
 
@@ -91,7 +92,7 @@ def export_reports(store: Store, cfg: Any, since: datetime | None = None) -> Exp
         todo = list(s.execute(
             select(Review.id, Review.slide_id, Review.action)
             .where(Review.exported_at.is_(None), Review.at >= cutoff,
-                   or_(Review.action == "sign", Review.action == "reopen"))
+                   Review.action.in_(("sign", "reopen", "cancel")))
             .order_by(Review.id)))
     run = ExportRun([], [])
     # A slide's results go out in order: once one of its items waits (another exporter has
@@ -150,22 +151,26 @@ def _export_one(store: Store, cfg: Any, folder: Path, review_id: int, slide_id: 
         issue = len(signs)  # a reopening withdraws the issue signed last before it
         name, case = slide.name, parse_case(slide.case_info).model_dump(mode="json")
         stem = f"{file_safe(name)}-{slide_id}-issue{issue}"
-        reopen = s.get(Review, review_id) if action == "reopen" else None
-        if reopen is not None:
-            notice = {"notice": "withdrawn", "slide": name, "slide_id": slide_id,
-                      "case": case, "issue": issue, "reopened_by": reopen.username,
-                      "reopened_at": iso_time(reopen.at), "reason": reopen.note}
+        ended = s.get(Review, review_id) if action in ("reopen", "cancel") else None
+        if ended is not None:
+            by = "reopened" if action == "reopen" else "cancelled"
+            notice = {"notice": "withdrawn" if action == "reopen" else "cancelled",
+                      "slide": name, "slide_id": slide_id, "case": case, "issue": issue,
+                      f"{by}_by": ended.username, f"{by}_at": iso_time(ended.at),
+                      "reason": ended.note}
+            if action == "cancel":  # after the withdrawal: the LIS stops waiting
+                notice["amended_report_follows"] = False
             kept = signs[-1].report is not None if signs else False
-    if reopen is not None:
+    if ended is not None:
         if issue == 0:
             return None  # reopened before any sign-off was recorded: nothing to withdraw
         if not kept:
             log.warning("%s: issue %d is withdrawn, but its report was never kept or sent",
                         name, issue)
         text = json.dumps(notice, indent=2) + "\n"
-        path = write_whole(folder / f"{stem}-withdrawn.json",
+        path = write_whole(folder / f"{stem}-{notice['notice']}.json",
                            lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        return Exported(name, issue, "withdrawn", (path,))
+        return Exported(name, issue, notice["notice"], (path,))
     if signs[-1].report is None:
         # Signed, but the report was not kept then (e.g. the database was busy): keep it now,
         # unless the slide has been reopened or signed again since: then it never will be.

@@ -211,13 +211,8 @@ def cancel_slide(store: Store, ref: int | str, who: str, reason: str) -> Any:
                 "which counts or retries it: stop that daemon first (systemctl stop "
                 "marrowcount), then cancel it") from None
     try:
-        text = f"cancelled by {who}: {reason.strip()}"
-        if not store.set_status(slide.id, "failed", expect=slide.status, error=text,
-                                stopped_because="failed"):
+        if not store.cancel(slide.id, slide.status, who, reason.strip()):
             raise ServiceError(f"slide {slide.name!r} changed meanwhile; nothing was cancelled")
-        store.audit(who, "cancel", slide.id,
-                    before={"status": slide.status, "error": slide.error},
-                    after={"status": "failed", "reason": reason.strip()})
     finally:
         if held is not None:
             held.close()

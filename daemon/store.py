@@ -42,6 +42,7 @@ from daemon.models import (
     Cell,
     Count,
     Field,
+    Review,
     Slide,
     utcnow,
 )
@@ -389,6 +390,37 @@ class Store:
                 .values(**values)
             )
             return res.rowcount == 1
+
+    def cancel(self, slide_id: int, expect: str, who: str, reason: str) -> bool:
+        """End a slide as ``failed`` ("cancelled by WHO: REASON") if it is ``expect`` now,
+        audited as ``cancel`` in the same transaction; returns whether it moved. A counted
+        slide keeps when and why counting ended (the audit's ``before`` has them too). One
+        signed before (then reopened) gets a ``cancel`` review: the LIS was sent that issue
+        and its withdrawal, and is now told no amended report will follow."""
+        if "failed" not in TRANSITIONS[expect]:
+            raise StoreError(f"a {expect.replace('_', ' ')} slide cannot be cancelled")
+        with self.session() as s:
+            slide = s.get(Slide, slide_id)
+            if slide is None:
+                raise StoreError(f"no slide {slide_id} in the store")
+            before = {"status": slide.status, "error": slide.error,
+                      "stopped_because": slide.stopped_because,
+                      "finished_at": (slide.finished_at.isoformat(timespec="seconds")
+                                      if slide.finished_at else None)}
+            values: dict[str, Any] = {"status": "failed",
+                                      "error": f"cancelled by {who}: {reason}"}
+            if expect != "awaiting_review":
+                values |= {"finished_at": utcnow(), "stopped_because": "failed"}
+            if s.execute(update(Slide).where(Slide.id == slide_id, Slide.status == expect)
+                         .values(**values)).rowcount != 1:
+                return False
+            s.add(AuditEvent(username=who, action="cancel", slide_id=slide_id,
+                             before=before, after={"status": "failed", "reason": reason}))
+            if s.scalar(select(Review.id).where(Review.slide_id == slide_id,
+                                                Review.action == "sign").limit(1)):
+                s.add(Review(slide_id=slide_id, username=who, action="cancel",
+                             counts_before={}, counts_after={}, note=reason))
+        return True
 
     def note_error(self, slide_id: int, error: str | None) -> None:
         """Record (or clear) a slide's last error without changing its status."""

@@ -74,6 +74,50 @@ def test_each_sign_off_and_reopening_reaches_the_lis_folder(review_env, tmp_path
         assert all(r.exported_at for r in s.scalars(select(Review)))
 
 
+def test_a_reopened_slide_cancelled_tells_the_lis_no_amendment_will_follow(review_env,
+                                                                            tmp_path):
+    """Signed, reopened (the LIS got the report and its withdrawal), then cancelled (the
+    wrong glass): the LIS and every reprint of issue 1 had kept saying "an amended report
+    will follow", and the cancel had overwritten when and why counting ended."""
+    from daemon.models import AuditEvent, Slide
+    from daemon.report import issued_report, superseded_text
+    from daemon.service import cancel_slide
+
+    env = review_env
+    out = tmp_path / "lis"
+    lab, stem = _lab(env, out), _stem(env)
+    check_flags(env.store, env.slide_id)
+    _signed(client_as(lab, env.store), env.slide_id)
+    sup = client_as(lab, env.store, SUPER)
+    sup.post(f"/slides/{env.slide_id}/reopen", data={"csrf_token": sup.token,
+                                                     "reason": "label does not match"})
+    assert sup.app.state.exporter.wait_idle(60)
+    with env.store.session() as s:
+        was = s.get(Slide, env.slide_id)
+        finished, stopped = was.finished_at, was.stopped_because
+    cancel_slide(env.store, env.slide_id, "super", "wrong patient's glass")
+    run = export_reports(env.store, lab)
+    assert [(e.issue, e.kind) for e in run.exported] == [(1, "cancelled")]
+    notice = json.loads((out / f"{stem}-issue1-cancelled.json").read_text())
+    assert notice["notice"] == "cancelled" and notice["amended_report_follows"] is False
+    assert (notice["cancelled_by"], notice["reason"]) == ("super", "wrong patient's glass")
+    assert notice["case"] == json.loads((out / f"{stem}-issue1.json").read_text())[
+        "slide"]["case"]
+    sup_text = superseded_text(issued_report(env.store, env.slide_id, lab, issue=1)[
+        "superseded"])
+    assert "then cancelled by super" in sup_text and "no amended report will follow" in sup_text
+    assert "an amended report will follow" not in sup_text
+    with env.store.session() as s:
+        now = s.get(Slide, env.slide_id)
+        assert now.status == "failed" and now.error == "cancelled by super: wrong patient's glass"
+        assert (now.finished_at, now.stopped_because) == (finished, stopped)
+        event = s.scalars(select(AuditEvent).where(AuditEvent.action == "cancel")).one()
+        assert event.before["stopped_because"] == stopped and event.before["finished_at"]
+    page = sup.get(f"/slides/{env.slide_id}").text
+    assert "cancelled by super" in page
+    assert export_reports(env.store, lab).exported == []  # sent once
+
+
 def test_a_folder_away_loses_nothing_and_history_is_sent_only_on_purpose(review_env, tmp_path):
     env = review_env
     check_flags(env.store, env.slide_id)
