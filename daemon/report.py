@@ -31,6 +31,7 @@ from daemon.store import Store, StoreError, lock_slide, write_whole
 from pipeline.errors import ConfigError
 from pipeline.stats import (
     Differential,
+    blast_thresholds_decided,
     confidence_text,
     differential,
     interval_text,
@@ -279,8 +280,13 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     flags = [f.message for f in final.flags]
     counted = machine_diff.total
     # An adaptive stop rests on the machine's blast calls; a review that leaves a threshold
-    # undecided takes away its reason, and the short count is a short count again.
-    stopped_early = slide.stopped_because == "adaptive_stop" and not final.flags
+    # undecided (at the stop's own stricter interval, and its minimum count) takes away its
+    # reason, and the short count is a short count again.
+    stopped_early = (slide.stopped_because == "adaptive_stop"
+                     and blast_thresholds_decided(final, cfg.stats) is not None)
+    reviewed = (f"review left {left_out} of the machine's {counted} out"
+                + (f" and added {added}" if added else "") if left_out else
+                f"review added {added}" if added else "")
     if (slide.status not in ("queued", "acquiring") and final.total < slide.target
             and not stopped_early):
         why = []
@@ -290,14 +296,15 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
             why.append(f"counting stopped at {counted} because the machine's count decided "
                        "every blast threshold; the reviewed count does not")
         if left_out:
-            why.append(f"review left {left_out} of the machine's {counted} out"
-                       + (f" and added {added}" if added else ""))
+            why.append(reviewed)
         flags.append(f"target not reached: {final.total} of {slide.target} cells counted"
                      + (f" ({'; '.join(why)})" if why else "")
                      + ": every interval is wider than the target count would give")
     if stopped_early:
         flags.append(f"stopped early at {counted} of {slide.target} cells: every blast "
-                     "threshold was already decided")
+                     "threshold was already decided"
+                     + (f" ({reviewed}; the {final.total} counted still decide them)"
+                        if reviewed else ""))
     if slide.status == "failed":
         flags.append(slide.error if (slide.error or "").startswith("cancelled by ")
                      else f"acquisition failed: {slide.error}")

@@ -52,6 +52,11 @@ class StatsParams(Params):
                 raise ValueError(
                     f"reference_intervals.{name}: [{lo:g}, {hi:g}] must satisfy 0 <= low <= high"
                     + (" <= 100 (percent of counted cells)" if top is not None else ""))
+        if self.adaptive_confidence < self.confidence:
+            # A stop decided at a looser interval than the report's would then be reported
+            # as straddling the threshold it was stopped for.
+            raise ValueError(f"adaptive_confidence {self.adaptive_confidence:g} must be at "
+                             f"least confidence {self.confidence:g}")
         return self
 
 
@@ -317,9 +322,19 @@ def adaptive_stop_reason(
     500-cell count), so each look uses a stricter interval (99.9%: the Haybittle–Peto rule
     for interim looks), and the reported interval keeps its stated coverage.
     """
-    if not params.adaptive_stop or not params.blast_thresholds_pct:
+    if not params.adaptive_stop:
         return None
-    d = differential(counts, taxonomy, params, machine=True)
+    return blast_thresholds_decided(differential(counts, taxonomy, params, machine=True),
+                                    params)
+
+
+def blast_thresholds_decided(d: Differential, params: StatsParams) -> str | None:
+    """Why a count ``d`` bears out an adaptive stop, or None: at least
+    ``adaptive_min_cells`` counted, a blast class, and every blast threshold outside the
+    blast interval at ``adaptive_confidence``. The daemon stops on the machine's count; a
+    report asks it again of the reviewed count (excluded cells can undecide a threshold)."""
+    if not params.blast_thresholds_pct:
+        return None
     if d.total < params.adaptive_min_cells or d.blast_n is None:
         return None
     lo, hi = (100 * x for x in proportion_ci(d.blast_n, d.total, params.adaptive_confidence))

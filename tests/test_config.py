@@ -48,6 +48,12 @@ def test_bad_value_names_the_key(tmp_path):
     p.write_text("analysis:\n  guidance_threshold: 1.5\n")
     with pytest.raises(ConfigError, match=r"analysis\.guidance_threshold"):
         load_config(p)
+    # A stop decided at a looser interval than the report's would be reported as straddling
+    # the threshold it was stopped for.
+    p.write_text("stats:\n  confidence: 0.99\n  adaptive_confidence: 0.95\n")
+    with pytest.raises(ConfigError, match=r"stats: .*adaptive_confidence 0\.95 must be at "
+                                          r"least confidence 0\.99"):
+        load_config(p)
 
 
 def test_unknown_key_is_refused(tmp_path):

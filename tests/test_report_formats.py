@@ -125,31 +125,82 @@ def test_signed_report_shows_reviewer_and_counts_before_after(filled, config):
     assert "dysplastic <neutrophils> & ringed sideroblasts" in text.replace("\n", " ")
 
 
+def _adaptive(config, **stats):
+    """The fixture's 8 cells with no blast decide a 50% threshold at 95%: an adaptive stop
+    that small slide can show (pbc11's blasts are named in review only, so it is the
+    reviewed count that decides)."""
+    return config.model_copy(update={"stats": config.stats.model_copy(update={
+        "blast_thresholds_pct": [50.0], "adaptive_confidence": 0.95, "adaptive_min_cells": 6,
+        **stats})})
+
+
 def test_a_review_that_undecides_an_adaptive_stop_reports_a_short_count(filled, config):
     """The count stopped early because the machine's blast interval decided every threshold;
-    reviewers then name blasts and the interval straddles 5%: the signed report must not also
-    say the thresholds were decided, and the short count is flagged."""
+    reviewers then name a blast and the interval straddles 50%: the signed report must not
+    also say the thresholds were decided, and the short count is flagged."""
     store, sid, *_ = filled
+    config = _adaptive(config)
     store.set_status(sid, "awaiting_review", stopped_because="adaptive_stop")
     counted = build_report(store, sid, config)["differential"]["total"]
-    assert not any("target not reached" in f for f in build_report(store, sid, config)["flags"])
+    assert counted == 8
     with store.session() as s:
         cells = s.scalars(select(Cell).where(
             Cell.slide_id == sid, Cell.duplicate_of.is_(None),
-            Cell.label.in_(config.classes.counted)).limit(max(1, round(0.055 * counted)))).all()
+            Cell.label.in_(config.classes.counted)).limit(1)).all()
         for c in cells:
             c.reviewed_label = "myeloblast"
         slide = s.get(Slide, sid)
         slide.status, slide.signed_by = "signed", "tech.anna"
         slide.signed_at = datetime(2026, 11, 26, 9, 30, tzinfo=timezone.utc)
     rep = build_report(store, sid, config)
-    assert any("straddles 5%" in f for f in rep["flags"]), rep["flags"]
+    assert any("straddles 50%" in f for f in rep["flags"]), rep["flags"]
     assert not any(f.startswith("stopped early") for f in rep["flags"])
     short = [f for f in rep["flags"] if f.startswith(f"target not reached: {counted} of 500")]
     assert short and "the reviewed count does not" in short[0]
     # The lab must still read which cell types only a reviewer could have named.
     assert any(f.startswith("the model does not recognise Plasma cell, Other nucleated cell")
                for f in rep["flags"]), rep["flags"]
+
+
+def test_an_adaptive_stop_is_judged_again_on_the_count_review_left(filled, config):
+    """Review leaves cells out of an adaptive stop's count: still enough to decide every
+    threshold at the stop's own interval, the report says "stopped early" and what review
+    left out; below the stop's minimum count, it is a short count (it had said "stopped
+    early" whatever review left, as long as the 95% interval decided)."""
+    store, sid, *_ = filled
+    config = _adaptive(config)
+    store.set_status(sid, "awaiting_review", stopped_because="adaptive_stop")
+    with store.session() as s:
+        counted = list(s.scalars(select(Cell).where(
+            Cell.slide_id == sid, Cell.duplicate_of.is_(None),
+            Cell.label.in_(config.classes.counted))))
+        assert len(counted) == 8
+        counted[0].excluded = True
+    rep = build_report(store, sid, config)
+    early = [f for f in rep["flags"] if f.startswith("stopped early")]
+    assert early == ["stopped early at 8 of 500 cells: every blast threshold was already "
+                     "decided (review left 1 of the machine's 8 out; the 7 counted still "
+                     "decide them)"], rep["flags"]
+    assert not any("target not reached" in f for f in rep["flags"])
+    with store.session() as s:
+        s.get(Cell, counted[1].id).excluded = True
+        s.get(Cell, counted[2].id).excluded = True
+    rep = build_report(store, sid, config)  # 5 cells: under the stop's minimum of 6
+    assert not any(f.startswith("stopped early") for f in rep["flags"]), rep["flags"]
+    short = [f for f in rep["flags"] if f.startswith("target not reached: 5 of 500")]
+    assert short and "review left 3 of the machine's 8 out" in short[0]
+    queue_flags = _queue_flags(store, sid, config)
+    assert "target not reached (5/500)" in queue_flags
+
+
+def _queue_flags(store, sid, config) -> list[str]:
+    from daemon.review.app import create_app
+    from tests.review_slide import add_users, client_as
+
+    add_users(store)
+    client = client_as(config, store)
+    return next(r for r in client.get("/api/queue").json()["slides"] if r["id"] == sid)[
+        "flags"]
 
 
 def test_csv_rows_match_json(filled, config):

@@ -62,7 +62,14 @@ from daemon.review.auth import (
 )
 from daemon.store import StoreError
 from pipeline.errors import ConfigError
-from pipeline.stats import Differential, confidence_text, differential, interval_text, value_text
+from pipeline.stats import (
+    Differential,
+    blast_thresholds_decided,
+    confidence_text,
+    differential,
+    interval_text,
+    value_text,
+)
 from pipeline.taxonomy import Taxonomy
 
 if TYPE_CHECKING:
@@ -471,7 +478,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 flags += [f.message for f in d.flags]
             # As on the report: a review that undecides a threshold undoes an adaptive stop.
             if (sl.status not in ("queued", "acquiring") and total < sl.target
-                    and not (sl.stopped_because == "adaptive_stop" and d and d.decisive)):
+                    and not (sl.stopped_because == "adaptive_stop" and d
+                             and blast_thresholds_decided(d, cfg.stats))):
                 flags.append(f"target not reached ({total}/{sl.target})")
             if tax is None:
                 flags.append(f"unknown taxonomy {sl.taxonomy}")
