@@ -32,16 +32,35 @@ def software_version() -> str:
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return base
+    commit = git_commit(root)
+    return f"{base}+{commit}" if commit else base
+
+
+def git_commit(root: Path) -> str | None:
+    """``g<12 hex digits>`` of the checkout at ``root``, ``-dirty`` with changes not
+    committed; None without git or a readable checkout (logged)."""
+    import logging
+    import os
     import subprocess
 
+    # The documented install clones as root and runs as the service user: git (2.35.2+)
+    # refuses a checkout another user owns ("dubious ownership"), and every result had said
+    # plain "0.1.0". Reading it changes nothing there, and the index is not refreshed.
+    git = ["git", "-c", f"safe.directory={root}"]
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):  # no git on the machine
-        return base
-    return f"{base}+g{commit}" + ("-dirty" if dirty.strip() else "") if commit else base
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, env=env, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:  # no git on the machine
+        logging.getLogger("marrowcount").warning("source commit not known: %s", exc)
+        return None
+    if head.returncode or not head.stdout.strip():
+        logging.getLogger("marrowcount").warning(
+            "source commit not known: git: %s", head.stderr.strip().splitlines()[:1])
+        return None
+    return f"g{head.stdout.strip()}" + ("-dirty" if dirty.stdout.strip() else "")
 
 
 @lru_cache(maxsize=8)

@@ -106,6 +106,35 @@ def test_changed_settings_change_the_fingerprint(tmp_path, config):
         assert f"+g{head}" in a["software"]
 
 
+def test_the_source_commit_is_read_from_a_checkout_another_user_owns(tmp_path):
+    """The documented install clones as root and runs as the service user: git refuses a
+    checkout another user owns, and every result had named plain "0.1.0"."""
+    import os
+
+    from daemon.provenance import git_commit
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the checkout to another user")
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@x"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "a.txt").write_text("1\n")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    for p in [repo, *repo.rglob("*")]:
+        os.lchown(p, 65534, 65534)  # nobody's now, read by root: "dubious ownership"
+    plain = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                           text=True)
+    assert plain.returncode != 0 and "dubious ownership" in plain.stderr
+    assert git_commit(repo) == f"g{head}"
+    (repo / "a.txt").write_text("2\n")
+    assert git_commit(repo) == f"g{head}-dirty"
+    assert git_commit(tmp_path) is None  # not a checkout: no commit, no exception
+
+
 def test_a_damaged_model_file_pauses_counting_until_it_is_fixed(tmp_path):
     """A new checkpoint half copied over the old one: the next slide waits, unfailed, with the
     reason noted; no other queued slide is claimed meanwhile; all are counted once the file is
