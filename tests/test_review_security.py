@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from fastapi.routing import APIRoute
@@ -176,7 +177,8 @@ def test_attempts_during_a_lockout_do_not_extend_it(app, monkeypatch):
     import daemon.review.app as review_app
 
     clock = [1000.0]
-    monkeypatch.setattr(review_app, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(review_app, "time", types.SimpleNamespace(monotonic=lambda: clock[0],
+                                                                  time=time.time))
     client = TestClient(app)
     token = csrf_of(client.get("/login").text)
 
@@ -191,6 +193,46 @@ def test_attempts_during_a_lockout_do_not_extend_it(app, monkeypatch):
         assert attempt("nope-nope").status_code == 429
     clock[0] = 1000.0 + review_app.LOGIN_WINDOW_S + 1  # the pause from the first failures ends
     assert attempt(TECH2[1]).status_code == 303
+
+
+def test_a_login_left_unused_ends_and_the_pages_own_refreshing_is_not_use(review_env,
+                                                                          monkeypatch):
+    """A shared bench PC left logged in: the login ends after review.idle_minutes without
+    use; the queue page's polling (X-Poll) does not keep it alive, a click does."""
+    import types
+
+    import daemon.review.app as review_app
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(review_app, "time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], time=lambda: clock[0]))
+    env = review_env
+    assert env.cfg.review.idle_minutes == 30.0  # the shipped default
+    app = create_app(env.cfg, env.store)
+    client = TestClient(app)
+    login(client, TECH)
+    for _ in range(4):  # 20 minutes of a page refreshing itself, nobody at the bench
+        clock[0] += 300
+        r = client.get("/api/queue", headers={"X-Poll": "1"})
+        assert r.status_code == 200 and "set-cookie" not in r.headers
+    r = client.get(f"/slides/{env.slide_id}")  # somebody uses it: the login is renewed
+    assert r.status_code == 200 and SESSION_COOKIE in r.headers["set-cookie"]
+    clock[0] += 25 * 60
+    assert client.get("/", follow_redirects=False).status_code == 200
+    for _ in range(7):
+        clock[0] += 300
+        client.get("/api/queue", headers={"X-Poll": "1"})
+    r = client.get("/api/queue", headers={"X-Poll": "1"})
+    assert r.status_code == 401  # the queue page goes to the login form
+    r = client.get(f"/slides/{env.slide_id}", follow_redirects=False)
+    assert r.status_code == 303 and "expired=1" in r.headers["location"]
+    # Without the setting a login lasts its session_hours, used or not.
+    lab = env.cfg.model_copy(update={"review": env.cfg.review.model_copy(update={
+        "idle_minutes": None})})
+    other = TestClient(create_app(lab, env.store))
+    login(other, TECH)
+    clock[0] += 5 * 3600
+    assert other.get("/", follow_redirects=False).status_code == 200
 
 
 def test_a_form_sent_after_the_session_ended_leads_back_to_its_page(app, review_env):

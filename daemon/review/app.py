@@ -84,6 +84,9 @@ REVIEW_CHANGES = (*actions.CELL_ACTIONS, "undo", "edit_case")
 SIGNED_SHOWN = 50  # signed slides the queue lists; older ones are found by search
 SEARCH_SHOWN = 200
 LOGIN_WINDOW_S, LOGIN_MAX_FAILURES = 300.0, 5
+IDLE_RENEW_S = 30
+POLL_HEADER = "X-Poll"
+"""Sent by the pages' own refreshing: not use, for ``review.idle_minutes``."""
 # The last audit event a slide page has shown, sent with each change it makes.
 SeenHeader = Annotated[int | None, Header(alias="X-Seen")]
 GALLERY_COLUMNS = (Cell.id, Cell.field_id, Cell.label, Cell.first_label, Cell.reviewed_label,
@@ -165,14 +168,25 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     def set_session(resp: Response, uid: int | None, csrf: str | None = None,
                     epoch: int = 0) -> None:
-        resp.set_cookie(SESSION_COOKIE, codec.dumps(uid, csrf, epoch),
-                        max_age=int(codec.max_age_s),
+        put_cookie(resp, codec.dumps(uid, csrf, epoch, int(time.time()) if uid else None))
+
+    def put_cookie(resp: Response, value: str) -> None:
+        resp.set_cookie(SESSION_COOKIE, value, max_age=int(codec.max_age_s),
                         httponly=True, samesite="strict", secure=params.secure_cookies, path="/")
 
     def viewer(request: Request) -> Viewer:
         data = codec.loads(request.cookies.get(SESSION_COOKIE))
         if not data or not isinstance(data.get("uid"), int):
             raise NotLoggedIn()
+        now, used = int(time.time()), data.get("used")
+        if params.idle_minutes is not None:
+            if not isinstance(used, int) or now - used > params.idle_minutes * 60:
+                raise NotLoggedIn()
+            # Use renews the cookie (each IDLE_RENEW_S at most: a cookie per key press is
+            # waste); the pages' own refreshing (X-Poll) is not use.
+            if now - used >= IDLE_RENEW_S and not request.headers.get(POLL_HEADER):
+                request.state.session_cookie = codec.dumps(data["uid"], data["csrf"],
+                                                           data.get("epoch", 0), now)
         with store.session() as s:
             user = s.get(User, data["uid"])
             # Logged out since, or a new password: a cookie from before is no session.
@@ -269,6 +283,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
         resp = await call_next(request)
+        renewed = getattr(request.state, "session_cookie", None)
+        if renewed and "set-cookie" not in resp.headers:  # login and logout set their own
+            put_cookie(resp, renewed)
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("Referrer-Policy", "same-origin")

@@ -150,15 +150,17 @@ def load_secret(data_dir: Path) -> bytes:
 
 class SessionCodec:
     """Signs and checks the session cookie's payload ``{"uid": int|None, "csrf": str,
-    "epoch": int}`` (``epoch``: the user's ``session_epoch`` when it was issued)."""
+    "epoch": int, "used": int|None}`` (``epoch``: the user's ``session_epoch`` when it was
+    issued; ``used``: the Unix second it was last used, for ``review.idle_minutes``)."""
 
     def __init__(self, secret: bytes, max_age_s: float) -> None:
         self._s = URLSafeTimedSerializer(secret, salt="marrowcount-review-session")
         self.max_age_s = max_age_s
 
-    def dumps(self, uid: int | None, csrf: str | None = None, epoch: int = 0) -> str:
+    def dumps(self, uid: int | None, csrf: str | None = None, epoch: int = 0,
+              used: int | None = None) -> str:
         return self._s.dumps({"uid": uid, "csrf": csrf or secrets.token_urlsafe(24),
-                              "epoch": epoch})
+                              "epoch": epoch, "used": used})
 
     def loads(self, cookie: str | None) -> dict[str, Any] | None:
         if not cookie:

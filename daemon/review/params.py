@@ -15,6 +15,9 @@ class ReviewParams(Params):
     host: str = Field(description="address the review app binds; 127.0.0.1 keeps it local")
     port: int = Field(ge=0, le=65535)
     session_hours: float = Field(gt=0, description="a login lasts this long")
+    idle_minutes: Optional[float] = Field(
+        gt=0, description="a login unused this long ends (a shared bench PC left logged in); "
+                          "the pages' own refreshing does not count as use (none: off)")
     secure_cookies: bool = Field(
         description="mark the session cookie Secure (set when served behind HTTPS)"
     )
@@ -34,6 +37,6 @@ class ReviewParams(Params):
     export_formats: list[Literal["pdf", "json", "csv"]] = Field(
         min_length=1, description="formats of the exported reports")
     sign_password: bool = Field(
-        description="sign-off asks for the signer's password again (an electronic signature "
-                    "bound to the person, as 21 CFR Part 11 asks); wrong ones count toward "
-                    "the login lockout")
+        description="sign-off, and reopening a signed slide, ask for the person's password "
+                    "again (an electronic signature bound to the person, as 21 CFR Part 11 "
+                    "asks); wrong ones count toward the login lockout")

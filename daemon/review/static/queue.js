@@ -5,7 +5,7 @@
   const every = 1000 * parseFloat(table.dataset.refreshS || "5");
   async function refresh() {
     try {
-      const resp = await fetch("/api/queue", { credentials: "same-origin" });
+      const resp = await fetch("/api/queue", { credentials: "same-origin", headers: { "X-Poll": "1" } });
       if (resp.status === 401) {
         location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
         return;

@@ -395,11 +395,18 @@
     focusTile(backTile);
   }
 
+  // The session ended (unused too long, or logged out elsewhere): the patient's cells must
+  // not stay on an unattended screen.
+  function loggedOut() {
+    location.href = "/login?expired=1&next=" + encodeURIComponent(location.pathname);
+  }
+
   // While the slide is still acquiring, keep the table current and offer the new cells.
   if (cfg.status === "acquiring") {
     const timer = setInterval(async () => {
       try {
-        const resp = await fetch(api, { credentials: "same-origin" });
+        const resp = await fetch(api, { credentials: "same-origin", headers: { "X-Poll": "1" } });
+        if (resp.status === 401) return loggedOut();
         if (!resp.ok) return;
         const data = await resp.json();
         document.getElementById("table").innerHTML = data.table_html;
@@ -419,7 +426,9 @@
   if (!cfg.locked) {
     const watch = setInterval(async () => {
       try {
-        const resp = await fetch(api + "?since=" + cfg.seen, { credentials: "same-origin" });
+        const resp = await fetch(api + "?since=" + cfg.seen,
+                                 { credentials: "same-origin", headers: { "X-Poll": "1" } });
+        if (resp.status === 401) return loggedOut();
         if (!resp.ok) return;
         const data = await resp.json();
         if (busy || pending.length) return;  // a change of this page's own is on its way
