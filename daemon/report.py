@@ -25,7 +25,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from daemon.case import LABELS as CASE_LABELS, parse_case
-from daemon.models import EXCLUDE_REASONS, Cell, Field, Review
+from daemon.models import EXCLUDE_REASONS, AuditEvent, Cell, Field, Review
 from daemon.provenance import method_text
 from daemon.store import Store, StoreError, lock_slide, write_whole
 from pipeline.errors import ConfigError
@@ -270,7 +270,13 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         reviews = list(s.scalars(select(Review).where(Review.slide_id == slide.id)
                                  .order_by(Review.at, Review.id)))
         methods = slide_methods(s, slide.id)
-    signed = slide.status == "signed"
+        signed = slide.status == "signed"
+        # Whether the signer said every counted cell was looked at (blasts named by review).
+        sign_event = s.scalar(
+            select(AuditEvent.after).where(AuditEvent.slide_id == slide.id,
+                                           AuditEvent.action == "sign")
+            .order_by(AuditEvent.id.desc()).limit(1)) if signed else None
+        attested = bool((sign_event or {}).get("all_cells_seen"))
     # The counts as they stand: the machine's until a reviewer changes a cell, then the
     # reviewed ones, signed or not (a report printed mid-review shows what the page shows).
     final_counts = store.reviewed_counts(slide.id)
@@ -336,7 +342,11 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     elif final.blast_reviewer_only:
         flags.append("blasts are counted only where a reviewer named them (the model does not "
                      "recognise blasts): the blast % rests on the review"
-                     + ("" if signed else ", which is not finished: it may still rise"))
+                     + (", which is not finished: it may still rise" if not signed else
+                        "; the signer confirmed every counted cell was looked at for them"
+                        if attested else
+                        "; the sign-off does not record that every counted cell was looked "
+                        "at for them"))
     unknown_to_model = [c.label for c in taxonomy.classes
                         if c.reviewer_only and c.counted and not c.blast]
     if unknown_to_model and final.total:

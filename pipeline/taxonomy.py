@@ -71,6 +71,13 @@ class Taxonomy(Params):
         """The classes only a reviewer names (no model outputs them)."""
         return [c.name for c in self.classes if c.reviewer_only]
 
+    @property
+    def blasts_by_review(self) -> bool:
+        """True when the taxonomy counts blasts but only a reviewer names them: the blast %
+        rests on someone having looked at every counted cell."""
+        blasts = [c for c in self.classes if c.blast and c.counted]
+        return bool(blasts) and all(c.reviewer_only for c in blasts)
+
     def get(self, name: str) -> CellClass:
         for c in self.classes:
             if c.name == name:

@@ -204,6 +204,9 @@ def seen_of(client, slide_id: int) -> str:
 
 
 def sign_form(client, slide_id: int, token: str | None = None, **fields):
-    """Post the slide page's sign-off form as a browser does: the page is read first."""
-    data = {"csrf_token": token or client.token, "seen": seen_of(client, slide_id), **fields}
+    """Post the slide page's sign-off form as a browser does: the page is read first, and
+    the reviewer ticks that every counted cell was looked at (pbc11's blasts are named by
+    review only)."""
+    data = {"csrf_token": token or client.token, "seen": seen_of(client, slide_id),
+            "all_cells_seen": "true", **fields}
     return client.post(f"/slides/{slide_id}/sign", data=data, follow_redirects=False)

@@ -173,7 +173,8 @@ def test_slides_never_overwrite_each_other_and_one_bad_item_stops_nothing(review
             env.store.set_status(sid, "acquiring")
             env.store.set_status(sid, "awaiting_review")
         with env.store.session() as s:
-            actions.sign(s, sid, who, "specimen inadequate", taxonomies=tax)
+            actions.sign(s, sid, who, "specimen inadequate", taxonomies=tax,
+                         all_cells_seen=True)
         freeze_report(env.store, sid, env.cfg, at_sign_off=True)
     out = tmp_path / "lis"
     run = export_reports(env.store, _lab(env, out))

@@ -336,7 +336,8 @@ def test_blast_calls_flag_intervals_that_straddle_a_threshold(review_env):
     r = sign_form(client, sid, client.headers["X-CSRF-Token"])
     assert r.status_code == 303, r.text
     flags = build_report(env.store, sid, lab)["flags"]
-    assert any(f.endswith("the blast % rests on the review") for f in flags), flags
+    assert any(f.endswith("the signer confirmed every counted cell was looked at for them")
+               for f in flags), flags
 
 
 def test_reference_intervals_follow_the_review(review_env):
@@ -457,8 +458,8 @@ def test_a_stale_page_of_the_signer_too_cannot_sign_and_the_note_is_kept(review_
     assert r.status_code == 409 and "you made 1 change in another window" in r.text
     assert "Changed meanwhile" in r.text and "all checked" in r.text  # the note is not lost
     r = tech.post(f"/slides/{env.slide_id}/sign", data={
-        "csrf_token": tech.token, "seen": now_seen, "note": "all checked"},
-        follow_redirects=False)
+        "csrf_token": tech.token, "seen": now_seen, "note": "all checked",
+        "all_cells_seen": "true"}, follow_redirects=False)
     assert r.status_code == 303
 
 
@@ -474,6 +475,40 @@ def test_a_sign_off_that_does_not_say_what_its_page_showed_is_refused(review_env
     with env.store.session() as s:
         assert s.get(Slide, env.slide_id).status == "awaiting_review"
     assert sign_form(tech, env.slide_id).status_code == 303
+
+
+def test_where_only_review_names_blasts_the_signer_says_every_cell_was_looked_at(review_env,
+                                                                              tech):
+    """pbc11's model does not recognise blasts: checking the flagged cells alone had signed
+    "blasts 0.0% (0.0–0.8%)" over hundreds of cells nobody looked at for blasts. Sign-off
+    needs the tick, the audit keeps it, and the signed report says so."""
+    env = review_env
+    check_flags(env.store, env.slide_id)
+    page = tech.get(f"/slides/{env.slide_id}").text
+    assert 'id="all-cells-seen"' in page
+    r = sign_form(tech, env.slide_id, all_cells_seen="false", note="flags checked")
+    assert r.status_code == 400 and "tick that you looked at every counted cell" in r.text
+    assert "flags checked" in r.text  # the note comes back
+    with env.store.session() as s:
+        assert s.get(Slide, env.slide_id).status == "awaiting_review"
+    assert sign_form(tech, env.slide_id).status_code == 303
+    assert _events(env)[-1].after["all_cells_seen"] is True
+    flags = build_report(env.store, env.slide_id, env.cfg)["flags"]
+    assert any(f.endswith("the signer confirmed every counted cell was looked at for them")
+               for f in flags), flags
+
+
+def test_a_sign_off_that_did_not_say_every_cell_was_looked_at_is_reported_so(review_env):
+    """A slide signed by an older version, or without the taxonomy check: its report does
+    not claim what nobody confirmed."""
+    from daemon.review import actions
+
+    env = review_env
+    with env.store.session() as s:
+        actions.sign(s, env.slide_id, actions.Reviewer(TECH[0], "technician"))
+    flags = build_report(env.store, env.slide_id, env.cfg)["flags"]
+    assert any(f.endswith("the sign-off does not record that every counted cell was looked "
+                          "at for them") for f in flags), flags
 
 
 def test_a_change_from_a_stale_page_reports_what_that_page_missed(review_env, tech):

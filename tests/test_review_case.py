@@ -205,7 +205,7 @@ def test_a_lab_where_only_a_supervisor_signs(review_env, tmp_path):
     r = sign_form(tech, env.slide_id)
     assert r.status_code == 403 and "a technician may not sign slides off here" in r.text
     # Handing on makes the checks a sign-off makes: the flags first.
-    hand_on = {"csrf_token": tech.token, "note": "2 smudges left in"}
+    hand_on = {"csrf_token": tech.token, "note": "2 smudges left in", "all_cells_seen": "true"}
     r = tech.post(f"/slides/{env.slide_id}/pre-review", data=hand_on, follow_redirects=False)
     assert r.status_code == 400 and "did not say which changes the page showed" in r.text
     hand_on["seen"] = seen_of(tech, env.slide_id)

@@ -581,6 +581,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                     may_sign=who.role in params.sign_roles, user=who.username,
                     pixel=pixel_text(pixel) if pixel and pixel["disagrees"] else "",
                     tax=tax, sections=_sections(cells, tax),
+                    blasts_by_review=tax.blasts_by_review,
                     keymap={c.key: c.name for c in tax.classes},
                     n_cells=len(cells), fields=fields, reviews=reviews, issues=issues,
                     step=step, step_changed=step_changed, no_longer={
@@ -724,6 +725,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     @app.post("/slides/{slide_id}/sign")
     def sign(request: Request, slide_id: int, note: str = Form(""),
              seen: int | None = Form(None), password: str = Form(""),
+             all_cells_seen: bool = Form(False),
              who: Viewer = Depends(changer)) -> Response:
         try:
             if params.sign_password:
@@ -732,7 +734,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             with store.session() as s:
                 actions.sign(s, slide_id, reviewer(who), note.strip()[:2000],
                              params.require_case, seen, taxonomies, params.sign_roles,
-                             params.require_flags_checked)
+                             params.require_flags_checked, all_cells_seen)
         except ReviewError as exc:
             exc.kept_note = note.strip()[:2000] or None  # shown on the error page, not lost
             raise
@@ -745,13 +747,15 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     @app.post("/slides/{slide_id}/pre-review")
     def pre_review(slide_id: int, note: str = Form(""), seen: int | None = Form(None),
+                   all_cells_seen: bool = Form(False),
                    who: Viewer = Depends(changer)) -> Response:
         try:
             page_state(seen)
             with store.session() as s:
                 actions.pre_review(s, slide_id, reviewer(who), note.strip()[:2000],
                                    params.require_case, seen, taxonomies,
-                                   params.require_flags_checked, params.sign_roles)
+                                   params.require_flags_checked, params.sign_roles,
+                                   all_cells_seen)
         except ReviewError as exc:
             exc.kept_note = note.strip()[:2000] or None
             raise

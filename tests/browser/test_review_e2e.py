@@ -138,7 +138,12 @@ def test_review_sign_and_report(page: Page, live, artifacts):
     expect(page.locator("#slide-status")).to_have_text("awaiting review")
     pid.fill("")
 
-    # Sign.
+    # Sign: pbc11's blasts are named by review only, so the signer says every counted cell
+    # was looked at; without the tick the page refuses.
+    page.click("#sign")
+    expect(page.locator("#status")).to_contain_text("tick that you looked at every counted")
+    expect(page.locator("#slide-status")).to_have_text("awaiting review")
+    page.check("#all-cells-seen")
     page.click("#sign")
     expect(page.locator("p.locked")).to_have_text("Signed and locked.")
     expect(page.locator("#slide-status")).to_have_text("signed")

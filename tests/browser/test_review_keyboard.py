@@ -89,6 +89,7 @@ def test_a_change_by_another_reviewer_stops_a_stale_sign_off(page: Page, browser
     page.mouse.wheel(0, 20_000)  # deep in the gallery, the notice is still in view
     box = page.locator("#others").bounding_box()
     assert box and 0 <= box["y"] and box["y"] + box["height"] <= 900
+    page.check("#all-cells-seen")
     page.click("#sign")
     expect(page.locator("body")).to_contain_text("tech2 made 1 change since this page was loaded")
     with env.store.session() as s:
@@ -97,6 +98,7 @@ def test_a_change_by_another_reviewer_stops_a_stale_sign_off(page: Page, browser
     # After a reload the page shows the change, and signing goes through.
     page.goto(f"{base}/slides/{env.slide_id}")
     assert _row_n(page, TARGET) == n_page + 1
+    page.check("#all-cells-seen")
     page.click("#sign")
     expect(page.locator("p.locked")).to_have_text("Signed and locked.")
 

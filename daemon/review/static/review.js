@@ -361,6 +361,7 @@
   // Sign-off: refused by the server while flags are open (where the lab requires it) and
   // blind to a case typed but not saved; say so here instead of leaving the page.
   const signForm = document.getElementById("sign-form");
+  const seenBox = document.getElementById("all-cells-seen");
   if (signForm) signForm.addEventListener("submit", (ev) => {
     const note = document.getElementById("flags-open");
     const n = openFlags();
@@ -383,6 +384,11 @@
           "confirm each with its own class key, move or exclude it, before " + doing + ".",
           true);
       nextFlag(true);
+    } else if (seenBox && !seenBox.checked) {
+      ev.preventDefault();
+      say("The model does not recognise blasts: tick that you looked at every counted cell " +
+          "for them, before " + doing + ".", true);
+      seenBox.focus();
     }
   });
 
