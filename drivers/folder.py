@@ -66,6 +66,8 @@ log = logging.getLogger("marrowcount.watch")
 HASH_CHUNK = 4 * 2**20
 PARTIAL_SUFFIXES = (".part", ".tmp", ".partial")
 """Names a file has while a scanner or copy is still writing it."""
+QUARANTINE_NAME_BYTES = 200
+"""Longest quarantined name: its ".<k>" and ".error.txt" note stay within 255 bytes."""
 
 
 class WatchError(MarrowError):
@@ -371,7 +373,12 @@ class FolderWatcher:
                 if split:
                     events += split
                     continue
-            events += self._process_group(folder, root, key, sorted(groups[key]))
+            try:
+                events += self._process_group(folder, root, key, sorted(groups[key]))
+            except Exception:  # noqa: BLE001  (one slide's fault must not hold up the others)
+                log.exception("%s: cannot be queued; left where it is until a restart",
+                              printable(str(root / key)))
+                self._stuck.update(groups[key])
         return events
 
     def _group_loose_dicom(self, folder: WatchFolder, root: Path) -> list[WatchEvent]:
@@ -532,6 +539,13 @@ class FolderWatcher:
     @staticmethod
     def _unsafe_file(path: Path, root: Path, real_root: Path) -> str | None:
         rel = path.relative_to(root)
+        try:
+            str(rel).encode("utf-8")
+        except UnicodeEncodeError:
+            # A Latin-1 name from an SMB share: the store cannot record it, and the failed
+            # write had ended every pass before the files after it.
+            return (f"file name {printable(str(rel))} is not valid UTF-8: rename it "
+                    "(e.g. without accents) and put it back")
         if any(".." in part for part in rel.parts):
             return "name contains '..'"
         if path.is_symlink() or any(p.is_symlink() for p in list(path.parents)[: len(rel.parts) - 1]):
@@ -699,6 +713,15 @@ class FolderWatcher:
         qdir = root / self.params.quarantine_dir
         rel = path.relative_to(root)
         base = "__".join(rel.parts).replace("..", "__")
+        if len(os.fsencode(base)) > QUARANTINE_NAME_BYTES:
+            # Its note (+ ".error.txt") must fit the 255-byte name limit too; the hash keeps
+            # two long names that share a beginning apart.
+            digest = hashlib.sha1(os.fsencode(base)).hexdigest()[:10]
+            suffix = "".join(Path(base).suffixes[-1:])[:16]
+            n = len(base)
+            while len(os.fsencode(base[:n])) > QUARANTINE_NAME_BYTES - 30:
+                n -= 1
+            base = f"{base[:n]}~{digest}{suffix}"
         dest = qdir / base
         k = 1
         while dest.exists() or dest.is_symlink() or dest.with_name(dest.name + ".error.txt").exists():
@@ -722,13 +745,15 @@ class FolderWatcher:
             self._stuck.add(path)
         try:
             dest.with_name(dest.name + ".error.txt").write_text(
-                f"{path}\n{reason}\n{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n", encoding="utf-8")
+                f"{printable(str(path))}\n{reason}\n{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n",
+                encoding="utf-8")
         except OSError as exc:
-            log.error("%s: cannot write the error note (%s): %s", path, exc.strerror, reason)
+            log.error("%s: cannot write the error note (%s): %s", printable(str(path)),
+                      exc.strerror, reason)
         if sha is not None:
             self._record(sha, path, size, "quarantined", reason)
         self._seen.pop(path, None)
-        return WatchEvent(kind, str(path), None, reason)
+        return WatchEvent(kind, printable(str(path)), None, reason)
 
     # -- finished slides --------------------------------------------------------------------
 
@@ -781,6 +806,12 @@ class FolderWatcher:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(msg)
+
+
+def printable(name: str) -> str:
+    """``name`` with bytes that are not UTF-8 (kept by Python as surrogates) written as
+    ``\\xe9``: safe for the log, the store and a note."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _content_stat(path: Path) -> tuple[int, int]:

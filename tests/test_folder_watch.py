@@ -255,6 +255,28 @@ def test_path_safety(config, store, inbox, tmp_path):
     assert (inbox / "quarantine" / "link.jpg.error.txt").exists()
 
 
+def test_names_the_store_or_the_disk_cannot_hold_are_refused_and_the_rest_go_on(
+        config, store, inbox):
+    """A Latin-1 name from an SMB share: writing it to the store had failed every pass,
+    so no slide sorting after it was queued again. A 250-character name: its quarantine
+    note had been too long to write."""
+    params = make_params(config, inbox, stable_seconds=0.0)
+    shutil.copy(bccd_field(5), os.fsencode(inbox) + b"/caf\xe9_BM2.jpg")
+    shutil.copy(bccd_field(6), inbox / "zzz_after.jpg")
+    long_name = "BM-" + "x" * 245 + ".jpg"
+    shutil.copy(bccd_field(7), inbox / long_name)
+    (inbox / long_name).write_bytes(b"not an image")
+    evs = scan_until_idle(watcher(config, store, params))
+    assert [s.name for s in slides(store)] == ["zzz_after.jpg"]
+    refused = [e for e in evs if e.kind == "refused"]
+    assert [e.path for e in refused] == [str(inbox / "caf\\xe9_BM2.jpg")]
+    assert "is not valid UTF-8: rename it" in refused[0].reason
+    notes = sorted(p.name for p in (inbox / "quarantine").iterdir() if p.name.endswith(".txt"))
+    assert len(notes) == 2 and all(len(os.fsencode(n)) <= 255 for n in notes)
+    long_note = next(n for n in notes if n.startswith("BM-x"))
+    assert long_name in (inbox / "quarantine" / long_note).read_text()  # the whole name
+
+
 def test_file_that_fails_mid_count_is_quarantined(config, store, inbox, tmp_path):
     """A tile that only breaks when it is read (after the slide was planned): the source
     raises, the daemon fails the slide with that reason, and the next pass quarantines it."""
