@@ -628,7 +628,31 @@ class Service:
                 extra={"data": {"slide": slide.id, "name": slide.name}})
         self._emit("slide_paused", slide, counted, notify=alert, reason=reason)
 
+    @staticmethod
+    def _folder_away(slide: Any) -> str | None:
+        """For a scanner-folder slide whose file is missing: its folder, when that folder is
+        gone, empty or unreadable (a share unmounted, renamed or briefly away), else None
+        (the file itself was removed). Failing such a slide had counted its file again, as a
+        second slide, once the share was back."""
+        if slide.source != "folder":
+            return None
+        for f in (slide.plan or {}).get("files", []):
+            path = Path(f.get("path", ""))
+            if path.exists():
+                continue
+            try:
+                if not path.parent.is_dir() or not any(path.parent.iterdir()):
+                    return str(path.parent)
+            except OSError:
+                return str(path.parent)
+        return None
+
     def _fail(self, slide: Any, reason: str) -> None:
+        if away := self._folder_away(slide):
+            self._pause(slide, self.store.progress(slide.id).counted,
+                        f"scanner folder not reachable: {away} is gone or empty; the slide "
+                        f"waits for it ({reason})", previous=slide.error)
+            return
         self.store.set_status(slide.id, "failed", error=reason[:2000], stopped_because="failed")
         self.metrics.error("slide")
         self.metrics.slides.labels(outcome="failed").inc()

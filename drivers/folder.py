@@ -319,6 +319,7 @@ class FolderWatcher:
             if not root.is_dir():
                 self._warn_once(str(root), f"watch folder {root} does not exist (yet)")
                 continue
+            self._warned.discard(str(root))  # said again if it goes away again
             try:
                 events += self._scan_folder(folder, root)
             except OSError as exc:
@@ -772,6 +773,8 @@ class FolderWatcher:
         for row_id, path_s, sha, size, status, error in finished:
             path = Path(path_s)
             folder_root = self._root_of(path)
+            if folder_root and not folder_root[1].is_dir():
+                continue  # the share is away: "gone" would count it afresh when it is back
             if status == "failed":
                 # No result: the file is quarantined with the slide's error, where a person
                 # sees it and, once the cause is fixed, puts it back to be counted afresh. A

@@ -172,3 +172,57 @@ def test_a_new_folder_slide_is_started_and_an_interrupted_one_resumed(lab):
         finally:
             svc.close()
     assert starts == [False, True]
+
+
+def test_a_scanner_share_away_mid_slide_pauses_it_and_it_resumes_once(lab):
+    """The share holding a slide's file unmounted (here: renamed) between fields: the slide
+    had failed on "no such file", and when the share was back its file was counted again
+    as a second slide. It waits instead, and resumes where it stood."""
+    from daemon.service import Service
+
+    inbox, cfg_path, cfg = lab
+    write_pyramid(inbox / "s.tif", bccd_mosaic(4, 3), BCCD_UM_PER_PX)
+    lab_cfg = load_config(cfg_path)
+    lab_cfg = lab_cfg.model_copy(update={
+        "watch": WatchParams(**{**lab_cfg.watch.model_dump(),
+                                "folders": [{"path": str(inbox), "um_per_px": BCCD_UM_PER_PX}]}),
+        "service": lab_cfg.service.model_copy(update={"retry_slide_after_s": 0.2})})
+    paused: list[str] = []
+    fields: list[int] = []
+
+    def on_event(e) -> None:
+        if e.kind == "field":
+            fields.append(1)
+            if len(fields) == 1:
+                svc.request_stop()  # as SIGTERM after the first field
+        if e.kind == "slide_paused":
+            paused.append(e.data["reason"])
+
+    away = inbox.with_name("scanner.unmounted")
+    for step in ("first field", "share away", "share back"):
+        if step == "share away":
+            inbox.rename(away)
+        if step == "share back":
+            away.rename(inbox)
+        svc = Service(lab_cfg, cfg_path, on_event=on_event)
+        try:
+            w = FolderWatcher(lab_cfg.watch, svc.store, target=TARGET,
+                              taxonomy=lab_cfg.taxonomy, detect=lab_cfg.detect)
+            for _ in range(20):
+                w.scan_once()
+                if svc.store.slides():
+                    break
+                time.sleep(0.05)
+            svc.run(exit_when_idle=True)
+            w.scan_once()  # settles what finished; the share's absence settles nothing
+            (slide,) = svc.store.slides()
+            if step == "share away":
+                assert slide.status == "acquiring", slide.error
+                assert paused[-1].startswith(f"scanner folder not reachable: {inbox} is gone")
+            if step == "share back":
+                assert slide.status == "awaiting_review", slide.error
+                check_consistent(svc.store, slide.id)
+                with svc.store.session() as ss:
+                    assert [r.state for r in ss.scalars(select(ScannedFile))] == ["done"]
+        finally:
+            svc.close()
