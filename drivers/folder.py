@@ -818,11 +818,14 @@ def printable(name: str) -> str:
 
 
 def _content_stat(path: Path) -> tuple[int, int]:
-    """(bytes, newest mtime in ns) of what a candidate consists of, the figures that must
+    """(bytes, newest change in ns) of what a candidate consists of, the figures that must
     settle: a file; an MRXS index plus its data folder; a DICOM series folder with every file
-    in it (partial and hidden ones too: a scanner still writing one is not finished)."""
+    in it (partial and hidden ones too: a scanner still writing one is not finished). A change
+    is the later of the modification and the inode change time: a copy that keeps the
+    source's modification time (cp -p, rsync -t, robocopy) still changes the inode, and a
+    rescan of the same size under the same name had been passed over as recorded."""
     st = path.stat()
-    size, mtime = st.st_size, st.st_mtime_ns
+    size, mtime = st.st_size, max(st.st_mtime_ns, st.st_ctime_ns)
     if path.is_dir():
         size = 0
         members = path.iterdir()
@@ -837,5 +840,5 @@ def _content_stat(path: Path) -> tuple[int, int]:
             continue
         if not p.is_dir():
             size += st.st_size
-        mtime = max(mtime, st.st_mtime_ns)
+        mtime = max(mtime, st.st_mtime_ns, st.st_ctime_ns)
     return size, mtime

@@ -277,6 +277,28 @@ def test_names_the_store_or_the_disk_cannot_hold_are_refused_and_the_rest_go_on(
     assert long_name in (inbox / "quarantine" / long_note).read_text()  # the whole name
 
 
+def test_a_rescan_of_the_same_size_with_an_older_time_is_counted(config, store, inbox):
+    """A slide scanned again under the same name, same size (uncompressed TIFF, DICOM), copied
+    with its original modification time (cp -p, rsync -t, robocopy): it had been passed over
+    as already recorded, without a word, for ever."""
+    params = make_params(config, inbox, stable_seconds=0.0)
+    w = watcher(config, store, params)
+    first = bccd_field(5).read_bytes()
+    (inbox / "BM-rescan.jpg").write_bytes(first)
+    scan_until_idle(w)
+    assert [s.name for s in slides(store)] == ["BM-rescan.jpg"]
+    # The rescan: other content (one byte of the image data), the same size, an old time.
+    second = bytearray(first)
+    second[len(second) // 2] ^= 0x01
+    (inbox / "BM-rescan.jpg").write_bytes(bytes(second))
+    old = time.time() - 1800
+    os.utime(inbox / "BM-rescan.jpg", (old, old))
+    scan_until_idle(w)
+    assert [s.name for s in slides(store)] == ["BM-rescan.jpg", "BM-rescan.jpg (2)"]
+    scan_until_idle(w)  # and once only
+    assert len(slides(store)) == 2
+
+
 def test_file_that_fails_mid_count_is_quarantined(config, store, inbox, tmp_path):
     """A tile that only breaks when it is read (after the slide was planned): the source
     raises, the daemon fails the slide with that reason, and the next pass quarantines it."""
