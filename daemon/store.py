@@ -34,7 +34,7 @@ from pydantic import Field as PydField
 from sqlalchemy import create_engine, event, func, insert, inspect, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from daemon.models import (
     SLIDE_STATUSES,
@@ -339,10 +339,15 @@ class Store:
                                  f"{_safe_url(self.url)}")
             return row
 
-    def slides(self, statuses: Iterable[str] | None = None) -> list[Slide]:
-        """Slides (detached rows), oldest first, optionally only those in ``statuses``."""
+    def slides(self, statuses: Iterable[str] | None = None, *, plan: bool = True
+               ) -> list[Slide]:
+        """Slides (detached rows), oldest first, optionally only those in ``statuses``.
+        ``plan=False`` leaves each field plan unread (reading it then raises): a scanner
+        slide's plan runs to tens of kB, and listing years of them had taken seconds."""
         with self.session() as s:
             q = select(Slide).order_by(Slide.id)
+            if not plan:
+                q = q.options(defer(Slide.plan, raiseload=True))
             if statuses is not None:
                 q = q.where(Slide.status.in_(list(statuses)))
             return list(s.scalars(q))
@@ -607,13 +612,20 @@ class Store:
 
     def progress(self, slide_id: int) -> Progress:
         """Last committed field index and counted total, from which a resume continues."""
+        return self.progress_of([slide_id])[slide_id]
+
+    def progress_of(self, slide_ids: Sequence[int]) -> dict[int, Progress]:
+        """``progress`` of each slide, in one query."""
+        out = {sid: Progress(last_index=None, n_fields=0, counted=0) for sid in slide_ids}
+        if not out:
+            return out
         with self.session() as s:
-            last, n, counted = s.execute(
-                select(func.max(Field.index), func.count(Field.id),
-                       func.coalesce(func.sum(Field.n_counted), 0))
-                .where(Field.slide_id == slide_id)
-            ).one()
-        return Progress(last_index=last, n_fields=int(n), counted=int(counted))
+            for sid, last, n, counted in s.execute(
+                    select(Field.slide_id, func.max(Field.index), func.count(Field.id),
+                           func.coalesce(func.sum(Field.n_counted), 0))
+                    .where(Field.slide_id.in_(list(out))).group_by(Field.slide_id)):
+                out[sid] = Progress(last_index=last, n_fields=int(n), counted=int(counted))
+        return out
 
     def fields(self, slide_id: int) -> list[Field]:
         with self.session() as s:

@@ -109,12 +109,13 @@ def _status_rows(store: Any, cfg: Any, statuses: list[str] | None) -> list[dict[
     count a review has left (None before any review), which the report gives."""
     from daemon.report import slides_in_review
 
-    slides = store.slides(statuses)
+    slides = store.slides(statuses, plan=False)
     with store.session() as sess:
         in_review = slides_in_review(sess, [s.id for s in slides])
+    progress = store.progress_of([s.id for s in slides])
     rows = []
     for s in slides:
-        prog = store.progress(s.id)
+        prog = progress[s.id]
         reviewed = None
         if s.id in in_review and s.taxonomy in cfg.taxonomies:
             counted = {c.name for c in cfg.taxonomies[s.taxonomy] if c.counted}

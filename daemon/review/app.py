@@ -31,6 +31,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field as PydField, create_model
 from sqlalchemy import func, select
+from sqlalchemy.orm import defer
 
 from daemon.case import LABELS as CASE_LABELS, parse_case
 from daemon.models import AuditEvent, Cell, Field, Review, Slide, User
@@ -430,6 +431,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         ``q``, every slide whose name or case (accession, patient, specimen) holds it, up to
         SEARCH_SHOWN, newest first. Returns the rows and how many more there were. Counts
         are read for the rows shown only: the store keeps years of slides."""
+        # Each row's plan (tens of kB for a scanner slide) is never read here.
+        no_plan = defer(Slide.plan, raiseload=True)
         with store.session() as s:
             if q:
                 words = q.casefold().split()
@@ -440,10 +443,13 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                                                       if v is not None)]).casefold()
                                for w in words)]
                 more = max(0, len(hits) - SEARCH_SHOWN)
-                slides = list(s.scalars(select(Slide).where(Slide.id.in_(hits[:SEARCH_SHOWN]))))
+                slides = list(s.scalars(select(Slide).options(no_plan)
+                                        .where(Slide.id.in_(hits[:SEARCH_SHOWN]))))
             else:
-                slides = list(s.scalars(select(Slide).where(Slide.status != "signed")))
-                signed = list(s.scalars(select(Slide).where(Slide.status == "signed")
+                slides = list(s.scalars(select(Slide).options(no_plan)
+                                        .where(Slide.status != "signed")))
+                signed = list(s.scalars(select(Slide).options(no_plan)
+                                        .where(Slide.status == "signed")
                                         .order_by(Slide.signed_at.desc(), Slide.id.desc())
                                         .limit(SIGNED_SHOWN + 1)))
                 more = len(signed) > SIGNED_SHOWN and (s.scalar(
