@@ -306,6 +306,11 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         flags.append(f"target not reached: {final.total} of {slide.target} cells counted"
                      + (f" ({'; '.join(why)})" if why else "")
                      + ": every interval is wider than the target count would give")
+    if (slide.status not in ("queued", "acquiring")
+            and 0 < final.total < cfg.stats.min_reportable_cells):
+        flags.append(f"only {final.total} cells counted: fewer than the laboratory's minimum "
+                     f"of {cfg.stats.min_reportable_cells} for a differential "
+                     "(stats.min_reportable_cells)")
     if stopped_early:
         flags.append(f"stopped early at {counted} of {slide.target} cells: every blast "
                      "threshold was already decided"

@@ -36,6 +36,10 @@ class StatsParams(Params):
         description="stop a slide before its target once every flagged interval is decisive"
     )
     adaptive_min_cells: int = Field(gt=0, description="never stop adaptively below this count")
+    min_reportable_cells: int = Field(
+        ge=0, description="a count below this is flagged as too small for a differential "
+                          "(the laboratory's minimum; ICSH asks for 500 in marrow), whatever "
+                          "the slide's target was")
     adaptive_confidence: float = Field(
         gt=0.5, lt=1, description="coverage of the interval that decides an adaptive stop "
         "(stricter than `confidence`: the count is looked at after every field)")

@@ -55,6 +55,12 @@ def test_json_report_is_the_machine_differential(filled, config):
     assert rep["slide"]["fields"] == 8 and rep["slide"]["instrument"] == "scope-1"
     assert any(f.startswith(f"target not reached: {want.total} of 500") for f in rep["flags"])
     assert "preliminary: not yet reviewed and signed" in rep["flags"]
+    # Whatever the target, 8 cells are no differential: the lab's minimum says so.
+    assert (f"only {want.total} cells counted: fewer than the laboratory's minimum of 200 for "
+            "a differential (stats.min_reportable_cells)") in rep["flags"]
+    lab = config.model_copy(update={"stats": config.stats.model_copy(update={
+        "min_reportable_cells": want.total})})
+    assert not any(f.startswith("only ") for f in build_report(store, sid, lab)["flags"])
     json.dumps(rep)  # plain data all the way down
 
 
