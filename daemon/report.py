@@ -384,7 +384,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     prescan = None if not pre else {k: pre[k] for k in (
         "objective", "um_per_px", "planned", "kept", "left_out_by_reason")}
     return {
-        "report_version": 7,
+        "report_version": 8,
         "generated_at": iso_time(datetime.now(timezone.utc)),
         "slide": {
             "id": slide.id, "name": slide.name, "source": slide.source,
@@ -411,6 +411,8 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         "class_labels": taxonomy.labels,
         # Set when a sign-off issues this report (freeze_report), None while preliminary.
         "issue": None,
+        "laboratory": cfg.review.laboratory,
+        "statement": cfg.review.report_statement,
     }
 
 
@@ -610,6 +612,10 @@ def report_csv(rep: dict[str, Any]) -> str:
                     basis, *ref(None, None)])
     for f in rep["flags"]:
         w.writerow([s, "FLAG", f, "", "", "", "", "", "", "", basis, *ref(None, None)])
+    for kind, text in (("LABORATORY", rep.get("laboratory")),
+                       ("STATEMENT", rep.get("statement"))):
+        if text:
+            w.writerow([s, kind, text, "", "", "", "", "", "", "", basis, *ref(None, None)])
     return buf.getvalue()
 
 
@@ -644,6 +650,7 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
                                     (issue_text(issue) if issue else "",
                                      issue and issue["amends"])) if show]
     story: list[Any] = [
+        *([Paragraph(_esc(rep["laboratory"]), st["Normal"])] if rep.get("laboratory") else []),
         Paragraph(f"Bone-marrow differential: {_esc(sl['name'])}", st["Title"]),
         *[Paragraph(f"<font color='#b00000'><b>{_esc(text)}</b></font>", st["Normal"])
           for text in warn],
@@ -803,6 +810,9 @@ def report_pdf(rep: dict[str, Any], path: Path) -> None:
         "non-leukocytes and suppressed duplicates are left out. Reference intervals are the "
         "laboratory's own; L / H: the value lies below / above it. Produced by marrowcount; a "
         "machine count is preliminary until a qualified reviewer signs it.", st["Italic"]))
+    if rep.get("statement"):
+        story.append(Paragraph(f"<b>Intended use and limitations</b>: "
+                               f"{_esc(rep['statement'])}", st["Italic"]))
     ids = " · ".join(f"{CASE_LABELS[k]} {case[k]}" for k in ("accession", "patient_id",
                                                               "patient_name") if case.get(k))
     state = ("preliminary, not signed" if not issue else

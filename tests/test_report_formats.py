@@ -64,6 +64,26 @@ def test_json_report_is_the_machine_differential(filled, config):
     json.dumps(rep)  # plain data all the way down
 
 
+def test_every_report_says_whose_it_is_and_what_it_may_be_used_for(filled, config, tmp_path):
+    """A clinician reading only the PDF must learn the count's limits (the shipped model was
+    trained on peripheral blood, not marrow) and which laboratory issued it."""
+    store, sid, *_ = filled
+    rep = build_report(store, sid, config)
+    assert rep["laboratory"] is None and "not on marrow aspirates" in rep["statement"]
+    lab = config.model_copy(update={"review": config.review.model_copy(update={
+        "laboratory": "Haematology, St Elsewhere Hospital, Ward Rd 1",
+        "report_statement": "Validated 2026-11 for adult marrow aspirates (VAL-17)."})})
+    rep = build_report(store, sid, lab)
+    rows = {r["quantity"]: r["label"] for r in csv.DictReader(io.StringIO(report_csv(rep)))}
+    assert rows["LABORATORY"] == "Haematology, St Elsewhere Hospital, Ward Rd 1"
+    assert rows["STATEMENT"] == "Validated 2026-11 for adult marrow aspirates (VAL-17)."
+    pdf = tmp_path / "r.pdf"
+    write_report(store, sid, lab, "pdf", pdf)
+    text = " ".join(p.extract_text() for p in PdfReader(pdf).pages).replace("\n", " ")
+    assert text.startswith("Haematology, St Elsewhere Hospital, Ward Rd 1")
+    assert "Intended use and limitations: Validated 2026-11 for adult marrow" in text
+
+
 def test_signed_report_shows_reviewer_and_counts_before_after(filled, config):
     store, sid, _fields, _url, tmp_path = filled
     before = store.reviewed_counts(sid)

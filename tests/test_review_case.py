@@ -108,7 +108,7 @@ def test_every_report_format_names_the_case(review_env, tmp_path):
     assert rep["slide"]["case"] == dict.fromkeys(CASE)  # every key, none set
     _post_case(tech, env.slide_id, **CASE)
     rep = build_report(env.store, env.slide_id, env.cfg)
-    assert rep["report_version"] == 7 and rep["slide"]["case"] == CASE
+    assert rep["report_version"] == 8 and rep["slide"]["case"] == CASE
 
     rows = list(csv.DictReader(io.StringIO(report_csv(rep))))
     assert {r["label"]: r["value"] for r in rows if r["quantity"] == "CASE"} == CASE

@@ -14,6 +14,13 @@ from pipeline.params import Params
 class ReviewParams(Params):
     host: str = Field(description="address the review app binds; 127.0.0.1 keeps it local")
     port: int = Field(ge=0, le=65535)
+    laboratory: Optional[str] = Field(
+        max_length=300, description="the laboratory's name and address, at the head of every "
+                                    "report (none: not printed)")
+    report_statement: Optional[str] = Field(
+        max_length=2000, description="the intended use and limitations, printed on every "
+                                     "report and kept with each issued one (the laboratory's "
+                                     "own words once it has validated its method)")
     session_hours: float = Field(gt=0, description="a login lasts this long")
     idle_minutes: Optional[float] = Field(
         gt=0, description="a login unused this long ends (a shared bench PC left logged in); "
