@@ -15,9 +15,19 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-SETTINGS_SECTIONS = ("detect", "analysis")
+SETTINGS_SECTIONS = ("detect", "analysis", "acquisition.quality", "acquisition.prescan",
+                     "acquisition.autofocus", "watch.wsi", "stats")
 """Config sections that change which cells are found and how they are called, besides the
-classifier's own settings."""
+classifier's own settings; which fields are counted (the quality gate, the pre-scan, focus, a
+scanner file's tiling); and what the report makes of the count (intervals, thresholds). A
+quality gate tightened had counted 291 cells in 17 fields instead of 507 in 20 under the
+same fingerprint."""
+
+
+def _section(cfg: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        cfg = getattr(cfg, key)
+    return cfg
 
 
 @lru_cache(maxsize=1)
@@ -87,7 +97,7 @@ def analysis_method(cfg: Any, model: str, model_sha256: str, precision: str,
     or call."""
     classifier = cfg.classifier.model_dump(mode="json", exclude={"checkpoint", "batch_size"})
     settings = {"taxonomy": cfg.taxonomy, "classifier": classifier,
-                **{k: getattr(cfg, k).model_dump(mode="json") for k in SETTINGS_SECTIONS}}
+                **{k: _section(cfg, k).model_dump(mode="json") for k in SETTINGS_SECTIONS}}
     blob = json.dumps(settings, sort_keys=True).encode()
     return {
         "software": software_version(),
