@@ -568,6 +568,10 @@ def report_csv(rep: dict[str, Any]) -> str:
     for key, value in rep["slide"]["case"].items():
         w.writerow([s, "CASE", key, "", "", "" if value is None else value, "", "", "", "",
                     basis, *ref(None, None)])
+    # What ci_low / ci_high cover: a laboratory may set stats.confidence other than 0.95.
+    w.writerow([s, "CONFIDENCE", f"{confidence_text(d['confidence'])} exact (Clopper–Pearson) "
+                "intervals in ci_low / ci_high", "", "", d["confidence"], "", "", "", "",
+                basis, *ref(None, None)])
     for c in d["classes"]:
         label = c["label"] + (f" {REVIEWER_ONLY}" if c.get("reviewer_only") else "")
         w.writerow([s, c["name"], label, c["lineage"], c["n"], c["pct"], c["ci_low_pct"],

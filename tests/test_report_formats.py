@@ -243,6 +243,9 @@ def test_csv_rows_match_json(filled, config):
         assert lo <= c["ci_low_pct"] < lo + 0.01 and hi - 0.01 < c["ci_high_pct"] <= hi
     assert int(by["TOTAL"]["n"]) == rep["differential"]["total"]
     assert by["STATUS"]["label"] == rep["slide"]["status"].replace("_", " ")
+    # The coverage of ci_low / ci_high is in the file itself (a lab may not use 95%).
+    assert float(by["CONFIDENCE"]["value"]) == rep["differential"]["confidence"] == 0.95
+    assert by["CONFIDENCE"]["label"].startswith("95% exact (Clopper–Pearson) intervals")
     # The pixel size counted at is on every report, checked or not (here: the fields').
     with store.session() as sess:
         um = sess.scalars(select(Field.um_per_px)).first()
