@@ -27,7 +27,8 @@ import numpy as np
 from sqlalchemy import select
 
 from daemon.models import Cell, Field, Slide
-from daemon.report import file_safe
+from daemon.provenance import method_text
+from daemon.report import file_safe, slide_methods
 from daemon.review.actions import final_label
 from daemon.store import Store
 from pipeline.errors import ImageError, MarrowError
@@ -97,6 +98,13 @@ def signed_slides(store: Store, taxonomy: str, names: Sequence[str] = (),
     return slides
 
 
+def slide_method_texts(store: Store, slides: Sequence[Slide]) -> dict[str, list[str]]:
+    """Per slide name, the methods (software, model, settings: ``method_text``) its fields
+    were counted with."""
+    with store.session() as s:
+        return {sl.name: [method_text(m) for m in slide_methods(s, sl.id)] for sl in slides}
+
+
 def reviewed_cells(store: Store, slides: Sequence[Slide]) -> list[ReviewedCell]:
     """Every reviewable cell of ``slides`` (suppressed duplicates left out), in slide, field
     and cell order."""
@@ -124,8 +132,11 @@ def reviewed_cells(store: Store, slides: Sequence[Slide]) -> list[ReviewedCell]:
     return out
 
 
-def agreement(cells: Sequence[ReviewedCell], taxonomy: Taxonomy) -> dict[str, Any]:
-    """The machine's calls scored against the reviewers' final calls.
+def agreement(cells: Sequence[ReviewedCell], taxonomy: Taxonomy,
+              methods: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The machine's calls scored against the reviewers' final calls: how often review kept
+    the machine's call. Reviewers see that call, so this is not accuracy against an
+    independent count (a method comparison counts the same slides by hand).
 
     Returns plain data: ``classes`` (the taxonomy's, then NONE); ``confusion`` (rows the
     reviewer's final class, columns the machine's call); ``agreement`` (share of all cells
@@ -133,7 +144,9 @@ def agreement(cells: Sequence[ReviewedCell], taxonomy: Taxonomy) -> dict[str, An
     sensitivity for the reviewer's class), F1 and specificity, with ``n`` the reviewer's
     count; ``missed`` (cells reviewers added), ``excluded`` (counted by the machine, left out
     by a reviewer without a class); and ``slides``: per slide the number of calls changed and
-    the largest change of a counted class's share of the differential, in points.
+    the largest change of a counted class's share of the differential, in points. With
+    ``methods`` (``slide_method_texts``), each slide names its methods and ``methods`` lists
+    every one with its number of slides: figures that pool several models or settings say so.
     """
     names = list(taxonomy.names)
     space = names + [NONE]
@@ -172,7 +185,8 @@ def agreement(cells: Sequence[ReviewedCell], taxonomy: Taxonomy) -> dict[str, An
                         "machine_counted": sum(before.values()),
                         "reviewed_counted": sum(after.values()),
                         "largest_share_change_pp": round(abs(shift[worst]), 2),
-                        "largest_share_change_class": worst}
+                        "largest_share_change_class": worst,
+                        "methods": (methods or {}).get(name, [])}
     called = cm.sum(0)
     per_class = {}
     for c, v in m["per_class"].items():
@@ -198,6 +212,7 @@ def agreement(cells: Sequence[ReviewedCell], taxonomy: Taxonomy) -> dict[str, An
         "missed": int(cm[:, idx[NONE]].sum()),
         "excluded": int(cm[idx[NONE], :].sum()),
         "slides": slides,
+        "methods": dict(Counter(t for v in slides.values() for t in v["methods"])),
     }
 
 

@@ -28,6 +28,7 @@ from daemon.reviewed import (
     agreement,
     reviewed_cells,
     signed_slides,
+    slide_method_texts,
 )
 from pipeline.datasets import check_labels, read_folder_tree
 from tests.conftest import BCCD
@@ -107,8 +108,12 @@ def test_agreement_counts_each_review_decision(review_env):
     login(client, TECH)
     assert "no signed slides of taxonomy" in client.get("/agreement").text
     done = _review_and_sign(env)
-    cells = reviewed_cells(env.store, signed_slides(env.store, env.cfg.taxonomy))
-    res = agreement(cells, env.cfg.classes)
+    slides = signed_slides(env.store, env.cfg.taxonomy)
+    cells = reviewed_cells(env.store, slides)
+    res = agreement(cells, env.cfg.classes, slide_method_texts(env.store, slides))
+    (method,) = res["methods"]  # one model and settings: one method, on every slide
+    assert res["methods"][method] == 1 and res["slides"][SLIDE_NAME]["methods"] == [method]
+    assert "settings " in method and "model default.pt" in method
     space = res["classes"]
     cm = res["confusion"]
     assert res["cells"] == done["n"] + 1  # the added cell
@@ -144,6 +149,8 @@ def test_agreement_counts_each_review_decision(review_env):
     assert f"<tr><td>Lymphocyte</td><td>{lym['n']}</td>" in page  # labels, not class names
     assert "no signed slides" in client.get("/agreement?since=2999-01-01").text
     assert client.get("/agreement?since=yesterday").status_code == 400
+    assert "not accuracy against an independent count" in page
+    assert 'id="agreement-mixed"' not in page
 
     runner = CliRunner()
     png = env.root / "agreement.png"
@@ -156,6 +163,17 @@ def test_agreement_counts_each_review_decision(review_env):
     r = runner.invoke(app, ["agreement", "--since", "2999-01-01", "--config", _lab_yaml(env)])
     assert isinstance(r.exception, ReviewedError) and "signed since 2999-01-01" in str(r.exception)
 
+    # Part of the slide counted under other settings (a resume after a config change): the
+    # figures pool two methods, and both the page and the command say so.
+    with env.store.session() as s:
+        first = s.scalars(select(Field).where(Field.slide_id == env.slide_id)
+                          .order_by(Field.index)).first()
+        first.method = {**first.method, "settings": "0123456789ab"}
+    page = client.get("/agreement").text
+    assert 'id="agreement-mixed"' in page and "counted with 2 methods" in page
+    r = runner.invoke(app, ["agreement", "--config", _lab_yaml(env)])
+    assert r.exit_code == 0 and "counted with 2 methods" in r.stdout
+    assert "settings 0123456789ab" in r.stdout
 
 def test_agreement_headline_is_over_leukocytes_and_undefined_values_are_none(config):
     """400 leukocytes (100 myelocytes called metamyelocyte by the reviewer) and 400 debris

@@ -213,16 +213,20 @@ SinceOption = Annotated[Optional[datetime], typer.Option(
 
 def _signed_cells(config: Optional[Path], db: Optional[str], data_dir: Optional[Path],
                   slide: list[str], since: Optional[datetime]):
-    from daemon.reviewed import reviewed_cells, signed_slides
+    """The config, the store (open), the signed slides' reviewed cells and each slide's
+    methods."""
+    from daemon.reviewed import reviewed_cells, signed_slides, slide_method_texts
 
     cfg, store = _store(config, db, data_dir, existing=True)
     try:
         after = None if since is None else since.replace(tzinfo=timezone.utc)
-        cells = reviewed_cells(store, signed_slides(store, cfg.taxonomy, slide, after))
+        slides = signed_slides(store, cfg.taxonomy, slide, after)
+        cells = reviewed_cells(store, slides)
+        methods = slide_method_texts(store, slides)
     except BaseException:
         store.close()
         raise
-    return cfg, store, cells
+    return cfg, store, cells, methods
 
 
 @app.command("agreement")
@@ -243,9 +247,9 @@ def agreement_cmd(
 
     from daemon.reviewed import agreement
 
-    cfg, store, cells = _signed_cells(config, db, data_dir, slide, since)
+    cfg, store, cells, methods = _signed_cells(config, db, data_dir, slide, since)
     store.close()
-    res = agreement(cells, cfg.classes)
+    res = agreement(cells, cfg.classes, methods)
     if png is not None:
         import numpy as np
 
@@ -267,6 +271,16 @@ def agreement_cmd(
                   f"included: {num(res['agreement'], '.1%')}, kappa {num(res['kappa'], '.3f')}; "
                   f"{res['missed']} cells added by reviewers (missed), "
                   f"{res['excluded']} left out as smudge or duplicate", highlight=False)
+    console.print("Reviewers see the machine's call: this is how often review kept it, not "
+                  "accuracy against an independent count (for that, count the same slides by "
+                  "hand and compare the CSV reports).", highlight=False)
+    if len(res["methods"]) > 1:
+        console.print(f"[bold red]These slides were counted with {len(res['methods'])} methods "
+                      "(models or settings); the figures pool them. Name the slides of one "
+                      "method (--slide) to judge it:[/]")
+    for i, (text, n) in enumerate(res["methods"].items(), 1):
+        console.print(f"  method {i}, {n} slide{'s' * (n != 1)}: {text}", highlight=False,
+                      markup=False)
     t = Table("reviewer's class", "n", "sensitivity", "precision", "F1",
               title="Machine against reviewer, per class")
     for name, v in res["per_class"].items():
@@ -277,11 +291,14 @@ def agreement_cmd(
         console.print("† named by a reviewer only: the machine never calls it, so every such "
                       "cell is a disagreement", highlight=False)
     s = Table("slide", "cells", "calls changed", "counted (machine → reviewed)",
-              "largest share change", title="What review changed")
+              "largest share change", "method", title="What review changed")
+    s.columns[0].overflow = "fold"  # slide names that share a long beginning stay apart
+    ordinal = {text: i for i, text in enumerate(res["methods"], 1)}
     for name, v in res["slides"].items():
         s.add_row(name, str(v["cells"]), str(v["changed"]),
                   f"{v['machine_counted']} → {v['reviewed_counted']}",
-                  f"{v['largest_share_change_pp']:.1f} pp ({v['largest_share_change_class']})")
+                  f"{v['largest_share_change_pp']:.1f} pp ({v['largest_share_change_class']})",
+                  ", ".join(str(ordinal[t]) for t in v["methods"]) or "–")
     console.print(s)
 
 
@@ -304,7 +321,7 @@ def export_reviewed_cmd(
     classes, ready to be a `folder` source of `marrowcount train`."""
     from daemon.reviewed import export_reviewed
 
-    cfg, store, cells = _signed_cells(config, db, data_dir, slide, since)
+    cfg, store, cells, _ = _signed_cells(config, db, data_dir, slide, since)
     try:
         if um_per_px is None:
             from pipeline.classify import read_checkpoint

@@ -814,7 +814,13 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     def agreement_page(request: Request, since: str = "", who: Viewer = Depends(viewer)
                        ) -> Response:
         """The machine against the reviewers on signed slides (`marrowcount agreement`)."""
-        from daemon.reviewed import ReviewedError, agreement, reviewed_cells, signed_slides
+        from daemon.reviewed import (
+            ReviewedError,
+            agreement,
+            reviewed_cells,
+            signed_slides,
+            slide_method_texts,
+        )
 
         try:
             after = (datetime.strptime(since, "%Y-%m-%d").replace(tzinfo=timezone.utc)
@@ -822,8 +828,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         except ValueError:
             raise actions.ReviewError(f"since {since!r} is not a date (YYYY-MM-DD)") from None
         try:
-            res = agreement(reviewed_cells(store, signed_slides(store, cfg.taxonomy, (), after)),
-                            cfg.classes)
+            slides = signed_slides(store, cfg.taxonomy, (), after)
+            res = agreement(reviewed_cells(store, slides), cfg.classes,
+                            slide_method_texts(store, slides))
         except ReviewedError as exc:
             res, empty = None, str(exc)
         else:
