@@ -69,3 +69,21 @@ def test_old_signed_slides_are_found_by_search(review_env):
     row = tech.get("/api/queue", params={"q": "bccd review"}).json()["slides"]
     full = next(s for s in tech.get("/api/queue").json()["slides"] if s["name"] == SLIDE_NAME)
     assert row == [full] and full["counted"] > 0
+
+
+def test_a_failed_slide_leaves_the_queue_after_a_while_and_search_finds_it(review_env):
+    """Failed slides (no result; cancelled ones too) had stayed in the queue for ever."""
+    env = review_env
+    now = datetime.now(timezone.utc)
+    ids = {}
+    for name, days in (("BM-failed-today", 0), ("BM-failed-long-ago", 20)):
+        ids[name] = env.store.create_slide(name, "folder", "", 300, env.cfg.taxonomy)
+        with env.store.session() as s:
+            s.execute(update(Slide).where(Slide.id == ids[name]).values(
+                status="failed", error="glass broken", finished_at=now - timedelta(days=days)))
+    tech = client_as(env.cfg, env.store)
+    listed = {r["name"] for r in tech.get("/api/queue").json()["slides"]}
+    assert env.cfg.review.failed_shown_days == 14
+    assert {SLIDE_NAME, "BM-failed-today"} <= listed and "BM-failed-long-ago" not in listed
+    found = tech.get("/api/queue", params={"q": "long-ago"}).json()["slides"]
+    assert [(r["name"], r["status"]) for r in found] == [("BM-failed-long-ago", "failed")]

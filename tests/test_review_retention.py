@@ -44,6 +44,10 @@ def test_purge_deletes_only_old_signed_field_images(review_env, pipeline_fields,
     with env.store.session() as s:
         actions.sign(s, env.slide_id, WHO, "normal differential")
     waiting = count_slide(env.store, env.cfg, "not yet signed", pipeline_fields[:5])
+    # A failed slide (no result: the wrong glass, cancelled) had kept its images for ever.
+    failed = count_slide(env.store, env.cfg, "wrong glass", pipeline_fields[:3], status="failed")
+    failed_images = _images(env, failed)
+    assert len(failed_images) == 3 and all(failed_images)
     images = [p for p in _images(env, env.slide_id) if p]
     crops = [p for p in _crops(env, env.slide_id) if p]
     assert len(images) == len(pipeline_fields) and crops
@@ -53,16 +57,16 @@ def test_purge_deletes_only_old_signed_field_images(review_env, pipeline_fields,
     # Signed just now: not older than a day, so nothing goes.
     assert purge_field_images(env.store, now - timedelta(days=1), "ops") == []
     dry = purge_field_images(env.store, now + timedelta(minutes=1), "ops", dry_run=True)
-    assert [(p.slide, p.fields, p.missing) for p in dry] == [
-        ("BCCD review slide", len(images), 0)]
+    assert [(p.slide, p.status, p.fields, p.missing) for p in dry] == [
+        ("BCCD review slide", "signed", len(images), 0), ("wrong glass", "failed", 3, 0)]
     assert dry[0].bytes == sum(env.store.path(p).stat().st_size for p in images)
     assert all(env.store.path(p).is_file() for p in images)
     assert _images(env, env.slide_id) == images
 
     env.store.path(images[0]).unlink()  # lost before the purge: its row is cleared too
     done = purge_field_images(env.store, now + timedelta(minutes=1), "ops")
-    assert [(p.fields, p.missing) for p in done] == [(len(images), 1)]
-    assert not any(env.store.path(p).exists() for p in images)
+    assert [(p.fields, p.missing) for p in done] == [(len(images), 1), (3, 0)]
+    assert not any(env.store.path(p).exists() for p in images + failed_images)
     assert _images(env, env.slide_id) == [None] * len(images)
     assert all(env.store.path(p).is_file() for p in crops)  # crops stay
     # The slide not signed keeps its field images, and a second run finds nothing to do.
@@ -70,8 +74,9 @@ def test_purge_deletes_only_old_signed_field_images(review_env, pipeline_fields,
     assert purge_field_images(env.store, now + timedelta(minutes=1), "ops") == []
     with env.store.session() as s:
         ev = s.scalars(select(AuditEvent).where(AuditEvent.action == "purge_field_images")).all()
-        assert [(e.username, e.slide_id, e.before["fields_with_image"]) for e in ev] == [
-            ("ops", env.slide_id, len(images))]
+        assert [(e.username, e.slide_id, e.before["fields_with_image"], e.after["status"])
+                for e in ev] == [("ops", env.slide_id, len(images), "signed"),
+                                 ("ops", failed, 3, "failed")]
 
     # The report is unchanged; export falls back to the crops.
     report_after = build_report(env.store, env.slide_id, env.cfg)
@@ -112,10 +117,11 @@ def test_purge_command_needs_one_cut_off_and_reports_sizes(review_env):
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     res = runner.invoke(app, [*args, "--signed-before", today, "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "BCCD review slide" in res.output and "would delete 40 field images" in res.output
+    assert "BCCD review slide (signed " in res.output
+    assert "would delete 40 field images" in res.output
     assert all(_images(env, env.slide_id))
     res = runner.invoke(app, [*args, "--older-than-days", "30"])
-    assert res.exit_code == 0 and "0 slides signed before" in res.output
+    assert res.exit_code == 0 and "0 slides signed or failed before" in res.output
     res = runner.invoke(app, [*args, "--signed-before", today, "--by", "nightly"])
     assert res.exit_code == 0 and "deleted 40 field images" in res.output
     assert not any(_images(env, env.slide_id))

@@ -401,8 +401,9 @@ def purge_images_cmd(
     data_dir: DataDirOption = None,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """Delete the whole-field images of slides signed long enough ago, keeping every cell's
-    crop, the counts, reviews, reports and audit trail. Run it from a timer to cap disk use."""
+    """Delete the whole-field images of slides signed (or failed: no result) long enough ago,
+    keeping every cell's crop, the counts, reviews, reports and audit trail. Run it from a
+    timer to cap disk use."""
     from datetime import timedelta
 
     from daemon.retention import purge_field_images
@@ -423,13 +424,14 @@ def purge_images_cmd(
     verb = "would delete" if dry_run else "deleted"
     for p in purged:
         gone = f", {p.missing} already missing" if p.missing else ""
-        console.print(f"{p.slide} (signed {p.signed_at:%Y-%m-%d}): {verb} {p.fields} field "
+        console.print(f"{p.slide} ({p.status} {p.ended_at:%Y-%m-%d}): {verb} {p.fields} field "
                       f"images, {p.bytes / 1e6:.1f} MB{gone}", highlight=False)
         if p.not_deleted:
             err_console.print(f"[yellow]warning:[/] {p.slide}: {p.not_deleted} image(s) could "
                               "not be deleted (see the log); delete them by hand",
                               highlight=False)
-    console.print(f"{len(purged)} slides signed before {cutoff:%Y-%m-%d %H:%M} UTC: {verb} "
+    console.print(f"{len(purged)} slides signed or failed before {cutoff:%Y-%m-%d %H:%M} UTC: "
+                  f"{verb} "
                   f"{sum(p.fields for p in purged)} field images, "
                   f"{sum(p.bytes for p in purged) / 1e6:.1f} MB", highlight=False)
 

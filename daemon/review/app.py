@@ -18,7 +18,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -446,8 +446,12 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 slides = list(s.scalars(select(Slide).options(no_plan)
                                         .where(Slide.id.in_(hits[:SEARCH_SHOWN]))))
             else:
-                slides = list(s.scalars(select(Slide).options(no_plan)
-                                        .where(Slide.status != "signed")))
+                # A failed slide has no result to sign: it is shown for a while, then
+                # leaves (years of them had filled the queue); a search finds it.
+                gone = datetime.now(timezone.utc) - timedelta(days=params.failed_shown_days)
+                slides = list(s.scalars(select(Slide).options(no_plan).where(
+                    Slide.status != "signed",
+                    ~((Slide.status == "failed") & (Slide.finished_at < gone)))))
                 signed = list(s.scalars(select(Slide).options(no_plan)
                                         .where(Slide.status == "signed")
                                         .order_by(Slide.signed_at.desc(), Slide.id.desc())

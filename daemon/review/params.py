@@ -29,6 +29,9 @@ class ReviewParams(Params):
         description="mark the session cookie Secure (set when served behind HTTPS)"
     )
     queue_refresh_s: float = Field(gt=0, description="queue page polling interval")
+    failed_shown_days: float = Field(
+        gt=0, description="a failed slide (no result) leaves the queue this long after it "
+                          "failed; a search still finds it")
     require_case: list[CaseKey] = Field(
         description="case fields a slide must have before it can be signed off "
                     "(accession, patient_id, patient_name, specimen, collected_on)")
