@@ -749,3 +749,14 @@ def test_fit_unknown_refits_every_detector_at_the_configured_rate(tiny):
         Classifier(legacy, path, unknown_method="dice")
     assert not Classifier(legacy, path, unknown_method="dice", flag_unknown=False).classify(
         crops).unknown.any()
+
+
+def test_the_model_card_names_the_shipped_files_hash():
+    """A report's method line prints the model file's SHA-256; the card must be the one of
+    that file (a retrained model shipped without a new card would be described wrongly)."""
+    import hashlib
+
+    card = (SHIPPED.parent / "MODEL_CARD.md").read_text()
+    sha = hashlib.sha256(SHIPPED.read_bytes()).hexdigest()
+    assert f"File SHA-256 `{sha}`" in card and f"`{sha[:16]}`" in card
+    assert "**Intended use and limitations**" in card and "not on\nmarrow aspirates" in card
