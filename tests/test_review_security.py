@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from daemon.models import AuditEvent, Cell, Field, Slide, User
+from daemon.review import actions
 from daemon.review.app import create_app
 from daemon.review.auth import SESSION_COOKIE
 from tests.review_slide import (  # noqa: F401  (fixtures)
@@ -23,6 +24,7 @@ from tests.review_slide import (  # noqa: F401  (fixtures)
     pipeline_fields,
     review_env,
     review_template,
+    seen_of,
     sign_form,
 )
 
@@ -233,6 +235,43 @@ def test_a_login_left_unused_ends_and_the_pages_own_refreshing_is_not_use(review
     login(other, TECH)
     clock[0] += 5 * 3600
     assert other.get("/", follow_redirects=False).status_code == 200
+    # However busy, a login ends after session_hours (12): renewing the cookie on use had
+    # made it last for ever.
+    busy = TestClient(app)
+    login(busy, TECH)
+    for _ in range(int(12 * 60 / 20)):
+        clock[0] += 20 * 60
+        assert busy.get("/", follow_redirects=False).status_code == 200
+    clock[0] += 20 * 60
+    assert busy.get("/", follow_redirects=False).status_code == 303
+
+
+def test_only_real_accounts_failed_logins_are_kept_in_the_audit_trail(app, review_env):
+    """The trail is append-only: made-up names (5,000 characters each, a new one every time)
+    had grown it without bound, and a password typed into the name field was kept for
+    ever."""
+    client = TestClient(app)
+    token = csrf_of(client.get("/login").text)
+    for name in ("x" * 5000, "y" * 5000, TECH[1], TECH2[0]):
+        r = client.post("/login", data={"username": name, "password": "nope-nope",
+                                        "csrf_token": token}, follow_redirects=False)
+        assert r.status_code == 401
+    with review_env.store.session() as s:
+        failed = [e.username for e in s.scalars(select(AuditEvent).where(
+            AuditEvent.action == "login_failed"))]
+    assert failed == [TECH2[0]]
+
+
+def test_logging_in_upgrades_an_old_password_hash(app, review_env):
+    from argon2 import PasswordHasher
+
+    weak = PasswordHasher(time_cost=1, memory_cost=8192).hash(TECH2[1])
+    with review_env.store.session() as s:
+        s.execute(update(User).where(User.username == TECH2[0]).values(password_hash=weak))
+    login(TestClient(app), TECH2)
+    with review_env.store.session() as s:
+        now = s.scalar(select(User.password_hash).where(User.username == TECH2[0]))
+    assert now != weak and PasswordHasher().verify(now, TECH2[1])
 
 
 def test_a_form_sent_after_the_session_ended_leads_back_to_its_page(app, review_env):
@@ -515,10 +554,18 @@ def test_sign_off_can_ask_for_the_signers_password(review_env):
     token = login(client, TECH)
     assert 'id="sign-password"' in client.get(f"/slides/{env.slide_id}").text
     sign = f"/slides/{env.slide_id}/sign"
-    r = client.post(sign, data={"csrf_token": token, "note": "thin smear"},
+    seen = seen_of(client, env.slide_id)
+    r = client.post(sign, data={"csrf_token": token, "note": "thin smear", "seen": seen},
                     follow_redirects=False)
     assert r.status_code == 403 and "the password is not yours: not signed" in r.text
     assert "thin smear" in r.text  # the note, to give again
+    # A wrong password changes nothing on the slide: other pages need no reload for it.
+    with review_env.store.session() as s:
+        assert actions.changes_since(s, env.slide_id, int(seen)) == {}
+    # No such slide: a 404 before any password is looked at (a refusal on a slide that
+    # does not exist had failed to be written: a 500).
+    r = client.post("/slides/999999/sign", data={"csrf_token": token, "password": "guess"})
+    assert r.status_code == 404
     for _ in range(4):
         client.post(sign, data={"csrf_token": token, "password": "guess"},
                     follow_redirects=False)

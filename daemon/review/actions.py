@@ -364,11 +364,17 @@ def last_event(s: Session, slide_id: int) -> int:
     return s.scalar(select(func.max(AuditEvent.id)).where(AuditEvent.slide_id == slide_id)) or 0
 
 
+NOT_CHANGES = ("password_refused",)
+"""Audit events on a slide that change nothing on it: no page has to be reloaded for them."""
+
+
 def changes_since(s: Session, slide_id: int, seen: int, upto: int | None = None
                   ) -> dict[str, int]:
-    """Audit events on the slide after ``seen`` (up to ``upto``), per user."""
+    """Changes (audit events but ``NOT_CHANGES``) on the slide after ``seen`` (up to
+    ``upto``), per user."""
     q = select(AuditEvent.username, func.count()).where(
-        AuditEvent.slide_id == slide_id, AuditEvent.id > seen)
+        AuditEvent.slide_id == slide_id, AuditEvent.id > seen,
+        AuditEvent.action.not_in(NOT_CHANGES))
     if upto is not None:
         q = q.where(AuditEvent.id <= upto)
     return {u: int(n) for u, n in s.execute(q.group_by(AuditEvent.username)).all()}

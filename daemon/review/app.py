@@ -96,6 +96,16 @@ GALLERY_COLUMNS = (Cell.id, Cell.field_id, Cell.label, Cell.first_label, Cell.re
                    Cell.flag_open.label("flag_open"))
 
 
+@dataclass(frozen=True)
+class Account:
+    """Who a password was right for."""
+
+    id: int
+    username: str
+    role: str
+    session_epoch: int
+
+
 class NotLoggedIn(Exception):
     """No valid session: pages redirect to the login form, everything else answers 401."""
 
@@ -169,7 +179,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
 
     def set_session(resp: Response, uid: int | None, csrf: str | None = None,
                     epoch: int = 0) -> None:
-        put_cookie(resp, codec.dumps(uid, csrf, epoch, int(time.time()) if uid else None))
+        now = int(time.time()) if uid else None
+        put_cookie(resp, codec.dumps(uid, csrf, epoch, now, now))
 
     def put_cookie(resp: Response, value: str) -> None:
         resp.set_cookie(SESSION_COOKIE, value, max_age=int(codec.max_age_s),
@@ -179,7 +190,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         data = codec.loads(request.cookies.get(SESSION_COOKIE))
         if not data or not isinstance(data.get("uid"), int):
             raise NotLoggedIn()
-        now, used = int(time.time()), data.get("used")
+        now, used, login_at = int(time.time()), data.get("used"), data.get("login")
+        if not isinstance(login_at, int) or now - login_at > params.session_hours * 3600:
+            raise NotLoggedIn()  # a login lasts session_hours, however busy
         if params.idle_minutes is not None:
             if not isinstance(used, int) or now - used > params.idle_minutes * 60:
                 raise NotLoggedIn()
@@ -187,7 +200,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             # waste); the pages' own refreshing (X-Poll) is not use.
             if now - used >= IDLE_RENEW_S and not request.headers.get(POLL_HEADER):
                 request.state.session_cookie = codec.dumps(data["uid"], data["csrf"],
-                                                           data.get("epoch", 0), now)
+                                                           data.get("epoch", 0), now, login_at)
         with store.session() as s:
             user = s.get(User, data["uid"])
             # Logged out since, or a new password: a cookie from before is no session.
@@ -353,16 +366,16 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return resp
 
     def try_password(username: str, password: str, failed_action: str, client: str | None,
-                     slide_id: int | None = None) -> tuple[User | None, float]:
+                     slide_id: int | None = None) -> tuple[Account | None, float]:
         """Check a password against the lockout: returns the user (None for a wrong password
         or during a pause) and the seconds left of the pause (0 when there is none).
 
         The attempt is counted before the password is checked, in the same locked step as
         the lockout test: requests sent at once had each passed the test before any failure
-        was counted (26 guesses in one burst where 5 were allowed). A wrong password is an
-        audit event ``failed_action`` (21 CFR 11.300(d): attempts are detected and
-        reported); the one that starts a pause says so. Refusals during a pause check
-        nothing and are logged only: they cost an attacker nothing and would flood the trail.
+        was counted (26 guesses in one burst where 5 were allowed). A wrong password for an
+        account is an audit event ``failed_action`` (21 CFR 11.300(d): attempts are detected
+        and reported); the one that starts a pause says so. An unknown name, and refusals
+        during a pause (which check nothing), are logged only.
         """
         now = time.monotonic()
         with failures_lock:
@@ -378,20 +391,26 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             recent.append(now)
             locks = len(recent) >= LOGIN_MAX_FAILURES
         with store.session() as s:
-            user = authenticate(s, username, password)
-            if user is None:
-                s.add(AuditEvent(username=username[:100], action=failed_action,
+            found = authenticate(s, username, password)
+            user = (None if found is None else
+                    Account(found.id, found.username, found.role, found.session_epoch))
+            # Only a real account's failures are audited: a name typed is not kept for ever
+            # (the audit trail is append-only, and a password typed into the name field
+            # would be), and made-up names cannot grow it without bound.
+            known = user is not None or s.scalar(
+                select(User.id).where(User.username == username)) is not None
+            if user is None and known:
+                s.add(AuditEvent(username=username, action=failed_action,
                                  slide_id=slide_id,
                                  after={"client": client, "paused": locks} if locks
                                  else {"client": client}))
-            else:
-                s.expunge(user)
         if user is not None:
             with failures_lock:
                 with contextlib.suppress(ValueError):
                     failures[username].remove(now)
         else:
-            log.warning("%s for %r from %s%s", failed_action.replace("_", " "), username,
+            log.warning("%s for %s from %s%s", failed_action.replace("_", " "),
+                        repr(username) if known else "a name that is no account",
                         client, ": paused" if locks else "")
         return user, 0.0
 
@@ -400,6 +419,8 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         """The signer's password, given again at sign-off or reopening
         (``review.sign_password``); wrong ones count toward the login lockout (the form must
         not be a way to guess it) and are audited on the slide."""
+        with store.session() as s:
+            actions.get_slide(s, slide_id)  # "no slide N" before any password is looked at
         client = request.client.host if request.client else None
         user, wait_s = try_password(username.strip(), password, "password_refused", client,
                                     slide_id)

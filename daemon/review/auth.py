@@ -150,17 +150,19 @@ def load_secret(data_dir: Path) -> bytes:
 
 class SessionCodec:
     """Signs and checks the session cookie's payload ``{"uid": int|None, "csrf": str,
-    "epoch": int, "used": int|None}`` (``epoch``: the user's ``session_epoch`` when it was
-    issued; ``used``: the Unix second it was last used, for ``review.idle_minutes``)."""
+    "epoch": int, "used": int|None, "login": int|None}`` (``epoch``: the user's
+    ``session_epoch`` when it was issued; ``used``: the Unix second it was last used, for
+    ``review.idle_minutes``; ``login``: when the user logged in, for ``review.session_hours``:
+    a cookie renewed on use is signed afresh, so its signature's age no longer says it)."""
 
     def __init__(self, secret: bytes, max_age_s: float) -> None:
         self._s = URLSafeTimedSerializer(secret, salt="marrowcount-review-session")
         self.max_age_s = max_age_s
 
     def dumps(self, uid: int | None, csrf: str | None = None, epoch: int = 0,
-              used: int | None = None) -> str:
+              used: int | None = None, login: int | None = None) -> str:
         return self._s.dumps({"uid": uid, "csrf": csrf or secrets.token_urlsafe(24),
-                              "epoch": epoch, "used": used})
+                              "epoch": epoch, "used": used, "login": login})
 
     def loads(self, cookie: str | None) -> dict[str, Any] | None:
         if not cookie:
