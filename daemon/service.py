@@ -49,6 +49,8 @@ from pipeline.params import Params
 log = logging.getLogger("marrowcount.service")
 
 PLAN_VERSION = 1
+FOLDER_AWAY_MAX_S = 3600.0
+"""How long a folder slide waits for its watch folder to come back before it fails."""
 
 
 class ServiceParams(Params):
@@ -269,6 +271,8 @@ class Service:
         one commits, or until that slide stops acquiring here (failed, cancelled)."""
         self._webhook: Any = None
         self._paused_until: dict[int, float] = {}
+        self._away_since: dict[int, float] = {}
+        """When each folder slide's watch folder was first found away (``_folder_away``)."""
         # Slides paused again for the reason they were paused before: a fault that persists.
         self._repeated: set[int] = set()
         self._exit_when_idle = False
@@ -628,31 +632,40 @@ class Service:
                 extra={"data": {"slide": slide.id, "name": slide.name}})
         self._emit("slide_paused", slide, counted, notify=alert, reason=reason)
 
-    @staticmethod
-    def _folder_away(slide: Any) -> str | None:
-        """For a scanner-folder slide whose file is missing: its folder, when that folder is
-        gone, empty or unreadable (a share unmounted, renamed or briefly away), else None
-        (the file itself was removed). Failing such a slide had counted its file again, as a
-        second slide, once the share was back."""
+    def _folder_away(self, slide: Any) -> str | None:
+        """For a scanner-folder slide whose file is missing: the watch folder it came from,
+        when that folder is gone, empty or unreadable (a share unmounted, renamed or briefly
+        away), else None (the file, or its case folder, was removed from a share that is
+        there). Failing such a slide had counted its file again, as a second slide, once
+        the share was back."""
         if slide.source != "folder":
             return None
+        roots = [Path(f.path) for f in self.cfg.watch.folders]
         for f in (slide.plan or {}).get("files", []):
             path = Path(f.get("path", ""))
             if path.exists():
                 continue
+            root = next((r for r in roots if path.is_relative_to(r)), path.parent)
             try:
-                if not path.parent.is_dir() or not any(path.parent.iterdir()):
-                    return str(path.parent)
+                if not root.is_dir() or not any(root.iterdir()):
+                    return str(root)
             except OSError:
-                return str(path.parent)
+                return str(root)
         return None
 
     def _fail(self, slide: Any, reason: str) -> None:
         if away := self._folder_away(slide):
-            self._pause(slide, self.store.progress(slide.id).counted,
-                        f"scanner folder not reachable: {away} is gone or empty; the slide "
-                        f"waits for it ({reason})", previous=slide.error)
-            return
+            since = self._away_since.setdefault(slide.id, time.monotonic())
+            if time.monotonic() - since < FOLDER_AWAY_MAX_S:
+                self._pause(slide, self.store.progress(slide.id).counted,
+                            f"scanner folder not reachable: {away} is gone or empty; the "
+                            f"slide waits for it ({reason})", previous=slide.error)
+                return
+            # Away that long is no blip: a slide must not hold its place (and a queue held
+            # by a full disk) for ever.
+            reason = (f"{reason} (its scanner folder {away} was away for over "
+                      f"{FOLDER_AWAY_MAX_S / 3600:g} h)")
+        self._away_since.pop(slide.id, None)
         self.store.set_status(slide.id, "failed", error=reason[:2000], stopped_because="failed")
         self.metrics.error("slide")
         self.metrics.slides.labels(outcome="failed").inc()

@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.models import ScannedFile, Slide, utcnow
 from drivers.slide_image import DICOM_SUFFIX, dicom_series_files, dicom_slide_key
@@ -376,6 +377,8 @@ class FolderWatcher:
                     continue
             try:
                 events += self._process_group(folder, root, key, sorted(groups[key]))
+            except SQLAlchemyError:
+                raise  # the store, not this slide: the pass ends and the next one retries
             except Exception:  # noqa: BLE001  (one slide's fault must not hold up the others)
                 log.exception("%s: cannot be queued; left where it is until a restart",
                               printable(str(root / key)))
@@ -614,6 +617,8 @@ class FolderWatcher:
                 if Path(row.path) != path:
                     events.append(WatchEvent("duplicate", str(path), row.slide_id,
                                              f"same content as {row.path}, already {row.state}"))
+                else:  # only its inode changed (chmod, chown): recorded as looked at now, or
+                    self._touch(sha)  # every restart would hash it again
                 continue
             if row is not None and row.state == "quarantined":
                 # Put back by a person, maybe after fixing what stopped it (e.g. the folder's
@@ -694,6 +699,11 @@ class FolderWatcher:
     def _row(self, sha: str) -> ScannedFile | None:
         with self.store.session() as s:
             return s.scalar(select(ScannedFile).where(ScannedFile.sha256 == sha))
+
+    def _touch(self, sha: str) -> None:
+        with self.store.session() as s:
+            s.execute(update(ScannedFile).where(ScannedFile.sha256 == sha)
+                      .values(updated_at=utcnow()))
 
     def _record(self, sha: str, path: Path, size: int, state: str, error: str | None = None,
                 ) -> None:
@@ -803,7 +813,8 @@ class FolderWatcher:
     def waiting(self) -> int:
         """Files seen but not yet complete or processed (0 = the backlog is through)."""
         settled = {p for p, _, _ in self._settled}
-        return sum(1 for p in list(self._seen) if p not in settled and p.exists())
+        return sum(1 for p in list(self._seen)
+                   if p not in settled and p not in self._stuck and p.exists())
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:

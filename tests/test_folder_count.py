@@ -174,6 +174,20 @@ def test_a_new_folder_slide_is_started_and_an_interrupted_one_resumed(lab):
     assert starts == [False, True]
 
 
+def _queue_and_run(svc, lab_cfg, scan: bool = True) -> FolderWatcher:
+    """A watcher over the lab's folders queues what is there (``scan``), then the service
+    counts until it is idle; returns the watcher."""
+    w = FolderWatcher(lab_cfg.watch, svc.store, target=TARGET, taxonomy=lab_cfg.taxonomy,
+                      detect=lab_cfg.detect)
+    for _ in range(20 if scan else 0):
+        w.scan_once()
+        if svc.store.slides():
+            break
+        time.sleep(0.05)
+    svc.run(exit_when_idle=True)
+    return w
+
+
 def test_a_scanner_share_away_mid_slide_pauses_it_and_it_resumes_once(lab):
     """The share holding a slide's file unmounted (here: renamed) between fields: the slide
     had failed on "no such file", and when the share was back its file was counted again
@@ -206,14 +220,7 @@ def test_a_scanner_share_away_mid_slide_pauses_it_and_it_resumes_once(lab):
             away.rename(inbox)
         svc = Service(lab_cfg, cfg_path, on_event=on_event)
         try:
-            w = FolderWatcher(lab_cfg.watch, svc.store, target=TARGET,
-                              taxonomy=lab_cfg.taxonomy, detect=lab_cfg.detect)
-            for _ in range(20):
-                w.scan_once()
-                if svc.store.slides():
-                    break
-                time.sleep(0.05)
-            svc.run(exit_when_idle=True)
+            w = _queue_and_run(svc, lab_cfg)
             w.scan_once()  # settles what finished; the share's absence settles nothing
             (slide,) = svc.store.slides()
             if step == "share away":
@@ -224,5 +231,40 @@ def test_a_scanner_share_away_mid_slide_pauses_it_and_it_resumes_once(lab):
                 check_consistent(svc.store, slide.id)
                 with svc.store.session() as ss:
                     assert [r.state for r in ss.scalars(select(ScannedFile))] == ["done"]
+        finally:
+            svc.close()
+
+
+def test_a_folder_slide_whose_file_was_deleted_from_a_share_that_is_there_fails(lab):
+    """Only the watch folder gone or empty is a share away: a case folder deleted from a
+    share that is there (the wrong case removed) had waited for ever, holding its place."""
+    from daemon.service import Service
+
+    inbox, cfg_path, cfg = lab
+    (inbox / "case1").mkdir()
+    write_pyramid(inbox / "case1" / "s.tif", bccd_mosaic(4, 3), BCCD_UM_PER_PX)
+    lab_cfg = load_config(cfg_path)
+    lab_cfg = lab_cfg.model_copy(update={
+        "watch": WatchParams(**{**lab_cfg.watch.model_dump(), "folders": [
+            {"path": str(inbox), "um_per_px": BCCD_UM_PER_PX, "grouping": "subfolder"}]}),
+        "service": lab_cfg.service.model_copy(update={"retry_slide_after_s": 0.2})})
+    fields: list[int] = []
+
+    def on_event(e) -> None:
+        if e.kind == "field":
+            fields.append(1)
+            if len(fields) == 1:
+                svc.request_stop()
+
+    for step in ("first field", "case deleted"):
+        if step == "case deleted":
+            shutil.rmtree(inbox / "case1")
+            shutil.copy(bccd_field(3), inbox / "other-case.jpg")  # the share is there
+        svc = Service(lab_cfg, cfg_path, on_event=on_event)
+        try:
+            _queue_and_run(svc, lab_cfg, scan=step == "first field")
+            slide = svc.store.slides()[0]
+            if step == "case deleted":
+                assert slide.status == "failed" and "no such file" in slide.error, slide.error
         finally:
             svc.close()

@@ -299,6 +299,54 @@ def test_a_rescan_of_the_same_size_with_an_older_time_is_counted(config, store, 
     assert len(slides(store)) == 2
 
 
+def test_a_file_whose_inode_alone_changed_is_hashed_once_not_at_every_restart(
+        config, store, inbox, monkeypatch):
+    """A chmod -R on the share changes every file's inode time: each is hashed once more to
+    see it is the same, then recorded so, not hashed again by every later watcher."""
+    import drivers.folder as folder
+
+    params = make_params(config, inbox, stable_seconds=0.0)
+    shutil.copy(bccd_field(5), inbox / "BM-1.jpg")
+    scan_until_idle(watcher(config, store, params))
+    hashed = []
+    real = folder.sha256_file
+    monkeypatch.setattr(folder, "sha256_file", lambda p: hashed.append(p) or real(p))
+    time.sleep(0.01)
+    os.chmod(inbox / "BM-1.jpg", 0o640)
+    for restart in range(3):
+        scan_until_idle(watcher(config, store, params))
+    assert hashed == [inbox / "BM-1.jpg"] and len(slides(store)) == 1
+
+
+def test_a_passing_store_error_ends_the_pass_and_the_next_one_queues_the_slide(
+        config, store, inbox, monkeypatch):
+    """"database is locked" once: the slide had been set aside until a restart, and
+    `watch --once` waited for it for ever."""
+    from sqlalchemy.exc import OperationalError
+
+    params = make_params(config, inbox, stable_seconds=0.0)
+    w = watcher(config, store, params)
+    real, calls = w._row, []
+
+    def locked_once(sha):
+        calls.append(sha)
+        if len(calls) == 1:
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+        return real(sha)
+
+    monkeypatch.setattr(w, "_row", locked_once)
+    shutil.copy(bccd_field(5), inbox / "BM-1.jpg")
+    ended = 0
+    for _ in range(10):  # as the watcher's own loop: a pass that raises is logged, retried
+        try:
+            w.scan_once()
+        except OperationalError:
+            ended += 1
+        time.sleep(0.05)
+    assert ended == 1
+    assert [s.name for s in slides(store)] == ["BM-1.jpg"] and w.waiting() == 0
+
+
 def test_file_that_fails_mid_count_is_quarantined(config, store, inbox, tmp_path):
     """A tile that only breaks when it is read (after the slide was planned): the source
     raises, the daemon fails the slide with that reason, and the next pass quarantines it."""
