@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 SETTINGS_SECTIONS = ("detect", "analysis", "acquisition.quality", "acquisition.prescan",
-                     "acquisition.autofocus", "watch.wsi", "stats")
+                     "acquisition.autofocus", "watch.wsi")
 """Config sections that change which cells are found and how they are called, besides the
-classifier's own settings; which fields are counted (the quality gate, the pre-scan, focus, a
-scanner file's tiling); and what the report makes of the count (intervals, thresholds). A
-quality gate tightened had counted 291 cells in 17 fields instead of 507 in 20 under the
-same fingerprint."""
+classifier's own settings, and which fields are counted (the quality gate, the pre-scan,
+focus, a scanner file's tiling): a quality gate tightened had counted 291 cells in 17 fields
+instead of 507 in 20 under the same fingerprint. Not `stats`: a report computes its
+intervals and flags with the settings of its printing (and says them), and a reference
+interval changed mid-slide is no second method of counting."""
 
 
 def _section(cfg: Any, dotted: str) -> Any:

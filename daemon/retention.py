@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from sqlalchemy import and_, case, or_, select, update
 
 from daemon.models import AuditEvent, Field, Slide
-from daemon.store import Store
+from daemon.store import Store, failed_before
 
 log = logging.getLogger("marrowcount.retention")
 
@@ -58,7 +58,7 @@ def purge_field_images(store: Store, signed_before: datetime, by: str,
         ids = list(s.scalars(
             select(Slide.id).where(
                 or_(and_(Slide.status == "signed", Slide.signed_at < signed_before),
-                    and_(Slide.status == "failed", Slide.finished_at < signed_before)),
+                    failed_before(signed_before)),
                 Slide.id.in_(select(Field.slide_id).where(Field.image_path.is_not(None))))
             .order_by(ended, Slide.id)))
     done = []

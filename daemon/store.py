@@ -25,13 +25,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 from pydantic import Field as PydField
-from sqlalchemy import create_engine, event, func, insert, inspect, select, update
+from sqlalchemy import and_, create_engine, event, exists, func, insert, inspect, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, defer, sessionmaker
@@ -856,6 +857,15 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def failed_before(cutoff: datetime) -> Any:
+    """SQL condition: the slide failed before ``cutoff``. A cancelled one counts from its
+    cancel, not its ``finished_at``: one cancelled from review keeps when counting ended,
+    and had left the queue, and been purgeable, the moment it was cancelled."""
+    cancelled_since = exists().where(AuditEvent.slide_id == Slide.id,
+                                     AuditEvent.action == "cancel", AuditEvent.at >= cutoff)
+    return and_(Slide.status == "failed", Slide.finished_at < cutoff, ~cancelled_since)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -56,6 +56,10 @@ class StatsParams(Params):
                 raise ValueError(
                     f"reference_intervals.{name}: [{lo:g}, {hi:g}] must satisfy 0 <= low <= high"
                     + (" <= 100 (percent of counted cells)" if top is not None else ""))
+        if self.adaptive_stop and self.adaptive_min_cells < self.min_reportable_cells:
+            raise ValueError(f"adaptive_min_cells {self.adaptive_min_cells} must be at least "
+                             f"min_reportable_cells {self.min_reportable_cells}: a slide "
+                             "stopped early would be too small to report")
         if self.adaptive_confidence < self.confidence:
             # A stop decided at a looser interval than the report's would then be reported
             # as straddling the threshold it was stopped for.

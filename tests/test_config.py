@@ -54,6 +54,10 @@ def test_bad_value_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"stats: .*adaptive_confidence 0\.95 must be at "
                                           r"least confidence 0\.99"):
         load_config(p)
+    p.write_text("stats:\n  adaptive_stop: true\n  min_reportable_cells: 500\n")
+    with pytest.raises(ConfigError, match=r"adaptive_min_cells 200 must be at least "
+                                          r"min_reportable_cells 500"):
+        load_config(p)
 
 
 def test_unknown_key_is_refused(tmp_path):

@@ -87,3 +87,16 @@ def test_a_failed_slide_leaves_the_queue_after_a_while_and_search_finds_it(revie
     assert {SLIDE_NAME, "BM-failed-today"} <= listed and "BM-failed-long-ago" not in listed
     found = tech.get("/api/queue", params={"q": "long-ago"}).json()["slides"]
     assert [(r["name"], r["status"]) for r in found] == [("BM-failed-long-ago", "failed")]
+    # Cancelled today after 20 days awaiting review: it keeps when counting ended, and
+    # stays in the queue for the days after the cancel.
+    from daemon.service import cancel_slide
+
+    waited = env.store.create_slide("BM-waited-long", "folder", "", 300, env.cfg.taxonomy)
+    env.store.set_status(waited, "acquiring")
+    env.store.set_status(waited, "awaiting_review")
+    with env.store.session() as s:
+        s.execute(update(Slide).where(Slide.id == waited).values(
+            finished_at=now - timedelta(days=20)))
+    cancel_slide(env.store, waited, "super", "wrong glass")
+    listed = {r["name"] for r in tech.get("/api/queue").json()["slides"]}
+    assert "BM-waited-long" in listed  # purge-images judges it by the same condition

@@ -61,7 +61,7 @@ from daemon.review.auth import (
     csrf_matches,
     load_secret,
 )
-from daemon.store import StoreError
+from daemon.store import StoreError, failed_before
 from pipeline.errors import ConfigError
 from pipeline.stats import (
     Differential,
@@ -283,6 +283,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                            ) -> Response:
         # OverflowError: an id or `seen` past the store's 64-bit integers; it was a 500
         # without the security headers and a traceback in the log.
+        if isinstance(exc, OverflowError):
+            log.warning("%s %s: a number is too large (%s)", request.method,
+                        request.url.path[:200], exc)
         if request.url.path.startswith("/api/"):
             errors = ("; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
                                 for e in exc.errors())
@@ -471,8 +474,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 # leaves (years of them had filled the queue); a search finds it.
                 gone = datetime.now(timezone.utc) - timedelta(days=params.failed_shown_days)
                 slides = list(s.scalars(select(Slide).options(no_plan).where(
-                    Slide.status != "signed",
-                    ~((Slide.status == "failed") & (Slide.finished_at < gone)))))
+                    Slide.status != "signed", ~failed_before(gone))))
                 signed = list(s.scalars(select(Slide).options(no_plan)
                                         .where(Slide.status == "signed")
                                         .order_by(Slide.signed_at.desc(), Slide.id.desc())

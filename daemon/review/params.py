@@ -30,7 +30,7 @@ class ReviewParams(Params):
     )
     queue_refresh_s: float = Field(gt=0, description="queue page polling interval")
     failed_shown_days: float = Field(
-        gt=0, description="a failed slide (no result) leaves the queue this long after it "
+        gt=0, le=3650, description="a failed slide (no result) leaves the queue this long after it "
                           "failed; a search still finds it")
     require_case: list[CaseKey] = Field(
         description="case fields a slide must have before it can be signed off "
