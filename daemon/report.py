@@ -469,7 +469,13 @@ def freeze_report(store: Store, slide_id: int, cfg: Any, at_sign_off: bool = Fal
                       "reopened_at": iso_time(reopen.at) if reopen else None,
                       "reason": reopen.note if reopen else None,
                       "case_changed": case_changed}
+        # The role signed under, as its audit event keeps it (a technician, or the
+        # supervisor a lab's sign_roles ask for): a role changed later does not rewrite it.
+        sign_event = s.scalar(select(AuditEvent.after).where(
+            AuditEvent.slide_id == slide_id, AuditEvent.action == "sign")
+            .order_by(AuditEvent.id.desc()).limit(1)) or {}
         rep["issue"] = {"number": len(signs), "signed_by": last.username,
+                        "signed_role": sign_event.get("role"),
                         "signed_at": iso_time(last.at), "kept_at_sign_off": at_sign_off,
                         "amends": amends}
         last.report = rep
@@ -903,7 +909,8 @@ def save_report(rep: dict[str, Any], fmt: str, path: Path) -> Path:
 
 def issue_text(issue: dict[str, Any]) -> str:
     """One line on which sign-off issued a report and, for an amended one, what it replaces."""
-    text = (f"issue {issue['number']}, signed by {issue['signed_by']} at "
+    role = f" ({issue['signed_role']})" if issue.get("signed_role") else ""
+    text = (f"issue {issue['number']}, signed by {issue['signed_by']}{role} at "
             f"{when_text(issue['signed_at'])}")
     a = issue["amends"]
     if a is None:

@@ -80,7 +80,7 @@ def test_a_signed_report_prints_as_issued_after_the_config_changes(review_env, t
         actions.reclassify(s, env.slide_id, _kept_cells(env, 2, "monocyte"), "monocyte", tech,
                            _tax(env))
     issued = _sign(env, tech, "checked")
-    assert issued["issue"] == {"number": 1, "signed_by": "tech",
+    assert issued["issue"] == {"number": 1, "signed_by": "tech", "signed_role": "technician",
                                "signed_at": issued["review"]["signed_at"],
                                "kept_at_sign_off": True, "amends": None}
     assert issued["basis"] == "reviewed" and issued["slide"]["status"] == "signed"
@@ -138,12 +138,13 @@ def test_signing_again_after_a_reopen_issues_an_amended_report(review_env, tmp_p
 
     rows = list(csv.DictReader(io.StringIO(report_csv(second))))
     [row] = [r for r in rows if r["quantity"] == "ISSUE"]
-    assert row["n"] == "2" and row["label"].startswith("Amended report, issue 2, signed by super")
+    assert row["n"] == "2" and row["label"].startswith(
+        "Amended report, issue 2, signed by super (supervisor)")
     assert "replaces issue 1 signed by tech" in row["label"]
     pdf = tmp_path / "amended.pdf"
     write_report(env.store, env.slide_id, env.cfg, "pdf", pdf)
     text = " ".join(" ".join(p.extract_text() for p in PdfReader(pdf).pages).split())
-    assert "Amended report, issue 2, signed by super" in text
+    assert "Amended report, issue 2, signed by super (supervisor)" in text
     assert "reopened by super" in text and "two eosinophils were basophils" in text
     assert "before review issue 1 after review" in text  # the counts it replaces, beside
     write_report(env.store, env.slide_id, env.cfg, "pdf", pdf, issue=1)
