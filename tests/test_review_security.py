@@ -530,13 +530,18 @@ def test_numbers_past_the_stores_integers_are_refused_with_the_usual_headers(app
 
 def test_the_login_page_does_not_end_a_session_that_is_still_valid(app, review_env):
     """A link to /login (a bookmark, another site's link) had replaced the cookie: a forced
-    logout in the middle of a review."""
+    logout in the middle of a review. The page says whose login it is, for the next person
+    at a shared bench PC to log them out rather than work on under their name."""
     client = TestClient(app)
     login(client, TECH)
     r = client.get(f"/login?next=/slides/{review_env.slide_id}", follow_redirects=False)
-    assert r.status_code == 303 and r.headers["location"] == f"/slides/{review_env.slide_id}"
-    assert "set-cookie" not in r.headers
+    assert r.status_code == 200 and "set-cookie" not in r.headers
+    assert f"Logged in as {TECH[0]}" in r.text and 'action="/logout"' in r.text
+    assert f'href="/slides/{review_env.slide_id}">Go on as {TECH[0]}' in r.text
+    assert 'name="password"' not in r.text
     assert client.get("/", follow_redirects=False).status_code == 200
+    r = client.post("/logout", data={"csrf_token": csrf_of(r.text)}, follow_redirects=False)
+    assert r.status_code == 303 and client.get("/", follow_redirects=False).status_code == 303
 
 
 def test_sign_off_can_ask_for_the_signers_password(review_env):

@@ -319,10 +319,13 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
     @app.get("/login", response_class=HTMLResponse)
     def login_form(request: Request, next: str = "/", expired: bool = False) -> Response:
         # Logged in already: a link to /login (a bookmark, another site) must not end the
-        # session in the middle of a review.
+        # session in the middle of a review, and on a shared bench PC the next person must
+        # see whose it is (and log them out) rather than work on under their name.
         with contextlib.suppress(NotLoggedIn):
-            viewer(request)
-            return RedirectResponse(_local(next), status_code=303)
+            who = viewer(request)
+            return templates.TemplateResponse(
+                request, "login.html", {"viewer": who, "csrf": who.csrf, "current": who,
+                                        "next": _local(next), "error": None})
         data = codec.loads(request.cookies.get(SESSION_COOKIE)) or {}
         csrf = data.get("csrf") or secrets.token_urlsafe(24)
         resp = templates.TemplateResponse(
