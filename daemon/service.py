@@ -502,6 +502,7 @@ class Service:
 
         def on_field(f: Any) -> None:
             nonlocal counted, n_measured
+            self._away_since.pop(slide.id, None)  # a field read: a later outage is a new one
             measure = f.image is not None and n_measured < self.cfg.calibrate.check_fields
             if measure:
                 f = self._measure_red_cells(f)

@@ -9,9 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -188,44 +190,61 @@ def _queue_and_run(svc, lab_cfg, scan: bool = True) -> FolderWatcher:
     return w
 
 
+def _watching(cfg_path: Path, inbox: Path, **folder) -> Any:
+    """The lab's config watching ``inbox`` (with ``folder`` settings), a paused slide
+    retried after 0.2 s."""
+    lab_cfg = load_config(cfg_path)
+    return lab_cfg.model_copy(update={
+        "watch": WatchParams(**{**lab_cfg.watch.model_dump(), "folders": [
+            {"path": str(inbox), "um_per_px": BCCD_UM_PER_PX, **folder}]}),
+        "service": lab_cfg.service.model_copy(update={"retry_slide_after_s": 0.2})})
+
+
+class _StopAfterFirstField:
+    """A service's on_event: stops it (as SIGTERM) after the first field it counts, and
+    keeps why slides paused. ``service`` builds one that reports here."""
+
+    def __init__(self, lab_cfg: Any, cfg_path: Path) -> None:
+        self.lab_cfg, self.cfg_path = lab_cfg, cfg_path
+        self.fields, self.paused, self.svc = 0, [], None
+
+    def service(self) -> Any:
+        from daemon.service import Service
+
+        self.svc = Service(self.lab_cfg, self.cfg_path, on_event=self)
+        return self.svc
+
+    def __call__(self, e: Any) -> None:
+        if e.kind == "field":
+            self.fields += 1
+            if self.fields == 1:
+                self.svc.request_stop()
+        if e.kind == "slide_paused":
+            self.paused.append(e.data["reason"])
+
+
 def test_a_scanner_share_away_mid_slide_pauses_it_and_it_resumes_once(lab):
     """The share holding a slide's file unmounted (here: renamed) between fields: the slide
     had failed on "no such file", and when the share was back its file was counted again
     as a second slide. It waits instead, and resumes where it stood."""
-    from daemon.service import Service
-
     inbox, cfg_path, cfg = lab
     write_pyramid(inbox / "s.tif", bccd_mosaic(4, 3), BCCD_UM_PER_PX)
-    lab_cfg = load_config(cfg_path)
-    lab_cfg = lab_cfg.model_copy(update={
-        "watch": WatchParams(**{**lab_cfg.watch.model_dump(),
-                                "folders": [{"path": str(inbox), "um_per_px": BCCD_UM_PER_PX}]}),
-        "service": lab_cfg.service.model_copy(update={"retry_slide_after_s": 0.2})})
-    paused: list[str] = []
-    fields: list[int] = []
-
-    def on_event(e) -> None:
-        if e.kind == "field":
-            fields.append(1)
-            if len(fields) == 1:
-                svc.request_stop()  # as SIGTERM after the first field
-        if e.kind == "slide_paused":
-            paused.append(e.data["reason"])
-
+    events = _StopAfterFirstField(_watching(cfg_path, inbox), cfg_path)
     away = inbox.with_name("scanner.unmounted")
     for step in ("first field", "share away", "share back"):
         if step == "share away":
             inbox.rename(away)
         if step == "share back":
             away.rename(inbox)
-        svc = Service(lab_cfg, cfg_path, on_event=on_event)
+        svc = events.service()
         try:
-            w = _queue_and_run(svc, lab_cfg)
+            w = _queue_and_run(svc, events.lab_cfg)
             w.scan_once()  # settles what finished; the share's absence settles nothing
             (slide,) = svc.store.slides()
             if step == "share away":
                 assert slide.status == "acquiring", slide.error
-                assert paused[-1].startswith(f"scanner folder not reachable: {inbox} is gone")
+                assert events.paused[-1].startswith(
+                    f"scanner folder not reachable: {inbox} is gone")
             if step == "share back":
                 assert slide.status == "awaiting_review", slide.error
                 check_consistent(svc.store, slide.id)
@@ -238,33 +257,52 @@ def test_a_scanner_share_away_mid_slide_pauses_it_and_it_resumes_once(lab):
 def test_a_folder_slide_whose_file_was_deleted_from_a_share_that_is_there_fails(lab):
     """Only the watch folder gone or empty is a share away: a case folder deleted from a
     share that is there (the wrong case removed) had waited for ever, holding its place."""
-    from daemon.service import Service
-
     inbox, cfg_path, cfg = lab
     (inbox / "case1").mkdir()
     write_pyramid(inbox / "case1" / "s.tif", bccd_mosaic(4, 3), BCCD_UM_PER_PX)
-    lab_cfg = load_config(cfg_path)
-    lab_cfg = lab_cfg.model_copy(update={
-        "watch": WatchParams(**{**lab_cfg.watch.model_dump(), "folders": [
-            {"path": str(inbox), "um_per_px": BCCD_UM_PER_PX, "grouping": "subfolder"}]}),
-        "service": lab_cfg.service.model_copy(update={"retry_slide_after_s": 0.2})})
-    fields: list[int] = []
-
-    def on_event(e) -> None:
-        if e.kind == "field":
-            fields.append(1)
-            if len(fields) == 1:
-                svc.request_stop()
-
+    events = _StopAfterFirstField(_watching(cfg_path, inbox, grouping="subfolder"), cfg_path)
     for step in ("first field", "case deleted"):
         if step == "case deleted":
             shutil.rmtree(inbox / "case1")
             shutil.copy(bccd_field(3), inbox / "other-case.jpg")  # the share is there
-        svc = Service(lab_cfg, cfg_path, on_event=on_event)
+        svc = events.service()
         try:
-            _queue_and_run(svc, lab_cfg, scan=step == "first field")
+            _queue_and_run(svc, events.lab_cfg, scan=step == "first field")
             slide = svc.store.slides()[0]
             if step == "case deleted":
                 assert slide.status == "failed" and "no such file" in slide.error, slide.error
         finally:
             svc.close()
+
+
+def test_a_share_away_too_long_fails_its_slide_and_frees_its_place(lab, monkeypatch):
+    """Away past service.FOLDER_AWAY_MAX_S (an hour; a second here) is no blip: the slide
+    fails with why, instead of holding its place for ever."""
+    import daemon.service as service
+
+    inbox, cfg_path, cfg = lab
+    write_pyramid(inbox / "s.tif", bccd_mosaic(4, 3), BCCD_UM_PER_PX)
+    monkeypatch.setattr(service, "FOLDER_AWAY_MAX_S", 1.0)
+    events = _StopAfterFirstField(_watching(cfg_path, inbox), cfg_path)
+    svc = events.service()
+    try:
+        _queue_and_run(svc, events.lab_cfg)
+    finally:
+        svc.close()
+    inbox.rename(inbox.with_name("scanner.unmounted"))
+    svc = events.service()
+    runner = threading.Thread(target=svc.run)  # the daemon, retrying as it does unattended
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            (slide,) = svc.store.slides()
+            if slide.status != "acquiring":
+                break
+            time.sleep(0.1)
+        svc.request_stop()
+        runner.join(60)
+        assert slide.status == "failed", slide.error
+        assert "was away for over" in slide.error and "no such file" in slide.error
+    finally:
+        svc.close()
