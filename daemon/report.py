@@ -272,11 +272,7 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
         methods = slide_methods(s, slide.id)
         signed = slide.status == "signed"
         # Whether the signer said every counted cell was looked at (blasts named by review).
-        sign_event = s.scalar(
-            select(AuditEvent.after).where(AuditEvent.slide_id == slide.id,
-                                           AuditEvent.action == "sign")
-            .order_by(AuditEvent.id.desc()).limit(1)) if signed else None
-        attested = bool((sign_event or {}).get("all_cells_seen"))
+        attested = signed and bool(_last_sign_event(s, slide.id).get("all_cells_seen"))
     # The counts as they stand: the machine's until a reviewer changes a cell, then the
     # reviewed ones, signed or not (a report printed mid-review shows what the page shows).
     final_counts = store.reviewed_counts(slide.id)
@@ -416,6 +412,14 @@ def build_report(store: Store, slide_ref: int | str, cfg: Any) -> dict[str, Any]
     }
 
 
+def _last_sign_event(s: Session, slide_id: int) -> dict[str, Any]:
+    """What the slide's latest sign-off audit event kept (``after``: the role signed under,
+    whether every counted cell was looked at); {} when there is none."""
+    return s.scalar(select(AuditEvent.after).where(
+        AuditEvent.slide_id == slide_id, AuditEvent.action == "sign")
+        .order_by(AuditEvent.id.desc()).limit(1)) or {}
+
+
 def _sign_offs(s: Session, slide_id: int) -> list[Review]:
     """A slide's sign-offs in the order they were made: issue 1 first."""
     return list(s.scalars(select(Review).where(Review.slide_id == slide_id,
@@ -471,11 +475,8 @@ def freeze_report(store: Store, slide_id: int, cfg: Any, at_sign_off: bool = Fal
                       "case_changed": case_changed}
         # The role signed under, as its audit event keeps it (a technician, or the
         # supervisor a lab's sign_roles ask for): a role changed later does not rewrite it.
-        sign_event = s.scalar(select(AuditEvent.after).where(
-            AuditEvent.slide_id == slide_id, AuditEvent.action == "sign")
-            .order_by(AuditEvent.id.desc()).limit(1)) or {}
         rep["issue"] = {"number": len(signs), "signed_by": last.username,
-                        "signed_role": sign_event.get("role"),
+                        "signed_role": _last_sign_event(s, slide_id).get("role"),
                         "signed_at": iso_time(last.at), "kept_at_sign_off": at_sign_off,
                         "amends": amends}
         last.report = rep
