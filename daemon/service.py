@@ -634,11 +634,13 @@ class Service:
         self._emit("slide_paused", slide, counted, notify=alert, reason=reason)
 
     def _folder_away(self, slide: Any) -> str | None:
-        """For a scanner-folder slide whose file is missing: the watch folder it came from,
-        when that folder is gone, empty or unreadable (a share unmounted, renamed or briefly
+        """For a scanner-folder slide whose file is missing: the folder it came through
+        that is away (``drivers.folder.folder_away``: a share unmounted, renamed or briefly
         away), else None (the file, or its case folder, was removed from a share that is
         there). Failing such a slide had counted its file again, as a second slide, once
         the share was back."""
+        from drivers.folder import folder_away
+
         if slide.source != "folder":
             return None
         roots = [Path(f.path) for f in self.cfg.watch.folders]
@@ -647,11 +649,8 @@ class Service:
             if path.exists():
                 continue
             root = next((r for r in roots if path.is_relative_to(r)), path.parent)
-            try:
-                if not root.is_dir() or not any(root.iterdir()):
-                    return str(root)
-            except OSError:
-                return str(root)
+            if (away := folder_away(path, root)) is not None:
+                return str(away)
         return None
 
     def _fail(self, slide: Any, reason: str) -> None:

@@ -69,6 +69,8 @@ PARTIAL_SUFFIXES = (".part", ".tmp", ".partial")
 """Names a file has while a scanner or copy is still writing it."""
 QUARANTINE_NAME_BYTES = 200
 """Longest quarantined name: its ".<k>" and ".error.txt" note stay within 255 bytes."""
+STORE_ATTEMPTS = 5
+"""Passes ``FolderWatcher.scan_retrying`` tries while the store refuses them: 15 s of pauses."""
 
 
 class WatchError(MarrowError):
@@ -311,28 +313,49 @@ class FolderWatcher:
     # -- one pass ---------------------------------------------------------------------------
 
     def scan_once(self) -> list[WatchEvent]:
-        """One pass over every folder; returns what it did."""
+        """One pass over every folder; returns what it did. A store error (SQLAlchemyError)
+        ends the pass and is raised, after what the pass had already done is reported."""
         events: list[WatchEvent] = []
-        for folder in self.params.folders:
-            if self._stop.is_set() and self._thread is not None:
-                break
-            root = Path(folder.path)
-            if not root.is_dir():
-                self._warn_once(str(root), f"watch folder {root} does not exist (yet)")
-                continue
-            self._warned.discard(str(root))  # said again if it goes away again
-            try:
-                events += self._scan_folder(folder, root)
-            except OSError as exc:
-                log.error("watch folder %s: %s", root, exc)
-        events += self._settle()
-        for ev in events:
-            log.info("%s: %s%s", ev.kind, ev.path, f" ({ev.reason})" if ev.reason else "")
-            self.on_event(ev)
+        try:
+            for folder in self.params.folders:
+                if self._stop.is_set() and self._thread is not None:
+                    break
+                root = Path(folder.path)
+                if not root.is_dir():
+                    self._warn_once(str(root), f"watch folder {root} does not exist (yet)")
+                    continue
+                self._warned.discard(str(root))  # said again if it goes away again
+                try:
+                    self._scan_folder(folder, root, events)
+                except OSError as exc:
+                    log.error("watch folder %s: %s", root, exc)
+            self._settle(events)
+        finally:
+            # Slides queued before the store failed are queued: unreported, `watch --once`
+            # had never shown them, and the next pass finds them recorded.
+            for ev in events:
+                log.info("%s: %s%s", ev.kind, ev.path, f" ({ev.reason})" if ev.reason else "")
+                self.on_event(ev)
         return events
 
-    def _scan_folder(self, folder: WatchFolder, root: Path) -> list[WatchEvent]:
-        events: list[WatchEvent] = self._group_loose_dicom(folder, root)
+    def scan_retrying(self, attempts: int = STORE_ATTEMPTS) -> list[WatchEvent]:
+        """``scan_once``, tried again after a growing pause (1, 2, 4 ... s) while the store
+        refuses it (locked by a backup, its server restarting), ``attempts`` times in all;
+        for a one-off run (``watch --once``), which has no next pass to leave it to."""
+        for attempt in range(attempts):
+            try:
+                return self.scan_once()
+            except SQLAlchemyError as exc:
+                if attempt == attempts - 1:
+                    raise
+                log.warning("watch pass: the store refused it (%s); trying again in %d s",
+                            str(exc).splitlines()[0], 2 ** attempt)
+                time.sleep(2 ** attempt)
+        return []
+
+    def _scan_folder(self, folder: WatchFolder, root: Path, events: list[WatchEvent]) -> None:
+        """One folder's pass; what it does is added to ``events`` as it is done."""
+        events += self._group_loose_dicom(folder, root)
         real_root = root.resolve()
         groups: dict[str, list[Path]] = {}
         ready: dict[str, bool] = {}
@@ -383,7 +406,6 @@ class FolderWatcher:
                 log.exception("%s: cannot be queued; left where it is until a restart",
                               printable(str(root / key)))
                 self._stuck.update(groups[key])
-        return events
 
     def _group_loose_dicom(self, folder: WatchFolder, root: Path) -> list[WatchEvent]:
         """DICOM instance files written loose into the watch folder (a DICOM store that
@@ -768,9 +790,8 @@ class FolderWatcher:
 
     # -- finished slides --------------------------------------------------------------------
 
-    def _settle(self) -> list[WatchEvent]:
+    def _settle(self, events: list[WatchEvent]) -> None:
         """Mark files of finished slides done; a failed slide's files go to quarantine."""
-        events: list[WatchEvent] = []
         with self.store.session() as s:
             rows = s.execute(
                 select(ScannedFile, Slide)
@@ -783,7 +804,7 @@ class FolderWatcher:
         for row_id, path_s, sha, size, status, error in finished:
             path = Path(path_s)
             folder_root = self._root_of(path)
-            if folder_root and not folder_root[1].is_dir():
+            if folder_root and not path.exists() and folder_away(path, folder_root[1]):
                 continue  # the share is away: "gone" would count it afresh when it is back
             if status == "failed":
                 # No result: the file is quarantined with the slide's error, where a person
@@ -801,7 +822,6 @@ class FolderWatcher:
                 if row is not None:
                     row.state, row.updated_at, row.error = "done", utcnow(), None
             events.append(WatchEvent("done", path_s, None, None))
-        return events
 
     def _root_of(self, path: Path) -> tuple[WatchFolder, Path] | None:
         for folder in self.params.folders:
@@ -820,6 +840,29 @@ class FolderWatcher:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(msg)
+
+
+def folder_away(path: Path, root: Path) -> Path | None:
+    """The folder on the way from ``root`` (the watch folder) down to ``path`` (a file that
+    is missing) that is away: gone, empty, unreadable, or a link to nothing. None when the
+    nearest folder of ``path`` that is there holds something: ``path``, or its case folder,
+    was removed from a share that is there.
+
+    A share may be mounted at the watch folder or below it (scans/scannerA beside
+    scans/scannerB): unmounted, it leaves an empty mount point, which the walk up from
+    ``path`` meets before the populated folder above it. A case folder deleted so that its
+    share is left empty reads as away too; the daemon fails such a slide only once it has
+    stayed so for ``daemon.service.FOLDER_AWAY_MAX_S``."""
+    d = path.parent
+    while True:
+        try:
+            if d.is_dir():
+                return None if any(d.iterdir()) else d
+        except OSError:  # a stale network mount, permissions taken away
+            return d
+        if os.path.lexists(d) or d == root or not d.is_relative_to(root):
+            return d
+        d = d.parent
 
 
 def printable(name: str) -> str:

@@ -107,6 +107,33 @@ def test_watch_once_counts_each_slide_and_settles_files(lab):
         store.close()
 
 
+def test_watch_once_waits_out_a_store_that_refuses_its_passes(lab, monkeypatch):
+    """"database is locked" (a backup, another process writing) during `watch --once`: the
+    command had ended with a traceback, its backlog not counted; it tries again."""
+    from sqlalchemy.exc import OperationalError
+    from typer.testing import CliRunner
+
+    from daemon.cli import app
+
+    inbox, cfg_path, cfg = lab
+    shutil.copy(bccd_field(40), inbox / "field_0.jpg")
+    real, calls = FolderWatcher._settle, []
+
+    def locked_twice(self, events):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+        return real(self, events)
+
+    monkeypatch.setattr(FolderWatcher, "_settle", locked_twice)
+    r = CliRunner().invoke(app, ["watch", str(inbox), "--once", "--json", "--um-per-px",
+                                 str(BCCD_UM_PER_PX), "--config", str(cfg_path)])
+    assert r.exit_code == 0, r.output
+    kinds = Counter(json.loads(line)["event"] for line in r.output.splitlines()
+                    if line.startswith("{"))
+    assert kinds == {"slide": 1, "counted": 1, "done": 1}, r.output
+
+
 def test_kill_mid_count_then_rerun_loses_and_repeats_nothing(lab):
     inbox, cfg_path, cfg = lab
     for k in range(2):
@@ -223,19 +250,31 @@ class _StopAfterFirstField:
             self.paused.append(e.data["reason"])
 
 
-def test_a_scanner_share_away_mid_slide_pauses_it_and_it_resumes_once(lab):
-    """The share holding a slide's file unmounted (here: renamed) between fields: the slide
-    had failed on "no such file", and when the share was back its file was counted again
-    as a second slide. It waits instead, and resumes where it stood."""
+@pytest.mark.parametrize("mounted", ["at the watch folder", "below it"])
+def test_a_scanner_share_away_mid_slide_pauses_it_and_it_resumes_once(lab, mounted):
+    """The share holding a slide's file unmounted between fields: the slide had failed on
+    "no such file", and when the share was back its file was counted again as a second
+    slide. It waits instead, and resumes where it stood. A share mounted at the watch folder
+    is renamed away here; one mounted below it (scans/scannerA beside a populated
+    scans/scannerB) leaves its empty mount point, as an unmount does."""
     inbox, cfg_path, cfg = lab
-    write_pyramid(inbox / "s.tif", bccd_mosaic(4, 3), BCCD_UM_PER_PX)
+    share = inbox if mounted == "at the watch folder" else inbox / "scannerA"
+    share.mkdir(exist_ok=True)
+    write_pyramid(share / "s.tif", bccd_mosaic(4, 3), BCCD_UM_PER_PX)
+    if share != inbox:
+        (inbox / "scannerB").mkdir()
+        (inbox / "scannerB" / "notes.txt").write_text("another scanner's share, mounted")
     events = _StopAfterFirstField(_watching(cfg_path, inbox), cfg_path)
-    away = inbox.with_name("scanner.unmounted")
+    away = inbox.with_name("share.unmounted")
     for step in ("first field", "share away", "share back"):
         if step == "share away":
-            inbox.rename(away)
+            share.rename(away)
+            if share != inbox:
+                share.mkdir()  # the mount point stays, empty
         if step == "share back":
-            away.rename(inbox)
+            if share != inbox:
+                share.rmdir()
+            away.rename(share)
         svc = events.service()
         try:
             w = _queue_and_run(svc, events.lab_cfg)
@@ -244,7 +283,7 @@ def test_a_scanner_share_away_mid_slide_pauses_it_and_it_resumes_once(lab):
             if step == "share away":
                 assert slide.status == "acquiring", slide.error
                 assert events.paused[-1].startswith(
-                    f"scanner folder not reachable: {inbox} is gone")
+                    f"scanner folder not reachable: {share} is gone")
             if step == "share back":
                 assert slide.status == "awaiting_review", slide.error
                 check_consistent(svc.store, slide.id)

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from daemon.models import ScannedFile, Slide
 from daemon.store import Store
-from drivers.folder import FolderWatcher, WatchParams
+from drivers.folder import FolderWatcher, WatchParams, folder_away
 from drivers.slide_image import write_pyramid
 from tests.conftest import BCCD_UM_PER_PX, WSI
 from tests.slide_fixtures import bccd_field, bccd_mosaic
@@ -347,6 +347,34 @@ def test_a_passing_store_error_ends_the_pass_and_the_next_one_queues_the_slide(
     assert [s.name for s in slides(store)] == ["BM-1.jpg"] and w.waiting() == 0
 
 
+def test_slides_queued_before_the_store_failed_mid_pass_are_still_reported(
+        config, store, inbox, monkeypatch):
+    """The store refusing the settling that ends a pass: the slide queued earlier in that
+    pass had never been reported (no "slide" event, no submit to wake the daemon), and the
+    next pass found its file recorded."""
+    from sqlalchemy.exc import OperationalError
+
+    params = make_params(config, inbox, stable_seconds=0.0)
+    events, submitted = [], []
+    w = watcher(config, store, params, events, submitted)
+    real, calls = w._settle, []
+
+    def locked_once(evs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+        return real(evs)
+
+    monkeypatch.setattr(w, "_settle", locked_once)
+    shutil.copy(bccd_field(5), inbox / "BM-1.jpg")
+    with pytest.raises(OperationalError):
+        w.scan_once()
+    w.scan_once()
+    (slide,) = slides(store)
+    assert [(e.kind, e.slide_id) for e in events] == [("slide", slide.id)]
+    assert submitted == [slide.id]
+
+
 def test_file_that_fails_mid_count_is_quarantined(config, store, inbox, tmp_path):
     """A tile that only breaks when it is read (after the slide was planned): the source
     raises, the daemon fails the slide with that reason, and the next pass quarantines it."""
@@ -518,6 +546,7 @@ def test_a_failed_slides_file_that_was_gone_counts_again_when_put_back(config, s
     crash): put back at the same path, unchanged, the file is counted as a new slide."""
     fixed = make_params(config, inbox, stable_seconds=0.0)
     shutil.copy(bccd_field(5), inbox / "gone.jpg")
+    (inbox / "scanner.log").write_text("the share is there: the file alone went\n")
     w = watcher(config, store, fixed)
     assert [e.kind for e in scan_until_idle(w)] == ["slide"]
     sid = slides(store)[0].id
@@ -558,3 +587,17 @@ def test_a_file_that_vanishes_while_read_is_taken_when_it_comes_back(
     target.write_bytes(pyramid_bytes)  # delivered again, whole
     assert [e.kind for e in scan_until_idle(w)] == ["slide"]
     assert len(slides(store)) == 1 and not (inbox / "quarantine").exists()
+
+
+def test_folder_away_judges_the_nearest_folder_of_a_missing_file_that_is_there(tmp_path):
+    """A missing file's share is away when the first folder met going up from it is empty,
+    unreadable or a link to nothing; a populated one means the file was deleted."""
+    root = tmp_path / "scans"
+    (root / "scannerB").mkdir(parents=True)
+    (root / "scannerB" / "x.svs").write_bytes(b"another scanner's slide")
+    (root / "scannerA").symlink_to(tmp_path / "mnt" / "scannerA")  # its target unmounted
+    assert folder_away(root / "scannerA" / "case" / "s.svs", root) == root / "scannerA"
+    assert folder_away(root / "scannerB" / "case" / "s.svs", root) is None  # case deleted
+    (root / "scannerC").mkdir()  # an empty mount point
+    assert folder_away(root / "scannerC" / "s.svs", root) == root / "scannerC"
+    assert folder_away(tmp_path / "gone" / "s.svs", tmp_path / "gone") == tmp_path / "gone"

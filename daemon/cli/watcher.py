@@ -86,12 +86,12 @@ def watch(
     try:
         if once:
             while True:  # the backlog: passes until no file is waiting to settle
-                watcher.scan_once()
+                watcher.scan_retrying()
                 if not watcher.waiting():
                     break
                 time.sleep(min(0.5, params.stable_seconds / 4 + 0.05))
             service.run(exit_when_idle=True)
-            watcher.scan_once()  # settle: files of finished slides become done
+            watcher.scan_retrying()  # settle: files of finished slides become done
             return
         if not as_json:
             err_console.print(f"watching {folder} (Ctrl-C to stop)")
