@@ -197,6 +197,21 @@ def test_attempts_during_a_lockout_do_not_extend_it(app, monkeypatch):
     assert attempt(TECH2[1]).status_code == 303
 
 
+@pytest.mark.parametrize("target", ["//evil.example/x", "/\t/evil.example/x",
+                                    "/\r\n/evil.example/x", "/\\evil.example/x",
+                                    "https://evil.example/x"])
+def test_login_sends_nobody_to_another_site(app, review_env, target):
+    """Browsers drop tabs and line breaks from a Location: "/<tab>/evil.example" had been
+    let through as local, and is "//evil.example", another site, to a browser."""
+    client = TestClient(app)
+    page = client.get("/login", params={"next": target})
+    assert 'name="next" value="/"' in page.text
+    r = client.post("/login", data={"username": TECH[0], "password": TECH[1],
+                                    "csrf_token": csrf_of(page.text), "next": target},
+                    follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+
+
 def test_a_login_left_unused_ends_and_the_pages_own_refreshing_is_not_use(review_env,
                                                                           monkeypatch):
     """A shared bench PC left logged in: the login ends after review.idle_minutes without
@@ -221,9 +236,13 @@ def test_a_login_left_unused_ends_and_the_pages_own_refreshing_is_not_use(review
     assert r.status_code == 200 and SESSION_COOKIE in r.headers["set-cookie"]
     clock[0] += 25 * 60
     assert client.get("/", follow_redirects=False).status_code == 200
-    for _ in range(7):
+    for _ in range(5):
         clock[0] += 300
         client.get("/api/queue", headers={"X-Poll": "1"})
+    # The next person at the bench opens the login form: not use of the login left open.
+    r = client.get("/login")
+    assert f"Logged in as {TECH[0]}" in r.text and "set-cookie" not in r.headers
+    clock[0] += 600
     r = client.get("/api/queue", headers={"X-Poll": "1"})
     assert r.status_code == 401  # the queue page goes to the login form
     r = client.get(f"/slides/{env.slide_id}", follow_redirects=False)

@@ -187,6 +187,11 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                         httponly=True, samesite="strict", secure=params.secure_cookies, path="/")
 
     def viewer(request: Request) -> Viewer:
+        return session_viewer(request, renew=True)
+
+    def session_viewer(request: Request, renew: bool) -> Viewer:
+        """The logged-in user, or NotLoggedIn. ``renew``: this request is use, which renews
+        the idle timer (the pages' own refreshing, X-Poll, never is)."""
         data = codec.loads(request.cookies.get(SESSION_COOKIE))
         if not data or not isinstance(data.get("uid"), int):
             raise NotLoggedIn()
@@ -198,7 +203,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
                 raise NotLoggedIn()
             # Use renews the cookie (each IDLE_RENEW_S at most: a cookie per key press is
             # waste); the pages' own refreshing (X-Poll) is not use.
-            if now - used >= IDLE_RENEW_S and not request.headers.get(POLL_HEADER):
+            if renew and now - used >= IDLE_RENEW_S and not request.headers.get(POLL_HEADER):
                 request.state.session_cookie = codec.dumps(data["uid"], data["csrf"],
                                                            data.get("epoch", 0), now, login_at)
         with store.session() as s:
@@ -322,7 +327,9 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         # session in the middle of a review, and on a shared bench PC the next person must
         # see whose it is (and log them out) rather than work on under their name.
         with contextlib.suppress(NotLoggedIn):
-            who = viewer(request)
+            # Not use: the next person at the bench opening the login form had renewed the
+            # idle timer of the login left open there.
+            who = session_viewer(request, renew=False)
             return templates.TemplateResponse(
                 request, "login.html", {"viewer": who, "csrf": who.csrf, "current": who,
                                         "next": _local(next), "error": None})
@@ -958,7 +965,9 @@ def _image(path: Path) -> Response:
 
 def _local(target: str) -> str:
     """A redirect target only if it stays on this site (no open redirects)."""
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+    # Browsers drop tabs and line breaks from a URL: "/\t/evil.example" is "//evil.example".
+    if (not target.startswith("/") or "\\" in target
+            or any(c < " " or c == "\x7f" for c in target) or target.startswith("//")):
         return "/"
     return target
 
