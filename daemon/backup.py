@@ -11,6 +11,12 @@ The backup folder is itself a store: ``DEST/marrowcount.db`` and ``DEST/data/``.
 is replaced only after every file it names is in place, and files no longer named (purged
 field images, a previous backup's leftovers) are deleted only after that; a backup killed part
 way leaves the previous one whole. PostgreSQL stores are backed up with ``pg_dump``.
+
+The databases of the last backups before it are kept too, in ``DEST/previous/`` (``keep`` of
+them; a database is small beside the images): a store damaged in a way nobody noticed at once
+(a faulty upgrade, a wrong manual edit) would otherwise reach the only backup the next night.
+Restored, an earlier database has its counts, reviews, crops and audit trail; field images
+purged since it was taken are no longer in the backup.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from daemon.store import Store, StoreError
 DB_NAME = "marrowcount.db"
 DATA_NAME = "data"
 MANIFEST = "BACKUP.json"
+PREVIOUS_NAME = "previous"
+KEEP_DATABASES = 7
+"""Earlier backups' databases kept in ``DEST/previous/`` by default: a week of nightly ones."""
 # Files not found at the first pass are looked for once more after this wait: a field whose
 # staging folder was being renamed into place is then in place.
 RENAME_WAIT_S = 1.0
@@ -56,10 +65,13 @@ class BackupResult:
     removed: int
     bytes_copied: int
     missing: list[str] = field(default_factory=list)
+    previous: list[str] = field(default_factory=list)
+    """Earlier backups' databases in ``dest/previous/``, oldest first."""
 
 
-def backup_store(store: Store, dest: str | Path) -> BackupResult:
+def backup_store(store: Store, dest: str | Path, keep: int = KEEP_DATABASES) -> BackupResult:
     """Back up ``store`` (SQLite) into the folder ``dest``; see the module docstring.
+    ``keep``: how many earlier backups' databases stay in ``dest/previous/`` (0: none).
 
     Raises StoreError for a PostgreSQL store, a ``dest`` inside the store's data directory or
     holding the store itself, a non-empty ``dest`` that is not a marrowcount backup, or a
@@ -75,13 +87,15 @@ def backup_store(store: Store, dest: str | Path) -> BackupResult:
     # Anything else in the folder is someone else's: refused. A first backup killed part way
     # leaves only these names, and the next run finishes it.
     # lost+found: the root of a freshly made ext4 file system, mounted there for backups.
-    ours = {DB_NAME, DATA_NAME, MANIFEST, f".{DB_NAME}.partial", MANIFEST + ".partial",
-            "lost+found"}
+    ours = {DB_NAME, DATA_NAME, MANIFEST, PREVIOUS_NAME, f".{DB_NAME}.partial",
+            MANIFEST + ".partial", "lost+found"}
     if dest.is_dir() and {p.name for p in dest.iterdir()} - ours:
         raise StoreError(f"{dest} holds files that are not a marrowcount backup "
                          f"({MANIFEST}); give an empty or new folder")
+    if keep < 0:
+        raise StoreError(f"keep must be 0 or more databases, not {keep}")
     try:
-        return _backup(store, dest, src_db, data)
+        return _backup(store, dest, src_db, data, keep)
     except OSError as exc:
         # A full or read-only backup disk: a message, not a traceback, and no half-written
         # files left to keep the disk full (the backup there before is whole: its database
@@ -95,7 +109,7 @@ def backup_store(store: Store, dest: str | Path) -> BackupResult:
                          + "; the backup there before this run is unchanged") from None
 
 
-def _backup(store: Store, dest: Path, src_db: Path, data: Path) -> BackupResult:
+def _backup(store: Store, dest: Path, src_db: Path, data: Path, keep: int) -> BackupResult:
     """The copying part of ``backup_store``, its checks done."""
     (dest / DATA_NAME).mkdir(parents=True, exist_ok=True)
 
@@ -135,16 +149,45 @@ def _backup(store: Store, dest: Path, src_db: Path, data: Path) -> BackupResult:
     copied = [n for n in done if n is not None]
 
     os.sync()  # the copies reach the disk before the database that names them
+    previous = _keep_previous(dest, keep)
     os.replace(tmp_db, dest / DB_NAME)
     removed = _remove_unnamed(dest / DATA_NAME, names)
     result = BackupResult(str(dest), taken_at.isoformat(timespec="seconds"), slides,
                           len(names), len(copied), len(done) - len(copied), removed,
-                          sum(copied), missing)
+                          sum(copied), missing, previous)
     manifest = {"source": str(src_db), "data_dir": str(data), **asdict(result)}
     part = dest / (MANIFEST + ".partial")
     part.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(part, dest / MANIFEST)
     return result
+
+
+def _keep_previous(dest: Path, keep: int) -> list[str]:
+    """Keep the database about to be replaced as ``previous/marrowcount-<its time>.db``, and
+    the newest ``keep`` of those; returns their names, oldest first. A hard link: nothing is
+    copied, and the backup's own database is never missing, even for a moment."""
+    folder = dest / PREVIOUS_NAME
+    current = dest / DB_NAME
+    if keep and current.is_file():
+        folder.mkdir(exist_ok=True)
+        try:
+            stamp = json.loads((dest / MANIFEST).read_text())["taken_at"]
+        except (OSError, ValueError, KeyError, TypeError):  # a first backup killed part way
+            stamp = datetime.fromtimestamp(current.stat().st_mtime, timezone.utc).isoformat(
+                timespec="seconds")
+        kept = folder / f"marrowcount-{stamp.replace(':', '')}.db"
+        kept.unlink(missing_ok=True)
+        try:
+            os.link(current, kept)
+        except OSError:  # a file system without hard links (FAT, some network shares)
+            shutil.copy2(current, kept)
+    if not folder.is_dir():
+        return []
+    # The names sort by time: ISO 8601 in UTC.
+    names = sorted(p.name for p in folder.glob("marrowcount-*.db"))
+    for old in names[:max(0, len(names) - keep)]:
+        (folder / old).unlink()
+    return names[max(0, len(names) - keep):]
 
 
 def _sqlite_path(url: str) -> Path:

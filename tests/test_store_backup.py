@@ -7,12 +7,14 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import json
+import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from daemon.backup import DATA_NAME, DB_NAME, MANIFEST, backup_store
+from daemon.backup import DATA_NAME, DB_NAME, MANIFEST, PREVIOUS_NAME, backup_store
 from daemon.cli import app
 from daemon.models import Cell, Field, Slide
 from daemon.report import build_report
@@ -61,6 +63,43 @@ def test_backup_restores_as_the_same_store(review_env, tmp_path):
             assert s.get(Slide, env.slide_id).status == "signed"
     finally:
         restored.close()
+
+
+def test_a_damaged_store_does_not_reach_the_only_backup(review_env, tmp_path):
+    """A store damaged in a way nobody noticed at once (here every cell's class overwritten,
+    as a faulty upgrade or a wrong manual edit would) had replaced the one good backup the
+    next night. The databases of the backups before are kept, the newest ``keep``."""
+    env = review_env
+    bk = tmp_path / "bk"
+    before = build_report(env.store, env.slide_id, env.cfg)
+    assert backup_store(env.store, bk, keep=2).previous == []
+    with env.store.session() as s:
+        s.execute(update(Cell).where(Cell.slide_id == env.slide_id).values(label="monocyte"))
+    time.sleep(1.1)  # a database kept is named by the second its backup was taken
+    night = backup_store(env.store, bk, keep=2)
+    (good,) = night.previous
+
+    def differential_in(db: Path) -> dict:
+        copy = tmp_path / "restored.db"  # a copy is opened: the backup itself stays as it is
+        copy.write_bytes(db.read_bytes())
+        restored = Store(f"sqlite:///{copy}", bk / DATA_NAME, existing=True)
+        try:
+            return build_report(restored, env.slide_id, env.cfg)["differential"]
+        finally:
+            restored.close()
+
+    assert differential_in(bk / DB_NAME) != before["differential"]  # the damage is backed up
+    assert differential_in(bk / PREVIOUS_NAME / good) == before["differential"]
+    nights = []
+    for _ in range(2):
+        time.sleep(1.1)
+        nights.append(backup_store(env.store, bk, keep=2))
+    assert [len(n.previous) for n in nights] == [2, 2] and good not in nights[-1].previous
+    assert nights[-1].previous == sorted(p.name for p in (bk / PREVIOUS_NAME).iterdir())
+    res = CliRunner().invoke(app, ["backup", str(bk), "--keep-databases", "0", "--db", env.url,
+                                   "--data-dir", str(env.root / "data")])
+    assert res.exit_code == 0 and "0 earlier database(s)" in res.output, res.output
+    assert list((bk / PREVIOUS_NAME).iterdir()) == []
 
 
 def test_backup_is_incremental_and_follows_purges(review_env, tmp_path):

@@ -440,22 +440,29 @@ def purge_images_cmd(
 def backup_cmd(
     dest: Annotated[Path, typer.Argument(
         help="Backup folder: new, empty, or an earlier backup (only new files are copied).")],
+    keep_databases: Annotated[Optional[int], typer.Option(
+        "--keep-databases", min=0,
+        help="Earlier backups' databases kept in DEST/previous/, so a damaged store does not "
+             "reach the only backup [default: 7, a week of nightly backups].")] = None,
     db: DbOption = None,
     data_dir: DataDirOption = None,
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Back up the store (SQLite) while the daemon runs: a consistent snapshot of the database
-    and every field image and crop it names. Exit status 1 when the store has lost files."""
+    and every field image and crop it names, keeping the databases of the backups before.
+    Exit status 1 when the store has lost files."""
     from daemon.backup import backup_store
 
     _cfg, store = _store(config, db, data_dir, existing=True)
     try:
-        res = backup_store(store, dest)
+        res = backup_store(store, dest, **({} if keep_databases is None
+                                           else {"keep": keep_databases}))
     finally:
         store.close()
     console.print(f"{res.dest}: snapshot of {res.taken_at}, {res.slides} slides, {res.files} "
                   f"files: {res.copied} copied ({res.bytes_copied / 1e6:.1f} MB), "
-                  f"{res.unchanged} unchanged, {res.removed} removed (no longer named)",
+                  f"{res.unchanged} unchanged, {res.removed} removed (no longer named); "
+                  f"{len(res.previous)} earlier database(s) kept in previous/",
                   highlight=False, soft_wrap=True)
     if res.missing:
         err_console.print(f"[bold red]error:[/] {len(res.missing)} file(s) the store names are "
