@@ -46,12 +46,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from daemon.case import CaseError, CaseInfo, CaseKey, parse_case
 from daemon.models import ScannedFile, Slide, utcnow
 from drivers.slide_image import DICOM_SUFFIX, dicom_series_files, dicom_slide_key
 from drivers.wsi_fields import PlannedFile, SlidePlan, WsiParams, plan_file
@@ -69,6 +70,8 @@ PARTIAL_SUFFIXES = (".part", ".tmp", ".partial")
 """Names a file has while a scanner or copy is still writing it."""
 QUARANTINE_NAME_BYTES = 200
 """Longest quarantined name: its ".<k>" and ".error.txt" note stay within 255 bytes."""
+CASE_FROM_NAME_BY = "scanner folder"
+"""Who the audit trail says tied a folder slide to its case, when ``case_pattern`` read it."""
 STORE_ATTEMPTS = 5
 """Passes ``FolderWatcher.scan_retrying`` tries while the store refuses them: 15 s of pauses."""
 
@@ -77,7 +80,31 @@ class WatchError(MarrowError):
     """A watch folder that cannot be used (missing, not a folder)."""
 
 
-class WatchFolder(Params):
+class _CasePattern(Params):
+    """``case_pattern``, checked in a folder's entry and in ``folder_defaults`` alike."""
+
+    case_pattern: str | None = Field(
+        description="regex on the slide's name whose named groups (accession, patient_id, "
+                    "patient_name, specimen, collected_on) fill its case, e.g. "
+                    "'^(?P<accession>BM\\d{2}-\\d{5})'; null = the reviewer enters the case")
+
+    @field_validator("case_pattern")
+    @classmethod
+    def _case_groups(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            rx = re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"case_pattern is not a valid regex: {exc}") from None
+        known = set(get_args(CaseKey))
+        if not rx.groupindex or set(rx.groupindex) - known:
+            raise ValueError(f"case_pattern needs named groups among {', '.join(sorted(known))}"
+                             f" (it has {', '.join(rx.groupindex) or 'none'})")
+        return v
+
+
+class WatchFolder(_CasePattern):
     """One watched scanner folder (each key's default: ``watch.folder_defaults``)."""
 
     path: str = Field(min_length=1)
@@ -104,7 +131,7 @@ class WatchFolder(Params):
         return self
 
 
-class WatchFolderDefaults(Params):
+class WatchFolderDefaults(_CasePattern):
     um_per_px: float | None
     grouping: Literal["file", "subfolder", "pattern"]
     pattern: str | None
@@ -693,12 +720,20 @@ class FolderWatcher:
                 else:
                     slide_id = None
             if existing is None:
+                case = self._case_of(folder, key)
                 try:
                     slide_id = self.store.create_slide(
                         name, "folder", str(Path(folder.path) / key), folder.target or self.target,
-                        self.taxonomy, um_per_px=plan.files[0].um_per_px, plan=plan.as_dict())
+                        self.taxonomy, um_per_px=plan.files[0].um_per_px, plan=plan.as_dict(),
+                        case=case)
                 except StoreError:
                     continue  # taken meanwhile: look again
+                if case is not None:
+                    # Which rule tied this glass to this patient: later case edits are
+                    # audited too.
+                    self.store.audit(CASE_FROM_NAME_BY, "submit", slide_id, after={
+                        "source": printable(str(Path(folder.path) / key)),
+                        "case": case.stored(), "case_pattern": folder.case_pattern})
             if slide_id is not None:
                 break
             n += 1
@@ -709,6 +744,26 @@ class FolderWatcher:
                 if row is not None:
                     row.state, row.slide_id, row.updated_at = "processing", slide_id, utcnow()
         return slide_id
+
+    @staticmethod
+    def _case_of(folder: WatchFolder, key: str) -> CaseInfo | None:
+        """The case the folder's ``case_pattern`` reads from a slide's name. A name it does
+        not fit, or values that are no valid case, queue the slide without one: the reviewer
+        enters it, and sign-off waits for what ``review.require_case`` asks."""
+        if folder.case_pattern is None:
+            return None
+        m = re.search(folder.case_pattern, Path(key).name)
+        if m is None:
+            log.warning("%s: the name does not fit case_pattern %s; its case is left for the "
+                        "reviewer", printable(key), folder.case_pattern)
+            return None
+        try:
+            case = parse_case({k: v for k, v in m.groupdict().items() if v})
+        except CaseError as exc:
+            log.warning("%s: case_pattern read no valid case (%s); it is left for the "
+                        "reviewer", printable(key), exc)
+            return None
+        return case if case.stored() else None
 
     def _sha(self, path: Path, size: int, mtime: int) -> str:
         cached = self._hashes.get(path)

@@ -203,6 +203,38 @@ def test_grouping_by_subfolder_and_pattern(config, store, tmp_path):
     assert (by_name / "label.jpg").exists()
 
 
+def test_a_scanner_naming_files_by_barcode_fills_each_slides_case(config, store, inbox,
+                                                                   tmp_path):
+    """``case_pattern`` reads the case from the slide's name, audited as such; a name it
+    does not fit, or a value that is no valid case (a date that does not exist), still
+    queues the slide, its case left for the reviewer."""
+    from daemon.config import load_config
+    from daemon.models import AuditEvent
+    from pipeline.errors import ConfigError
+
+    pattern = r"^(?P<accession>BM\d{2}-\d{5})_(?P<collected_on>\d{4}-\d{2}-\d{2})"
+    params = make_params(config, inbox, stable_seconds=0.0, folder={"case_pattern": pattern})
+    for i, name in enumerate(("BM26-00417_2026-11-30.jpg", "BM26-00418_2026-02-30.jpg",
+                              "label.jpg")):
+        shutil.copy(bccd_field(5 + i), inbox / name)
+    scan_until_idle(watcher(config, store, params))
+    cases = {s.name: s.case_info for s in slides(store)}
+    assert cases == {"BM26-00417_2026-11-30.jpg": {"accession": "BM26-00417",
+                                                   "collected_on": "2026-11-30"},
+                     "BM26-00418_2026-02-30.jpg": None, "label.jpg": None}
+    with store.session() as s:
+        (ev,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "submit")).all()
+        assert ev.username == "scanner folder" and ev.after["case_pattern"] == pattern
+        assert ev.after["case"]["accession"] == "BM26-00417"
+    lab = tmp_path / "lab.yaml"
+    lab.write_text("watch:\n  folder_defaults:\n    case_pattern: '^(?P<barcode>\\w+)'\n")
+    with pytest.raises(ConfigError, match=r"watch\.folder_defaults\.case_pattern.*barcode"):
+        load_config(lab)
+    lab.write_text(f"watch:\n  folders:\n  - path: {inbox}\n    case_pattern: '(?P<accession>'\n")
+    with pytest.raises(ConfigError, match=r"case_pattern is not a valid regex"):
+        load_config(lab)
+
+
 def test_broken_files_are_quarantined_and_valid_ones_complete(config, store, inbox, pyramid_bytes):
     params = make_params(config, inbox, stable_seconds=0.0, folder={"um_per_px": None})
     (inbox / "truncated.tif").write_bytes(pyramid_bytes[: len(pyramid_bytes) // 3])

@@ -27,6 +27,10 @@ def watch(
     marker: Optional[str] = typer.Option(
         None, "--marker", help="Completion marker suffix, e.g. .done."),
     target: Optional[int] = typer.Option(None, "--target", help="Counted cells per slide."),
+    case_pattern: Optional[str] = typer.Option(
+        None, "--case-pattern",
+        help="Regex on slide names whose named groups (accession, patient_id, patient_name, "
+             "specimen, collected_on) fill the case."),
     stable_seconds: Optional[float] = typer.Option(
         None, "--stable-seconds", help="Size and mtime unchanged this long = file complete."),
     once: bool = typer.Option(
@@ -47,7 +51,7 @@ def watch(
     cfg = load_config(config)
     entry: dict[str, object] = {"path": str(folder.resolve())}
     for key, value in (("um_per_px", um_per_px), ("grouping", grouping), ("pattern", pattern),
-                       ("marker", marker), ("target", target)):
+                       ("marker", marker), ("target", target), ("case_pattern", case_pattern)):
         if value is not None:
             entry[key] = value
     data = cfg.watch.model_dump()
