@@ -101,6 +101,40 @@ def test_sign_off_needs_the_cases_required_fields_and_locks_them(review_env):
         assert s.get(Slide, env.slide_id).case_info["accession"] == "BM26-00417"
 
 
+def test_the_patients_other_results_are_shown_and_a_second_name_under_one_id_is_pointed_out(
+        review_env, pipeline_fields):
+    """A delta check: the reviewer sees the patient's other signed results (blasts, M:E) and
+    is told when the patient ID is another name on an earlier slide (two patients under one
+    ID, or a name mistyped)."""
+    from daemon.review.app import value_text
+    from tests.review_slide import count_slide
+
+    env = review_env
+    tech = client_as(env.cfg, env.store)
+    _post_case(tech, env.slide_id, **CASE)
+    check_flags(env.store, env.slide_id)
+    assert sign_form(tech, env.slide_id).status_code == 303
+    d = build_report(env.store, env.slide_id, env.cfg)["differential"]
+    later = count_slide(env.store, env.cfg, "BM-follow-up", pipeline_fields)
+    stranger = count_slide(env.store, env.cfg, "BM-other-patient", pipeline_fields)
+    _post_case(tech, later, patient_id=CASE["patient_id"], patient_name="doe,  JANE")
+    _post_case(tech, stranger, patient_id="MRN 9999", patient_name=CASE["patient_name"])
+
+    page = tech.get(f"/slides/{later}").text
+    assert 'id="other-results"' in page and f'href="/slides/{env.slide_id}"' in page
+    assert f"<td>{d['total']}</td>" in page
+    assert f"{value_text(d['blast_pct'], 1)} %" in page
+    assert f"<td>{value_text(d['me_ratio'], 2, missing='∞')}</td>" in page
+    assert 'id="name-differs"' not in page  # the same name, typed differently
+    assert 'id="other-results"' not in tech.get(f"/slides/{stranger}").text
+
+    _post_case(tech, later, patient_id=CASE["patient_id"], patient_name="Roe, Richard")
+    page = tech.get(f"/slides/{later}").text
+    assert 'id="name-differs"' in page and "is also <strong>Doe, Jane</strong>" in page
+    # The signed slide shows no result of its own, and nothing unsigned.
+    assert 'id="other-results"' not in tech.get(f"/slides/{env.slide_id}").text
+
+
 def test_every_report_format_names_the_case(review_env, tmp_path):
     env = review_env
     tech = client_as(env.cfg, env.store)

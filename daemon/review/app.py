@@ -48,6 +48,7 @@ from daemon.report import (
     pixel_text,
     slide_methods,
 )
+from daemon.patient_history import other_results
 from daemon.report_export import BackgroundExporter
 from daemon.review import actions
 from daemon.review.actions import Reviewer, ReviewError
@@ -605,6 +606,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
             ctx = table_context(s, slide, tax)
             seen = actions.last_event(s, slide_id)
             flags_open = actions.open_flags(s, slide_id)
+            others = other_results(s, slide)
             # The step the slide is at, said at the top of the page: handed on (and whether
             # it changed since) or reopened, with the note or reason.
             step = reviews[-1] if reviews and slide.status != "signed" else None
@@ -619,6 +621,7 @@ def create_app(cfg: "Config", store: "Store") -> FastAPI:
         return page(request, "slide.html", who, methods=methods,
                     case=parse_case(slide.case_info), case_labels=CASE_LABELS,
                     case_required=params.require_case, seen=seen, flags_open=flags_open,
+                    others=others, name_differs=[o for o in others if o.name_differs],
                     sign_password=params.sign_password,
                     flags_required=params.require_flags_checked,
                     may_sign=who.role in params.sign_roles, user=who.username,
